@@ -1,0 +1,3 @@
+"""Retraining pipeline library: one module per stage, no Airflow inside."""
+
+__version__ = "0.1.0"

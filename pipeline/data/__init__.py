@@ -1,0 +1,1 @@
+"""Data: the reference-data generator and batch I/O."""

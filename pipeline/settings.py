@@ -1,0 +1,76 @@
+"""One typed settings object, read lazily from the environment.
+
+Every value has an embedded default that keeps all state under ``PIPELINE_HOME``
+(``./.local`` unless set): storage in a local folder, MLflow on SQLite with a
+local artifact folder. Point the same code at S3 and an MLflow server by setting
+``PIPELINE_STORAGE_URI=s3://bucket/prefix`` and ``PIPELINE_MLFLOW_TRACKING_URI``.
+Nothing here touches the file system or network on import.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+
+    home: Path = Field(default=Path(".local"), description="Root of all embedded state.")
+    storage_uri: str = Field(default="", description="file:// or s3:// root for data objects.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, moto).")
+    mlflow_tracking_uri: str = Field(default="", description="MLflow tracking/registry URI.")
+    mlflow_artifact_uri: str = Field(default="", description="Artifact root for new experiments.")
+    experiment_name: str = "retrain_model"
+    model_name: str = Field(default="retrain-model", description="Registered model name.")
+    contract_path: Path = Field(default=PROJECT_ROOT / "contracts" / "transactions.yaml")
+    eval_uri: str = Field(
+        default="",
+        description="Trusted, labelled evaluation set (never a landing batch). "
+        "Default: <storage>/trusted/eval.parquet",
+    )
+    signing_key: SecretStr | None = Field(
+        default=None, description="HMAC key for checkpoint manifests (hex or text)."
+    )
+    signing_key_id: str = "local"
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def storage_root(self) -> str:
+        if self.storage_uri:
+            return self.storage_uri.rstrip("/")
+        return (self.home_dir / "storage").as_uri()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.home_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        if self.mlflow_artifact_uri:
+            return self.mlflow_artifact_uri
+        return (self.home_dir / "mlflow" / "artifacts").as_uri()
+
+    @property
+    def trusted_eval_uri(self) -> str:
+        return self.eval_uri or f"{self.storage_root}/trusted/eval.parquet"
+
+    @property
+    def landing_root(self) -> str:
+        return f"{self.storage_root}/landing"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

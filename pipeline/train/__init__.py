@@ -1,0 +1,1 @@
+"""Training: features, model, loop and stopping rule."""
