@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     )
     signing_key_id: str = "local"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    mlflow_ui_url: str = Field(
+        default="http://127.0.0.1:5000", description="Base URL of the MLflow UI, for links."
+    )
 
     @property
     def home_dir(self) -> Path:

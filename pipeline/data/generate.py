@@ -160,7 +160,7 @@ def _apply_fault(df: pd.DataFrame, fault: str, rng: np.random.Generator) -> pd.D
     elif fault == "duplicate_ids":
         df.loc[df.index[1:100], "transaction_id"] = df.loc[df.index[0], "transaction_id"]
     elif fault == "future_time":
-        df.loc[df.index[:10], "event_time"] = pd.Timestamp("2999-01-01", tz="UTC")
+        df.loc[df.index[:10], "event_time"] = pd.Timestamp("2200-01-01", tz="UTC")
     return df
 
 

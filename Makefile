@@ -1,0 +1,81 @@
+# Two commands: `make demo` and `make test`. Everything else is a convenience.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT := $(CURDIR)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+
+# The embedded default: every piece of state under .local/
+export PIPELINE_HOME ?= $(ROOT)/.local
+export AIRFLOW_HOME ?= $(ROOT)/.local/airflow
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(ROOT)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER ?= $(ROOT)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export AIRFLOW__CORE__PARALLELISM ?= 4
+export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG ?= 4
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN ?= sqlite:///$(ROOT)/.local/airflow/airflow.db
+export AIRFLOW__API__HOST ?= 127.0.0.1
+export AIRFLOW__API__PORT ?= 8080
+export AIRFLOW__LOGGING__LOGGING_LEVEL ?= INFO
+export AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR ?= True
+export MLFLOW_HTTP_REQUEST_MAX_RETRIES ?= 2
+export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 30
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install demo test test-unit test-dags test-integration bench lint typecheck airflow mlflow stop lock clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q --no-deps -e . 2>&1 | $(PIP_QUIET)
+	$(PY) -c "import airflow, mlflow, torch, evidently, great_expectations, pipeline"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the pinned, locked environment
+
+demo: $(STAMP)  ## run retrain_model for real on the embedded default, three batches
+	$(PY) scripts/demo.py
+
+test: $(STAMP)  ## the whole suite: unit, DAG integrity, integration (real Airflow + MLflow)
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)  ## fast unit tests only
+	$(PY) -m pytest -q tests/unit
+
+test-dags: $(STAMP)  ## DAG integrity tests only
+	$(PY) -m pytest -q tests/dags
+
+test-integration: $(STAMP)  ## whole DAG runs on the embedded default
+	$(PY) -m pytest -q tests/integration
+
+bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
+	$(PY) -m pytest -q benchmarks -p no:cacheprovider -s
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check pipeline dags plugins tests scripts
+
+typecheck: $(STAMP)  ## mypy on pipeline/
+	$(VENV)/bin/mypy
+
+airflow: $(STAMP)  ## Airflow UI on http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it and its children)
+	$(PY) scripts/airflow_standalone.py
+
+mlflow: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 over the embedded store
+	mkdir -p .local/mlflow
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(ROOT)/.local/mlflow/mlflow.db \
+	  --default-artifact-root $(ROOT)/.local/mlflow/artifacts --host 127.0.0.1 --port 5000 --workers 1
+
+lock:  ## regenerate constraints.txt from the current .venv
+	( echo "# Full lock of transitive versions (pip constraints). Regenerate: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' ) > constraints.txt
+
+clean:  ## remove all embedded state (.local/); keeps .venv
+	rm -rf .local
