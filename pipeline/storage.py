@@ -79,11 +79,13 @@ class _FileBackend:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _atomic_text(path.with_name(path.name + SIDECAR), digest)
             try:
                 os.link(tmp, path)  # atomic create-if-absent
             except FileExistsError:
                 return False
+            # The digest sidecar follows the data; an object caught without one (a crash in
+            # between) has its digest computed from content instead.
+            _atomic_text(path.with_name(path.name + SIDECAR), digest)
             _fsync_dir(path.parent)
             return True
         finally:
@@ -223,7 +225,7 @@ def write_bytes(uri: str, data: bytes) -> StoredObject:
     digest = sha256_bytes(data)
     backend = _backend(uri)
     if not backend.put(uri, data, digest):
-        existing = backend.digest(uri)
+        existing = backend.digest(uri) or sha256_bytes(backend.get(uri)[0])
         if existing != digest:
             raise ObjectExistsError(
                 f"{uri} already exists with different content (sha256 {existing}, "
