@@ -66,8 +66,12 @@ def test_model_version_url_from_xcom(plugin):
 
 
 def test_int_ids_and_url_unsafe_names(plugin):
-    xcom = {"mlflow_run_id": "r1", "mlflow_experiment_id": 3, "model_name": "fraud model/v2",
-            "model_version": 5}
+    xcom = {
+        "mlflow_run_id": "r1",
+        "mlflow_experiment_id": 3,
+        "model_name": "fraud model/v2",
+        "model_version": 5,
+    }
     assert plugin.mlflow_run_url(xcom, "http://ui") == "http://ui/#/experiments/3/runs/r1"
     assert (
         plugin.model_version_url(xcom, "http://ui")
@@ -96,7 +100,13 @@ def test_run_url_empty_when_keys_missing(plugin, xcom):
 
 @pytest.mark.parametrize(
     "xcom",
-    [None, RUN_XCOM, {"model_name": "m"}, {"model_version": "1"}, {"model_name": " ", "model_version": "1"}],
+    [
+        None,
+        RUN_XCOM,
+        {"model_name": "m"},
+        {"model_version": "1"},
+        {"model_name": " ", "model_version": "1"},
+    ],
 )
 def test_model_url_empty_when_keys_missing(plugin, xcom):
     assert plugin.model_version_url(xcom, "http://ui") == ""
@@ -162,8 +172,10 @@ def test_get_link_reads_metadata_db_in_api_server(plugin, monkeypatch):
 
     monkeypatch.setattr(plugin, "_read_return_value_from_db", fake_db)
     key = TIKey(task_id="train_model")
-    assert plugin.MlflowRunLink().get_link(None, ti_key=key).endswith(
-        "/#/experiments/12/runs/0a1b2c3d"
+    assert (
+        plugin.MlflowRunLink()
+        .get_link(None, ti_key=key)
+        .endswith("/#/experiments/12/runs/0a1b2c3d")
     )
     assert plugin.ModelVersionLink().get_link(None, ti_key=key) == ""
     assert seen == [key, key]
