@@ -1,0 +1,65 @@
+"""Stage functions: idempotent by run key, which batch a run reads, records stay small."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import registry, steps, storage
+from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
+
+
+@pytest.fixture
+def batch(pipeline_home):
+    root = (pipeline_home / "storage").as_uri()
+    return storage.write_bytes(f"{root}/landing/b.parquet",
+                               to_parquet_bytes(generate(WorldSpec(rows=2000, seed=1)))).uri  # fmt: skip
+
+
+def test_ingest_is_idempotent_per_run(batch):
+    ctx = steps.RunContext("dag", "run-1", "2026-03-01T00:00:00Z")
+    first = steps.ingest_batch(ctx, batch)
+    again = steps.ingest_batch(ctx, batch)
+    assert first == again  # same snapshot, same MLflow run
+    assert first["sha256"] == storage.digest_of(batch)
+    other = steps.ingest_batch(steps.RunContext("dag", "run-2"), batch)
+    assert other["uri"] == first["uri"]  # content-addressed snapshot
+    assert other["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+def test_records_are_small_json(batch):
+    rec = steps.ingest_batch(steps.RunContext("dag", "r"), batch)
+    assert len(json.dumps(rec)) < 2000
+
+
+def test_missing_batch_says_where_to_look(pipeline_home):
+    with pytest.raises(FileNotFoundError, match="check the batch_uri param"):
+        steps.ingest_batch(steps.RunContext("dag", "r"), (pipeline_home / "nope.parquet").as_uri())
+
+
+@pytest.mark.parametrize(
+    ("param", "extras", "expected_suffix"),
+    [("file:///a.parquet", [{"batch_uri": "file:///b.parquet"}], "/a.parquet"),
+     ("", [{"batch_uri": "file:///b.parquet"}], "/b.parquet"),
+     ("", [{}], "/landing/date=2026-03-05/batch.parquet"),
+     ("", [], "/landing/date=2026-03-05/batch.parquet")],
+)  # fmt: skip
+def test_resolve_batch_uri(pipeline_home, param, extras, expected_suffix):
+    uri = steps.resolve_batch_uri(param, extras, "2026-03-05T03:00:00+00:00")
+    assert uri.endswith(expected_suffix)
+
+
+def test_run_key_is_safe_for_paths_and_filters():
+    ctx = steps.RunContext("retrain_model", "manual__2026-03-01T00:00:00+00:00")
+    assert ctx.run_key == "retrain_model__manual__2026-03-01T00_00_00_00_00"
+
+
+def test_summary_reads_verdicts_back_from_mlflow(batch):
+    ctx = steps.RunContext("dag", "r-sum")
+    steps.ingest_batch(ctx, batch)
+    summary = steps.publish_summary(ctx)
+    assert summary["stages"]["ingest_batch"]["verdict"] == "ok"
+    assert summary["stages"]["train_model"]["verdict"] == "not_run"
+    assert summary["champion_version"] is None
+    assert registry.client().get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
