@@ -57,7 +57,7 @@ test-integration: $(STAMP)  ## whole DAG runs on the embedded default
 	$(PY) -m pytest -q tests/integration
 
 bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
-	$(PY) -m pytest -q benchmarks -p no:cacheprovider -s
+	for m in benchmarks/[a-z]*.py; do echo "== $$m"; $(PY) -m benchmarks.$$(basename $$m .py) || exit 1; done
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check pipeline dags plugins tests scripts

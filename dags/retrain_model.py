@@ -8,8 +8,18 @@ fails, naming the broken expectations) → `detect_drift` (Evidently, against th
 training snapshot, plus the champion's performance on the new labels) → `decide_retrain`
 → `retrain_gate` → `train_model` → `verify_checkpoint` (digests, signature, finite tensors,
 reload parity) → `register_challenger` (MLflow version, alias `challenger`) →
-`gate_promotion` (challenger vs champion on the trusted evaluation set, by a margin) →
-`promote_champion` (compare-and-set of alias `champion`) → `publish_summary`.
+`gate_promotion` (floors, size and latency budgets, challenger vs champion on a paired
+bootstrap CI over the trusted evaluation set, per-slice no-regression) → `approval_required`
+→ `approve_promotion` (Airflow human-in-the-loop, only when `require_approval` is set: the
+approver reads the gate report and the MLflow link, and picks Approve or Reject; no answer in
+3 days counts as Reject) → `promote_champion` (compare-and-set of alias `champion`; a gate or
+human rejection is tagged on the version and champion stays) → `publish_summary`.
+
+**Canary** (param `canary`, default off): `promote_champion` then runs
+`steps.canary_rollout` instead — alias `canary` on the new version, traffic weight steps on
+the scoring service (`PIPELINE_SERVING_URL`), canary vs champion analysis read from its
+`/metrics`, then promotion by compare-and-set plus a bake window, or weight 0 and a
+`rolled_back` tag; the champion is untouched on failure (see `pipeline/canary.py`).
 
 **Which batch**: the `batch_uri` param; else the triggering `batch_landed` asset event's
 `extra.batch_uri`; else `landing/date=<run date>/batch.parquet` under the storage root.
@@ -22,9 +32,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from assets import batch_landed, champion_model
+from pipeline.train.placement import train_task_kwargs
 
 RETRY = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"}
 
@@ -64,12 +76,16 @@ def _run(fn, *args, **kwargs):
     tags=["retraining", "mlops"],
     doc_md=__doc__,
     params={
-        "batch_uri": Param("", type="string", title="Batch URI",
-                           description="file:// or s3:// URI of the landed Parquet batch. "
-                           "Empty: the triggering asset event, else today's landing folder."),
+        "batch_uri": Param(None, type=["null", "string"], title="Batch URI", maxLength=2048,
+                           pattern=r"^(|file://\S+|s3://\S+|/\S+)$",
+                           description="file:// or s3:// URI (or absolute path) of the landed Parquet "
+                           "batch. Empty: the triggering asset event, else the run date's landing "
+                           "folder."),
         "force_retrain": Param(False, type="boolean", title="Force retrain",
                                description="Train even if there is no drift or decay."),
-        "max_epochs": Param(30, type="integer", minimum=1, maximum=500, title="Max epochs"),
+        "max_epochs": Param(30, type="integer", minimum=1, maximum=500, title="Max epochs",
+                            description="Upper bound on training epochs (1-500); training usually "
+                            "stops earlier, when the gradient norm or validation loss plateaus."),
         "learning_rate": Param(0.003, type="number", exclusiveMinimum=0, maximum=0.5,
                                title="Learning rate", description="AdamW learning rate."),
         "gate_margin": Param(0.005, type="number", minimum=0, maximum=0.5, title="Gate margin",
@@ -78,8 +94,34 @@ def _run(fn, *args, **kwargs):
                             description="Minimum ROC AUC for any promotion (no champion too)."),
         "decay_margin": Param(0.03, type="number", minimum=0, maximum=0.5, title="Decay margin",
                               description="Champion ROC AUC drop on new labels that retrains."),
-        "eval_uri": Param("", type="string", title="Evaluation set URI",
-                          description="Trusted labelled set for the gate. Empty: settings."),
+        "eval_uri": Param(None, type=["null", "string"], title="Evaluation set URI", maxLength=2048,
+                          pattern=r"^(|file://\S+|s3://\S+|/\S+)$",
+                          description="Trusted labelled Parquet set for the gate (file://, s3:// or "
+                          "absolute path). Empty: PIPELINE_EVAL_URI / settings."),
+        "gate_non_inferiority_margin": Param(
+            None, type=["null", "number"], minimum=0, maximum=0.2, title="Non-inferiority margin",
+            description="Empty: the challenger must improve. Set: also promote a challenger whose "
+            "95% CI lower bound of the ROC AUC difference is above -margin."),
+        "gate_slices": Param(["channel"], type="array", title="Gate slices", maxItems=10,
+                             uniqueItems=True,
+                             items={"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                             description="Categorical columns whose every value must not regress, "
+                             "one column name per line."),
+        "gate_max_checkpoint_mb": Param(50, type="number", exclusiveMinimum=0, maximum=10_000,
+                                        title="Checkpoint size budget (MB)",
+                                        description="A challenger whose checkpoint is larger is "
+                                        "rejected (0 < MB <= 10000)."),
+        "gate_max_latency_p95_ms": Param(250, type="number", exclusiveMinimum=0, maximum=60_000,
+                                         title="Latency budget (p95 ms per 256-row batch)",
+                                         description="A challenger slower than this at p95, "
+                                         "scoring 256-row batches on the gate host, is rejected."),
+        "require_approval": Param(False, type="boolean", title="Require approval",
+                                  description="Wait for a human to approve a promotion the gate "
+                                  "passed (Airflow human-in-the-loop)."),
+        "canary": Param(False, type="boolean", title="Canary rollout",
+                        description="Promote through a canary: traffic steps on the scoring "
+                        "service (PIPELINE_SERVING_URL) with analysis, then promote or roll back. "
+                        "Off: promote directly."),
     },
 )  # fmt: skip
 def retrain_model():
@@ -110,11 +152,11 @@ def retrain_model():
         return _run(steps.decide_retrain, drifted, force=params["force_retrain"],
                     decay_margin=params["decay_margin"])  # fmt: skip
 
-    @task.short_circuit
+    @task.short_circuit(ignore_downstream_trigger_rules=False)  # a skip still publishes its summary
     def retrain_gate(decision):
         return decision["verdict"] == "train"
 
-    @task
+    @task(**train_task_kwargs())  # pool "gpu"; queue "gpu" only under the Celery executor
     def train_model(ingested, params=None):
         from pipeline import steps
 
@@ -138,13 +180,36 @@ def retrain_model():
         from pipeline import steps
 
         return _run(steps.gate_promotion, registered, margin=params["gate_margin"],
-                    floor=params["gate_floor"], eval_uri=params["eval_uri"])  # fmt: skip
+                    floor=params["gate_floor"], eval_uri=params["eval_uri"],
+                    non_inferiority_margin=params["gate_non_inferiority_margin"],
+                    slices=params["gate_slices"], max_checkpoint_mb=params["gate_max_checkpoint_mb"],
+                    max_latency_p95_ms=params["gate_max_latency_p95_ms"])  # fmt: skip
 
-    @task(outlets=[champion_model])
-    def promote_champion(gated):
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def approval_required(gated, params=None):
+        """Ask a human only when asked to, and only about a version the gate passed."""
+        return bool(params["require_approval"]) and gated["verdict"] == "promote"
+
+    # HITLOperator with Approve/Reject rather than ApprovalOperator: ApprovalOperator skips
+    # promote_champion on Reject, and then nothing would record the human rejection.
+    approve_promotion = HITLOperator(
+        task_id="approve_promotion",
+        subject="Promote {{ ti.xcom_pull(task_ids='gate_promotion')['model_name'] }} "
+        "v{{ ti.xcom_pull(task_ids='gate_promotion')['model_version'] }} to champion?",
+        body="{{ ti.xcom_pull(task_ids='gate_promotion')['report_markdown'] }}\n\n"
+        "[Open the version in MLflow]({{ ti.xcom_pull(task_ids='gate_promotion')['model_url'] }})",
+        options=["Approve", "Reject"],
+        defaults=["Reject"],  # no answer within the timeout: not promoted, recorded as rejected
+        response_timeout=timedelta(days=3),
+    )
+
+    @task(outlets=[champion_model], trigger_rule="none_failed")
+    def promote_champion(gated, approval, params=None):
         from pipeline import steps
 
-        return _run(steps.promote_champion, gated)
+        if params["canary"]:  # steps.canary_rollout: weights, analysis, promote or roll back
+            return _run(steps.canary_rollout, gated, approval=approval)
+        return _run(steps.promote_champion, gated, approval=approval)
 
     @task(trigger_rule="all_done")
     def publish_summary():
@@ -170,7 +235,8 @@ def retrain_model():
     retrain_gate(decision) >> trained
     verified = verify_checkpoint(trained)
     gated = gate_promotion(register_challenger(ingested, trained, verified))
-    promote_champion(gated) >> publish_summary()
+    approval_required(gated) >> approve_promotion
+    promote_champion(gated, approve_promotion.output) >> publish_summary()
 
 
 retrain_model()

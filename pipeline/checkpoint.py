@@ -2,21 +2,33 @@
 
 Layout of a checkpoint directory::
 
-    model.safetensors   weights (no pickle, ever)
-    probe.parquet       a probe batch of raw input rows (Parquet: data, not code)
-    probe.safetensors   the probabilities the model gave those rows at save time
-    manifest.json       sha256 + size per file, tensor shapes/dtypes, finite flag,
-                        model config, feature spec, data snapshot, code version
-    manifest.sig        HMAC-SHA256 over manifest.json (key from settings)
+    model.safetensors      weights (no pickle, ever)
+    probe.parquet          a probe batch of raw input rows (Parquet: data, not code)
+    probe.safetensors      the probabilities the model gave those rows at save time
+    optimizer.safetensors  optional: the optimizer's tensors (moments, steps)
+    optimizer.json         optional: the optimizer's structure and scalars (hyperparameters)
+    manifest.json          sha256 + size per file, tensor shapes/dtypes, finite flag, stop
+                           reason, model config, feature spec, data snapshot, code version
+    manifest.sig           HMAC-SHA256 over manifest.json
 
-Why HMAC: it needs nothing beyond the standard library and the key can live in
-an Airflow Connection or a secret store; its limit is that verifiers hold the
-same secret as signers. An asymmetric signature (``model-signing``) can replace
+Why HMAC-SHA256: it needs nothing beyond the standard library, and the key is an
+ordinary secret — inside Airflow the Connection ``checkpoint_signing`` (password =
+key, login or extra ``key_id`` = key id), elsewhere ``PIPELINE_SIGNING_KEY`` from
+the environment or a secret store, and with neither a per-installation key made
+once under ``PIPELINE_HOME/keys`` (git-ignored). A key never comes from the
+repository. Its limit is that verifiers hold the same secret as signers; an
+asymmetric signature (``model-signing``, Sigstore) can replace
 ``sign``/``check_signature`` without touching the format.
 
-A checkpoint is written into a temporary directory, fsynced, then renamed into
-place; published to storage with the signature written last, so a reader never
-sees a signed, half-written checkpoint.
+Nothing is ever unpickled: weights and optimizer tensors are read with safetensors,
+everything else is JSON or Parquet, and ``torch.load`` is never called — so
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` and friends have nothing to act on.
+
+A checkpoint is written into a temporary sibling directory, each file fsynced, then
+renamed into place (and the parent directory fsynced): a crash leaves either no
+checkpoint or a whole one, and the leftover ``.<name>.tmp-*`` directory has no
+signature, so nothing verifies or loads it. Publishing to storage writes the
+signature last, so a reader never sees a signed, half-published checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import shutil
@@ -45,25 +58,71 @@ from pipeline.train.model import MLP, ModelConfig, predict_proba
 WEIGHTS, PROBE, PROBE_ROWS, MANIFEST, SIGNATURE = (
     "model.safetensors", "probe.safetensors", "probe.parquet", "manifest.json", "manifest.sig",
 )  # fmt: skip
+OPTIMIZER, OPTIMIZER_STRUCTURE = "optimizer.safetensors", "optimizer.json"
 FORMAT = "retrain-checkpoint/1"
 PARITY_ATOL = 1e-5
+SIGNING_CONN_ID = "checkpoint_signing"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
+# -- signing ---------------------------------------------------------------------------
+
+
+def _inside_airflow() -> bool:
+    """True while an Airflow task runs (the task runner exports ``AIRFLOW_CTX_*``)."""
+    return bool(os.environ.get("AIRFLOW_CTX_DAG_ID"))
+
+
+def _airflow_signing_key() -> tuple[bytes, str] | None:
+    """The key from the Airflow Connection ``checkpoint_signing``, if inside Airflow and set.
+
+    Imported lazily: ``pipeline`` knows nothing of Airflow and runs without it.
+    A missing connection falls back to settings; any other lookup error is raised,
+    so a broken secrets backend never silently signs with a different key.
+    """
+    if not _inside_airflow():
+        return None
+    try:
+        from airflow.sdk import Connection
+        from airflow.sdk.exceptions import AirflowNotFoundException
+    except ImportError:
+        return None
+    try:
+        conn = Connection.get(SIGNING_CONN_ID)
+    except AirflowNotFoundException:
+        return None
+    if conn is None or not conn.password:
+        return None
+    key_id = conn.extra_dejson.get("key_id") or conn.login or f"airflow:{SIGNING_CONN_ID}"
+    return conn.password.encode(), str(key_id)
+
+
 def signing_key() -> tuple[bytes, str]:
-    """(key, key id). From settings; the embedded default makes a local key once (0600)."""
+    """(key, key id): Airflow Connection (inside Airflow), else settings, else a local key.
+
+    The local key is made once (mode 0600) under ``PIPELINE_HOME/keys`` — state, not
+    source: never read from or written to the repository.
+    """
+    from_airflow = _airflow_signing_key()
+    if from_airflow is not None:
+        return from_airflow
     s = get_settings()
     if s.signing_key is not None:
         return s.signing_key.get_secret_value().encode(), s.signing_key_id
     path = s.home_dir / "keys" / "checkpoint-signing.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # made concurrently
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
     return path.read_text().strip().encode(), "local-" + hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
@@ -108,6 +167,92 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- optimizer state without pickle ------------------------------------------------------
+# A torch optimizer state dict is nested dicts/lists/tuples of tensors and scalars, with
+# int keys (parameter indices). Tensors go to safetensors under their path; the structure
+# goes to JSON with tagged nodes so key and container types survive the round trip.
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = path or "tensor"
+        tensors[name] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str | int) or isinstance(k, bool):
+                raise CheckpointError(f"optimizer state key {k!r} at {path or '/'} is not str or int")
+        return {"__dict__": [[k, _encode(v, tensors, f"{path}.{k}" if path else str(k))]
+                             for k, v in obj.items()]}  # fmt: skip
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise CheckpointError(
+        f"optimizer state at {path or '/'} holds a {type(obj).__name__}; only tensors, "
+        "numbers, strings, None and containers of them are stored (nothing is pickled)"
+    )
+
+
+def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            if node["__tensor__"] not in tensors:
+                raise CheckpointError(f"optimizer.json names tensor {node['__tensor__']!r}, "
+                                      f"absent from {OPTIMIZER}")  # fmt: skip
+            return tensors[node["__tensor__"]]
+        if "__dict__" in node:
+            return {k: _decode(v, tensors) for k, v in node["__dict__"]}
+        if "__tuple__" in node:
+            return tuple(_decode(v, tensors) for v in node["__tuple__"])
+        if "__float__" in node:
+            return float(node["__float__"])
+        raise CheckpointError(f"optimizer.json has an untagged object {sorted(node)}")
+    return node
+
+
+def _write_optimizer_state(state: dict[str, Any], into: Path) -> dict[str, Any]:
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, tensors, "")
+    save_file(tensors, str(into / OPTIMIZER))
+    (into / OPTIMIZER_STRUCTURE).write_text(json.dumps(structure, indent=1, sort_keys=True))
+    return {
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                    for k, v in tensors.items()},  # fmt: skip
+        "all_finite": all(bool(torch.isfinite(t).all()) for t in tensors.values()
+                          if t.is_floating_point()),  # fmt: skip
+    }
+
+
+def load_optimizer_state(directory: Path) -> dict[str, Any] | None:
+    """The optimizer state saved with the checkpoint (None if there is none), pickle-free.
+
+    Call after :func:`verify_checkpoint`: the files are then known to be the signed ones.
+    Feed the result to ``optimizer.load_state_dict`` to resume.
+    """
+    if not (directory / OPTIMIZER_STRUCTURE).is_file():
+        return None
+    tensors = load_file(str(directory / OPTIMIZER))
+    return _decode(json.loads((directory / OPTIMIZER_STRUCTURE).read_text()), tensors)
+
+
+# -- save ---------------------------------------------------------------------------------
+
+
 def save_checkpoint(
     directory: Path,
     model: MLP,
@@ -116,8 +261,14 @@ def save_checkpoint(
     *,
     data_snapshot: dict[str, Any],
     training: dict[str, Any],
+    stop_reason: str | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a signed checkpoint at ``directory`` atomically; return the manifest."""
+    """Write a signed checkpoint at ``directory`` atomically; return the manifest.
+
+    ``stop_reason`` defaults to ``training["stop_reason"]``; ``optimizer_state`` (an
+    ``optimizer.state_dict()``) is stored without pickle when given.
+    """
     if directory.exists():
         raise CheckpointError(f"{directory} exists; checkpoints are never overwritten")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -135,28 +286,36 @@ def save_checkpoint(
         model_cpu.load_state_dict(state)
         probe_p = _probe_predictions(model_cpu, features, tmp / PROBE_ROWS)
         save_file({"probabilities": probe_p}, str(tmp / PROBE))
+        names = [WEIGHTS, PROBE, PROBE_ROWS]
+        optimizer_meta = None
+        if optimizer_state is not None:
+            optimizer_meta = _write_optimizer_state(optimizer_state, tmp)
+            names += [OPTIMIZER, OPTIMIZER_STRUCTURE]
         manifest = {
             "format": FORMAT,
-            "files": {
-                name: {"sha256": _sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-                for name in (WEIGHTS, PROBE, PROBE_ROWS)
-            },
+            "files": {name: {"sha256": _sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+                      for name in names},  # fmt: skip
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in state.items()},  # fmt: skip
             "all_finite": all_finite,
+            "stop_reason": stop_reason if stop_reason is not None
+            else str(training.get("stop_reason", "unknown")),
+            "optimizer": optimizer_meta,
             "model_config": model.config.to_dict(),
             "features": features.to_dict(),
             "data_snapshot": data_snapshot,
             "training": training,
             "code_version": code_version(),
-        }
+        }  # fmt: skip
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         (tmp / MANIFEST).write_bytes(manifest_bytes)
         (tmp / SIGNATURE).write_text(sign(manifest_bytes))
         for p in tmp.iterdir():
             with p.open("rb") as fh:
                 os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         os.rename(tmp, directory)
+        _fsync_dir(directory.parent)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -172,6 +331,14 @@ def manifest_digest(directory: Path) -> str:
     return _sha256_file(directory / MANIFEST)
 
 
+def checkpoint_bytes(manifest: dict[str, Any]) -> int:
+    """Size of the checkpoint's payload files, as recorded in its (verified) manifest."""
+    return int(sum(meta["size"] for meta in manifest.get("files", {}).values()))
+
+
+# -- verify and load ------------------------------------------------------------------------
+
+
 @dataclass
 class Verification:
     path: str
@@ -183,77 +350,94 @@ class Verification:
     def intact(self) -> bool:
         return not self.problems
 
+    def problem(self, text: str) -> None:
+        """Record one problem as one line (exception texts can span lines)."""
+        self.problems.append(" ".join(str(text).split()))
+
 
 def verify_checkpoint(directory: Path) -> Verification:
     """Every check, each failure its own line. Never unpickles anything."""
     v = Verification(path=str(directory))
     if not directory.is_dir():
-        v.problems.append(f"{directory}: not a checkpoint directory")
+        v.problem(f"{directory}: not a checkpoint directory")
         return v
     present = {p.name for p in directory.iterdir()}
-    pickles = sorted(n for n in present if n.endswith((".pt", ".pth", ".pkl", ".bin", ".ckpt")))
+    pickles = sorted(n for n in present if n.lower().endswith(PICKLE_SUFFIXES))
     if pickles:
-        v.problems.append(f"pickle-based file(s) {pickles} refused: only safetensors are loaded")
+        v.problem(f"pickle-based file(s) {pickles} refused: only safetensors are loaded")
     for required in (MANIFEST, SIGNATURE):
         if required not in present:
-            v.problems.append(f"missing {required}")
-    if v.problems and MANIFEST not in present:
+            v.problem(f"missing {required}")
+    if MANIFEST not in present:
         return v
     manifest_bytes = (directory / MANIFEST).read_bytes()
     v.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     if SIGNATURE in present:
-        problem = check_signature(manifest_bytes, (directory / SIGNATURE).read_text())
+        problem = check_signature(manifest_bytes, (directory / SIGNATURE).read_text(errors="replace"))
         if problem:
-            v.problems.append(problem)
+            v.problem(problem)
     try:
         manifest = json.loads(manifest_bytes)
-    except json.JSONDecodeError as exc:
-        v.problems.append(f"manifest.json is not valid JSON: {exc}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        v.problem(f"manifest.json is not valid JSON: {exc}")
+        return v
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        v.problem(f"manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                  f" is not {FORMAT!r}")  # fmt: skip
         return v
     v.manifest = manifest
     files = manifest.get("files", {})
     extra = present - set(files) - {MANIFEST, SIGNATURE} - set(pickles)
     if extra:
-        v.problems.append(f"unexpected file(s) not in manifest: {sorted(extra)}")
+        v.problem(f"unexpected file(s) not in manifest: {sorted(extra)}")
     for name, meta in files.items():
         path = directory / name
         if not path.is_file():
-            v.problems.append(f"missing {name} (listed in manifest)")
+            v.problem(f"missing {name} (listed in manifest)")
             continue
         size = path.stat().st_size
         if size != meta["size"]:
-            v.problems.append(f"{name}: size {size} != manifest {meta['size']} (truncated or padded)")
+            v.problem(f"{name}: size {size} != manifest {meta['size']} (truncated or padded)")
         elif _sha256_file(path) != meta["sha256"]:
-            v.problems.append(f"{name}: sha256 mismatch (content changed after save)")
+            v.problem(f"{name}: sha256 mismatch (content changed after save)")
     if v.problems:
         return v
     try:
         model, spec = load_verified_model(directory, manifest)
         probe = load_file(str(directory / PROBE))
         got = _probe_predictions(model, spec, directory / PROBE_ROWS)
+        if OPTIMIZER_STRUCTURE in files:
+            load_optimizer_state(directory)
     except Exception as exc:  # noqa: BLE001 - reported as a problem, never raised past here
-        v.problems.append(f"safe load failed: {exc}")
+        v.problem(f"safe load failed: {exc}")
         return v
     if got.shape != probe["probabilities"].shape or not torch.allclose(
         got, probe["probabilities"], atol=PARITY_ATOL
     ):
-        v.problems.append("reload parity failed: probe predictions differ from those recorded at save")
+        v.problem("reload parity failed: probe predictions differ from those recorded at save")
     return v
 
 
 def load_verified_model(directory: Path, manifest: dict[str, Any]) -> tuple[MLP, FeatureSpec]:
-    """Load weights with safetensors and check them against the manifest."""
+    """Load weights with safetensors and check them against the manifest and model config."""
     state = load_file(str(directory / WEIGHTS))
     tensors = manifest["tensors"]
     if set(state) != set(tensors):
         raise CheckpointError(f"tensor names differ from manifest: {sorted(set(state) ^ set(tensors))}")
+    model = MLP(ModelConfig.from_dict(manifest["model_config"]))
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        raise CheckpointError("tensor names differ from the model config's layers: "
+                              f"{sorted(set(state) ^ set(expected))}")  # fmt: skip
     for name, t in state.items():
         meta = tensors[name]
         if list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
             raise CheckpointError(f"tensor {name}: {list(t.shape)}/{t.dtype} != manifest {meta}")
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"tensor {name} has shape {list(t.shape)} but the model config "
+                                  f"expects {list(expected[name].shape)}")  # fmt: skip
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"tensor {name} has non-finite values")
-    model = MLP(ModelConfig.from_dict(manifest["model_config"]))
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, FeatureSpec.from_dict(manifest["features"])
@@ -275,12 +459,21 @@ def fetch(uri: str, into: Path) -> Path:
     return into
 
 
+def load_local_for_inference(directory: Path) -> tuple[MLP, FeatureSpec, Verification]:
+    """Verify a local checkpoint directory, then load it. Raises CheckpointError listing
+    every problem. This is what the registered MLflow model calls when it loads."""
+    v = verify_checkpoint(directory)
+    if not v.intact:
+        raise CheckpointError(f"checkpoint {directory} failed verification: " + "; ".join(v.problems))
+    model, spec = load_verified_model(directory, v.manifest)
+    return model, spec, v
+
+
 def load_for_inference(uri: str) -> tuple[MLP, FeatureSpec, Verification]:
     """Fetch, verify, then load. Raises CheckpointError listing every problem."""
     with tempfile.TemporaryDirectory() as tmp:
         local = fetch(uri, Path(tmp) / "ckpt")
-        v = verify_checkpoint(local)
-        if not v.intact:
-            raise CheckpointError(f"checkpoint {uri} failed verification: " + "; ".join(v.problems))
-        model, spec = load_verified_model(local, v.manifest)
-    return model, spec, v
+        try:
+            return load_local_for_inference(local)
+        except CheckpointError as exc:
+            raise CheckpointError(str(exc).replace(str(local), uri, 1)) from None

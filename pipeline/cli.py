@@ -48,22 +48,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a checkpoint: ``OK …`` and exit 0, or one ``FAIL …`` line per problem and exit 1."""
     import tempfile
 
     from pipeline import checkpoint
 
     target = args.path
-    if "://" in target and not target.startswith("file://"):
-        tmp = tempfile.mkdtemp()
-        local = checkpoint.fetch(target, Path(tmp) / "ckpt")
-    else:
-        local = Path(target.removeprefix("file://"))
-    v = checkpoint.verify_checkpoint(local)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "://" in target and not target.startswith("file://"):
+            local = checkpoint.fetch(target, Path(tmp) / "ckpt")
+        else:
+            local = Path(target.removeprefix("file://"))
+        v = checkpoint.verify_checkpoint(local)
     if v.intact:
         print(f"OK {target} manifest sha256 {v.manifest_sha256}")
         return 0
     for p in v.problems:
-        print(f"FAIL {target}: {p}")
+        print(f"FAIL {target}: {' '.join(p.split())}")
     return 1
 
 
@@ -83,14 +84,18 @@ def cmd_stage(args: argparse.Namespace) -> int:
         rec = steps.decide_retrain(ctx, *ins, force=args.force, decay_margin=args.decay_margin)
     elif stage == "train":
         rec = steps.train_model(ctx, *ins, max_epochs=args.max_epochs,
-                                learning_rate=args.learning_rate, seed=args.seed)  # fmt: skip
+                                learning_rate=args.learning_rate, seed=args.seed,
+                                batch_size=args.batch_size, optimizer=args.optimizer,
+                                state_every=args.state_every)  # fmt: skip
     elif stage == "verify":
         rec = steps.verify_checkpoint(ctx, *ins)
     elif stage == "register":
         rec = steps.register_challenger(ctx, *ins)
     elif stage == "gate":
         rec = steps.gate_promotion(ctx, *ins, margin=args.margin, floor=args.floor,
-                                   eval_uri=args.eval_uri)  # fmt: skip
+                                   eval_uri=args.eval_uri,
+                                   non_inferiority_margin=args.non_inferiority_margin,
+                                   slices=args.slices)  # fmt: skip
     elif stage == "promote":
         rec = steps.promote_champion(ctx, *ins)
     elif stage == "summary":
@@ -123,6 +128,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             steps.promote_champion(ctx, gated)
     finally:
         print(steps.format_summary(steps.publish_summary(ctx)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The scoring service (see pipeline/serving): loopback unless --host says otherwise."""
+    from pipeline.serving.app import serve
+
+    serve(args.host, args.port, poll_seconds=args.poll_seconds, torch_threads=args.torch_threads)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.serving.replay import ReplayConfig, replay_batch
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per request
+    cfg = ReplayConfig(url=args.url, rate=args.rate, duration_s=args.duration,
+                       labels_after_s=args.labels_after, rows_per_request=args.rows_per_request,
+                       max_requests=args.max_requests, concurrency=args.concurrency,
+                       key_column=args.key_column)  # fmt: skip
+    report = replay_batch(cfg, args.batch)
+    _print(report.to_dict())
+    return 0 if report.sent and report.answered_2xx == report.sent else 1
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    from pipeline import canary
+
+    if args.abort:
+        _print(canary.abort_canary(args.version, args.reason or "", who=args.who))
+        return 0
+    plan = canary.CanaryPlan.from_settings(
+        **({"analysis_interval_s": args.analysis_interval} if args.analysis_interval else {}),
+        **({"bake_s": args.bake} if args.bake is not None else {}),
+    )  # fmt: skip
+    rec = canary.run_canary_rollout(args.version, args.expected_champion or None, plan=plan,
+                                    service_url=args.url or None, run_key=args.run_key,
+                                    actor=args.who, resume=args.resume)  # fmt: skip
+    _print(rec)
+    return 0 if rec["verdict"] == "promoted" else 3
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.rollback import rollback_champion
+
+    _print(rollback_champion(args.reason, target_version=args.target_version, who=args.who,
+                             run_key=args.run_key, source="cli"))  # fmt: skip
     return 0
 
 
@@ -170,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
         common(sp)
         if name == "ingest":
             sp.add_argument("--batch", required=True)
+        if name == "train":
+            sp.add_argument("--batch-size", type=int, default=512)
+            sp.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+            sp.add_argument("--state-every", type=int, default=None,
+                            help="steps between training-state checkpoints (resume after a crash)")
+        if name == "gate":
+            sp.add_argument("--non-inferiority-margin", type=float, default=None,
+                            help="also accept a challenger whose CI lower bound is above -MARGIN")
+            sp.add_argument("--slices", nargs="*", default=["channel"],
+                            help="categorical columns whose values must not regress")  # fmt: skip
         sp.add_argument("--in", dest="inputs", action="append",
                         help="upstream record JSON file ('-' for stdin); repeat in order")  # fmt: skip
         sp.set_defaults(func=cmd_stage, stage=name)
@@ -177,13 +238,128 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--batch", required=True)
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("serve", help="the scoring service (champion + canary, /metrics)")
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 only when asked (containers)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--poll-seconds", type=float, default=None, help="default: settings")
+    sv.add_argument("--torch-threads", type=int, default=1)
+    sv.set_defaults(func=cmd_serve)
+    rp = sub.add_parser("replay", help="replay a batch as HTTP traffic, then its labels")
+    rp.add_argument("--url", default="http://127.0.0.1:8000")
+    rp.add_argument("--batch", required=True, help="file:// or s3:// Parquet batch")
+    rp.add_argument("--rate", type=float, required=True, help="requests per second")
+    rp.add_argument("--duration", type=float, required=True, help="seconds")
+    rp.add_argument("--labels-after", type=float, default=None,
+                    help="post each request's labels to /feedback this many seconds later")
+    rp.add_argument("--rows-per-request", type=int, default=1)
+    rp.add_argument("--max-requests", type=int, default=None)
+    rp.add_argument("--concurrency", type=int, default=16)
+    rp.add_argument("--key-column", default=None, help="column sent as X-Routing-Key (sticky)")
+    rp.set_defaults(func=cmd_replay)
+    cn = sub.add_parser("canary", help="canary a version against the champion (or resume/abort)")
+    cn.add_argument("--version", required=True)
+    cn.add_argument("--expected-champion", default="", help="the champion the gate compared against")
+    cn.add_argument("--url", default="", help="scoring service URL (default: settings)")
+    cn.add_argument("--analysis-interval", type=float, default=None)
+    cn.add_argument("--bake", type=float, default=None, help="bake seconds (default: settings)")
+    cn.add_argument("--resume", action="store_true", help="continue a paused canary")
+    cn.add_argument("--abort", action="store_true", help="take the canary out of traffic")
+    cn.add_argument("--reason", default="", help="why (with --abort)")
+    cn.add_argument("--who", default="cli")
+    cn.add_argument("--run-key", default="cli__canary")
+    cn.set_defaults(func=cmd_canary)
+    rb = sub.add_parser("rollback", help="champion back to previous_champion (or --target-version)")
+    rb.add_argument("--reason", required=True)
+    rb.add_argument("--target-version", default=None)
+    rb.add_argument("--who", default="cli")
+    rb.add_argument("--run-key", default=None, help="same key = same rollback (retry-safe)")
+    rb.set_defaults(func=cmd_rollback)
     return p
+
+
+class RunKeyFilter(logging.Filter):
+    """Stamps every record with the run key (``dag__run``: the MLflow run's ``pipeline.run_key``),
+    so each line of a command's log says which run it belongs to."""
+
+    def __init__(self, run_key: str) -> None:
+        super().__init__()
+        self.run_key = run_key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "run_key", None):
+            record.run_key = self.run_key
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``PIPELINE_LOG_FORMAT=json``): for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+               "logger": record.name, "run_key": getattr(record, "run_key", ""),
+               "message": record.getMessage()}  # fmt: skip
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class ProgressHandler(logging.StreamHandler):
+    """On a terminal, records logged with ``extra={"progress": True}`` (training epochs) rewrite
+    one status line in place; any other record, and every record when the stream is not a TTY
+    (CI, Airflow, a pipe), is a plain line."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream or sys.stderr)
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._open = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            if self.tty and getattr(record, "progress", False):
+                import shutil
+
+                width = shutil.get_terminal_size((120, 24)).columns
+                self.stream.write("\r\033[K" + msg[: max(width - 1, 20)])
+                self._open = True
+            else:
+                self.stream.write(("\n" if self._open else "") + msg + self.terminator)
+                self._open = False
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(args: argparse.Namespace, stream: Any = None) -> logging.Handler:
+    """Root logging for ``python -m pipeline``: run key on every line, progress on a terminal."""
+    import os
+    import re
+
+    run_key = "-"  # commands outside a run (data generate, checkpoint verify)
+    if hasattr(args, "run_id"):  # the same key as steps.RunContext.run_key
+        run_key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.dag_id}__{args.run_id}")
+    handler = ProgressHandler(stream)
+    handler.addFilter(RunKeyFilter(run_key))
+    if os.environ.get("PIPELINE_LOG_FORMAT", "").lower() == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)-7s run=%(run_key)s %(name)s: %(message)s"))  # fmt: skip
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, ProgressHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
+    if not getattr(args, "verbose", False):  # library chatter at INFO buries the stage lines
+        for noisy in ("great_expectations", "evidently", "urllib3", "botocore", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    setup_logging(args)
     from pipeline.errors import PipelineRejection
 
     try:

@@ -10,6 +10,10 @@ import yaml
 
 ColumnType = Literal["float", "int", "category", "string", "timestamp", "bool"]
 NUMERIC: tuple[str, ...] = ("float", "int", "bool")
+#: Drift methods a column may name in its ``drift: {method: ..., threshold: ...}`` entry
+#: (Evidently's names; see :mod:`pipeline.drift`). Distances drift when the score is >= the
+#: threshold; p-value tests (``ks``, ``chisquare``, ``z``) when p is below it.
+DRIFT_METHODS: tuple[str, ...] = ("wasserstein", "jensenshannon", "psi", "ks", "chisquare", "z")
 
 
 class ContractError(ValueError):
@@ -26,6 +30,8 @@ class Column:
     max: float | None = None
     categories: tuple[str, ...] = ()
     unique: bool = False
+    drift_method: str | None = None  # None: Evidently's default choice for the column
+    drift_threshold: float | None = None  # None: the method's default threshold
 
     @property
     def is_numeric(self) -> bool:
@@ -48,6 +54,8 @@ class DataContract:
     min_rows: int = 1
     max_rows: int | None = None
     extra_expectations: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    drift_share: float = 0.3  # dataset drift when the share of drifted features reaches this
+    leakage_max_auc: float = 0.99  # a feature whose univariate AUC reaches this leaks the label
 
     @property
     def column_names(self) -> list[str]:
@@ -94,6 +102,8 @@ def load_contract(path: str | Path) -> DataContract:
                 max=c.get("max"),
                 categories=tuple(c.get("categories", ())),
                 unique=bool(c.get("unique", False)),
+                drift_method=(c.get("drift") or {}).get("method"),
+                drift_threshold=_opt_float((c.get("drift") or {}).get("threshold")),
             )
             for c in raw["columns"]
         )
@@ -108,8 +118,10 @@ def load_contract(path: str | Path) -> DataContract:
             min_rows=int(raw.get("row_count", {}).get("min", 1)),
             max_rows=raw.get("row_count", {}).get("max"),
             extra_expectations=tuple(raw.get("expectations", ())),
+            drift_share=float((raw.get("drift") or {}).get("share", 0.3)),
+            leakage_max_auc=float((raw.get("leakage") or {}).get("max_auc", 0.99)),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ContractError(f"{path}: malformed data contract, missing or bad field {exc}") from None
     names = contract.column_names
     for required in (contract.id_column, contract.time_column, contract.target):
@@ -120,7 +132,40 @@ def load_contract(path: str | Path) -> DataContract:
             raise ContractError(f"{path}: column {c.name!r} has unknown type {c.type!r}")
         if c.is_categorical and not c.categories:
             raise ContractError(f"{path}: categorical column {c.name!r} lists no categories")
+        if not 0.0 <= c.max_null_fraction < 1.0:
+            raise ContractError(
+                f"{path}: column {c.name!r} max_null_fraction must be in [0, 1), "
+                f"got {c.max_null_fraction}"
+            )
+        if c.min is not None and c.max is not None and c.min > c.max:
+            raise ContractError(f"{path}: column {c.name!r} has min {c.min} > max {c.max}")
+        if c.drift_method is not None and c.drift_method not in DRIFT_METHODS:
+            raise ContractError(
+                f"{path}: column {c.name!r} drift method {c.drift_method!r} is not one of "
+                f"{list(DRIFT_METHODS)}"
+            )
+        if c.drift_threshold is not None and not c.drift_threshold > 0:
+            raise ContractError(
+                f"{path}: column {c.name!r} drift threshold must be > 0, got {c.drift_threshold}"
+            )
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ContractError(f"{path}: columns declared more than once: {dupes}")
+    if not 0.0 < contract.drift_share <= 1.0:
+        raise ContractError(f"{path}: drift.share must be in (0, 1], got {contract.drift_share}")
+    if not 0.5 < contract.leakage_max_auc <= 1.0:
+        raise ContractError(
+            f"{path}: leakage.max_auc must be in (0.5, 1], got {contract.leakage_max_auc}"
+        )
+    if contract.max_rows is not None and contract.max_rows < contract.min_rows:
+        raise ContractError(
+            f"{path}: row_count max {contract.max_rows} is below min {contract.min_rows}"
+        )
     return contract
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def default_contract() -> DataContract:

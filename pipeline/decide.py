@@ -1,7 +1,16 @@
-"""The retrain decision: a small rule object with an enum of reasons and a pure core."""
+"""The retrain decision: a small rule object with an enum of reasons and a pure core.
+
+``RetrainPolicy(...)`` validates its thresholds when built; ``policy.decide(evidence)``
+is a pure function of the evidence and returns a :class:`RetrainDecision` — verdict
+(``train`` | ``skip``), the reasons (the first is the primary one), the evidence and the
+policy — whose record is enough to replay the decision. A skip is a verdict too: it
+carries the reason ``nothing_changed`` and a message that names every value that was
+below its threshold.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -27,6 +36,25 @@ class RetrainEvidence:
     champion_metric_on_batch: float | None = None
     champion_age_days: float | None = None
     forced: bool = False
+    metric: str = "roc_auc"
+    drift_share_threshold: float | None = None
+    drifted_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.drift_share is not None and not 0.0 <= self.drift_share <= 1.0:
+            raise ValueError(f"drift_share must be in [0, 1], got {self.drift_share}")
+        for name in ("champion_metric_at_promotion", "champion_metric_on_batch", "champion_age_days"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be finite or None, got {v}")
+        if self.champion_age_days is not None and self.champion_age_days < 0:
+            raise ValueError(f"champion_age_days must be >= 0, got {self.champion_age_days}")
+
+    @property
+    def metric_drop(self) -> float | None:
+        if self.champion_metric_at_promotion is None or self.champion_metric_on_batch is None:
+            return None
+        return self.champion_metric_at_promotion - self.champion_metric_on_batch
 
 
 @dataclass(frozen=True)
@@ -40,12 +68,58 @@ class RetrainDecision:
     def verdict(self) -> str:
         return "train" if self.retrain else "skip"
 
+    @property
+    def reason(self) -> RetrainReason:
+        """The primary reason (the first that applied)."""
+        return self.reasons[0]
+
+    def message(self) -> str:
+        """Every reason with the value and the threshold behind it."""
+        return "; ".join(_explain(r, self.evidence, self.policy) for r in self.reasons)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "reasons": [r.value for r in self.reasons],
-                "evidence": asdict(self.evidence), "policy": self.policy}  # fmt: skip
+        evidence = asdict(self.evidence)
+        evidence["drifted_columns"] = list(self.evidence.drifted_columns)
+        return {"verdict": self.verdict, "reason": self.reason.value,
+                "reasons": [r.value for r in self.reasons], "message": self.message(),
+                "evidence": evidence, "policy": self.policy}  # fmt: skip
 
     def summary(self) -> str:
-        return f"{self.verdict}: " + ", ".join(r.value for r in self.reasons)
+        return f"{self.verdict}: " + ", ".join(r.value for r in self.reasons) + f" — {self.message()}"
+
+
+def _explain(reason: RetrainReason, e: RetrainEvidence, policy: dict[str, Any]) -> str:
+    m, margin, max_age = e.metric, policy.get("decay_margin"), policy.get("max_model_age_days")
+    share = f"{e.drift_share:.2f}" if e.drift_share is not None else "n/a"
+    limit = f"{e.drift_share_threshold:.2f}" if e.drift_share_threshold is not None else "the threshold"
+    if reason is RetrainReason.FORCED:
+        return "forced by the trigger"
+    if reason is RetrainReason.NO_CHAMPION:
+        return "no champion yet: the first model is trained"
+    if reason is RetrainReason.DATASET_DRIFT:
+        cols = f" ({', '.join(e.drifted_columns)})" if e.drifted_columns else ""
+        return f"dataset drift: drifted feature share {share} >= {limit}{cols}"
+    if reason is RetrainReason.LABEL_SHIFT:
+        return "the label prior shifted"
+    if reason is RetrainReason.PERFORMANCE_DECAY:
+        return (f"champion {m} {e.champion_metric_at_promotion:.4f} at promotion -> "
+                f"{e.champion_metric_on_batch:.4f} on this batch, drop {e.metric_drop:.4f} > "
+                f"margin {margin}")  # fmt: skip
+    if reason is RetrainReason.MODEL_TOO_OLD:
+        return f"champion is {e.champion_age_days:.1f} days old > {max_age} days"
+    parts = [f"no dataset drift (share {share} < {limit})" if e.dataset_drift is not None
+             else "drift not measured"]  # fmt: skip
+    if e.label_drifted is not None:
+        parts.append("label prior stable" if not e.label_drifted else "label shift ignored by policy")
+    drop = e.metric_drop
+    if drop is not None:
+        parts.append(f"champion {m} {e.champion_metric_at_promotion:.4f} -> "
+                     f"{e.champion_metric_on_batch:.4f} (drop {drop:.4f} <= margin {margin})")  # fmt: skip
+    else:
+        parts.append(f"champion {m} on this batch not measurable")
+    if e.champion_age_days is not None:
+        parts.append(f"age {e.champion_age_days:.1f} <= {max_age} days")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -60,7 +134,7 @@ class RetrainPolicy:
     def __post_init__(self) -> None:
         if not 0 <= self.decay_margin < 1:
             raise ValueError(f"decay_margin must be in [0, 1), got {self.decay_margin}")
-        if self.max_model_age_days <= 0:
+        if not self.max_model_age_days > 0:
             raise ValueError(f"max_model_age_days must be > 0, got {self.max_model_age_days}")
 
     def decide(self, e: RetrainEvidence) -> RetrainDecision:
@@ -73,11 +147,8 @@ class RetrainPolicy:
             reasons.append(RetrainReason.DATASET_DRIFT)
         if self.retrain_on_label_shift and e.label_drifted:
             reasons.append(RetrainReason.LABEL_SHIFT)
-        if (
-            e.champion_metric_at_promotion is not None
-            and e.champion_metric_on_batch is not None
-            and e.champion_metric_at_promotion - e.champion_metric_on_batch > self.decay_margin
-        ):
+        drop = e.metric_drop
+        if drop is not None and drop > self.decay_margin:
             reasons.append(RetrainReason.PERFORMANCE_DECAY)
         if e.champion_age_days is not None and e.champion_age_days > self.max_model_age_days:
             reasons.append(RetrainReason.MODEL_TOO_OLD)

@@ -1,89 +1,470 @@
-"""The promotion gate: the challenger must beat the champion by a margin.
+"""The promotion gate: floors, budgets, and challenger vs champion on a paired bootstrap.
 
-With no champion, only an absolute floor applies — stated explicitly, never
-treated as "champion scored 0". Champion and challenger are always reported
-both ways, on the same trusted evaluation set.
+Everything is judged on the same trusted evaluation set, from per-row predictions:
+
+* **Floors** — an absolute bound per metric (``roc_auc >= 0.7``; for a lower-is-better
+  metric such as ``log_loss`` the floor is a ceiling). Always applied.
+* **Budgets** — checkpoint bytes and p95 prediction latency per batch, when set.
+  Missing evidence for a set budget fails the check; nothing is assumed.
+* **Champion** — the difference ``challenger - champion`` in the primary metric gets a
+  seeded, paired bootstrap CI (default 1000 resamples, 95 %). The challenger passes if
+  the *lower* bound clears the required improvement (absolute, or relative to the
+  champion's value) — or, when a non-inferiority margin is set, if the lower bound
+  is above ``-margin``. An interval that straddles zero therefore never passes on
+  improvement: a noisy tie keeps the champion.
+* **Slices** — for each categorical column named in the config, each value with
+  enough rows and both classes: a slice regresses when the challenger is worse by
+  more than ``slice_tolerance`` *and* the slice's CI lies wholly below zero (material
+  and not noise). Any regressing slice rejects.
+* **No champion** — stated, never treated as "champion scored 0": floors and budgets
+  only.
+
+``decide`` is pure: inputs in, decision out. The decision record holds the gate's
+thresholds and every input (labels, both models' probabilities, slice columns, size,
+latency), so ``replay(record)`` recomputes the same decision bit for bit.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.metrics import (
+    BOOTSTRAP_METRICS,
+    DIRECTION,
+    bootstrap_counts,
+    classification_metrics,
+    paired_bootstrap,
+)
+
+RECORD_KIND = "promotion_gate_decision"
+RECORD_VERSION = 1
 
 
 class GateReason(StrEnum):
-    NO_CHAMPION_ABOVE_FLOOR = "no_champion_above_floor"
-    BELOW_FLOOR = "below_floor"
-    BEATS_CHAMPION = "beats_champion_by_margin"
-    NOT_BETTER_THAN_CHAMPION = "not_better_than_champion_by_margin"
+    # promote
+    NO_CHAMPION_FLOORS_MET = "no_champion_floors_met"
+    IMPROVES_ON_CHAMPION = "improves_on_champion"
+    NON_INFERIOR_TO_CHAMPION = "non_inferior_to_champion"
+    # reject
     METRIC_MISSING = "metric_missing"
+    BELOW_FLOOR = "below_floor"
+    NOT_BETTER_THAN_CHAMPION = "not_better_than_champion"
+    SLICE_REGRESSION = "slice_regression"
+    OVER_SIZE_BUDGET = "over_size_budget"
+    OVER_LATENCY_BUDGET = "over_latency_budget"
+    HUMAN_REJECTED = "human_rejected"
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """What the gate sees: per-row evidence on the trusted evaluation set, and budgets' inputs.
+
+    ``labels`` are class indices 0..K-1; the probability matrices are rows x K, in the
+    same row order. ``slices`` maps a column name to that column's values (as text).
+    """
+
+    labels: np.ndarray
+    challenger_proba: np.ndarray
+    champion_proba: np.ndarray | None = None
+    champion_version: str | None = None
+    slices: dict[str, np.ndarray] = field(default_factory=dict)
+    checkpoint_bytes: int | None = None
+    latency_p95_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        # float64 throughout, so a replay from JSON computes exactly the same numbers
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
+        object.__setattr__(self, "challenger_proba", _matrix(self.challenger_proba))
+        if self.champion_proba is not None:
+            object.__setattr__(self, "champion_proba", _matrix(self.champion_proba))
+        object.__setattr__(self, "slices", {str(k): np.asarray(v, dtype=str)
+                                            for k, v in self.slices.items()})  # fmt: skip
+        n = len(self.labels)
+        if self.challenger_proba.shape[0] != n:
+            raise ValueError(f"challenger has {self.challenger_proba.shape[0]} rows, labels {n}")
+        if self.champion_proba is not None and self.champion_proba.shape != self.challenger_proba.shape:
+            raise ValueError(f"champion predictions {self.champion_proba.shape} do not match the "
+                             f"challenger's {self.challenger_proba.shape}: not the same rows/classes")  # fmt: skip
+        if self.champion_proba is not None and self.champion_version is None:
+            raise ValueError("champion predictions given without the champion's version")
+        for col, values in self.slices.items():
+            if len(values) != n:
+                raise ValueError(f"slice column {col!r} has {len(values)} values, labels {n}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= self.challenger_proba.shape[1]):
+            raise ValueError("labels must be class indices 0..K-1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": self.labels.tolist(),
+            "challenger_proba": self.challenger_proba.tolist(),
+            "champion_proba": None if self.champion_proba is None else self.champion_proba.tolist(),
+            "champion_version": self.champion_version,
+            "slices": {k: v.tolist() for k, v in self.slices.items()},
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "latency_p95_ms": self.latency_p95_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateInputs:
+        return cls(
+            labels=np.asarray(d["labels"]), challenger_proba=np.asarray(d["challenger_proba"]),
+            champion_proba=None if d.get("champion_proba") is None else np.asarray(d["champion_proba"]),
+            champion_version=d.get("champion_version"),
+            slices={k: np.asarray(v) for k, v in (d.get("slices") or {}).items()},
+            checkpoint_bytes=d.get("checkpoint_bytes"), latency_p95_ms=d.get("latency_p95_ms"),
+        )  # fmt: skip
+
+
+def _matrix(a: Any) -> np.ndarray:
+    m = np.asarray(a, dtype=np.float64)
+    if m.ndim != 2 or m.shape[1] < 2:
+        raise ValueError(f"probabilities must be rows x classes (>= 2), got shape {m.shape}")
+    return m
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the gate report. ``passed`` is None for information and not-applicable."""
+
+    kind: str  # floor | champion | slice | size | latency | info
+    metric: str
+    challenger: float | None
+    champion: float | None = None
+    difference: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    threshold: str = ""
+    passed: bool | None = None
+    reason: GateReason | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reason"] = self.reason.value if self.reason else None
+        return d
 
 
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reason: GateReason
+    reasons: list[GateReason]
     metric: str
     challenger: float | None
     champion: float | None
     champion_version: str | None
-    margin: float
-    floor: float
+    checks: list[Check]
+    challenger_metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    gate: dict[str, Any]
     message: str
 
     @property
     def verdict(self) -> str:
         return "promote" if self.promote else "reject"
 
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.passed is False]
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["reason"] = self.reason.value
-        d["verdict"] = self.verdict
-        return d
+        return {
+            "verdict": self.verdict, "promote": self.promote, "reason": self.reason.value,
+            "reasons": [r.value for r in self.reasons], "metric": self.metric,
+            "challenger": self.challenger, "champion": self.champion,
+            "champion_version": self.champion_version,
+            "checks": [c.to_dict() for c in self.checks],
+            "challenger_metrics": self.challenger_metrics,
+            "champion_metrics": self.champion_metrics, "gate": self.gate, "message": self.message,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
 class PromotionGate:
     metric: str = "roc_auc"
-    margin: float = 0.005
-    floor: float = 0.7
-    higher_is_better: bool = True
+    floors: dict[str, float] = field(default_factory=lambda: {"roc_auc": 0.7})
+    min_improvement: float = 0.005
+    improvement: Literal["absolute", "relative"] = "absolute"
+    non_inferiority_margin: float | None = None
+    slices: tuple[str, ...] = ()
+    slice_tolerance: float = 0.01
+    min_slice_rows: int = 200
+    max_checkpoint_bytes: int | None = None
+    max_latency_p95_ms: float | None = None
+    resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.margin < 1:
-            raise ValueError(f"gate margin must be in [0, 1), got {self.margin}")
+        if self.metric not in BOOTSTRAP_METRICS:
+            raise ValueError(f"gate metric must be one of {BOOTSTRAP_METRICS}, got {self.metric!r}")
+        for m, v in self.floors.items():
+            if m not in DIRECTION:
+                raise ValueError(f"floor for unknown metric {m!r}; known: {sorted(DIRECTION)}")
+            if not math.isfinite(v):
+                raise ValueError(f"floor for {m} must be finite, got {v}")
+        if not 0 <= self.min_improvement < 1:
+            raise ValueError(f"gate min_improvement (margin) must be in [0, 1), got {self.min_improvement}")
+        if self.improvement not in ("absolute", "relative"):
+            raise ValueError(f"improvement must be 'absolute' or 'relative', got {self.improvement!r}")
+        if self.non_inferiority_margin is not None and not 0 <= self.non_inferiority_margin < 1:
+            raise ValueError("non_inferiority_margin must be None or in [0, 1), got "
+                             f"{self.non_inferiority_margin}")  # fmt: skip
+        if self.slice_tolerance < 0 or self.min_slice_rows < 1:
+            raise ValueError("slice_tolerance must be >= 0 and min_slice_rows >= 1")
+        if self.max_checkpoint_bytes is not None and self.max_checkpoint_bytes <= 0:
+            raise ValueError(f"max_checkpoint_bytes must be > 0, got {self.max_checkpoint_bytes}")
+        if self.max_latency_p95_ms is not None and self.max_latency_p95_ms <= 0:
+            raise ValueError(f"max_latency_p95_ms must be > 0, got {self.max_latency_p95_ms}")
+        if self.resamples < 100:
+            raise ValueError(f"resamples must be >= 100, got {self.resamples}")
+        if not 0.5 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0.5, 1), got {self.confidence}")
+        object.__setattr__(self, "floors", {str(k): float(v) for k, v in self.floors.items()})
+        object.__setattr__(self, "slices", tuple(self.slices))
 
-    def decide(
-        self,
-        challenger: dict[str, float],
-        champion: dict[str, float] | None,
-        champion_version: str | None = None,
-    ) -> GateDecision:
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slices"] = list(self.slices)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PromotionGate:
+        return cls(**{**d, "slices": tuple(d.get("slices", ()))})
+
+    # -- the pure core ---------------------------------------------------------------
+
+    def decide(self, inputs: GateInputs) -> GateDecision:
+        y, chal_p, champ_p = inputs.labels, inputs.challenger_proba, inputs.champion_proba
         m = self.metric
-        c = challenger.get(m)
-        ch = champion.get(m) if champion else None
+        chal = classification_metrics(y, chal_p)
+        champ = classification_metrics(y, champ_p) if champ_p is not None else None
+        checks: list[Check] = []
 
-        def out(promote: bool, reason: GateReason, msg: str) -> GateDecision:
-            return GateDecision(promote, reason, m, c, ch, champion_version, self.margin, self.floor, msg)
+        for fm, floor in self.floors.items():
+            value = chal.get(fm)
+            op = ">=" if DIRECTION[fm] > 0 else "<="
+            if value is None or not math.isfinite(value):
+                checks.append(Check("floor", fm, None, threshold=f"{op} {floor:.4f}", passed=False,
+                                    reason=GateReason.METRIC_MISSING,
+                                    detail=f"challenger has no {fm} on the evaluation set"))  # fmt: skip
+                continue
+            ok = DIRECTION[fm] * (value - floor) >= 0
+            checks.append(Check("floor", fm, value, champ.get(fm) if champ else None,
+                                threshold=f"{op} {floor:.4f} (floor)", passed=ok,
+                                reason=None if ok else GateReason.BELOW_FLOOR,
+                                detail="" if ok else f"challenger {fm}={value:.4f} is below the "
+                                f"floor {floor:.4f}"))  # fmt: skip
 
-        if c is None:
-            return out(False, GateReason.METRIC_MISSING, f"challenger has no {m} on the evaluation set")
-        sign = 1 if self.higher_is_better else -1
-        if sign * (c - self.floor) < 0:
-            return out(False, GateReason.BELOW_FLOOR,
-                       f"challenger {m}={c:.4f} is below the floor {self.floor:.4f}")  # fmt: skip
-        if champion is None:
-            return out(True, GateReason.NO_CHAMPION_ABOVE_FLOOR,
-                       f"no champion; challenger {m}={c:.4f} clears the floor {self.floor:.4f}")  # fmt: skip
-        if ch is None:
-            return out(True, GateReason.NO_CHAMPION_ABOVE_FLOOR,
-                       f"champion v{champion_version} has no {m}; challenger clears the floor")  # fmt: skip
-        delta = sign * (c - ch)
-        if delta >= self.margin:
-            return out(True, GateReason.BEATS_CHAMPION,
-                       f"challenger {m}={c:.4f} vs champion v{champion_version} {ch:.4f}: "
-                       f"+{delta:.4f} >= margin {self.margin:.4f}")  # fmt: skip
-        return out(False, GateReason.NOT_BETTER_THAN_CHAMPION,
-                   f"challenger {m}={c:.4f} vs champion v{champion_version} {ch:.4f}: "
-                   f"{delta:+.4f} < margin {self.margin:.4f}; champion stays")  # fmt: skip
+        checks += self._budgets(inputs)
+
+        if champ_p is not None:
+            counts = bootstrap_counts(len(y), self.resamples, self.seed)
+            checks.append(self._versus_champion(y, chal_p, champ_p, counts, inputs.champion_version))
+            for info in BOOTSTRAP_METRICS:
+                if info != m:
+                    bs = paired_bootstrap(info, y, chal_p, champ_p, counts=counts,
+                                          confidence=self.confidence, seed=self.seed)  # fmt: skip
+                    checks.append(Check("info", info, bs["a"], bs["b"], bs["diff"], bs["ci_low"],
+                                        bs["ci_high"], threshold="(reported, not gated)"))  # fmt: skip
+            for col in self.slices:
+                checks += self._slice_checks(col, inputs)
+        elif self.slices:
+            checks.append(Check("slice", f"{m} [{', '.join(self.slices)}]", None,
+                                threshold="no regression per slice",
+                                detail="no champion: nothing to regress against"))  # fmt: skip
+
+        failed = [c for c in checks if c.passed is False]
+        if failed:
+            reasons = list(dict.fromkeys(c.reason for c in failed if c.reason))
+        elif champ_p is None:
+            reasons = [GateReason.NO_CHAMPION_FLOORS_MET]
+        else:
+            vs = next(c for c in checks if c.kind == "champion")
+            reasons = [vs.reason] if vs.reason else [GateReason.IMPROVES_ON_CHAMPION]
+        promote = not failed
+        cv = inputs.champion_version
+        if promote and champ_p is None:
+            msg = ("no champion; challenger clears every floor ("
+                   + ", ".join(f"{c.metric}={c.challenger:.4f}" for c in checks if c.kind == "floor")
+                   + ") and every budget set")  # fmt: skip
+        elif promote:
+            msg = next(c.detail for c in checks if c.kind == "champion")
+        else:
+            msg = "; ".join(c.detail for c in failed) + (
+                f"; champion v{cv} stays" if cv else "; no champion, nothing promoted")
+        return GateDecision(
+            promote=promote, reason=reasons[0], reasons=reasons, metric=m,
+            challenger=chal.get(m), champion=champ.get(m) if champ else None,
+            champion_version=cv, checks=checks, challenger_metrics=chal,
+            champion_metrics=champ, gate=self.to_dict(), message=msg,
+        )  # fmt: skip
+
+    def _versus_champion(self, y: np.ndarray, chal_p: np.ndarray, champ_p: np.ndarray,
+                         counts: np.ndarray, champion_version: str | None) -> Check:  # fmt: skip
+        m, sign, pct = self.metric, DIRECTION[self.metric], f"{self.confidence:.0%}"
+        bs = paired_bootstrap(m, y, chal_p, champ_p, counts=counts, confidence=self.confidence,
+                              seed=self.seed)  # fmt: skip
+        base: dict[str, Any] = {
+            "kind": "champion", "metric": m, "challenger": bs["a"], "champion": bs["b"],
+            "difference": bs["diff"], "ci_low": bs["ci_low"], "ci_high": bs["ci_high"],
+        }  # fmt: skip
+        if not all(math.isfinite(bs[k]) for k in ("a", "b", "ci_low", "ci_high")):
+            return Check(**base, threshold="defined on the evaluation set", passed=False,
+                         reason=GateReason.METRIC_MISSING,
+                         detail=f"{m} is undefined for challenger or champion on the evaluation set")  # fmt: skip
+        # improvement oriented so that positive is better
+        lo = sign * (bs["ci_low"] if sign > 0 else bs["ci_high"])
+        required = self.min_improvement * (abs(bs["b"]) if self.improvement == "relative" else 1.0)
+        ci = f"{pct} CI [{bs['ci_low']:+.4f}, {bs['ci_high']:+.4f}]"
+        vs = (f"challenger {m}={bs['a']:.4f} vs champion v{champion_version} {bs['b']:.4f}: "
+              f"{bs['diff']:+.4f}, {ci}")  # fmt: skip
+        word = "gain" if sign > 0 else "reduction"
+        threshold = (f"CI lower bound of the {word} >= {required:.4f}"
+                     + (f" ({self.min_improvement:.2%} relative)" if self.improvement == "relative" else "")
+                     + (f", or > -{self.non_inferiority_margin:.4f} (non-inferiority)"
+                        if self.non_inferiority_margin is not None else ""))  # fmt: skip
+        if lo >= required:
+            return Check(**base, threshold=threshold, passed=True,
+                         reason=GateReason.IMPROVES_ON_CHAMPION,
+                         detail=f"{vs}: the whole interval clears the required {word} {required:.4f}")  # fmt: skip
+        if self.non_inferiority_margin is not None and lo > -self.non_inferiority_margin:
+            return Check(**base, threshold=threshold, passed=True,
+                         reason=GateReason.NON_INFERIOR_TO_CHAMPION,
+                         detail=f"{vs}: non-inferior within margin {self.non_inferiority_margin:.4f}")  # fmt: skip
+        why = "the interval straddles zero (a tie within noise)" if lo < 0 < sign * (
+            bs["ci_high"] if sign > 0 else bs["ci_low"]) else "not better by the margin"  # fmt: skip
+        return Check(**base, threshold=threshold, passed=False,
+                     reason=GateReason.NOT_BETTER_THAN_CHAMPION,
+                     detail=f"{vs}: {why}; needs the CI lower bound >= {required:.4f}"
+                     + (f" or > -{self.non_inferiority_margin:.4f}"
+                        if self.non_inferiority_margin is not None else ""))  # fmt: skip
+
+    def _budgets(self, inputs: GateInputs) -> list[Check]:
+        out = []
+        if self.max_checkpoint_bytes is not None:
+            b, cap = inputs.checkpoint_bytes, self.max_checkpoint_bytes
+            if b is None:
+                out.append(Check("size", "checkpoint_bytes", None, threshold=f"<= {cap:,} bytes",
+                                 passed=False, reason=GateReason.METRIC_MISSING,
+                                 detail="checkpoint size not measured"))  # fmt: skip
+            else:
+                ok = b <= cap
+                out.append(Check("size", "checkpoint_bytes", float(b), threshold=f"<= {cap:,} bytes",
+                                 passed=ok, reason=None if ok else GateReason.OVER_SIZE_BUDGET,
+                                 detail="" if ok else f"checkpoint is {b} bytes, over the "
+                                 f"budget of {cap}"))  # fmt: skip
+        if self.max_latency_p95_ms is not None:
+            t, cap_ms = inputs.latency_p95_ms, self.max_latency_p95_ms
+            if t is None:
+                out.append(Check("latency", "latency_p95_ms", None, threshold=f"<= {cap_ms:g} ms",
+                                 passed=False, reason=GateReason.METRIC_MISSING,
+                                 detail="prediction latency not measured"))  # fmt: skip
+            else:
+                ok = t <= cap_ms
+                out.append(Check("latency", "latency_p95_ms", float(t),
+                                 threshold=f"<= {cap_ms:g} ms", passed=ok,
+                                 reason=None if ok else GateReason.OVER_LATENCY_BUDGET,
+                                 detail="" if ok else f"p95 latency {t:.1f} ms per batch is over "
+                                 f"the budget of {cap_ms:g} ms"))  # fmt: skip
+        return out
+
+    def _slice_checks(self, col: str, inputs: GateInputs) -> list[Check]:
+        m, sign = self.metric, DIRECTION[self.metric]
+        if col not in inputs.slices:
+            return [Check("slice", m, None, threshold="no regression per slice", passed=False,
+                          reason=GateReason.METRIC_MISSING,
+                          detail=f"slice column {col!r} is not in the evaluation inputs")]  # fmt: skip
+        values = inputs.slices[col]
+        y = inputs.labels
+        assert inputs.champion_proba is not None
+        out = []
+        threshold = f"not worse by > {self.slice_tolerance:.4f} with CI below 0"
+        for i, value in enumerate(sorted(set(values.tolist()))):
+            mask = values == value
+            name = f"{m} [{col}={value}]"
+            n = int(mask.sum())
+            classes = len(np.unique(y[mask]))
+            if n < self.min_slice_rows or (m == "roc_auc" and classes < 2):
+                out.append(Check("slice", name, None, threshold=threshold,
+                                 detail=f"not judged: {n} rows, {classes} class(es) "
+                                 f"(needs >= {self.min_slice_rows} rows and both classes)"))  # fmt: skip
+                continue
+            bs = paired_bootstrap(m, y[mask], inputs.challenger_proba[mask],
+                                  inputs.champion_proba[mask], resamples=self.resamples,
+                                  seed=self.seed + 1 + i, confidence=self.confidence)  # fmt: skip
+            improvement_hi = sign * (bs["ci_high"] if sign > 0 else bs["ci_low"])
+            regressed = sign * bs["diff"] < -self.slice_tolerance and improvement_hi < 0
+            out.append(Check(
+                "slice", name, bs["a"], bs["b"], bs["diff"], bs["ci_low"], bs["ci_high"],
+                threshold=threshold, passed=not regressed,
+                reason=GateReason.SLICE_REGRESSION if regressed else None,
+                detail=(f"slice {col}={value} ({n} rows) regresses: {m} {bs['a']:.4f} vs "
+                        f"champion {bs['b']:.4f} ({bs['diff']:+.4f}, CI [{bs['ci_low']:+.4f}, "
+                        f"{bs['ci_high']:+.4f}])") if regressed else f"{n} rows",
+            ))  # fmt: skip
+        return out
+
+
+# -- the record, replay, and the report ------------------------------------------------------
+
+
+def decision_record(gate: PromotionGate, inputs: GateInputs, decision: GateDecision,
+                    context: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything needed to audit and replay the decision (logged as an MLflow artifact)."""
+    return {"kind": RECORD_KIND, "record_version": RECORD_VERSION, "gate": gate.to_dict(),
+            "champion_version": inputs.champion_version, "context": context or {},
+            "decision": decision.to_dict(), "inputs": inputs.to_dict()}  # fmt: skip
+
+
+def replay(record: dict[str, Any]) -> GateDecision:
+    """Recompute a recorded decision from its own thresholds and inputs."""
+    if record.get("kind") != RECORD_KIND:
+        raise ValueError(f"not a promotion gate record: kind={record.get('kind')!r}")
+    if record.get("record_version") != RECORD_VERSION:
+        raise ValueError(f"record version {record.get('record_version')} is not {RECORD_VERSION}")
+    return PromotionGate.from_dict(record["gate"]).decide(GateInputs.from_dict(record["inputs"]))
+
+
+def _f(v: float | None, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def report_table(decision: GateDecision) -> str:
+    """Markdown table: metric, champion, challenger, difference, CI, threshold, pass/fail."""
+    cv = decision.champion_version
+    pct = f"{decision.gate.get('confidence', 0.95):.0%}"
+    head = (f"| metric | champion {'v' + cv if cv else '(none)'} | challenger | difference "
+            f"| {pct} CI | threshold | result |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    rows = []
+    for c in decision.checks:
+        ci = (f"[{_f(c.ci_low, True)}, {_f(c.ci_high, True)}]"
+              if c.ci_low is not None and c.ci_high is not None else "—")  # fmt: skip
+        if c.kind in ("size", "latency"):
+            unit = " bytes" if c.kind == "size" else " ms"
+            value = "—" if c.challenger is None else (
+                f"{c.challenger:,.0f}{unit}" if c.kind == "size" else f"{c.challenger:.2f}{unit}")
+            rows.append(f"| {c.metric} | — | {value} | — | — | {c.threshold} | "
+                        f"{'pass' if c.passed else '**FAIL**'} |")  # fmt: skip
+            continue
+        result = {True: "pass", False: "**FAIL**", None: "—"}[c.passed]
+        if c.passed is None and c.detail:
+            result = c.detail
+        rows.append(f"| {c.metric} | {_f(c.champion)} | {_f(c.challenger)} | "
+                    f"{_f(c.difference, True)} | {ci} | {c.threshold} | {result} |")  # fmt: skip
+    return head + "\n" + "\n".join(rows)
+
+
+def human_rejection_reason(responded_by: str | None, comment: str = "") -> str:
+    who = responded_by or "an approver"
+    return f"{GateReason.HUMAN_REJECTED.value}: rejected by {who} in human review" + (
+        f" ({comment})" if comment else "")

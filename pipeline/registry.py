@@ -2,28 +2,36 @@
 
 Runs are found again by a ``pipeline.run_key`` tag, so a retried task logs into
 the same run and registers the same version instead of creating duplicates.
-``champion`` moves only by compare-and-set against the version the decision saw.
+``champion`` moves only by compare-and-set against the version the decision saw, under a
+lock in storage (MLflow has no server-side CAS); see ``promote_champion``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import PipelineRejection
 from pipeline.settings import get_settings
 
 if TYPE_CHECKING:
+    import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous_champion"
 RUN_KEY_TAG = "pipeline.run_key"
 
 
-class RegistryConflict(RuntimeError):
-    """The alias moved since the decision was taken: nothing was changed."""
+class RegistryConflict(PipelineRejection):
+    """The alias moved since the decision was taken: nothing was changed. Retrying the
+    same promotion cannot succeed (the gate must be re-run), so it fails without retries."""
 
 
 @lru_cache(maxsize=1)
@@ -31,6 +39,7 @@ def client() -> MlflowClient:
     # Fail fast when a tracking server is down instead of retrying for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     from mlflow import MlflowClient
 
@@ -55,7 +64,10 @@ def experiment_id() -> str:
             s.experiment_name, artifact_location=f"{s.artifact_root}/{s.experiment_name}"
         )
     except MlflowException:  # created concurrently
-        return c.get_experiment_by_name(s.experiment_name).experiment_id
+        exp = c.get_experiment_by_name(s.experiment_name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def get_or_create_run(run_key: str, tags: dict[str, str] | None = None) -> str:
@@ -109,10 +121,22 @@ def alias_version(alias: str) -> ModelVersion | None:
         return None
 
 
+def find_version(run_id: str, run_key: str) -> str | None:
+    """The version this run_key already registered from ``run_id``, if any (retries)."""
+    name = get_settings().model_name
+    for mv in client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if mv.tags.get(RUN_KEY_TAG) == run_key:
+            return str(mv.version)
+    return None
+
+
 def register_version(
-    run_id: str, run_key: str, source: str, tags: dict[str, Any], description: str
+    run_id: str, run_key: str, source: str, tags: dict[str, Any], description: str,
+    model_id: str | None = None,
 ) -> str:
-    """Register ``source`` as a new version (or return the one this run_key already made)."""
+    """Register ``source`` as a new version (or return the one this run_key already made).
+
+    ``model_id`` links the version to an MLflow 3 LoggedModel (signature, input example)."""
     from mlflow.exceptions import MlflowException
 
     c = client()
@@ -123,15 +147,75 @@ def register_version(
         )
     except MlflowException:
         pass  # already exists
-    for mv in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        if mv.tags.get(RUN_KEY_TAG) == run_key:
-            return str(mv.version)
+    existing = find_version(run_id, run_key)
+    if existing is not None:
+        return existing
     mv = c.create_model_version(
         name, source=source, run_id=run_id,
         tags={RUN_KEY_TAG: run_key, **{k: str(v) for k, v in tags.items()}},
-        description=description,
+        description=description, model_id=model_id,
     )  # fmt: skip
     return str(mv.version)
+
+
+SERVING_REQUIREMENTS = ("mlflow", "torch", "safetensors", "pandas", "pyarrow", "numpy",
+                        "pydantic-settings", "pyyaml")  # fmt: skip
+
+
+def _pinned(names: tuple[str, ...]) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n}=={version(n).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(n)
+    return out
+
+
+def log_serving_model(run_id: str, checkpoint_dir: Path, input_example: pd.DataFrame) -> Any:
+    """Log the checkpoint as an MLflow 3 model *from code* on ``run_id``; return its ModelInfo.
+
+    ``pipeline/serving_model.py`` is the model: MLflow stores that file and the
+    checkpoint directory as an artifact, never a cloudpickle of a Python object (with
+    ``python_model`` given as a path, ``mlflow.pyfunc`` skips the cloudpickle dump and
+    records ``model_code_path`` instead). The signature is inferred from the input
+    example and the model's own output on it; MLflow then loads the logged model once,
+    in-process, to check that example serves — which verifies the checkpoint again.
+    Requirements are pinned from this environment rather than inferred (inference
+    would load the model in a subprocess).
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from pipeline.checkpoint import load_local_for_inference
+    from pipeline.evaluate import predict_frame
+
+    client()  # tracking URI set
+    model, spec, _ = load_local_for_inference(checkpoint_dir)
+    example = input_example[spec.input_columns].reset_index(drop=True)
+    mlflow.set_experiment(experiment_id=experiment_id())  # where the LoggedModel lives
+    with warnings.catch_warnings():
+        # the contract's integer columns are never null; MLflow's generic hint does not apply
+        warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
+        signature = infer_signature(example, predict_frame(model, spec, example))
+        return _log_from_code(run_id, checkpoint_dir, signature, example)
+
+
+def _log_from_code(run_id: str, checkpoint_dir: Path, signature: Any, example: Any) -> Any:
+    import mlflow
+    from mlflow.models import Model
+
+    return Model.log(
+        artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+        python_model=str(PACKAGE_DIR / "serving_model.py"),
+        artifacts={"checkpoint": str(checkpoint_dir)},
+        code_paths=[str(PACKAGE_DIR)],
+        signature=signature, input_example=example,
+        pip_requirements=_pinned(SERVING_REQUIREMENTS),
+        flavor_name="pyfunc.ModelFromCode",
+    )  # fmt: skip
 
 
 def tag_version(version: str, tags: dict[str, Any]) -> None:
@@ -158,23 +242,57 @@ def delete_alias(alias: str) -> None:
         pass
 
 
-def promote_champion(version: str, expected_champion: str | None) -> str | None:
-    """Compare-and-set ``champion`` → ``version``. Returns the previous champion.
+def champion_lock_uri() -> str:
+    from pipeline import storage
 
-    MLflow has no atomic alias CAS; we check immediately before the write and the
-    DAG runs with ``max_active_runs=1`` so promotions are serialised. Raises
-    RegistryConflict (changing nothing) if champion moved since the decision.
+    name = get_settings().model_name
+    return storage.join(get_settings().storage_root, "locks", "registry", f"{name}.champion.lock")
+
+
+def promote_champion(
+    version: str, expected_champion: str | None, *, lock_timeout: float | None = None
+) -> str | None:
+    """Compare-and-set ``champion`` -> ``version``; returns the replaced champion (or None).
+
+    Succeeds only if ``champion`` still points at ``expected_champion`` — the version
+    the gate compared against (None: there was no champion). Otherwise raises
+    RegistryConflict and changes nothing. ``previous_champion`` is moved to the
+    replaced version in the same critical section. Retrying a promotion that already
+    happened is a no-op.
+
+    MLflow has no server-side compare-and-set for aliases, so the read-check-set runs
+    under a lock object in storage (``pipeline.locks``: create-if-absent, unique owner
+    token, stale after 120 s), which makes it safe across processes and machines that
+    share the storage root. Writers that bypass the lock (the MLflow UI, other tools)
+    are outside this guarantee.
     """
-    current = alias_version(CHAMPION)
-    current_v = str(current.version) if current else None
-    if current_v == version:
-        return expected_champion  # already done (idempotent retry)
-    if current_v != expected_champion:
-        raise RegistryConflict(
-            f"champion is v{current_v}, but the gate compared against v{expected_champion}; "
-            "re-run the gate against the current champion"
-        )
-    if current_v is not None:
-        set_alias(PREVIOUS, current_v)
-    set_alias(CHAMPION, version)
-    return current_v
+    from pipeline import locks
+
+    kwargs = {} if lock_timeout is None else {"timeout": lock_timeout}
+    with locks.storage_lock(champion_lock_uri(), purpose=f"promote v{version}", **kwargs):
+        current = alias_version(CHAMPION)
+        current_v = str(current.version) if current else None
+        if current_v == version:
+            return expected_champion  # already done (idempotent retry)
+        if current_v != expected_champion:
+            saw = f"v{expected_champion}" if expected_champion else "no champion"
+            raise RegistryConflict(
+                f"champion is v{current_v}, but the gate compared v{version} against {saw}; "
+                "nothing changed — re-run the gate against the current champion"
+            )
+        if current_v is not None:
+            set_alias(PREVIOUS, current_v)
+        set_alias(CHAMPION, version)
+        return current_v
+
+
+def reject_version(version: str, reasons: list[str], tags: dict[str, Any] | None = None) -> None:
+    """Tag a version as rejected with its reasons and keep it out of serving.
+
+    It loses the ``challenger`` alias if it holds it; ``champion``/``canary`` never
+    pointed at it (a rejected version is never promoted)."""
+    tag_version(version, {"rejected": "true", "rejection_reason": "; ".join(reasons)[:4000],
+                          **(tags or {})})  # fmt: skip
+    held = alias_version(CHALLENGER)
+    if held is not None and str(held.version) == str(version):
+        delete_alias(CHALLENGER)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,8 +40,39 @@ class Settings(BaseSettings):
     )
     signing_key_id: str = "local"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    # -- where train_model runs (read at DAG-parse time by pipeline/train/placement.py) --
+    execution_mode: Literal["auto", "inprocess", "celery", "kubernetes"] = Field(
+        default="auto", description="auto: queue `gpu` only under Celery | inprocess | celery | "
+        "kubernetes (GPU pod via executor_config)",
+    )
+    k8s_pod_template_file: str = Field(
+        default="", description="Pod template for kubernetes mode "
+        "(default: infra/k8s/training-pod-template.yaml)",
+    )
     mlflow_ui_url: str = Field(
         default="http://127.0.0.1:5000", description="Base URL of the MLflow UI, for links."
+    )
+    # -- scoring service and canary (pipeline/serving, pipeline/canary.py) --
+    serving_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="Base URL of the scoring service; the canary analysis reads its /metrics.",
+    )
+    serving_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often the service re-reads aliases and the canary weight."
+    )
+    serving_admin_enabled: bool = Field(
+        default=True, description="Loopback-only /admin/faults chaos switch (false disables it)."
+    )
+    canary_steps: list[float] = Field(
+        default=[0.05, 0.25, 0.5, 1.0], description="Canary traffic weights, in order."
+    )
+    canary_step_seconds: float = Field(default=300.0, gt=0, description="Time at each weight.")
+    canary_analysis_interval_seconds: float = Field(
+        default=60.0, gt=0, description="Time between canary measurements."
+    )
+    canary_bake_seconds: float = Field(
+        default=600.0, ge=0, description="After full promotion, how long the new champion is "
+        "compared with the previous one's recorded behaviour (0: no bake).",
     )
 
     @property

@@ -69,7 +69,7 @@ def quarantine_root(snapshot_sha: str) -> str:
 
 
 def ingest_batch(ctx: RunContext, batch_uri: str) -> dict[str, Any]:
-    from pipeline.ingest import snapshot_batch
+    from pipeline.ingest import snapshot
 
     run_id = registry.get_or_create_run(
         ctx.run_key, {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
@@ -79,7 +79,7 @@ def ingest_batch(ctx: RunContext, batch_uri: str) -> dict[str, Any]:
         registry.set_tags(run_id, {"stage.ingest_batch.verdict": "quarantined"})
         raise DataRejected(f"batch {batch_uri} was already rejected and moved to {where}; "
                            "see reason.txt there, and land a corrected batch under a new name")
-    snap, _df, error = snapshot_batch(batch_uri)
+    snap, error = snapshot(batch_uri)  # rows from the Parquet footer: no frame is loaded
     registry.set_tags(run_id, {"data.batch_uri": batch_uri, "data.snapshot_uri": snap.uri,
                                "data.snapshot_sha256": snap.sha256, "data.rows": snap.rows})  # fmt: skip
     rec = {"stage": "ingest_batch", "verdict": "unreadable" if error else "ok",
@@ -94,55 +94,76 @@ def ingest_batch(ctx: RunContext, batch_uri: str) -> dict[str, Any]:
 
 
 def validate_batch(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
+    """Validate the snapshot (streaming); store the report beside it and on the MLflow run;
+    count the batch in the ledger; on rejection quarantine it and stop the run."""
     from pipeline import validate
-    from pipeline.ingest import read_frame
 
     contract = default_contract()
     run_id = ingested["mlflow_run_id"]
-    try:
-        df = read_frame(ingested["uri"])
-        report = validate.validate_frame(df, contract, now=ctx.now)
-        report_dict, summary, passed = report.to_dict(), report.summary(), report.success
-        html = validate.render_html(report, title=f"Validation of {ingested['source_uri']}")
-    except (OSError, ValueError) as exc:
-        summary = f"batch is not readable as Parquet: {exc}"
-        report_dict, passed = {"success": False, "error": summary}, False
-        html = f"<html><body><h1>Rejected</h1><p>{summary}</p></body></html>"
+    report = validate.validate_uri(ingested["uri"], contract, now=ctx.now)  # never raises on data
+    report_dict, summary, passed = report.to_dict(), report.summary(), report.success
+    html = validate.render_html(report, title=f"Validation of {ingested['source_uri']}")
+    report_text = json.dumps(report_dict, indent=2, default=str)
     folder = storage.join(ingested["uri"].rsplit("/", 1)[0], "reports", ctx.run_key)
-    json_obj = storage.write_text(storage.join(folder, "validation.json"),
-                                  json.dumps(report_dict, indent=2, default=str))  # fmt: skip
+    json_obj = storage.write_text(storage.join(folder, "validation.json"), report_text)
     html_obj = storage.write_text(storage.join(folder, "validation.html"), html)
     registry.log_text(run_id, html, "validation/report.html")
-    registry.log_text(run_id, json.dumps(report_dict, indent=2, default=str), "validation/report.json")
+    registry.log_text(run_id, report_text, "validation/report.json")
+    failing = [f"{r.expectation} on {validate.display_name(r.column) if r.column else 'the table'}"
+               for r in report.failures()]  # fmt: skip
     rec = {"stage": "validate_batch", "verdict": "pass" if passed else "reject",
            "summary": summary, "report_uri": json_obj.uri, "html_uri": html_obj.uri,
-           **_base(ingested)}  # fmt: skip
+           "rows": report.rows, "failed_expectations": failing,
+           "extra_columns": report.extra_columns, **_base(ingested)}  # fmt: skip
     if not passed:
-        rec["quarantine_uri"] = _quarantine(ingested, rec, summary)
+        rec["quarantine_uri"] = _quarantine(ingested, report_text, html, summary)
+    rec["ledger"] = _ledger(ctx, ingested, rec["verdict"], summary)
+    registry.log_metrics(run_id, {
+        "validation.failed_expectations": len(failing), "validation.rows": report.rows,
+        "batches.accepted_total": rec["ledger"]["accepted"],
+        "batches.rejected_total": rec["ledger"]["rejected"],
+    })  # fmt: skip
     _stage(run_id, "validate_batch", rec["verdict"], summary, rec)
     if not passed:
         registry.end_run(run_id, "FAILED")
+        shown = ", ".join(failing[:8]) + (f" and {len(failing) - 8} more" if len(failing) > 8 else "")
         raise DataRejected(
             f"batch {ingested['source_uri']} rejected by the data contract: {summary}. "
-            f"Report: {html_obj.uri}. The batch was moved to {rec['quarantine_uri']}; "
+            f"Failing expectations: {shown}. Report: {html_obj.uri} (JSON: {json_obj.uri}). "
+            f"The batch was moved to {rec['quarantine_uri']}; "
             "fix the producer and land a corrected batch under a new name."
         )
     return rec
 
 
-def _quarantine(ingested: dict[str, Any], rec: dict[str, Any], summary: str) -> str:
-    """Move the landing batch (never delete) beside its report and a reason file."""
+def _write_once(uri: str, text: str) -> None:
+    """Write unless the object exists: the first record stands, nothing is overwritten."""
+    try:
+        storage.write_text(uri, text)
+    except storage.ObjectExistsError:
+        pass
+
+
+def _quarantine(ingested: dict[str, Any], report_text: str, html: str, summary: str) -> str:
+    """Move the landing batch (never delete) beside its report and a reason file.
+
+    Keyed by the batch's content: a re-run of the same bytes lands in the same folder and
+    the first rejection's reason and report stand (written once, never overwritten)."""
     root = quarantine_root(ingested["sha256"])
-    storage.write_text(storage.join(root, "reason.txt"), summary + "\n")
-    storage.write_text(storage.join(root, "validation.json"), storage.read_text(rec["report_uri"]))
-    storage.write_text(storage.join(root, "source.json"),
-                       json.dumps({"source_uri": ingested["source_uri"],
-                                   "snapshot_uri": ingested["uri"],
-                                   "sha256": ingested["sha256"]}, indent=2))  # fmt: skip
+    _write_once(storage.join(root, "reason.txt"), summary + "\n")
+    _write_once(storage.join(root, "validation.json"), report_text)
+    _write_once(storage.join(root, "validation.html"), html)
+    _write_once(storage.join(root, "source.json"),
+                json.dumps({"source_uri": ingested["source_uri"], "snapshot_uri": ingested["uri"],
+                            "sha256": ingested["sha256"]}, indent=2))  # fmt: skip
     src = ingested["source_uri"]
-    storage.write_text(_quarantine_index(src), json.dumps({"quarantine_uri": root}))
-    if storage.exists(src):
+    _write_once(_quarantine_index(src), json.dumps({"quarantine_uri": root}))
+    # Only the bytes that were validated are moved; a different file re-landed under the
+    # same name stays where it is.
+    if storage.exists(src) and storage.digest_of(src) == ingested["sha256"]:
         storage.move(src, storage.join(root, "batch.parquet"))
+    elif not storage.exists(storage.join(root, "batch.parquet")):
+        storage.write_bytes(storage.join(root, "batch.parquet"), storage.read_bytes(ingested["uri"]))
     return root
 
 
@@ -151,13 +172,37 @@ def _quarantine_index(source_uri: str) -> str:
     return storage.join(get_settings().storage_root, "quarantine", "by-source", f"{key}.json")
 
 
+def _ledger(ctx: RunContext, ingested: dict[str, Any], verdict: str, summary: str) -> dict[str, int]:
+    """Count the batch once per content (``ledger/accepted|rejected/<sha256>.json``, written
+    once) and return the totals."""
+    root = storage.join(get_settings().storage_root, "ledger")
+    folder = "accepted" if verdict == "pass" else "rejected"
+    entry = {"sha256": ingested["sha256"], "source_uri": ingested["source_uri"],
+             "snapshot_uri": ingested["uri"], "verdict": verdict, "first_run_key": ctx.run_key,
+             "summary": summary[:2000]}  # fmt: skip
+    _write_once(storage.join(root, folder, f"{ingested['sha256']}.json"),
+                json.dumps(entry, indent=2, sort_keys=True))  # fmt: skip
+    return {k: len(storage.list_uris(storage.join(root, k))) for k in ("accepted", "rejected")}
+
+
 # -- drift and the retrain decision ----------------------------------------------------
+
+
+EVAL_SAMPLE_ROWS = 200_000  # champion scored on at most this many rows of a batch (seeded)
+
+
+def _metric_key(prefix: str, column: str) -> str:
+    """An MLflow metric key for a column: only [A-Za-z0-9_.-], short, never a path."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", column)[:60]
+    if safe != column:
+        safe += "_" + storage.sha256_bytes(column.encode())[:8]
+    return f"{prefix}.{safe}"
 
 
 def detect_drift(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
     from pipeline import checkpoint, drift
     from pipeline.evaluate import evaluate_model
-    from pipeline.ingest import read_frame
+    from pipeline.ingest import read_sample
 
     contract = default_contract()
     run_id = ingested["mlflow_run_id"]
@@ -168,16 +213,17 @@ def detect_drift(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
                    summary="no champion yet: nothing to compare against")  # fmt: skip
         _stage(run_id, "detect_drift", rec["verdict"], rec["summary"], rec)
         return rec
-    current = read_frame(ingested["uri"])
-    reference = read_frame(champ.tags["data.snapshot_uri"])
-    report, html = drift.detect_drift(reference, current, contract)
+    # Streaming statistics over both snapshots; Evidently's page on samples for people.
+    report, html = drift.detect_drift_uris(champ.tags["data.snapshot_uri"], ingested["uri"], contract)
     html_obj = storage.write_text(
         storage.join(ingested["uri"].rsplit("/", 1)[0], "reports", ctx.run_key, "drift.html"), html
     )
     registry.log_text(run_id, html, "drift/report.html")
+    registry.log_text(run_id, json.dumps(report.to_dict(), indent=2), "drift/report.json")
     model, spec, _ = checkpoint.load_for_inference(champ.tags["checkpoint.uri"])
     metric = get_settings_metric()
-    on_batch = evaluate_model(model, spec, current).get(metric)
+    labelled = read_sample(ingested["uri"], EVAL_SAMPLE_ROWS, columns=contract.column_names)
+    on_batch = evaluate_model(model, spec, labelled).get(metric)
     at_promotion = champ.tags.get(f"eval.{metric}")
     age_days = None
     if champ.tags.get("promoted_at"):
@@ -186,17 +232,23 @@ def detect_drift(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
         verdict="drift" if report.dataset_drift else "no_drift", has_champion=True,
         champion_version=str(champ.version), report=report.to_dict(), html_uri=html_obj.uri,
         dataset_drift=report.dataset_drift, drift_share=report.drift_share,
-        drifted_columns=report.drifted_columns(),
-        label_drifted=contract.target in report.drifted_columns(),
+        share_threshold=report.share_threshold, drifted_columns=report.drifted_columns(),
+        label_drifted=report.label_drifted,
+        reference_positive_rate=report.reference_positive_rate,
+        current_positive_rate=report.current_positive_rate,
         champion_metric=metric, champion_metric_on_batch=on_batch,
         champion_metric_at_promotion=float(at_promotion) if at_promotion else None,
-        champion_age_days=age_days,
+        champion_metric_rows=len(labelled), champion_age_days=age_days,
         summary=report.summary() + (f"; champion v{champ.version} {metric} on this batch "
                                     f"{on_batch:.4f} (at promotion {at_promotion})"
                                     if on_batch is not None else ""),
     )  # fmt: skip
-    registry.log_metrics(run_id, {"drift_share": report.drift_share,
-                                  f"champion_{metric}_on_batch": on_batch or float("nan")})  # fmt: skip
+    metrics = {"drift_share": report.drift_share, "drift.label_drifted": float(report.label_drifted),
+               f"champion_{metric}_on_batch": on_batch or float("nan")}  # fmt: skip
+    for c in report.columns:
+        metrics[_metric_key("drift.score", c.column)] = c.score
+        metrics[_metric_key("drift.drifted", c.column)] = float(c.drifted)
+    registry.log_metrics(run_id, metrics)
     _stage(run_id, "detect_drift", rec["verdict"], rec["summary"], rec)
     return rec
 
@@ -219,11 +271,18 @@ def decide_retrain(
         champion_metric_at_promotion=drifted.get("champion_metric_at_promotion"),
         champion_metric_on_batch=drifted.get("champion_metric_on_batch"),
         champion_age_days=drifted.get("champion_age_days"), forced=force,
+        metric=drifted.get("champion_metric") or get_settings_metric(),
+        drift_share_threshold=drifted.get("share_threshold"),
+        drifted_columns=tuple(drifted.get("drifted_columns") or ()),
     )  # fmt: skip
     decision = policy.decide(evidence)
     rec = {"stage": "decide_retrain", **decision.to_dict(), "summary": decision.summary(),
            **_base(drifted)}  # fmt: skip
-    _stage(drifted["mlflow_run_id"], "decide_retrain", decision.verdict, decision.summary(), rec)
+    run_id = drifted["mlflow_run_id"]
+    registry.set_tags(run_id, {"retrain.verdict": decision.verdict,
+                               "retrain.reasons": ",".join(r.value for r in decision.reasons)})  # fmt: skip
+    registry.log_metrics(run_id, {"retrain.decision": float(decision.retrain)})
+    _stage(run_id, "decide_retrain", decision.verdict, decision.summary(), rec)
     return rec
 
 
@@ -233,24 +292,36 @@ def decide_retrain(
 def train_model(
     ctx: RunContext, ingested: dict[str, Any], *, max_epochs: int = 30,
     learning_rate: float = 3e-3, seed: int = 0, batch_size: int = 512,
+    optimizer: str = "adamw", state_every: int | None = None,
 ) -> dict[str, Any]:
+    """Train (resuming from this run's last training-state checkpoint, if any), then write
+    and publish the signed checkpoint. Diverged training fails here: nothing is saved."""
+    import dataclasses
+    import shutil
+
     from pipeline import checkpoint
     from pipeline.ingest import read_frame
     from pipeline.train.loop import TrainConfig, TrainingDiverged, split_by_id, train
+    from pipeline.train.telemetry import MlflowRunSink
 
     contract = default_contract()
     run_id = ingested["mlflow_run_id"]
     df = read_frame(ingested["uri"])
     cfg = TrainConfig(max_epochs=max_epochs, learning_rate=learning_rate, seed=seed,
-                      batch_size=batch_size, device=get_settings().device)  # fmt: skip
+                      batch_size=batch_size, optimizer=optimizer, device=get_settings().device)  # fmt: skip
+    if state_every is not None:
+        cfg = dataclasses.replace(cfg, state_every=state_every)
     c = registry.client()
-    for k, v in cfg.to_dict().items():
+    for k, v in cfg.flat().items():
         try:
             c.log_param(run_id, f"train.{k}", v)
         except Exception:  # noqa: BLE001 - a retry logs the same params again
             pass
+    # Training-state checkpoints: a local folder under PIPELINE_HOME keyed by the run key, so a
+    # retried task on the same worker resumes where the killed one stopped.
+    state_dir = get_settings().home_dir / "train-state" / ctx.run_key
     try:
-        result = train(df, contract, cfg)
+        result = train(df, contract, cfg, sink=MlflowRunSink(c, run_id), state_dir=state_dir)
     except TrainingDiverged as exc:
         _stage(run_id, "train_model", "diverged", str(exc), {"error": str(exc)})
         raise PipelineRejection(str(exc)) from exc
@@ -258,27 +329,38 @@ def train_model(
         registry.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"},
                              prefix="train.", step=int(row["epoch"]))  # fmt: skip
     probe = df[split_by_id(df[contract.id_column], cfg.val_fraction)].head(256)
+    training = {"config": cfg.to_dict(), "stop_reason": result.stop_reason, "steps": result.steps,
+                "best_epoch": result.best_epoch, "val_metrics": result.val_metrics,
+                "device": result.device, "precision": result.precision,
+                "resumed_from": result.resumed_from}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "checkpoint"
         checkpoint.save_checkpoint(
             local, result.model, result.features, probe,
-            data_snapshot={"uri": ingested["uri"], "sha256": ingested["sha256"]},
-            training={"config": cfg.to_dict(), "stop_reason": result.stop_reason,
-                      "best_epoch": result.best_epoch, "val_metrics": result.val_metrics,
-                      "device": result.device},
+            data_snapshot={"uri": ingested["uri"], "sha256": ingested["sha256"]}, training=training,
         )  # fmt: skip
         digest = checkpoint.manifest_digest(local)
         uri = storage.join(get_settings().storage_root, "checkpoints", digest[:24])
         checkpoint.publish(local, uri)
         c.log_artifacts(run_id, str(local), "checkpoint")
-    summary = (f"{len(result.history)} epochs on {result.device}, stop={result.stop_reason}, "
-               f"best epoch {result.best_epoch}, val roc_auc "
-               f"{result.val_metrics.get('roc_auc', float('nan')):.4f}")  # fmt: skip
+    tel = result.telemetry
+    kept_local = ("decision_trace_file" in tel or "spill_log_error" in tel
+                  or any("local_dir" in a for a in tel.get("artifacts", [])))  # fmt: skip
+    if not kept_local:  # the published checkpoint supersedes the training states
+        shutil.rmtree(state_dir, ignore_errors=True)
+    registry.set_tags(run_id, {"train.device": result.device, "train.precision": result.precision,
+                               "train.stop_reason": result.stop_reason, "train.steps": result.steps})  # fmt: skip
+    summary = (f"{len(result.history)} epochs ({result.steps} steps) on {result.device} "
+               f"({result.precision}), stop={result.stop_reason}, best epoch {result.best_epoch}, "
+               f"val roc_auc {result.val_metrics.get('roc_auc', float('nan')):.4f}"
+               + (f", resumed from step {result.resumed_from['step']}" if result.resumed_from else ""))  # fmt: skip
     rec = {"stage": "train_model", "verdict": "trained", "checkpoint_uri": uri,
-           "manifest_sha256": digest, "stop_reason": result.stop_reason,
+           "manifest_sha256": digest, "stop_reason": result.stop_reason, "steps": result.steps,
            "epochs": len(result.history), "best_epoch": result.best_epoch,
-           "val_metrics": result.val_metrics, "device": result.device, "summary": summary,
-           **_base(ingested)}  # fmt: skip
+           "val_metrics": result.val_metrics, "device": result.device,
+           "precision": result.precision, "resumed_from": result.resumed_from,
+           "telemetry": {k: v for k, v in result.telemetry.items() if k != "artifacts"},
+           "summary": summary, **_base(ingested)}  # fmt: skip
     _stage(run_id, "train_model", "trained", summary, rec)
     return rec
 
@@ -309,98 +391,235 @@ def verify_checkpoint(ctx: RunContext, trained: dict[str, Any]) -> dict[str, Any
 def register_challenger(
     ctx: RunContext, ingested: dict[str, Any], trained: dict[str, Any], verified: dict[str, Any]
 ) -> dict[str, Any]:
+    """Log the verified checkpoint as an MLflow model (from code: no pickle) with a
+    signature and input example, register it as a version with lineage tags, and point
+    alias ``challenger`` at it. A retry finds the version this run already registered."""
+    from pipeline import checkpoint
+
     run_id = ingested["mlflow_run_id"]
-    tags = {
-        "data.snapshot_uri": ingested["uri"], "data.snapshot_sha256": ingested["sha256"],
-        "data.batch_uri": ingested["source_uri"], "airflow.dag_id": ctx.dag_id,
-        "airflow.run_id": ctx.run_id, "checkpoint.uri": trained["checkpoint_uri"],
-        "checkpoint.manifest_sha256": verified["manifest_sha256"],
-        "checkpoint.signature": "verified", "train.stop_reason": trained["stop_reason"],
-        "validation.verdict": "pass",
-    }  # fmt: skip
-    version = registry.register_version(
-        run_id, ctx.run_key, trained["checkpoint_uri"], tags,
-        description=f"Trained by {ctx.dag_id} run {ctx.run_id} on snapshot "
-        f"{ingested['sha256'][:12]}. Gate decision pending.",
-    )
+    c = registry.client()
+    run = c.get_run(run_id)
+    version = registry.find_version(run_id, ctx.run_key)
+    if version is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = checkpoint.fetch(trained["checkpoint_uri"], Path(tmp) / "checkpoint")
+            v = checkpoint.verify_checkpoint(local)  # this copy is what gets logged: check it
+            if not v.intact or v.manifest_sha256 != verified["manifest_sha256"]:
+                raise CheckpointRejected(f"checkpoint {trained['checkpoint_uri']} changed since "
+                                         f"verify_checkpoint: {'; '.join(v.problems) or 'digest'}")  # fmt: skip
+            key_id = json.loads((local / checkpoint.SIGNATURE).read_text()).get("key_id", "")
+            example = pd.read_parquet(local / checkpoint.PROBE_ROWS).head(5)
+            info = registry.log_serving_model(run_id, local, example)
+            tags = _version_tags(ctx, ingested, trained, v, key_id, run)
+            version = registry.register_version(
+                run_id, ctx.run_key, info.model_uri, tags, model_id=info.model_id,
+                description=f"Trained by {ctx.dag_id} run {ctx.run_id} on snapshot "
+                f"{ingested['sha256'][:12]}. Gate decision pending.",
+            )  # fmt: skip
     registry.set_alias(registry.CHALLENGER, version)
     rec = {"stage": "register_challenger", "verdict": "registered",
            "model_name": get_settings().model_name, "model_version": version,
-           "summary": f"registered v{version}, alias challenger", **_base(ingested)}  # fmt: skip
+           "summary": f"registered v{version} (model from code, signature, input example), "
+                      "alias challenger", **_base(ingested)}  # fmt: skip
     _stage(run_id, "register_challenger", "registered", rec["summary"], rec)
     registry.set_tags(run_id, {"model.version": version})
     return rec
 
 
+def _version_tags(
+    ctx: RunContext, ingested: dict[str, Any], trained: dict[str, Any], v: Any, key_id: str,
+    run: Any,
+) -> dict[str, Any]:
+    """Everything a reviewer needs on the version: lineage, verdicts, checkpoint, training."""
+    from pipeline import checkpoint
+
+    rt, m = run.data.tags, v.manifest
+    grad = trained.get("final_grad_norm", run.data.metrics.get("train.grad_norm"))
+    artifacts = f"runs:/{run.info.run_id}"
+    return {
+        "data.snapshot_uri": ingested["uri"], "data.snapshot_sha256": ingested["sha256"],
+        "data.batch_uri": ingested["source_uri"], "data.rows": ingested.get("rows", ""),
+        "validation.verdict": rt.get("stage.validate_batch.verdict", "pass"),
+        "validation.summary": rt.get("stage.validate_batch.summary", "")[:500],
+        "validation.report": f"{artifacts}/validation/report.html",
+        "drift.verdict": rt.get("stage.detect_drift.verdict", "not_run"),
+        "drift.summary": rt.get("stage.detect_drift.summary", "")[:500],
+        "drift.report": f"{artifacts}/drift/report.html"
+        if rt.get("stage.detect_drift.verdict") in ("drift", "no_drift") else "none (no champion)",
+        "checkpoint.uri": trained["checkpoint_uri"],
+        "checkpoint.manifest_sha256": v.manifest_sha256,
+        "checkpoint.signature": f"verified HMAC-SHA256 key {key_id}",
+        "checkpoint.bytes": checkpoint.checkpoint_bytes(m),
+        "checkpoint.all_finite": m.get("all_finite"),
+        "train.stop_reason": m.get("stop_reason") or trained.get("stop_reason"),
+        "train.final_grad_norm": f"{grad:.6g}" if isinstance(grad, int | float) else "n/a",
+        "train.epochs": trained.get("epochs", ""), "train.best_epoch": trained.get("best_epoch", ""),
+        "train.device": trained.get("device", ""),
+        "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id,
+        "code.version": m.get("code_version", ""),
+    }  # fmt: skip
+
+
 def gate_promotion(
     ctx: RunContext, registered: dict[str, Any], *, margin: float = 0.005, floor: float = 0.7,
-    eval_uri: str = "",
+    eval_uri: str = "", non_inferiority_margin: float | None = None,
+    improvement: str = "absolute", slices: tuple[str, ...] | list[str] = ("channel",),
+    max_checkpoint_mb: float | None = 50.0, max_latency_p95_ms: float | None = 250.0,
+    resamples: int = 1000,
 ) -> dict[str, Any]:
-    from pipeline import checkpoint
-    from pipeline.evaluate import evaluate_model
-    from pipeline.gates import PromotionGate
+    """Challenger vs champion on the trusted evaluation set (``pipeline.gates``).
+
+    The full decision record (thresholds, per-row inputs, verdict) is an MLflow artifact
+    ``gate/decision_record.json`` that ``gates.replay`` recomputes; the version gets the
+    verdict as tags and the report as its description. XCom gets a small record."""
+    from pipeline import checkpoint, gates
+    from pipeline.evaluate import measure_latency, score_model
     from pipeline.ingest import read_frame
+    from pipeline.train.features import labels
 
     run_id, version = registered["mlflow_run_id"], registered["model_version"]
     eval_uri = eval_uri or get_settings().trusted_eval_uri
     eval_df = read_frame(eval_uri)
     c = registry.client()
     mv = c.get_model_version(get_settings().model_name, version)
-    model, spec, _ = checkpoint.load_for_inference(mv.tags["checkpoint.uri"])
-    challenger = evaluate_model(model, spec, eval_df)
+    model, spec, verification = checkpoint.load_for_inference(mv.tags["checkpoint.uri"])
+    latency = measure_latency(model, spec, eval_df)
     champ = registry.alias_version(registry.CHAMPION)
-    champion = champ_version = None
+    champ_proba = champ_version = None
     if champ is not None and str(champ.version) != version:
         cm, cs, _ = checkpoint.load_for_inference(champ.tags["checkpoint.uri"])
-        champion, champ_version = evaluate_model(cm, cs, eval_df), str(champ.version)
-    gate = PromotionGate(metric=get_settings_metric(), margin=margin, floor=floor)
-    decision = gate.decide(challenger, champion, champ_version)
+        if cs.classes != spec.classes:
+            raise PipelineRejection(f"champion v{champ.version} predicts classes {cs.classes}, "
+                                    f"the challenger {spec.classes}: not comparable")  # fmt: skip
+        champ_proba, champ_version = score_model(cm, cs, eval_df), str(champ.version)
+    metric = get_settings_metric()
+    gate = gates.PromotionGate(
+        metric=metric, floors={metric: floor}, min_improvement=margin, improvement=improvement,  # type: ignore[arg-type]
+        non_inferiority_margin=non_inferiority_margin, slices=tuple(slices),
+        max_checkpoint_bytes=int(max_checkpoint_mb * 1_000_000) if max_checkpoint_mb else None,
+        max_latency_p95_ms=max_latency_p95_ms, resamples=resamples,
+    )  # fmt: skip
+    inputs = gates.GateInputs(
+        labels=labels(eval_df, spec), challenger_proba=score_model(model, spec, eval_df),
+        champion_proba=champ_proba, champion_version=champ_version,
+        slices={col: eval_df[col].astype(str).to_numpy() for col in slices if col in eval_df},
+        checkpoint_bytes=checkpoint.checkpoint_bytes(verification.manifest),
+        latency_p95_ms=latency.p95_ms,
+    )  # fmt: skip
+    decision = gate.decide(inputs)
     eval_sha = storage.digest_of(eval_uri)
+    record_path = "gate/decision_record.json"
+    record = gates.decision_record(gate, inputs, decision, context={
+        "model_name": registered["model_name"], "model_version": version,
+        "eval_uri": eval_uri, "eval_sha256": eval_sha, "latency": latency.to_dict(),
+        "checkpoint_manifest_sha256": verification.manifest_sha256,
+        "airflow_dag_id": ctx.dag_id, "airflow_run_id": ctx.run_id,
+    })  # fmt: skip
+    registry.log_text(run_id, json.dumps(record, default=str), record_path)
+    vs = next((ch for ch in decision.checks if ch.kind == "champion"), None)
     rec = {"stage": "gate_promotion", **decision.to_dict(), "model_name": registered["model_name"],
            "model_version": version, "eval_uri": eval_uri, "eval_sha256": eval_sha,
-           "challenger_metrics": challenger, "champion_metrics": champion,
+           "latency_p95_ms": latency.p95_ms, "record_uri": f"runs:/{run_id}/{record_path}",
+           "model_url": _model_version_url(version), "report_table": gates.report_table(decision),
            "summary": decision.message, **_base(registered)}  # fmt: skip
-    registry.log_metrics(run_id, challenger, prefix="eval.challenger.")
-    if champion:
-        registry.log_metrics(run_id, champion, prefix="eval.champion.")
-    registry.tag_version(version, {
+    rec["report_markdown"] = _gate_markdown(ctx, registered, rec)
+    registry.log_text(run_id, rec["report_markdown"], "gate/report.md")
+    registry.log_metrics(run_id, decision.challenger_metrics, prefix="eval.challenger.")
+    registry.log_metrics(run_id, {"latency_p95_ms": latency.p95_ms}, prefix="eval.challenger.")
+    if decision.champion_metrics:
+        registry.log_metrics(run_id, decision.champion_metrics, prefix="eval.champion.")
+    tags = {
         "gate.verdict": decision.verdict, "gate.reason": decision.reason.value,
-        "gate.metric": decision.metric, "gate.margin": margin, "gate.floor": floor,
-        "gate.champion_version": champ_version or "none",
-        f"eval.{decision.metric}": f"{challenger.get(decision.metric, float('nan')):.6f}",
+        "gate.reasons": ",".join(r.value for r in decision.reasons), "gate.metric": metric,
+        "gate.margin": margin, "gate.floor": floor, "gate.improvement": improvement,
+        "gate.non_inferiority_margin": non_inferiority_margin if non_inferiority_margin is not None else "off",
+        "gate.champion_version": champ_version or "none", "gate.record": rec["record_uri"],
+        f"eval.{metric}": f"{decision.challenger if decision.challenger is not None else float('nan'):.6f}",
         "eval.set_uri": eval_uri, "eval.set_sha256": eval_sha,
-        **({"rejected": "true", "rejection_reason": decision.message} if not decision.promote else {}),
-    })  # fmt: skip
-    registry.describe_version(version, _gate_markdown(ctx, registered, rec))
+        "eval.latency_p95_ms": f"{latency.p95_ms:.3f}",
+        **({"gate.difference": f"{vs.difference:+.6f}",
+            "gate.ci": f"[{vs.ci_low:+.6f}, {vs.ci_high:+.6f}]"} if vs and vs.ci_low is not None else {}),
+    }  # fmt: skip
+    if decision.promote:
+        registry.tag_version(version, tags)
+    else:
+        registry.reject_version(version, [decision.message], tags)
+    registry.describe_version(version, rec["report_markdown"])
     _stage(run_id, "gate_promotion", decision.verdict, decision.message, rec)
     return rec
 
 
+def _model_version_url(version: str) -> str:
+    s = get_settings()
+    return f"{s.mlflow_ui_url.rstrip('/')}/#/models/{s.model_name}/versions/{version}"
+
+
 def _gate_markdown(ctx: RunContext, registered: dict[str, Any], rec: dict[str, Any]) -> str:
-    ch, cp = rec["challenger_metrics"], rec["champion_metrics"] or {}
-    rows = "\n".join(
-        f"| {k} | {ch.get(k, float('nan')):.4f} | "
-        f"{cp[k]:.4f} |" if k in cp else f"| {k} | {ch.get(k, float('nan')):.4f} | — |"
-        for k in ("roc_auc", "pr_auc", "log_loss", "accuracy")
-    )
+    """The version's description: the gate's verdict and its table, readable in the MLflow UI."""
+    cv = rec["champion_version"]
+    gate = rec["gate"]
+    ni = gate.get("non_inferiority_margin")
     return (
-        f"**Gate: {rec['verdict'].upper()}** — {rec['message']}\n\n"
-        f"| metric | challenger v{registered['model_version']} | champion "
-        f"{'v' + rec['champion_version'] if rec['champion_version'] else '(none)'} |\n"
-        f"|---|---|---|\n{rows}\n\n"
-        f"Evaluation set: `{rec['eval_uri']}` (sha256 {rec['eval_sha256'][:12]}). "
-        f"Margin {rec['margin']}, floor {rec['floor']}. Run: {ctx.dag_id} / {ctx.run_id}."
+        f"### Gate: {rec['verdict'].upper()} — `{rec['reason']}`\n\n{rec['message']}\n\n"
+        f"{rec['report_table']}\n\n"
+        f"Challenger v{registered['model_version']} vs "
+        f"{'champion v' + cv if cv else 'no champion (floors and budgets only)'}, on the same "
+        f"trusted evaluation set `{rec['eval_uri']}` (sha256 `{rec['eval_sha256'][:12]}`). "
+        f"Paired bootstrap: {gate['resamples']} resamples, seed {gate['seed']}. "
+        f"Required {gate['improvement']} improvement {gate['min_improvement']}"
+        + (f", or non-inferiority within {ni}" if ni is not None else "")
+        + f". Decision record (replayable): `{rec['record_uri']}`. "
+        f"Run: {ctx.dag_id} / {ctx.run_id}."
     )
 
 
-def promote_champion(ctx: RunContext, gated: dict[str, Any]) -> dict[str, Any]:
+def promote_champion(
+    ctx: RunContext, gated: dict[str, Any], approval: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Move ``champion`` to the gated version by compare-and-set — unless the gate rejected
+    it, or a human reviewer (``approval``: the Airflow HITL response, when one was asked
+    for) rejected it; a human rejection is recorded like a gate rejection."""
+    from pipeline.gates import GateReason, human_rejection_reason
+
     run_id, version = gated["mlflow_run_id"], gated["model_version"]
     if gated["verdict"] != "promote":
         rec = {"stage": "promote_champion", "verdict": "not_promoted",
                "summary": f"v{version} rejected by the gate; champion untouched", **_base(gated)}  # fmt: skip
         _stage(run_id, "promote_champion", "not_promoted", rec["summary"], rec)
         return rec
-    previous = registry.promote_champion(version, gated["champion_version"])
+    if approval is not None:
+        who = approval.get("responded_by_user") or {}
+        who_name = who.get("name") or who.get("id") if isinstance(who, dict) else str(who)
+        at = str(approval.get("responded_at", ""))
+        chosen = list(approval.get("chosen_options") or [])
+        if chosen != ["Approve"]:
+            reason = human_rejection_reason(who_name, str((approval.get("params_input") or {})
+                                                          .get("comment", "")))  # fmt: skip
+            registry.reject_version(version, [reason], {
+                "approval.verdict": "rejected", "approval.by": who_name or "unknown",
+                "approval.at": at, "promotion.reason": GateReason.HUMAN_REJECTED.value})  # fmt: skip
+            approval_rec = {"stage": "approve_promotion", "verdict": "reject",
+                            "reason": GateReason.HUMAN_REJECTED.value, "reasons": [reason],
+                            "chosen_options": chosen, "responded_by": who_name, "responded_at": at,
+                            "model_version": version, "gate_verdict": gated["verdict"],
+                            "champion_version": gated["champion_version"],
+                            "gate_record_uri": gated.get("record_uri")}  # fmt: skip
+            registry.log_record(run_id, "approve_promotion", approval_rec)
+            registry.log_text(run_id, json.dumps(approval_rec, indent=2), "gate/approval_record.json")
+            rec = {"stage": "promote_champion", "verdict": "not_promoted",
+                   "summary": f"v{version} passed the gate but was {reason}; champion untouched",
+                   **_base(gated)}  # fmt: skip
+            _stage(run_id, "promote_champion", "not_promoted", rec["summary"], rec)
+            return rec
+        registry.tag_version(version, {"approval.verdict": "approved",
+                                       "approval.by": who_name or "unknown", "approval.at": at})  # fmt: skip
+    try:
+        previous = registry.promote_champion(version, gated["champion_version"])
+    except registry.RegistryConflict as exc:
+        registry.tag_version(version, {"promotion.verdict": "conflict", "promotion.conflict": str(exc)})
+        _stage(run_id, "promote_champion", "conflict", str(exc),
+               {"stage": "promote_champion", "verdict": "conflict", "error": str(exc), **_base(gated)})  # fmt: skip
+        raise
     registry.tag_version(version, {"promoted_at": ctx.now.isoformat(), "promoted_by": ctx.run_key})
     summary = f"champion -> v{version}" + (f" (previous_champion v{previous})" if previous else "")
     rec = {"stage": "promote_champion", "verdict": "promoted", "model_version": version,
@@ -457,3 +676,48 @@ def resolve_batch_uri(param: str, asset_extras: list[dict[str, Any]], run_after:
             return str(extra["batch_uri"])
     day = pd.Timestamp(run_after).strftime("%Y-%m-%d")
     return storage.join(get_settings().landing_root, f"date={day}", "batch.parquet")
+
+
+# -- canary rollout (the promote_champion task's path when the DAG param `canary` is set) ----
+
+
+def canary_rollout(
+    ctx: RunContext, gated: dict[str, Any], approval: dict[str, Any] | None = None, *,
+    service_url: str | None = None, plan: Any = None,
+) -> dict[str, Any]:
+    """Promote through a canary on the scoring service instead of directly.
+
+    A gate or human rejection goes through ``promote_champion`` unchanged (recorded there,
+    champion untouched). Otherwise ``canary.run_canary_rollout``: alias ``canary``, the
+    plan's weight steps (settings), analysis read from ``<serving_url>/metrics``, then the
+    compare-and-set promotion and bake — or weight 0, alias removed, ``rolled_back`` tag.
+    The record goes to the run as ``records/canary_rollout.json`` and the stage tags of
+    ``promote_champion`` (verdict promoted | rolled_back | rolled_back_after_bake | paused
+    | aborted), so the summary shows it."""
+    from pipeline import canary
+
+    chosen = list((approval or {}).get("chosen_options") or [])
+    if gated["verdict"] != "promote" or (approval is not None and chosen != ["Approve"]):
+        return promote_champion(ctx, gated, approval)
+    run_id, version = gated["mlflow_run_id"], gated["model_version"]
+    if approval is not None:
+        who = approval.get("responded_by_user") or {}
+        registry.tag_version(version, {
+            "approval.verdict": "approved", "approval.at": str(approval.get("responded_at", "")),
+            "approval.by": (who.get("name") or who.get("id") if isinstance(who, dict) else str(who))
+            or "unknown"})  # fmt: skip
+    out = canary.run_canary_rollout(version, gated["champion_version"], plan=plan,
+                                    service_url=service_url, run_key=ctx.run_key,
+                                    actor=f"{ctx.dag_id}/{ctx.run_id}")  # fmt: skip
+    if out["verdict"] == "aborted" and out["reason"] == canary.CanaryReason.MEASUREMENT_ERRORS:
+        # the service could not be measured (down, restarting): nothing was judged, the
+        # canary is out of traffic — fail this attempt so Airflow retries it later
+        _stage(run_id, "promote_champion", "aborted", f"canary: {out['summary']}", out)
+        raise RuntimeError(f"canary of v{version} aborted, retry later: {out['summary']}")
+    rec = {"stage": "promote_champion", "path": "canary", "verdict": out["verdict"],
+           "reason": out["reason"], "model_version": version,
+           "previous_champion": out.get("previous_champion"), "summary": out["summary"],
+           "canary": {k: out.get(k) for k in ("step_reached", "weight_reached", "seconds", "bake")},
+           **_base(gated)}  # fmt: skip
+    _stage(run_id, "promote_champion", out["verdict"], f"canary: {out['summary']}", rec)
+    return rec

@@ -45,9 +45,28 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class UnsafePathError(StorageError, ValueError):
+    """A key part that could leave the base it is joined to; refused before any request."""
+
+
+def _check_part(part: str) -> None:
+    if not isinstance(part, str) or not part.strip("/"):
+        raise UnsafePathError(f"empty storage path part {part!r}")
+    if "\x00" in part:
+        raise UnsafePathError(f"storage path part {part!r} contains a NUL byte")
+    if part.startswith(("/", "\\", "~")) or "://" in part or (len(part) > 1 and part[1] == ":"):
+        raise UnsafePathError(f"storage path part {part!r} is absolute; give a relative key")
+    if any(seg in ("..", ".") for seg in part.replace("\\", "/").split("/")):
+        raise UnsafePathError(f"storage path part {part!r} has a '.' or '..' segment")
+
+
 def join(base: str, *parts: str) -> str:
+    """``base/part/...``; refuses parts that are empty, absolute, hold NUL, '.' or '..'."""
+    if "\x00" in base:
+        raise UnsafePathError(f"storage base {base!r} contains a NUL byte")
     out = base.rstrip("/")
     for p in parts:
+        _check_part(p)
         out += "/" + p.strip("/")
     return out
 

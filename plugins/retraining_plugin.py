@@ -1,9 +1,25 @@
-"""Airflow 3 plugin: "MLflow run" and "Model version" buttons on task instances.
+"""Airflow 3 plugin: MLflow buttons on task instances, and the "Retraining" view.
 
 Every task of the ``retrain_model`` DAG returns a small dict (XCom ``return_value``) holding
 ``mlflow_run_id`` / ``mlflow_experiment_id`` once known, and the registry tasks add
-``model_name`` / ``model_version``. The two links below turn that dict into MLflow UI URLs.
-A task whose return value lacks the keys gets ``""``, which the UI shows as a disabled link.
+``model_name`` / ``model_version``. The links below turn that dict into MLflow UI URLs:
+
+* **MLflow run** and **Model version** on every task. A task with no return value of its
+  own (it failed, or was skipped) falls back to the run's ``ingest_batch`` (run) or
+  ``register_challenger`` (version) record: all tasks of a DAG run share one MLflow run.
+* **Validation report** on ``validate_batch``, **Drift report** on ``detect_drift`` (not
+  when there was no champion to compare against) and **Gradient snapshots** on
+  ``train_model``: the run's artifact page at ``validation/report.html``,
+  ``drift/report.html`` and ``telemetry/``.
+
+A link with nothing to point at is ``""``: the API returns it as null and the UI hides it
+(extra links are listed in a task instance's **Details** tab).
+
+The **Retraining** view (``retraining_view.py``) is a FastAPI app mounted by the API server
+at ``/retraining`` and listed in the UI navigation (``external_views``); it opens in a new
+tab rather than in Airflow's iframe because the iframe is sandboxed without
+``allow-popups`` / ``allow-top-navigation`` and MLflow refuses to be framed
+(``X-Frame-Options``), so its links could not be followed from inside it.
 
 How links are resolved in Airflow 3 (checked against apache-airflow-core 3.3.2):
 
@@ -25,64 +41,48 @@ Airflow component. The UI base URL is read lazily from ``PIPELINE_MLFLOW_UI_URL`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any
-from urllib.parse import quote
+from typing import Any, NamedTuple
 
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # Airflow puts the plugins folder on sys.path; loading by path may not
+    sys.path.append(_HERE)
+
+import retraining_view  # noqa: E402  (fastapi only; mlflow is imported per request)
+from retraining_urls import (  # noqa: E402
+    DRIFT_REPORT,
+    GRADIENT_SNAPSHOTS,
+    VALIDATION_REPORT,
+    field,
+    mlflow_artifact_url,
+    mlflow_run_url,
+    mlflow_ui_url,
+    model_version_url,
+)
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
-UI_URL_ENV = "PIPELINE_MLFLOW_UI_URL"
+__all__ = ["RetrainingPlugin", "mlflow_artifact_url", "mlflow_run_url", "mlflow_ui_url",
+           "model_version_url"]  # fmt: skip
+
 RETURN_VALUE_KEY = "return_value"
+RUN_SOURCE_TASK = "ingest_batch"  # creates the DAG run's MLflow run; every later task shares it
+VERSION_SOURCE_TASK = "register_challenger"  # creates the model version
 
 
-def mlflow_ui_url() -> str:
-    """Base URL of the MLflow UI as seen from the user's browser (no trailing slash)."""
-    return (os.environ.get(UI_URL_ENV) or DEFAULT_MLFLOW_UI_URL).rstrip("/")
-
-
-def _field(xcom: Mapping[str, Any], key: str) -> str | None:
-    """A non-empty str/int field of the XCom dict as text, else None."""
-    value = xcom.get(key)
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _segment(value: str) -> str:
-    return quote(value, safe="")
-
-
-def mlflow_run_url(xcom: Any, ui_base: str | None = None) -> str:
-    """``{ui}/#/experiments/{exp}/runs/{run}`` from a task's return value, or ``""``."""
-    if not isinstance(xcom, Mapping):
-        return ""
-    experiment_id = _field(xcom, "mlflow_experiment_id")
-    run_id = _field(xcom, "mlflow_run_id")
-    if experiment_id is None or run_id is None:
-        return ""
-    base = (mlflow_ui_url() if ui_base is None else ui_base).rstrip("/")
-    return f"{base}/#/experiments/{_segment(experiment_id)}/runs/{_segment(run_id)}"
-
-
-def model_version_url(xcom: Any, ui_base: str | None = None) -> str:
-    """``{ui}/#/models/{name}/versions/{version}`` from a task's return value, or ``""``."""
-    if not isinstance(xcom, Mapping):
-        return ""
-    name = _field(xcom, "model_name")
-    version = _field(xcom, "model_version")
-    if name is None or version is None:
-        return ""
-    base = (mlflow_ui_url() if ui_base is None else ui_base).rstrip("/")
-    return f"{base}/#/models/{_segment(name)}/versions/{_segment(version)}"
+class _Key(NamedTuple):
+    dag_id: str
+    task_id: str
+    run_id: str
+    map_index: int = -1
+    try_number: int = 1
 
 
 def decode_xcom_value(raw: Any) -> Any:
@@ -137,26 +137,145 @@ def fetch_return_value(ti_key: Any) -> Any:
         return None
 
 
-class MlflowRunLink(BaseOperatorLink):
-    """Opens the MLflow run that a task logged to."""
+def sibling_key(ti_key: Any, task_id: str) -> Any:
+    """The key of another (unmapped) task of the same DAG run."""
+    if hasattr(ti_key, "_replace"):  # TaskInstanceKey is a NamedTuple
+        return ti_key._replace(task_id=task_id, map_index=-1)
+    if dataclasses.is_dataclass(ti_key) and not isinstance(ti_key, type):
+        return dataclasses.replace(ti_key, task_id=task_id, map_index=-1)
+    return _Key(ti_key.dag_id, task_id, ti_key.run_id)
+
+
+def _record_with(ti_key: Any, keys: tuple[str, ...], source_task: str) -> Any:
+    """This task's return value if it has ``keys``, else that of ``source_task`` in the run."""
+    own = fetch_return_value(ti_key)
+    if all(field(own, k) for k in keys) or getattr(ti_key, "task_id", None) == source_task:
+        return own
+    return fetch_return_value(sibling_key(ti_key, source_task))
+
+
+def run_record(ti_key: Any) -> Any:
+    """A record naming the DAG run's MLflow run (own return value, else ingest_batch's)."""
+    return _record_with(ti_key, ("mlflow_run_id", "mlflow_experiment_id"), RUN_SOURCE_TASK)
+
+
+def version_record(ti_key: Any) -> Any:
+    """A record naming the run's model version (own return value, else register_challenger's)."""
+    return _record_with(ti_key, ("model_name", "model_version"), VERSION_SOURCE_TASK)
+
+
+class _SafeLink(BaseOperatorLink):
+    """``get_link`` never raises: the API server evaluates global links for every task and does
+    not catch errors per link, so one failure would break the links of every task page."""
+
+    name = ""
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        try:
+            return self.url(ti_key) or ""
+        except Exception:
+            log.warning("link %r failed for %s", self.name, ti_key, exc_info=True)
+            return ""
+
+    def url(self, ti_key: Any) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class MlflowRunLink(_SafeLink):
+    """Opens the MLflow run that the DAG run logs to."""
 
     name = "MLflow run"
 
-    def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        return mlflow_run_url(fetch_return_value(ti_key))
+    def url(self, ti_key: Any) -> str:
+        return mlflow_run_url(run_record(ti_key))
 
 
-class ModelVersionLink(BaseOperatorLink):
-    """Opens the registered model version that a task created or promoted."""
+class ModelVersionLink(_SafeLink):
+    """Opens the registered model version that the DAG run created."""
 
     name = "Model version"
 
-    def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        return model_version_url(fetch_return_value(ti_key))
+    def url(self, ti_key: Any) -> str:
+        return model_version_url(version_record(ti_key))
+
+
+class _ArtifactLink(_SafeLink):
+    """The run's artifact page at ``path``, on ``task_id`` only (where the artifact is made)."""
+
+    task_id = ""
+    path = ""
+
+    def url(self, ti_key: Any) -> str:
+        if getattr(ti_key, "task_id", None) != self.task_id:
+            return ""
+        return mlflow_artifact_url(run_record(ti_key), self.path)
+
+
+class ValidationReportLink(_ArtifactLink):
+    """The Great Expectations report, also (above all) when the batch was rejected."""
+
+    name = "Validation report"
+    task_id, path = "validate_batch", VALIDATION_REPORT
+
+
+class DriftReportLink(_ArtifactLink):
+    """The Evidently report; disabled when there was no champion to compare against."""
+
+    name = "Drift report"
+    task_id, path = "detect_drift", DRIFT_REPORT
+
+    def url(self, ti_key: Any) -> str:
+        if getattr(ti_key, "task_id", None) != self.task_id:
+            return ""
+        own = fetch_return_value(ti_key)
+        if isinstance(own, dict) and own.get("verdict") == "no_reference":
+            return ""
+        return mlflow_artifact_url(own if mlflow_run_url(own) else run_record(ti_key), self.path)
+
+
+class GradientSnapshotsLink(_ArtifactLink):
+    """The trainer's gradient telemetry and snapshots (``telemetry/`` of the run)."""
+
+    name = "Gradient snapshots"
+    task_id, path = "train_model", GRADIENT_SNAPSHOTS
+
+
+def _view_href() -> str:
+    """Where the Retraining view is served, below the API server's base URL path."""
+    try:
+        from urllib.parse import urlsplit
+
+        from airflow.configuration import conf
+
+        base = urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+    except Exception:  # noqa: BLE001 - a plain default beats a plugin that fails to load
+        base = ""
+    return f"{base}{retraining_view.URL_PREFIX}/"
 
 
 class RetrainingPlugin(AirflowPlugin):
-    """Registers the MLflow links for every operator (global operator extra links)."""
+    """MLflow links on every task, and the Retraining view in the navigation."""
 
     name = "retraining"
-    global_operator_extra_links = [MlflowRunLink(), ModelVersionLink()]
+    global_operator_extra_links = [
+        MlflowRunLink(),
+        ModelVersionLink(),
+        ValidationReportLink(),
+        DriftReportLink(),
+        GradientSnapshotsLink(),
+    ]
+    fastapi_apps = [
+        {"app": retraining_view.app, "url_prefix": retraining_view.URL_PREFIX, "name": "Retraining"}
+    ]
+    # No url_route: the entry opens the page in a new tab instead of Airflow's sandboxed iframe
+    # (see the module docstring). Under "Browse", not top level: Airflow 3.3.2 renders a
+    # top-level external entry as a <button href> that does not navigate.
+    external_views = [
+        {
+            "name": "Retraining",
+            "href": _view_href(),
+            "icon": _view_href() + "icon.svg",
+            "destination": "nav",
+            "category": "browse",
+        }
+    ]

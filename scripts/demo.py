@@ -98,6 +98,9 @@ def main() -> int:
     print("initialising Airflow metadata DB (SQLite) ...", flush=True)
     subprocess.run([AIRFLOW, "db", "migrate"], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)  # fmt: skip
+    # train_model runs in pool "gpu": `dags test` ignores pools, a scheduler (make airflow) does not
+    subprocess.run([AIRFLOW, "pools", "set", "gpu", "1", "GPU training"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     print("landing reference data ...", flush=True)
     uris = land_data()
 

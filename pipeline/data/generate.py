@@ -168,5 +168,7 @@ def to_parquet_bytes(df: pd.DataFrame) -> bytes:
     import io
 
     buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
+    # page checksums (CRC32 per data page): readers verify them, so a corrupted page is an
+    # error instead of silently wrong values
+    df.to_parquet(buf, index=False, write_page_checksum=True)
     return buf.getvalue()

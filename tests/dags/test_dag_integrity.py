@@ -54,12 +54,18 @@ def test_retrain_model_graph(dagbag):
         "train_model": ["register_challenger", "verify_checkpoint"],
         "verify_checkpoint": ["register_challenger"],
         "register_challenger": ["gate_promotion"],
-        "gate_promotion": ["promote_champion"],
+        "gate_promotion": ["approval_required", "promote_champion"],
+        "approval_required": ["approve_promotion"],
+        "approve_promotion": ["promote_champion"],
         "promote_champion": ["publish_summary"],
         "publish_summary": [],
     }
     assert dag.max_active_runs == 1
     assert dag.get_task("publish_summary").trigger_rule == "all_done"
+    # optional human approval: skipped (not failed) when not required, and promotion still runs
+    assert dag.get_task("approve_promotion").task_type == "HITLOperator"
+    assert dag.get_task("promote_champion").trigger_rule == "none_failed"
+    assert dag.params.get_param("require_approval").value is False
 
 
 def test_params_are_typed_and_bounded(dagbag):

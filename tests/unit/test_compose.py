@@ -262,6 +262,11 @@ def test_airflow_connections_are_valid_json(services, env_example):
     assert env["PIPELINE_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # artifacts must go through the MLflow server (shared S3), not a worker's local disk
     assert env["PIPELINE_MLFLOW_ARTIFACT_URI"].startswith("mlflow-artifacts:")
+    # the pipeline appends "/<experiment>": the result must not name a host (the server refuses
+    # host-addressed mlflow-artifacts URIs), i.e. "mlflow-artifacts:/path", not ":/" alone
+    from urllib.parse import urlparse
+
+    assert not urlparse(env["PIPELINE_MLFLOW_ARTIFACT_URI"].rstrip("/") + "/retrain_model").netloc
     assert _resolve(env["PIPELINE_STORAGE_URI"], env_example).startswith("s3://")
     assert env["PIPELINE_S3_ENDPOINT_URL"] == "http://minio:9000"
 

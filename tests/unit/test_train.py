@@ -1,16 +1,45 @@
-"""Training and features: learns the signal, reproducible, features survive a round trip."""
+"""Training: learns the signal, reproducible, resumable, multi-class, fails loudly on divergence."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
+from pipeline.contract import Column, DataContract
 from pipeline.data.generate import WorldSpec, generate
 from pipeline.evaluate import evaluate_model
-from pipeline.train.features import FeatureSpec, fit_features, transform
-from pipeline.train.loop import TrainConfig, train
+from pipeline.metrics import classification_metrics
+from pipeline.train.features import FeatureSpec, fit_features, labels, transform
+from pipeline.train.loop import (
+    TrainConfig,
+    TrainingDiverged,
+    no_stopper,
+    split_by_id,
+    train,
+)
+from pipeline.train.model import predict_proba
+from pipeline.train.placement import train_task_kwargs, uses_celery
+from pipeline.train.schedule import LRSchedule
+from pipeline.train.stopping import StopReason
+
+STOP_REASONS = {r.value for r in StopReason} | {"max_epochs"}
+FAST = {"telemetry": False, "state_every": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A small MLP gains nothing from intra-op threads, and on a shared 2-core runner they
+    make timings swing tenfold; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +47,111 @@ def data():
     return generate(WorldSpec(rows=8000, seed=21)), generate(WorldSpec(rows=4000, seed=22))
 
 
-def test_learns_the_signal(contract, data):
+def val_loss_of(result, df, contract, cfg) -> float:
+    val = df[split_by_id(df[contract.id_column], cfg.val_fraction)]
+    x = torch.from_numpy(transform(val, result.features))
+    return classification_metrics(labels(val, result.features), predict_proba(result.model, x).numpy())["log_loss"]
+
+
+def test_learns_the_signal_and_restores_the_best_weights(contract, data):
     train_df, holdout = data
-    r = train(train_df, contract, TrainConfig(max_epochs=15, seed=0))
-    assert r.stop_reason in {"val_loss_patience", "grad_norm_plateau", "max_epochs"}
-    assert 1 <= r.best_epoch <= len(r.history)
+    cfg = TrainConfig(max_epochs=15, seed=0, **FAST)
+    r = train(train_df, contract, cfg)
+    assert r.stop_reason in STOP_REASONS
+    assert 1 <= r.best_epoch <= len(r.history) and r.device == "cpu" and r.precision == "fp32"
     assert evaluate_model(r.model, r.features, holdout)["roc_auc"] > 0.72
+    assert {"val_log_loss", "val_roc_auc", "val_pr_auc", "train_loss", "grad_norm", "lr"} <= set(r.history[0])
+    best = min(h["val_log_loss"] for h in r.history)
+    assert val_loss_of(r, train_df, contract, cfg) == pytest.approx(best, abs=1e-6)
+    assert r.decision_trace and r.steps == r.history[-1]["step"]
 
 
 def test_same_seed_same_weights(contract, data):
-    a = train(data[0], contract, TrainConfig(max_epochs=2, seed=5))
-    b = train(data[0], contract, TrainConfig(max_epochs=2, seed=5))
+    a = train(data[0], contract, TrainConfig(max_epochs=2, seed=5, **FAST))
+    b = train(data[0], contract, TrainConfig(max_epochs=2, seed=5, **FAST))
+    c = train(data[0], contract, TrainConfig(max_epochs=2, seed=6, **FAST))
     for k, v in a.model.state_dict().items():
         assert np.array_equal(v.numpy(), b.model.state_dict()[k].numpy())
+    assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule", "extra"),
+    [("sgd", "step", {"momentum": 0.9, "lr_step_every": 20, "warmup_steps": 0}),
+     ("sgd", "cosine", {"nesterov": True}),
+     ("adamw", "constant", {"grad_clip": None})],
+)  # fmt: skip
+def test_optimizers_and_schedules_train(contract, data, optimizer, schedule, extra):
+    lr = 0.05 if optimizer == "sgd" else 3e-3
+    r = train(data[0], contract, TrainConfig(max_epochs=4, optimizer=optimizer, lr_schedule=schedule,
+                                             learning_rate=lr, stopper=no_stopper(), **FAST, **extra))  # fmt: skip
+    assert r.stop_reason == "max_epochs" and len(r.history) == 4
+    assert r.val_metrics["roc_auc"] > 0.65
+    if schedule == "step":
+        assert r.history[-1]["lr"] < lr  # decayed
+
+
+@pytest.mark.parametrize(
+    ("kind", "step", "expected"),
+    [("cosine", 5, 0.5), ("cosine", 10, 1.0), ("cosine", 110, 0.1), ("cosine", 60, 0.55),
+     ("step", 30, 1.0), ("step", 31, 0.5), ("step", 51, 0.25), ("constant", 99, 1.0)],
+)  # fmt: skip
+def test_lr_schedule_warmup_then_decay(kind, step, expected):
+    s = LRSchedule(1.0, total_steps=110, warmup_steps=10, kind=kind, min_lr_ratio=0.1,
+                   step_every=20, gamma=0.5)  # fmt: skip
+    assert s.lr(step) == pytest.approx(expected)
+    s.scale = 0.5
+    assert s.lr(step) == pytest.approx(expected * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"learning_rate": 0}, "learning_rate"), ({"optimizer": "adam"}, "optimizer"),
+     ({"lr_schedule": "linear"}, "lr_schedule"), ({"precision": "fp8"}, "precision"),
+     ({"grad_clip": 0}, "grad_clip"), ({"batch_size": 1}, "batch_size"),
+     ({"stopper": {"val_mode": "sometimes"}}, "val_mode"), ({"check_every": 0}, "check_every"), ({"eb_every": 0}, "eb_every")],
+)  # fmt: skip
+def test_bad_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+# -- multi-class from the contract ---------------------------------------------------------
+
+
+def three_class_world(rows: int, seed: int) -> tuple[pd.DataFrame, DataContract]:
+    rng = np.random.default_rng(seed)
+    x1, x2 = rng.normal(size=rows), rng.normal(size=rows)
+    shape = rng.choice(["round", "square", "flat"], rows)
+    score = np.stack([x1 + (shape == "round"), x2 + (shape == "square"), -x1 - x2], axis=1)
+    y = (score + rng.gumbel(size=score.shape)).argmax(axis=1) + 1  # classes 1, 2, 3
+    df = pd.DataFrame({"id": [f"r{i}" for i in range(rows)],
+                       "ts": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(rows), "s"),
+                       "x1": x1, "x2": x2, "shape": shape, "label": y})  # fmt: skip
+    contract = DataContract(
+        name="three_class", id_column="id", time_column="ts", target="label",
+        target_values=(1, 2, 3), positive_label=3,
+        columns=(Column("id", "string", unique=True), Column("ts", "timestamp"),
+                 Column("x1", "float"), Column("x2", "float"),
+                 Column("shape", "category", categories=("round", "square", "flat")),
+                 Column("label", "int", min=1, max=3)),
+    )  # fmt: skip
+    return df, contract
+
+
+def test_multi_class_from_the_contract():
+    df, contract = three_class_world(6000, seed=3)
+    r = train(df, contract, TrainConfig(max_epochs=8, seed=1, **FAST))
+    assert r.model_config.num_classes == 3 and r.features.classes == [1, 2, 3]
+    assert r.val_metrics["roc_auc"] > 0.75  # one-vs-rest macro
+    assert "pr_auc" not in r.val_metrics  # PR AUC is reported for binary targets only
+    holdout, _ = three_class_world(2000, seed=4)
+    proba = predict_proba(r.model, torch.from_numpy(transform(holdout, r.features))).numpy()
+    assert proba.shape == (2000, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert (proba.argmax(1) == labels(holdout, r.features)).mean() > 0.5
+
+
+# -- features ------------------------------------------------------------------------------
 
 
 def test_feature_spec_json_round_trip_keeps_layout(contract, data):
@@ -51,6 +172,169 @@ def test_unknown_category_and_missing_values_do_not_crash(contract, data):
     assert x.shape == (10, spec.width)
 
 
-def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match="learning_rate"):
-        TrainConfig(learning_rate=0)
+# -- resume, tracking, divergence -------------------------------------------------------------
+
+
+def test_resume_from_a_mid_epoch_state_gives_the_same_weights(contract, data, tmp_path):
+    cfg = TrainConfig(max_epochs=4, seed=3, state_every=7, check_every=5, snapshot_every=6,
+                      batch_size=256)  # fmt: skip
+    full = train(data[0], contract, cfg, state_dir=tmp_path / "a")
+    states = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert states[-1].endswith("-final") and len(states) == 2  # keeps the last two
+    mid = tmp_path / "a" / states[0]
+    step = int(states[0].split("-")[1])
+    assert step % 25 != 0  # 25 steps per epoch: a mid-epoch state
+    shutil.copytree(mid, tmp_path / "b" / mid.name)
+    again = train(data[0], contract, cfg, state_dir=tmp_path / "b")
+    assert again.resumed_from["step"] == step and again.resumed_from["position_in_epoch"] > 0
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert again.stop_reason == full.stop_reason and again.steps == full.steps
+    assert [d["reason"] for d in again.decision_trace] == [d["reason"] for d in full.decision_trace]
+    # a finished state is returned as is, without training again
+    done = train(data[0], contract, cfg, state_dir=tmp_path / "a")
+    assert done.resumed_from["step"] == full.steps
+    # another configuration does not resume a foreign state
+    other = train(data[0], contract, TrainConfig(**{**cfg.to_dict(), "hidden": (16,), "max_epochs": 1}),
+                  state_dir=tmp_path / "b")  # fmt: skip
+    assert other.resumed_from is None
+
+
+class FakeSink:
+    def __init__(self, down: bool = False) -> None:
+        self.down = down
+        self.tags: dict[str, str] = {}
+        self.texts: dict[str, str] = {}
+        self.artifacts: list[str] = []
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    def _maybe_fail(self) -> None:
+        if self.down:
+            raise ConnectionError("tracking server unreachable")
+
+    def log_metrics(self, metrics, step):
+        self._maybe_fail()
+        self.metrics.append((step, metrics))
+
+    def log_artifacts(self, local_dir, artifact_path):
+        self._maybe_fail()
+        self.artifacts.append(artifact_path)
+
+    def log_text(self, text, artifact_file):
+        self._maybe_fail()
+        self.texts[artifact_file] = text
+
+    def set_tags(self, tags):
+        self._maybe_fail()
+        self.tags.update(tags)
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["tracking-up", "tracking-down"])
+def test_tracking_gets_tags_trace_and_telemetry_and_its_outage_is_not_fatal(contract, data, down, tmp_path):
+    sink = FakeSink(down=down)
+    r = train(data[0], contract, TrainConfig(max_epochs=3, snapshot_every=10, state_every=0),
+              sink=sink, state_dir=None)  # fmt: skip
+    assert r.telemetry["snapshots"] >= 3
+    if not down:
+        assert sink.tags["train.device"] == "cpu" and sink.tags["train.precision"] == "fp32"
+        trace = json.loads(sink.texts["training/decision_trace.json"])
+        assert trace["decisions"] == r.decision_trace and trace["config"]["eb"] is True
+        assert "telemetry/final" in sink.artifacts
+        assert r.telemetry["sent"] == len([m for m in sink.metrics if "grad/net.0.weight/l2" in m[1]])
+    else:
+        accounted = r.telemetry["sent"] + r.telemetry["spilled"] + r.telemetry["in_flight_at_close"]
+        assert r.telemetry["sent"] == 0 and accounted >= r.telemetry["snapshots"]
+        assert json.loads(open(r.telemetry["decision_trace_file"]).read())["decisions"]
+        assert r.telemetry["artifacts"][-1]["local_dir"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"grad_clip": 5.0}, r"gradient norm .* exceeded 1000 x the lowest norm seen, .* at step \d+"),
+     ({"grad_clip": None}, r".*(non-finite|exceeded).* at step \d+")],
+)  # fmt: skip
+def test_exploding_learning_rate_raises_with_the_step(contract, data, kwargs, match):
+    cfg = TrainConfig(max_epochs=10, learning_rate=100.0, optimizer="sgd", **FAST, **kwargs)
+    with pytest.raises(TrainingDiverged, match="training diverged: " + match) as err:
+        train(data[0], contract, cfg)
+    assert "lower the learning rate" in str(err.value) and "no checkpoint was written" in str(err.value)
+
+
+def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_home):
+    from pipeline import registry, steps, storage
+    from pipeline.data.generate import to_parquet_bytes
+    from pipeline.errors import PipelineRejection
+    from pipeline.settings import get_settings
+
+    root = get_settings().storage_root
+    batch = storage.write_bytes(f"{root}/landing/b.parquet",
+                                to_parquet_bytes(generate(WorldSpec(rows=5000, seed=7)))).uri  # fmt: skip
+    ctx = steps.RunContext(dag_id="t", run_id="diverge")
+    ingested = steps.ingest_batch(ctx, batch)
+    with pytest.raises(PipelineRejection, match=r"training diverged: gradient norm .* at step \d+"):
+        steps.train_model(ctx, ingested, learning_rate=100.0, optimizer="sgd", max_epochs=10)
+    assert storage.list_uris(f"{root}/checkpoints/") == []
+    c = registry.client()
+    assert c.search_model_versions(f"name = '{get_settings().model_name}'") == []
+    run = c.get_run(ingested["mlflow_run_id"])
+    assert run.data.tags["stage.train_model.verdict"] == "diverged"
+    assert "diverged" in run.data.tags["stage.train_model.summary"]
+    arts = {a.path for a in c.list_artifacts(run.info.run_id, "telemetry")}
+    assert any(p.startswith("telemetry/diverged-step-") for p in arts)
+
+
+# -- placement -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("executor", "kwargs"),
+    [("LocalExecutor", {"pool": "gpu"}),
+     ("CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
+     ("airflow.providers.celery.executors.celery_executor.CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
+     ("LocalExecutor,CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
+     ("KubernetesExecutor", {"pool": "gpu"})],
+)  # fmt: skip
+def test_gpu_placement(executor, kwargs):
+    assert train_task_kwargs(executor) == kwargs
+    assert uses_celery(executor) == ("queue" in kwargs)
+
+
+def test_nonfinite_history_never_reaches_best_weights(contract, data):
+    r = train(data[0], contract, TrainConfig(max_epochs=2, **FAST))
+    assert all(math.isfinite(h["val_log_loss"]) for h in r.history)
+    assert all(torch.isfinite(v).all() for v in r.model.state_dict().values())
+
+
+def test_accelerator_bookkeeping_path_matches_the_host_path(contract, data, monkeypatch):
+    """On CUDA/MPS loss and norm are accumulated on the device and read once per check; run
+    that code path on the CPU and compare with the per-step host path."""
+    from pipeline.train import loop
+
+    cfg = TrainConfig(max_epochs=3, seed=4, check_every=8, eb_every=16, **FAST)
+    host = train(data[0], contract, cfg)
+
+    class DeviceMode(loop._Accumulator):
+        def __init__(self, device):
+            self.host, self.device = False, device
+            self.reset_check()
+            self.reset_epoch()
+
+    monkeypatch.setattr(loop, "_Accumulator", DeviceMode)
+    dev = train(data[0], contract, cfg)
+    for k, v in host.model.state_dict().items():
+        assert torch.equal(v, dev.model.state_dict()[k]), k
+    assert [d["reason"] for d in dev.decision_trace] == [d["reason"] for d in host.decision_trace]
+    for a, b in zip(host.decision_trace, dev.decision_trace, strict=True):
+        for key in ("grad_norm", "max_grad_norm", "eb_smoothed"):
+            if a["evidence"].get(key) is not None:
+                assert b["evidence"][key] == pytest.approx(a["evidence"][key], rel=1e-5), key
+    with pytest.raises(TrainingDiverged, match="non-finite|exceeded"):
+        train(data[0], contract, TrainConfig(max_epochs=10, learning_rate=100.0, optimizer="sgd",
+                                             grad_clip=None, check_every=4, **FAST))  # fmt: skip
+
+
+def test_bf16_autocast_path_trains(contract, data):
+    r = train(data[0], contract, TrainConfig(max_epochs=2, precision="bf16", check_every=4, eb_every=4,
+                                             stopper={"warmup_steps": 0}, **FAST))  # fmt: skip
+    assert r.precision == "bf16" and math.isfinite(r.val_metrics["log_loss"])
+    assert any(d["evidence"].get("eb_fresh") for d in r.decision_trace)

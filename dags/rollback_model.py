@@ -1,0 +1,69 @@
+"""
+### rollback_model
+
+Puts the **previous champion** back in service (or a version you name), now, and records
+who asked and why.
+
+Trigger it from the UI form: `reason` (required, at least 3 characters) and, optionally,
+`target_version` (digits; empty means the `previous_champion` alias). One task,
+`rollback_champion`, calls `pipeline.rollback.rollback_champion`, which:
+
+* refuses, changing nothing, when there is no champion, no target, or the target was
+  rejected by the gate or fails its checkpoint integrity check;
+* takes any running canary out of traffic (weight 0, alias `canary` removed);
+* moves `champion` by compare-and-set (the same lock as a promotion);
+* tags the versions (`rolled_back`, `rollback.by`, `rollback.reason`, `restored.*`) and
+  logs a JSON record on an MLflow run keyed on this DAG run (retries finish the same
+  rollback; they never roll back one version further).
+
+**Who** is the user that triggered the run (`dag_run.triggering_user_name`), else
+`unknown`. The scoring service follows within one poll interval
+(`PIPELINE_SERVING_POLL_SECONDS`). Without Airflow: `python -m pipeline rollback --reason …`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+from assets import champion_model
+
+
+@dag(
+    dag_id="rollback_model",
+    schedule=None,  # only ever triggered by a person (or an alert hook) with a reason
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "owner": "ml-platform"},
+    tags=["retraining", "mlops", "rollback"],
+    doc_md=__doc__,
+    params={
+        "reason": Param(type="string", minLength=3, maxLength=2000, title="Reason",
+                        description="Why the champion is rolled back (recorded on the versions)."),
+        "target_version": Param(None, type=["null", "string"], pattern="^[0-9]+$", maxLength=12,
+                                title="Target version",
+                                description="Model version to restore. Empty: previous_champion."),
+    },
+)  # fmt: skip
+def rollback_model():
+    @task(outlets=[champion_model])
+    def rollback_champion(params=None, dag_run=None):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pipeline.errors import PipelineRejection
+        from pipeline.rollback import rollback_champion as rollback
+
+        who = getattr(dag_run, "triggering_user_name", None) or "unknown"
+        try:
+            return rollback(params["reason"], target_version=params.get("target_version") or None,
+                            who=who, run_key=f"{dag_run.dag_id}__{dag_run.run_id}")  # fmt: skip
+        except PipelineRejection as exc:  # refused or conflicting: retrying cannot help
+            raise AirflowFailException(str(exc)) from exc
+
+    rollback_champion()
+
+
+rollback_model()

@@ -1,0 +1,310 @@
+"""The scoring service's Prometheus metrics, and the reader the canary analysis uses.
+
+Series (labels ``alias`` = the slot that answered, ``version`` = the model version):
+
+=====================================  =========  =====================================
+``scoring_requests_total``             counter    requests answered by a model (2xx/5xx)
+``scoring_errors_total``               counter    of those, the ones that failed (5xx)
+``scoring_rows_total``                 counter    rows scored
+``scoring_request_latency_seconds``    histogram  handler time, fault latency included
+``scoring_predicted_score``            histogram  positive-class probability per row
+``scoring_labelled_score``             histogram  the same, for rows whose label arrived
+                                                  (extra label ``label`` = "1" | "0")
+``scoring_labelled_roc_auc``           gauge      exact ROC AUC over the last labels
+``scoring_model_info``                 gauge      1 per slot now serving (+ manifest)
+``scoring_canary_weight``              gauge      the weight applied (0 when no canary)
+``scoring_model_refused``              gauge      1 per version refused by verification
+``scoring_fault_active``               gauge      1 per version with an injected fault
+``scoring_rejected_requests_total``    counter    400/422 answers (never a model's fault)
+``scoring_registry_polls_total``       counter    registry polls, by ``result``
+``scoring_feedback_total``             counter    feedback rows, by ``result``
+=====================================  =========  =====================================
+
+Bad input is refused before routing, so it never counts against a model. Windows are
+differences of two scrapes (:meth:`Snapshot.since`): a counter that went backwards (the
+service restarted) makes the measurement impossible rather than wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Positive-class probability: resolved at both tails, where fraud scores live.
+SCORE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0,
+)  # fmt: skip
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+PREFIX = "scoring_"
+
+
+class MeasurementError(RuntimeError):
+    """A measurement that cannot be taken (service down, reset counters, bad text)."""
+
+
+# -- service side ---------------------------------------------------------------------------
+
+
+class ServiceMetrics:
+    """All series of one service instance, on its own registry (several apps can share a
+    process, as in tests and the benchmark)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry(auto_describe=False)
+        av = ["alias", "version"]
+        self.requests = Counter("scoring_requests", "Requests answered by a model.", av, registry=r)
+        self.errors = Counter("scoring_errors", "Requests a model failed (5xx).", av, registry=r)
+        self.rows = Counter("scoring_rows", "Rows scored.", av, registry=r)
+        self.latency = Histogram("scoring_request_latency_seconds", "Handler latency.", av,
+                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.score = Histogram("scoring_predicted_score", "Positive-class probability per row.",
+                               av, buckets=SCORE_BUCKETS, registry=r)  # fmt: skip
+        self.labelled = Histogram("scoring_labelled_score", "Predicted score of labelled rows.",
+                                  [*av, "label"], buckets=SCORE_BUCKETS, registry=r)  # fmt: skip
+        self.auc = Gauge("scoring_labelled_roc_auc", "ROC AUC over the most recent labels.", av,
+                         registry=r)  # fmt: skip
+        self.info = Gauge("scoring_model_info", "1 for each slot now serving.",
+                          [*av, "manifest_sha256"], registry=r)  # fmt: skip
+        self.weight = Gauge("scoring_canary_weight", "Canary traffic weight applied.", registry=r)
+        self.refused = Gauge("scoring_model_refused", "1 per version refused by verification.",
+                             ["version"], registry=r)  # fmt: skip
+        self.fault = Gauge("scoring_fault_active", "1 per version with an injected fault.",
+                           ["version"], registry=r)  # fmt: skip
+        self.rejected = Counter("scoring_rejected_requests", "Requests refused as bad input.",
+                                ["status"], registry=r)  # fmt: skip
+        self.polls = Counter("scoring_registry_polls", "Registry polls.", ["result"], registry=r)
+        self.feedback = Counter("scoring_feedback", "Feedback rows.", ["result"], registry=r)
+
+    def slot(self, alias: str, version: str) -> SlotMetrics:
+        return SlotMetrics(
+            self.requests.labels(alias, version), self.errors.labels(alias, version),
+            self.rows.labels(alias, version), self.latency.labels(alias, version),
+            self.score.labels(alias, version),
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class SlotMetrics:
+    """The children of one (alias, version), bound once so a request pays no label lookup."""
+
+    requests: Any
+    errors: Any
+    rows: Any
+    latency: Any
+    score: Any
+
+
+# -- reader side (the canary analysis) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Bucket upper bounds (+Inf last) and *non-cumulative* counts per bucket."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[float, ...]
+
+    @classmethod
+    def empty(cls, bounds: Iterable[float]) -> Histogram:
+        b = tuple(bounds)
+        if not b or b[-1] != math.inf:
+            b = (*b, math.inf)
+        return cls(b, tuple(0.0 for _ in b))
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.counts))
+
+    def __add__(self, other: Histogram) -> Histogram:
+        self._same(other)
+        return Histogram(self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)))
+
+    def __sub__(self, other: Histogram) -> Histogram:
+        self._same(other)
+        diff = tuple(a - b for a, b in zip(self.counts, other.counts, strict=True))
+        if any(d < -1e-9 for d in diff):
+            raise MeasurementError("a histogram went backwards: the service restarted")
+        return Histogram(self.bounds, tuple(max(d, 0.0) for d in diff))
+
+    def _same(self, other: Histogram) -> None:
+        if self.bounds != other.bounds:
+            raise MeasurementError(f"bucket bounds differ: {self.bounds} vs {other.bounds}")
+
+    def count_above(self, value: float) -> float:
+        """Observations certainly above ``value``: those in buckets whose lower edge is >= it."""
+        lower, out = 0.0, 0.0
+        for upper, c in zip(self.bounds, self.counts, strict=True):
+            if lower >= value:
+                out += c
+            lower = upper
+        return out
+
+    def quantile(self, q: float) -> float | None:
+        """Prometheus ``histogram_quantile``: linear inside the bucket; None when empty."""
+        total = self.total
+        if total <= 0:
+            return None
+        rank, seen, lower = q * total, 0.0, 0.0
+        for upper, c in zip(self.bounds, self.counts, strict=True):
+            if c > 0 and seen + c >= rank:
+                if math.isinf(upper):
+                    return lower  # the highest finite bound, as Prometheus does
+                return lower + (upper - lower) * (rank - seen) / c
+            seen += c
+            lower = upper if not math.isinf(upper) else lower
+        return lower
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bounds": [b if math.isfinite(b) else "+Inf" for b in self.bounds],
+                "counts": list(self.counts)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Histogram:
+        return cls(tuple(math.inf if b == "+Inf" else float(b) for b in d["bounds"]),
+                   tuple(float(c) for c in d["counts"]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """Everything one version did (over all slots it answered from), cumulative or a window."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    rows: float = 0.0
+    latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS))
+    score: Histogram = field(default_factory=lambda: Histogram.empty(SCORE_BUCKETS))
+    labelled_pos: Histogram = field(default_factory=lambda: Histogram.empty(SCORE_BUCKETS))
+    labelled_neg: Histogram = field(default_factory=lambda: Histogram.empty(SCORE_BUCKETS))
+
+    def __add__(self, o: VersionStats) -> VersionStats:
+        return VersionStats(self.requests + o.requests, self.errors + o.errors, self.rows + o.rows,
+                            self.latency + o.latency, self.score + o.score,
+                            self.labelled_pos + o.labelled_pos, self.labelled_neg + o.labelled_neg)  # fmt: skip
+
+    def __sub__(self, o: VersionStats) -> VersionStats:
+        if self.requests < o.requests - 1e-9 or self.errors < o.errors - 1e-9 or self.rows < o.rows - 1e-9:
+            raise MeasurementError("a counter went backwards: the service restarted")
+        return VersionStats(self.requests - o.requests, self.errors - o.errors, self.rows - o.rows,
+                            self.latency - o.latency, self.score - o.score,
+                            self.labelled_pos - o.labelled_pos, self.labelled_neg - o.labelled_neg)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors, "rows": self.rows,
+                "latency": self.latency.to_dict(), "score": self.score.to_dict(),
+                "labelled_pos": self.labelled_pos.to_dict(),
+                "labelled_neg": self.labelled_neg.to_dict()}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VersionStats:
+        return cls(float(d["requests"]), float(d["errors"]), float(d["rows"]),
+                   Histogram.from_dict(d["latency"]), Histogram.from_dict(d["score"]),
+                   Histogram.from_dict(d["labelled_pos"]), Histogram.from_dict(d["labelled_neg"]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One scrape of ``/metrics``: cumulative stats per version and what is serving."""
+
+    versions: dict[str, VersionStats]
+    serving: dict[str, str]  # alias -> version
+    canary_weight: float | None
+    refused: frozenset[str]
+    faults: frozenset[str]
+
+    def stats(self, version: str) -> VersionStats:
+        return self.versions.get(str(version), VersionStats())
+
+    def since(self, earlier: Snapshot, version: str) -> VersionStats:
+        """What ``version`` did between ``earlier`` and this scrape."""
+        return self.stats(version) - earlier.stats(version)
+
+
+def _cumulative_to_hist(buckets: dict[float, float]) -> Histogram:
+    bounds = tuple(sorted(buckets))
+    cum = [buckets[b] for b in bounds]
+    counts = tuple(c - p for c, p in zip(cum, [0.0, *cum[:-1]], strict=True))
+    return Histogram(bounds, tuple(max(c, 0.0) for c in counts))
+
+
+def parse_snapshot(text: str) -> Snapshot:
+    """Parse the service's Prometheus text (``prometheus_client.parser``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scalars: dict[str, dict[str, float]] = {}
+    hists: dict[tuple[str, str], dict[float, float]] = {}
+    serving: dict[str, str] = {}
+    weight: float | None = None
+    refused: set[str] = set()
+    faults: set[str] = set()
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a failed measurement
+        raise MeasurementError(f"metrics text does not parse: {exc}") from None
+    for fam in families:
+        for s in fam.samples:
+            name, labels, value = s.name, s.labels, float(s.value)
+            if not name.startswith(PREFIX):
+                continue
+            short = name[len(PREFIX):]
+            v = labels.get("version", "")
+            if short in ("requests_total", "errors_total", "rows_total"):
+                scalars.setdefault(v, {})
+                scalars[v][short] = scalars[v].get(short, 0.0) + value
+            elif short.endswith("_bucket") and short[: -len("_bucket")] in (
+                "request_latency_seconds", "predicted_score", "labelled_score"
+            ):  # fmt: skip
+                base = short[: -len("_bucket")]
+                if base == "labelled_score":
+                    base = "labelled_pos" if labels.get("label") == "1" else "labelled_neg"
+                le = float(labels["le"])
+                h = hists.setdefault((v, base), {})
+                h[le] = h.get(le, 0.0) + value
+            elif short == "model_info" and value > 0:
+                serving[labels["alias"]] = v
+            elif short == "canary_weight":
+                weight = value
+            elif short == "model_refused" and value > 0:
+                refused.add(v)
+            elif short == "fault_active" and value > 0:
+                faults.add(v)
+    versions: dict[str, VersionStats] = {}
+    for v in set(scalars) | {k[0] for k in hists}:
+        sc = scalars.get(v, {})
+        kw: dict[str, Any] = {}
+        for base, key in (("request_latency_seconds", "latency"), ("predicted_score", "score"),
+                          ("labelled_pos", "labelled_pos"), ("labelled_neg", "labelled_neg")):  # fmt: skip
+            if (v, base) in hists:
+                kw[key] = _cumulative_to_hist(hists[(v, base)])
+        versions[v] = VersionStats(sc.get("requests_total", 0.0), sc.get("errors_total", 0.0),
+                                   sc.get("rows_total", 0.0), **kw)  # fmt: skip
+    return Snapshot(versions, serving, weight, frozenset(refused), frozenset(faults))
+
+
+def scrape(base_url: str, *, timeout: float = 5.0, client: Any = None) -> Snapshot:
+    """GET ``<base_url>/metrics`` and parse it; any failure is a MeasurementError."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/metrics"
+    try:
+        if client is not None:
+            resp = client.get(url, timeout=timeout)
+        else:
+            resp = httpx.get(url, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise MeasurementError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+    if resp.status_code != 200:
+        raise MeasurementError(f"GET {url} answered {resp.status_code}")
+    return parse_snapshot(resp.text)

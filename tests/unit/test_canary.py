@@ -1,0 +1,265 @@
+"""Canary decision rules as tables: the analysis, the Argo-style run, the plan, the readers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.canary import (
+    AnalysisPolicy,
+    AnalysisRun,
+    CanaryAnalysis,
+    CanaryDecision,
+    CanaryPlan,
+    CanaryReason,
+    CanaryStep,
+    CanaryThresholds,
+    RunStatus,
+    Verdict,
+    binned_auc,
+    psi,
+)
+from pipeline.serving import traffic
+from pipeline.serving.metrics import (
+    LATENCY_BUCKETS,
+    SCORE_BUCKETS,
+    Histogram,
+    MeasurementError,
+    ServiceMetrics,
+    VersionStats,
+    parse_snapshot,
+)
+
+
+def hist(values, bounds) -> Histogram:
+    b = (*bounds, math.inf)
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), np.asarray(values), side="left"),
+                         minlength=len(b))  # fmt: skip
+    return Histogram(b, tuple(float(c) for c in counts))
+
+
+def scores(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    return np.clip(np.random.default_rng(seed).beta(1.2, 25, n) + shift, 0, 1)
+
+
+def stats(requests=500, errors=0, latency_ms=3.0, n_scores=2000, seed=0, shift=0.0,
+          labels=0, auc_noise=0.0, lat_jitter=1.0) -> VersionStats:  # fmt: skip
+    rng = np.random.default_rng(seed + 100)
+    lat = rng.uniform(latency_ms, latency_ms + lat_jitter, int(requests)) / 1000
+    s = scores(n_scores, seed, shift)
+    pos = neg = Histogram.empty(SCORE_BUCKETS)
+    if labels:
+        y = rng.uniform(size=labels) < 0.3
+        base = np.where(y, rng.beta(4, 6, labels), rng.beta(1.2, 25, labels))
+        noisy = np.where(rng.uniform(size=labels) < auc_noise, rng.uniform(size=labels), base)
+        pos, neg = hist(noisy[y], SCORE_BUCKETS), hist(noisy[~y], SCORE_BUCKETS)
+    return VersionStats(requests, errors, n_scores, hist(lat, LATENCY_BUCKETS),
+                        hist(s, SCORE_BUCKETS), pos, neg)  # fmt: skip
+
+
+BASE = stats(seed=0)
+CASES = [
+    # (id, canary stats, verdict, reason)
+    ("healthy", stats(seed=1), Verdict.PASS, CanaryReason.HEALTHY),
+    ("error_rate_regressed", stats(errors=40, seed=1), Verdict.FAIL, CanaryReason.ERROR_RATE),
+    ("errors_fail_fast_before_min_requests", stats(requests=12, errors=6, n_scores=12, seed=1),
+     Verdict.FAIL, CanaryReason.ERROR_RATE),
+    ("one_error_in_little_traffic_is_not_judged", stats(requests=20, errors=1, n_scores=20, seed=1),
+     Verdict.INCONCLUSIVE, CanaryReason.TOO_LITTLE_TRAFFIC),
+    ("errors_within_bound", stats(errors=4, seed=1), Verdict.PASS, CanaryReason.HEALTHY),
+    ("latency_regressed", stats(latency_ms=200, seed=1), Verdict.FAIL, CanaryReason.LATENCY),
+    ("latency_ratio_within_slack", stats(latency_ms=8, seed=1), Verdict.PASS, CanaryReason.HEALTHY),
+    ("latency_fail_fast_on_median", stats(requests=15, latency_ms=200, n_scores=15, seed=1),
+     Verdict.FAIL, CanaryReason.LATENCY),
+    ("score_shift", stats(shift=0.3, seed=1), Verdict.FAIL, CanaryReason.SCORE_DISTRIBUTION),
+    ("small_shift_within_psi", stats(shift=0.002, seed=1), Verdict.PASS, CanaryReason.HEALTHY),
+    ("too_few_scores", stats(n_scores=50, seed=1), Verdict.INCONCLUSIVE, CanaryReason.TOO_LITTLE_TRAFFIC),
+    ("no_canary_traffic", stats(requests=0, n_scores=0, seed=1), Verdict.INCONCLUSIVE,
+     CanaryReason.TOO_LITTLE_TRAFFIC),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("canary", "verdict", "reason"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_analysis_decision_table(canary, verdict, reason):
+    d = CanaryAnalysis().decide(BASE, canary)
+    assert (d.verdict, d.reason) == (verdict, reason), d.message
+    assert d.evidence["checks"] and d.message
+    if verdict is Verdict.FAIL:
+        assert reason.value in d.failed_checks
+
+
+@pytest.mark.parametrize(
+    ("base_labels", "canary_labels", "noise", "verdict"),
+    [(2000, 2000, 0.0, Verdict.PASS), (2000, 2000, 0.6, Verdict.FAIL),
+     (2000, 30, 0.6, Verdict.PASS)],  # too few canary labels: the metric check waits
+    ids=["same_auc", "worse_auc", "labels_not_yet_arrived"],
+)  # fmt: skip
+def test_labelled_metric_is_judged_once_labels_arrive(base_labels, canary_labels, noise, verdict):
+    base = stats(seed=0, labels=base_labels)
+    canary = stats(seed=1, labels=canary_labels, auc_noise=noise)
+    d = CanaryAnalysis().decide(base, canary)
+    assert d.verdict is verdict, d.message
+    check = next(c for c in d.evidence["checks"] if c["name"] == "labelled_roc_auc")
+    if verdict is Verdict.FAIL:
+        assert d.reason is CanaryReason.LABELLED_METRIC and check["canary"] < check["baseline"]
+    if canary_labels < 40:
+        assert check["passed"] is None and "labels" in check["detail"]
+
+
+def test_thresholds_are_configurable():
+    canary = stats(latency_ms=8, seed=1)
+    strict = CanaryThresholds(max_latency_p95_ratio=1.2, latency_slack_ms=1)
+    assert CanaryAnalysis(strict).decide(BASE, canary).reason is CanaryReason.LATENCY
+    assert CanaryAnalysis(CanaryThresholds(max_psi=10)).decide(
+        BASE, stats(shift=0.3, seed=1)).verdict is Verdict.PASS  # fmt: skip
+
+
+def _d(verdict: Verdict) -> CanaryDecision:
+    reason = {Verdict.PASS: CanaryReason.HEALTHY, Verdict.FAIL: CanaryReason.ERROR_RATE,
+              Verdict.INCONCLUSIVE: CanaryReason.TOO_LITTLE_TRAFFIC}[verdict]  # fmt: skip
+    return CanaryDecision(verdict, reason, verdict.value)
+
+
+P, F, INC, E = "P", "F", "I", "E"  # pass, fail, inconclusive, error; suffix * = end of step
+
+
+@pytest.mark.parametrize(
+    ("policy", "sequence", "expected"),
+    [
+        (AnalysisPolicy(), [P, "P*", F], RunStatus.FAILED),
+        (AnalysisPolicy(failure_limit=1), [F, P], RunStatus.RUNNING),
+        (AnalysisPolicy(failure_limit=1), [F, P, F], RunStatus.FAILED),
+        (AnalysisPolicy(consecutive_error_limit=2), [E, E], RunStatus.RUNNING),
+        (AnalysisPolicy(consecutive_error_limit=2), [E, E, E], RunStatus.ERROR),
+        (AnalysisPolicy(consecutive_error_limit=2), [E, E, P, E, E], RunStatus.RUNNING),
+        (AnalysisPolicy(), [INC, INC, P], RunStatus.RUNNING),  # mid-step: just not enough yet
+        (AnalysisPolicy(), [INC, "I*"], RunStatus.PAUSED),  # a whole step inconclusive: pause
+        (AnalysisPolicy(inconclusive_limit=1), ["I*", P], RunStatus.RUNNING),
+        (AnalysisPolicy(inconclusive_limit=1), ["I*", "I*"], RunStatus.PAUSED),
+    ],
+)  # fmt: skip
+def test_argo_style_run_semantics(policy, sequence, expected):
+    run = AnalysisRun(policy)
+    for m in sequence:
+        if m == E:
+            run.record_error("metrics endpoint down")
+        else:
+            final = m.endswith("*")
+            run.record(_d({"P": Verdict.PASS, "F": Verdict.FAIL, "I": Verdict.INCONCLUSIVE}[m[0]]),
+                       final=final)  # fmt: skip
+    assert run.status is expected
+
+
+def test_run_state_round_trips_and_resume_clears_the_pause():
+    run = AnalysisRun(AnalysisPolicy(failure_limit=2))
+    run.record(_d(Verdict.FAIL))
+    run.record_error("x")
+    run.record(_d(Verdict.INCONCLUSIVE), final=True)
+    assert run.status is RunStatus.PAUSED
+    again = AnalysisRun()
+    again.load_state_dict(run.state_dict())
+    assert again.state_dict() == run.state_dict()
+    again.resume()
+    assert again.status is RunStatus.RUNNING and again.failures == 1 and again.inconclusives == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"steps": ()}, {"steps": ((0.5, 10), (0.25, 10))}, {"steps": ((0.5, 10), (1.5, 10))},
+     {"steps": ((0.0, 10),)}, {"steps": ((0.5, 1),), "analysis_interval_s": 2},
+     {"analysis_interval_s": 0}, {"bake_s": -1}],
+)  # fmt: skip
+def test_plan_validation(kwargs):
+    with pytest.raises(ValueError):
+        CanaryPlan(**kwargs)
+
+
+def test_default_plan_and_round_trip():
+    plan = CanaryPlan()
+    assert [s.weight for s in plan.steps] == [0.05, 0.25, 0.5, 1.0]
+    assert CanaryPlan.from_dict(plan.to_dict()) == plan
+    assert CanaryPlan(steps=((0.5, 2.0), CanaryStep(1.0, 2.0)), analysis_interval_s=1).steps[0] == CanaryStep(0.5, 2.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_error_rate_increase": 1.5}, {"max_latency_p95_ratio": 0.5}, {"max_psi": 0},
+     {"min_requests": 0}, {"min_requests_fail_fast": 100}, {"latency_slack_ms": -1},
+     {"max_metric_drop": -0.1}, {"alpha": 0}, {"alpha": 0.7}],
+)  # fmt: skip
+def test_threshold_validation(kwargs):
+    with pytest.raises(ValueError):
+        CanaryThresholds(**kwargs)
+
+
+# -- readers and helpers -------------------------------------------------------------------------
+
+
+def h_count_above_ok() -> bool:
+    h = hist([0.001, 0.004, 0.2, 0.3], LATENCY_BUCKETS)
+    return h.count_above(0.1) == 2 and h.count_above(0.0) == 4 and h.count_above(20) == 0
+
+
+@pytest.mark.parametrize(("k", "n", "p", "lo", "hi"),
+                         [(0, 10, 0.1, 1, 1), (11, 10, 0.1, 0, 0), (8, 17, 0.01, 0, 1e-9),
+                          (1, 20, 0.01, 0.1, 0.3), (5, 100, 0.05, 0.5, 0.6)])  # fmt: skip
+def test_binomial_tail(k, n, p, lo, hi):
+    from pipeline.canary import binomial_sf
+
+    assert lo <= binomial_sf(k, n, p) <= hi
+
+
+def test_psi_auc_quantile_helpers():
+    a, b = hist(scores(5000, 0), SCORE_BUCKETS), hist(scores(5000, 1), SCORE_BUCKETS)
+    assert psi(a, b) < 0.02
+    assert psi(a, hist(scores(5000, 1, 0.3), SCORE_BUCKETS)) > 1
+    assert psi(a, Histogram.empty(SCORE_BUCKETS)) is None
+    assert h_count_above_ok()
+    assert binned_auc(hist([0.9, 0.8], SCORE_BUCKETS), hist([0.01, 0.02], SCORE_BUCKETS)) == 1.0
+    assert binned_auc(hist([0.5], SCORE_BUCKETS), hist([0.5], SCORE_BUCKETS)) == 0.5
+    h = hist(np.full(100, 0.0042), LATENCY_BUCKETS)
+    assert 0.004 <= h.quantile(0.95) <= 0.005
+    assert Histogram.empty(LATENCY_BUCKETS).quantile(0.5) is None
+
+
+def test_snapshot_parsing_of_the_service_metrics():
+    m = ServiceMetrics()
+    champ, can = m.slot("champion", "1"), m.slot("canary", "2")
+    for _ in range(10):
+        champ.requests.inc()
+        champ.latency.observe(0.003)
+        champ.score.observe(0.02)
+    can.requests.inc()
+    can.errors.inc()
+    m.labelled.labels("canary", "2", "1").observe(0.7)
+    m.info.labels("champion", "1", "ab").set(1)
+    m.info.labels("canary", "2", "cd").set(1)
+    m.weight.set(0.25)
+    m.refused.labels("3").set(1)
+    m.fault.labels("2").set(1)
+    snap = parse_snapshot(m.render().decode())
+    assert snap.serving == {"champion": "1", "canary": "2"}
+    assert snap.canary_weight == 0.25 and snap.refused == {"3"} and snap.faults == {"2"}
+    assert snap.stats("1").requests == 10 and snap.stats("1").score.total == 10
+    assert snap.stats("2").errors == 1 and snap.stats("2").labelled_pos.total == 1
+    assert snap.stats("1").latency.quantile(0.5) == pytest.approx(0.0025, abs=0.0006)
+    later = parse_snapshot(m.render().decode())
+    assert later.since(snap, "1").requests == 0
+    fresh = parse_snapshot(ServiceMetrics().render().decode())
+    with pytest.raises(MeasurementError, match="restarted"):
+        fresh.since(snap, "1")
+    with pytest.raises(MeasurementError):
+        parse_snapshot("scoring_requests_total{alias=\"champion\" 1 2 3 garbage")
+
+
+def test_sticky_buckets_and_weights():
+    assert traffic.bucket("card-1") == traffic.bucket("card-1")
+    assert not traffic.goes_to_canary(0.0, "k") and traffic.goes_to_canary(1.0, "k")
+    share = np.mean([traffic.goes_to_canary(0.25, f"k{i}") for i in range(4000)])
+    assert 0.22 < share < 0.28
+    assert traffic.parse_weight("0.05") == 0.05
+    assert traffic.parse_weight("7") == 0.0 and traffic.parse_weight("x") == 0.0
+    assert traffic.parse_weight(None) == 0.0

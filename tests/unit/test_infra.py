@@ -1,0 +1,165 @@
+"""Static checks of infra/: Dockerfiles, Kubernetes manifests, Helm values (no Docker/kubectl).
+
+Images are pinned (no `latest`, no untagged base), nothing runs as root, manifests parse and
+reference images that are built from a Dockerfile here, GPU resources are where training runs,
+and serving never unpickles (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false everywhere it runs).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+DOCKERFILES = sorted(INFRA.glob("*/Dockerfile"))
+MANIFESTS = sorted(INFRA.glob("k8s/*.yaml"))
+# image repository in manifests -> Dockerfile that builds it
+BUILT = {"retrain-airflow": "airflow", "retrain-trainer": "trainer", "retrain-serving": "serving"}
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _pod_specs(doc: dict) -> list[dict]:
+    if doc["kind"] == "Pod":
+        return [doc["spec"]]
+    if doc["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
+        return [doc["spec"]["template"]["spec"]]
+    return []
+
+
+def test_there_are_the_three_images():
+    assert {p.parent.name for p in DOCKERFILES} == set(BUILT.values())
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_base_images_are_pinned(dockerfile):
+    froms = [args.split()[0] for word, args in _instructions(dockerfile) if word == "FROM"]
+    assert froms, "no FROM"
+    for image in froms:
+        name, _, tag = image.partition("@")[0].rpartition(":")
+        assert name and tag, f"{image}: untagged base image"
+        assert tag != "latest" and "latest" not in tag, f"{image}: pin a version, not latest"
+        assert re.search(r"\d", tag), f"{image}: tag {tag!r} names no version"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_images_do_not_run_as_root(dockerfile):
+    users = [args for word, args in _instructions(dockerfile) if word == "USER"]
+    assert users, "no USER: the image would run as whatever the base leaves (often root)"
+    final = users[-1].split(":")[0]
+    assert final not in ("root", "0"), f"final USER is {users[-1]}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_pip_installs_use_the_lock(dockerfile):
+    for word, args in _instructions(dockerfile):
+        if word == "RUN" and "pip install" in args and "-r " in args:
+            assert "-c " in args and "constraints.txt" in args, args
+
+
+def test_serving_image_refuses_pickle():
+    env = " ".join(args for word, args in _instructions(INFRA / "serving" / "Dockerfile") if word == "ENV")
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in env
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_parse_and_pods_are_hardened(manifest):
+    docs = _docs(manifest)
+    assert docs and all({"apiVersion", "kind", "metadata"} <= set(d) for d in docs)
+    specs = [s for d in docs for s in _pod_specs(d)]
+    assert specs, f"{manifest.name} has no pod spec"
+    for spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"].get("runAsUser", 1) != 0
+        assert spec.get("automountServiceAccountToken") is False
+        for c in spec["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert "ALL" in c["securityContext"]["capabilities"]["drop"]
+            assert c["resources"]["limits"].get("memory"), c["name"]
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_images_are_pinned_and_built_here(manifest):
+    for doc in _docs(manifest):
+        for spec in _pod_specs(doc):
+            for c in spec["containers"]:
+                repo, _, tag = c["image"].rpartition(":")
+                assert tag and tag != "latest" and re.search(r"\d", tag), c["image"]
+                name = repo.rsplit("/", 1)[-1]
+                assert name in BUILT, f"{c['image']} is not built by a Dockerfile in infra/"
+                assert (INFRA / BUILT[name] / "Dockerfile").is_file()
+
+
+def test_training_pod_gets_a_gpu_and_tolerates_the_taint():
+    pod = _docs(INFRA / "k8s" / "training-pod-template.yaml")[0]
+    base = pod["spec"]["containers"][0]
+    assert base["name"] == "base"
+    assert base["image"].rpartition(":")[0].endswith("retrain-trainer")
+    assert base["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert base["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+    env = {e["name"]: e.get("value") for e in base["env"]}
+    assert env["PIPELINE_DEVICE"] == "cuda"
+    assert not any(re.search(r"PASSWORD|SECRET|_KEY$", n) for n in env), "secrets come from the Secret"
+
+
+def test_serving_deployment_refuses_pickle_and_has_no_gpu():
+    deploy = next(d for d in _docs(INFRA / "k8s" / "serving.yaml") if d["kind"] == "Deployment")
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_compose_serving_refuses_pickle():
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    assert compose["services"]["scoring"]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+
+
+def test_helm_values_reference_the_built_image_and_settings():
+    values = yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
+    assert values["defaultAirflowRepository"].rsplit("/", 1)[-1] == "retrain-airflow"
+    tag = str(values["defaultAirflowTag"])
+    assert tag != "latest" and re.search(r"\d", tag)
+    env = {e["name"]: e["value"] for e in values["env"]}
+    assert env["PIPELINE_EXECUTION_MODE"] in ("auto", "inprocess", "celery", "kubernetes")
+    assert env["PIPELINE_K8S_POD_TEMPLATE_FILE"].endswith(".yaml")
+    assert env["PIPELINE_STORAGE_URI"].startswith("s3://")
+    assert int(values["config"]["core"]["parallelism"]) <= 32
+    assert values["webserver"]["defaultUser"]["enabled"] is False
+    assert "secretRef" in values["extraEnvFrom"]
+
+
+def test_mlflow_artifact_uris_never_name_a_host():
+    """The pipeline appends '/<experiment>' to PIPELINE_MLFLOW_ARTIFACT_URI; 'mlflow-artifacts:/'
+    alone would become 'mlflow-artifacts://<experiment>', a host the MLflow server refuses."""
+    from urllib.parse import urlparse
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    pod = _docs(INFRA / "k8s" / "training-pod-template.yaml")[0]["spec"]["containers"][0]
+    helm = yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
+    found = [compose["x-airflow-common"]["environment"]["PIPELINE_MLFLOW_ARTIFACT_URI"],
+             *(e["value"] for e in pod["env"] if e["name"] == "PIPELINE_MLFLOW_ARTIFACT_URI"),
+             *(e["value"] for e in helm["env"] if e["name"] == "PIPELINE_MLFLOW_ARTIFACT_URI")]  # fmt: skip
+    assert len(found) == 3
+    for v in found:
+        assert not urlparse(v.rstrip("/") + "/retrain_model").netloc, v

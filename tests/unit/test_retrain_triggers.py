@@ -1,0 +1,76 @@
+"""The retrain decision end to end through the stages, against a real (quickly trained)
+champion: a clean batch skips, a covariate-shifted batch retrains for drift, and a
+concept-drifted batch (same features, new labelling) retrains for performance decay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import registry, steps, storage
+from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
+
+NOW = "2026-01-05T00:00:00Z"
+ROWS = 6000
+
+
+def land(home: Path, name: str, spec: WorldSpec) -> str:
+    uri = (home / "storage" / "landing" / f"{name}.parquet").as_uri()
+    return storage.write_bytes(uri, to_parquet_bytes(generate(spec))).uri
+
+
+def decide(home: Path, name: str, spec: WorldSpec) -> tuple[dict, dict]:
+    ctx = steps.RunContext(dag_id="test", run_id=name, run_after=NOW)
+    ingested = steps.ingest_batch(ctx, land(home, name, spec))
+    steps.validate_batch(ctx, ingested)
+    drifted = steps.detect_drift(ctx, ingested)
+    return drifted, steps.decide_retrain(ctx, drifted)
+
+
+@pytest.fixture
+def champion(pipeline_home: Path) -> Path:
+    """A first batch becomes the champion through the stages (few epochs, small data)."""
+    ctx = steps.RunContext(dag_id="test", run_id="first", run_after=NOW)
+    eval_uri = land(pipeline_home, "eval", WorldSpec(rows=ROWS, seed=100))
+    ingested = steps.ingest_batch(ctx, land(pipeline_home, "first", WorldSpec(rows=ROWS, seed=1)))
+    steps.validate_batch(ctx, ingested)
+    first = steps.decide_retrain(ctx, steps.detect_drift(ctx, ingested))
+    assert first["verdict"] == "train" and first["reasons"] == ["no_champion"]
+    trained = steps.train_model(ctx, ingested, max_epochs=3, learning_rate=1e-2)
+    verified = steps.verify_checkpoint(ctx, trained)
+    registered = steps.register_challenger(ctx, ingested, trained, verified)
+    gated = steps.gate_promotion(ctx, registered, eval_uri=eval_uri, floor=0.6, resamples=200)
+    steps.promote_champion(ctx, gated)
+    assert registry.alias_version(registry.CHAMPION) is not None, gated.get("summary")
+    return pipeline_home
+
+
+def test_clean_skips_drift_and_concept_drift_retrain(champion: Path) -> None:
+    # 1. same world: nothing moved — a skip, with its reasons
+    drifted, decision = decide(champion, "clean", WorldSpec(rows=ROWS, seed=2))
+    assert decision["verdict"] == "skip", decision["summary"]
+    assert decision["reasons"] == ["nothing_changed"]
+    assert "no dataset drift" in decision["message"] and "margin" in decision["message"]
+    assert not drifted["dataset_drift"] and not drifted["label_drifted"]
+    run = registry.client().get_run(decision["mlflow_run_id"])
+    assert run.data.tags["stage.decide_retrain.verdict"] == "skip"
+    assert run.data.tags["retrain.reasons"] == "nothing_changed"
+
+    # 2. covariate shift: the features moved — retrain for drift
+    drifted, decision = decide(champion, "shifted", WorldSpec(rows=ROWS, seed=3, covariate_shift=1.0))
+    assert decision["verdict"] == "train"
+    assert "dataset_drift" in decision["reasons"], decision["summary"]
+    assert "amount" in drifted["drifted_columns"]
+    run = registry.client().get_run(decision["mlflow_run_id"])
+    assert run.data.metrics["retrain.decision"] == 1.0
+    assert run.data.metrics["drift.drifted.amount"] == 1.0
+
+    # 3. concept drift: same features, new labelling — only the champion's score reveals it
+    drifted, decision = decide(
+        champion, "concept", WorldSpec(rows=ROWS, seed=4, concept_drift=1.0, covariate_shift=0.0)
+    )
+    assert not drifted["dataset_drift"], drifted["summary"]
+    assert decision["verdict"] == "train"
+    assert decision["reasons"] == ["performance_decay"], decision["summary"]
+    assert drifted["champion_metric_on_batch"] < drifted["champion_metric_at_promotion"] - 0.03
