@@ -76,7 +76,7 @@ def get_or_create_run(run_key: str, tags: dict[str, str] | None = None) -> str:
     found = c.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = c.create_run(exp, tags={RUN_KEY_TAG: run_key, **(tags or {})}, run_name=run_key)
+    run = c.create_run(exp, tags={RUN_KEY_TAG: run_key, **(tags or {})}, run_name=(tags or {}).get("airflow.run_id", run_key)[:60])
     return run.info.run_id
 
 

@@ -440,10 +440,10 @@ def _version_tags(
         "data.snapshot_uri": ingested["uri"], "data.snapshot_sha256": ingested["sha256"],
         "data.batch_uri": ingested["source_uri"], "data.rows": ingested.get("rows", ""),
         "validation.verdict": rt.get("stage.validate_batch.verdict", "pass"),
-        "validation.summary": rt.get("stage.validate_batch.summary", "")[:500],
+        "validation.summary": _short(rt.get("stage.validate_batch.summary", "")),
         "validation.report": f"{artifacts}/validation/report.html",
         "drift.verdict": rt.get("stage.detect_drift.verdict", "not_run"),
-        "drift.summary": rt.get("stage.detect_drift.summary", "")[:500],
+        "drift.summary": _short(rt.get("stage.detect_drift.summary", "")),
         "drift.report": f"{artifacts}/drift/report.html"
         if rt.get("stage.detect_drift.verdict") in ("drift", "no_drift") else "none (no champion)",
         "checkpoint.uri": trained["checkpoint_uri"],
@@ -554,22 +554,29 @@ def _model_version_url(version: str) -> str:
     return f"{s.mlflow_ui_url.rstrip('/')}/#/models/{s.model_name}/versions/{version}"
 
 
+def _short(text: str, limit: int = 160) -> str:
+    """Tag values stay one glance long in the MLflow UI; the full text is in the run."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _gate_markdown(ctx: RunContext, registered: dict[str, Any], rec: dict[str, Any]) -> str:
     """The version's description: the gate's verdict and its table, readable in the MLflow UI."""
     cv = rec["champion_version"]
     gate = rec["gate"]
     ni = gate.get("non_inferiority_margin")
+    reasons = "\n".join(f"- {part}" for part in str(rec["message"]).split("; ") if part)
+    required = f"{gate['improvement']} improvement {gate['min_improvement']}" + (
+        f", or non-inferiority within {ni}" if ni is not None else ""
+    )
     return (
-        f"### Gate: {rec['verdict'].upper()} — `{rec['reason']}`\n\n{rec['message']}\n\n"
+        f"### Gate: {rec['verdict'].upper()} — `{rec['reason']}`\n\n{reasons}\n\n"
         f"{rec['report_table']}\n\n"
-        f"Challenger v{registered['model_version']} vs "
-        f"{'champion v' + cv if cv else 'no champion (floors and budgets only)'}, on the same "
-        f"trusted evaluation set `{rec['eval_uri']}` (sha256 `{rec['eval_sha256'][:12]}`). "
-        f"Paired bootstrap: {gate['resamples']} resamples, seed {gate['seed']}. "
-        f"Required {gate['improvement']} improvement {gate['min_improvement']}"
-        + (f", or non-inferiority within {ni}" if ni is not None else "")
-        + f". Decision record (replayable): `{rec['record_uri']}`. "
-        f"Run: {ctx.dag_id} / {ctx.run_id}."
+        f"- compared: challenger v{registered['model_version']} vs "
+        f"{'champion v' + cv if cv else 'no champion (floors and budgets only)'}\n"
+        f"- trusted evaluation set: `{rec['eval_uri']}` (sha256 `{rec['eval_sha256'][:12]}`)\n"
+        f"- Paired bootstrap: {gate['resamples']} resamples, seed {gate['seed']}; required {required}\n"
+        f"- decision record (replayable): `{rec['record_uri']}`\n"
+        f"- Airflow: {ctx.dag_id} / {ctx.run_id}"
     )
 
 
@@ -621,6 +628,9 @@ def promote_champion(
                {"stage": "promote_champion", "verdict": "conflict", "error": str(exc), **_base(gated)})  # fmt: skip
         raise
     registry.tag_version(version, {"promoted_at": ctx.now.isoformat(), "promoted_by": ctx.run_key})
+    challenger = registry.alias_version(registry.CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        registry.delete_alias(registry.CHALLENGER)  # it serves now: no longer a candidate
     summary = f"champion -> v{version}" + (f" (previous_champion v{previous})" if previous else "")
     rec = {"stage": "promote_champion", "verdict": "promoted", "model_version": version,
            "previous_champion": previous, "summary": summary, **_base(gated)}  # fmt: skip

@@ -5,7 +5,11 @@
    beats the champion on the trusted evaluation set and is promoted;
 3. a batch with poisoned labels is retrained on (the champion decays on its labels), and
    the gate rejects the challenger on the trusted set: the champion stays;
-4. a batch that breaks the data contract is quarantined and the run fails, saying why.
+4. a batch that breaks the data contract is quarantined and the run fails, saying why;
+5. a fresh batch is retrained on (forced) and its challenger, non-inferior to the champion,
+   goes through a canary on the scoring service under replayed traffic; a fault injected
+   into the canary (50% errors, through the service's documented fault switch) makes the
+   analysis roll it back: weight 0, alias removed, version tagged, champion untouched.
 
 Each run is `airflow dags test retrain_model <date> --conf …`: a real DAG run in the
 Airflow metadata database (SQLite under .local/airflow), tasks executed in-process, MLflow
@@ -43,6 +47,15 @@ STORY = [
      {"seed": 4, "rows": 5000, "start": "2026-03-03T00:00:00Z", "covariate_shift": 0.6,
       "concept_drift": 1.0, "schema_fault": "unknown_category"}, "2026-03-04", "eval-world-b"),
 ]  # fmt: skip
+CANARY_BATCH = ("batch-005", {"seed": 5, "start": "2026-03-04T00:00:00Z",
+                              "covariate_shift": 0.6, "concept_drift": 1.0})
+CANARY_ENV = {  # short steps so the demo takes a minute, not hours
+    "PIPELINE_SERVING_POLL_SECONDS": "0.5",
+    "PIPELINE_CANARY_STEPS": "[0.25, 0.5, 1.0]",
+    "PIPELINE_CANARY_STEP_SECONDS": "5",
+    "PIPELINE_CANARY_ANALYSIS_INTERVAL_SECONDS": "1",
+    "PIPELINE_CANARY_BAKE_SECONDS": "5",
+}
 EVAL_SETS = {
     "eval-world-a": {"seed": 101, "rows": 10_000},
     "eval-world-b": {"seed": 102, "rows": 10_000, "covariate_shift": 0.6, "concept_drift": 1.0},
@@ -71,7 +84,7 @@ def land_data() -> dict[str, str]:
         uris[name] = storage.write_bytes(
             storage.join(root, "trusted", f"{name}.parquet"), to_parquet_bytes(generate(WorldSpec(**knobs)))
         ).uri
-    for _, batch, knobs, _, _ in STORY:
+    for _, batch, knobs, _, _ in [*STORY, ("", *CANARY_BATCH, "", "")]:
         spec = WorldSpec(**{"rows": 20_000, **knobs})
         uris[batch] = storage.write_bytes(
             storage.join(root, "landing", f"{batch}.parquet"), to_parquet_bytes(generate(spec))
@@ -79,14 +92,96 @@ def land_data() -> dict[str, str]:
     return uris
 
 
-def run_dag(date: str, conf: dict, log_path: Path) -> tuple[int, float]:
+def run_dag(date: str, conf: dict, log_path: Path, env: dict | None = None) -> tuple[int, float]:
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         rc = subprocess.call(
             [AIRFLOW, "dags", "test", "retrain_model", date, "--conf", json.dumps(conf)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
         )  # fmt: skip
     return rc, time.perf_counter() - t0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | None]:
+    """Start the scoring service and a traffic replayer, run a canary, inject a fault."""
+    import threading
+    import urllib.request
+
+    from pipeline import registry
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **CANARY_ENV, "PIPELINE_SERVING_URL": url}
+    py = sys.executable
+    serve = subprocess.Popen([py, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                             env=env, stdout=(logs / "serve.log").open("w"), stderr=subprocess.STDOUT,
+                             cwd=ROOT, start_new_session=True)  # fmt: skip
+    replay = None
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        print(f"    scoring service ready on {url} (champion loaded from the registry)", flush=True)
+        replay = subprocess.Popen(
+            [py, "-m", "pipeline", "replay", "--url", url, "--batch", uris["eval-world-b"],
+             "--rate", "40", "--duration", "240", "--rows-per-request", "16", "--labels-after", "1"],
+            env=env, stdout=(logs / "replay.log").open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+        before = registry.alias_version(registry.CHAMPION)
+        injected: dict = {}
+
+        def inject_when_canary_is_live() -> None:
+            end = time.time() + 400
+            while time.time() < end and not injected:
+                canary = registry.alias_version("canary")
+                if canary is not None and (before is None or canary.version != before.version):
+                    body = json.dumps({"version": str(canary.version), "error_rate": 0.5}).encode()
+                    req = urllib.request.Request(f"{url}/admin/faults", data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})  # fmt: skip
+                    urllib.request.urlopen(req, timeout=5).close()
+                    injected["version"] = str(canary.version)
+                    print(f"    fault injected into canary v{canary.version}: 50% errors", flush=True)
+                    return
+                time.sleep(0.5)
+
+        thread = threading.Thread(target=inject_when_canary_is_live, daemon=True)
+        thread.start()
+        conf = {"batch_uri": uris[CANARY_BATCH[0]], "eval_uri": uris["eval-world-b"],
+                "force_retrain": True, "canary": True, "gate_non_inferiority_margin": 0.05}  # fmt: skip
+        rc, secs = run_dag("2026-03-05", conf, logs / "run-5.log", env=env)
+        thread.join(timeout=1)
+        return rc, secs, injected
+    finally:
+        if replay is not None:
+            _stop(replay)
+        _stop(serve)
 
 
 def main() -> int:
@@ -120,23 +215,40 @@ def main() -> int:
         if summary:
             print("\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:]))
 
+    title = "canary under a fault: rolled back, champion stays"
+    print(f"\n[5/5] {title}: scoring service + replayed traffic + airflow dags test", flush=True)
+    rc, secs, injected = canary_story(uris, logs)
+    ctx = _run_context(uris[CANARY_BATCH[0]])
+    summary = steps.publish_summary(ctx) if ctx else None
+    results.append((title, rc, secs, summary))
+    print(f"    DAG run {'succeeded' if rc == 0 else f'failed (exit {rc})'} in {secs:.0f}s; "
+          f"log: {logs / 'run-5.log'}")  # fmt: skip
+    if summary:
+        print("\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:]))
+    canary_rolled_back = bool(
+        summary and summary["stages"]["promote_champion"]["verdict"] == "rolled_back" and injected
+    )
+
     print("\n== registry: model", get_settings().model_name)
     c = registry.client()
     name = get_settings().model_name
     for found in sorted(c.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):
         mv = c.get_model_version(name, found.version)  # search results carry no aliases
         aliases = ",".join(mv.aliases) or "-"
-        print(f"  v{mv.version:<3} aliases={aliases:<30} gate={mv.tags.get('gate.verdict', '-'):<8}"
-              f" {mv.tags.get('rejection_reason', '')}")  # fmt: skip
+        note = mv.tags.get("rejection_reason", "")
+        if mv.tags.get("rolled_back") == "true" or mv.tags.get("canary.verdict") == "rolled_back":
+            note = "canary rolled back: " + mv.tags.get("canary.reason", "")
+        note = note if len(note) <= 110 else note[:109] + "…"
+        print(f"  v{mv.version:<3} aliases={aliases:<22} gate={mv.tags.get('gate.verdict', '-'):<8} {note}")
     champ = registry.alias_version(registry.CHAMPION)
     print(f"  champion: v{champ.version if champ else '-'}")
 
-    expected = [0, 0, 0, "fail"]
+    expected = [0, 0, 0, "fail", 0]
     ok = all((rc == 0) if e == 0 else (rc != 0) for (_, rc, _, _), e in zip(results, expected, strict=True))
-    ok = ok and champ is not None and str(champ.version) == "2"
+    ok = ok and champ is not None and str(champ.version) == "2" and canary_rolled_back
     print(f"""
 == open the UIs on what the demo made
-  make airflow   -> http://127.0.0.1:8080  (DAG retrain_model, 4 runs; login printed on start)
+  make airflow   -> http://127.0.0.1:8080  (DAG retrain_model, 5 runs; login printed on start)
   make mlflow    -> http://127.0.0.1:5000  (experiment retrain_model; Models -> {get_settings().model_name})
   state: {HOME}
 """)

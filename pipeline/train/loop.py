@@ -345,7 +345,8 @@ def iter_train(
     result = TrainResult(model, spec, mcfg, config, device=str(device), precision=precision,
                          train_rows=len(train_df), val_rows=len(val_df))  # fmt: skip
     loop: dict[str, Any] = {"step": 0, "epoch": 1, "pos": 0, "best_loss": math.inf, "stopped": False,
-                            "finished": False, "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0}  # fmt: skip
+                            "finished": False, "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0,
+                            "tel_cpu_mark": 0.0}  # fmt: skip
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     perm: torch.Tensor | None = None
 
@@ -465,10 +466,12 @@ def iter_train(
                                                 val_loss=float("nan"))))  # fmt: skip
         metrics = classification_metrics(y_va, proba)
         ep_loss, ep_norm, ep_steps = acc.epoch_values()
+        tel_cpu = telemetry.sender_cpu_s if telemetry else 0.0  # the sender thread, this epoch
         seen = min(loop["pos"] * bs, n)
         row = {"epoch": loop["epoch"], "step": loop["step"], "train_loss": ep_loss / max(seen, 1),
                "grad_norm": ep_norm / max(ep_steps, 1), "lr": schedule.lr(max(loop["step"], 1)),
                "seconds": loop["epoch_seconds"], "cpu_seconds": loop["epoch_cpu_seconds"],
+               "telemetry_cpu_seconds": tel_cpu - loop["tel_cpu_mark"],
                **({"partial": 1.0} if partial else {}),
                **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
         result.history.append(row)
@@ -482,6 +485,7 @@ def iter_train(
             result.best_epoch, result.val_metrics = loop["epoch"], metrics
         acc.reset_epoch()
         loop["epoch_seconds"] = loop["epoch_cpu_seconds"] = 0.0
+        loop["tel_cpu_mark"] = tel_cpu
         if not partial and not loop["stopped"]:
             handle(stopper.update(StopEvidence(step=loop["step"], epoch=loop["epoch"],
                                                val_loss=metrics["log_loss"])))  # fmt: skip

@@ -272,6 +272,11 @@ class GradientTelemetry:
         self._closed: dict[str, Any] | None = None
 
     @property
+    def sender_cpu_s(self) -> float:
+        """CPU seconds the background sender has spent so far (what shipping costs)."""
+        return self._sender.cpu_s if self._sender else 0.0
+
+    @property
     def width(self) -> int:
         return len(self.params) * (N_STATS + BINS)
 

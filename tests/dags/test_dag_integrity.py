@@ -97,9 +97,9 @@ def test_parse_time_is_light_and_touches_no_database(dag_file, tmp_path):
     """Import the DAG file in a fresh interpreter whose metadata DB does not exist and
     cannot be created: parsing must succeed and must not import heavy libraries."""
     code = (
-        "import sys, json, runpy; sys.path.insert(0, %r); runpy.run_path(%r);"
-        "print(json.dumps(sorted(m for m in %r if m in sys.modules)))"
-    ) % (str(DAGS), str(dag_file), HEAVY)
+        f"import sys, json, runpy; sys.path.insert(0, {str(DAGS)!r}); runpy.run_path({str(dag_file)!r});"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path),
            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////nonexistent/dir/airflow.db",
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip

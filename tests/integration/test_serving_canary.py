@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INTERVAL = 0.5
 # Sized for a busy 2-core machine (the replayer may get only ~40 requests/s through):
 # a step's window must hold min_requests canary requests even then.
-THRESHOLDS = {"min_requests": 15, "min_requests_fail_fast": 6, "min_scores": 150,
+THRESHOLDS = {"min_requests": 15, "min_requests_fail_fast": 6, "min_scores": 300,
               "min_labels_per_class": 15, "max_metric_drop": 0.05}  # fmt: skip
 ROWS_PER_REQUEST = 16
 
@@ -357,7 +357,7 @@ def test_too_little_traffic_pauses_for_a_human_then_resumes(fresh):
 
     env = fresh
     v = env.register("good_b")
-    plan = env.plan(((0.5, 1.0), (1.0, 1.5)))
+    plan = env.plan(((0.5, 1.5), (1.0, 1.5)))
     out = run_canary_rollout(v, env.champion, plan=plan, service_url=env.url, run_key="t-pause")
     assert out["verdict"] == "paused" and out["reason"] == "too_little_traffic", out["summary"]
     state = traffic.read_state()
