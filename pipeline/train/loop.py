@@ -475,10 +475,13 @@ def iter_train(
                **({"partial": 1.0} if partial else {}),
                **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
         result.history.append(row)
+        done = [h["seconds"] for h in result.history if not h.get("partial")]
+        eta = (config.max_epochs - loop["epoch"]) * sum(done) / max(len(done), 1)  # upper bound
         log.info("epoch %d/%d step %d train_loss=%.4f val_loss=%.4f val_roc_auc=%.4f grad_norm=%.4f "
-                 "rows/s=%.0f", loop["epoch"], config.max_epochs, loop["step"], row["train_loss"],
-                 metrics["log_loss"], metrics.get("roc_auc", float("nan")), row["grad_norm"],
-                 seen / max(row["seconds"], 1e-9))  # fmt: skip
+                 "rows/s=%.0f eta<=%.0fs", loop["epoch"], config.max_epochs, loop["step"],
+                 row["train_loss"], metrics["log_loss"], metrics.get("roc_auc", float("nan")),
+                 row["grad_norm"], seen / max(row["seconds"], 1e-9), eta,
+                 extra={"progress": True})  # fmt: skip
         if metrics["log_loss"] < loop["best_loss"]:
             loop["best_loss"] = metrics["log_loss"]
             best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
