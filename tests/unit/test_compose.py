@@ -422,7 +422,8 @@ def test_dockerfiles(services):
     assert 'ENTRYPOINT ["python", "-m", "pipeline"]' in trainer
     serving = (INFRA / "serving" / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", serving, re.M)
-    assert 'CMD ["python", "-m", "pipeline", "serve"]' in serving
+    # in a container the service must listen beyond loopback to be reachable at all
+    assert 'CMD ["python", "-m", "pipeline", "serve", "--host", "0.0.0.0"]' in serving
 
 
 def test_training_pod_template_requests_a_gpu():
