@@ -81,7 +81,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif stage == "drift":
         rec = steps.detect_drift(ctx, *ins)
     elif stage == "decide":
-        rec = steps.decide_retrain(ctx, *ins, force=args.force, decay_margin=args.decay_margin)
+        rec = steps.decide_retrain(ctx, ins[0], force=args.force, decay_margin=args.decay_margin)
     elif stage == "train":
         rec = steps.train_model(ctx, *ins, max_epochs=args.max_epochs,
                                 learning_rate=args.learning_rate, seed=args.seed,
