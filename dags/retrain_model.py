@@ -205,8 +205,12 @@ def retrain_model():
 
     @task(outlets=[champion_model], trigger_rule="none_failed")
     def promote_champion(gated, approval, params=None):
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from pipeline import steps
 
+        if gated is None:  # none_failed also runs when everything upstream was skipped
+            raise AirflowSkipException("no challenger in this run: retraining was skipped")
         if params["canary"]:  # steps.canary_rollout: weights, analysis, promote or roll back
             return _run(steps.canary_rollout, gated, approval=approval)
         return _run(steps.promote_champion, gated, approval=approval)

@@ -26,6 +26,7 @@ def test_champion_then_poisoned_rejection_then_quarantine(airflow_home, monkeypa
     eval_uri = land(root + "/trusted", "eval", WorldSpec(rows=6000, seed=101))
     good = land(root + "/landing", "good", WorldSpec(rows=10_000, seed=1))
     poisoned = land(root + "/landing", "poisoned", WorldSpec(rows=10_000, seed=2, label_poison=0.8))
+    clean = land(root + "/landing", "clean", WorldSpec(rows=10_000, seed=4))
     broken = land(root + "/landing", "broken",
                   WorldSpec(rows=3000, seed=3, schema_fault="out_of_range"))  # fmt: skip
 
@@ -42,6 +43,12 @@ def test_champion_then_poisoned_rejection_then_quarantine(airflow_home, monkeypa
     assert tags["airflow.run_id"].startswith("manual__")
     assert len(tags["checkpoint.manifest_sha256"]) == 64
     assert tags["gate.verdict"] == "promote"
+
+    # 1b. a clean batch of the same world: retraining is skipped, and the skip is a success
+    rs = airflow_home.dags_test("retrain_model", {"batch_uri": clean, "eval_uri": eval_uri})
+    assert rs.returncode == 0, rs.stdout[-4000:] + rs.stderr[-4000:]
+    assert "no challenger in this run: retraining was skipped" in rs.stdout + rs.stderr
+    assert "nothing_changed" in rs.stdout + rs.stderr  # the summary says why
 
     # 2. poisoned labels: the champion decays on them, so it retrains; the gate rejects
     r2 = airflow_home.dags_test("retrain_model", {"batch_uri": poisoned, "eval_uri": eval_uri})
