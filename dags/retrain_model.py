@@ -36,7 +36,7 @@ from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from assets import batch_landed, champion_model
-from pipeline.train.placement import train_task_kwargs
+from placement import train_task_kwargs
 
 RETRY = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"}
 
@@ -56,8 +56,10 @@ def _run(fn, *args, **kwargs):
     """Call a pipeline stage; deterministic rejections fail at once, without retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from connections import use_signing_connection
     from pipeline.errors import PipelineRejection
 
+    use_signing_connection()
     try:
         return fn(_ctx(), *args, **kwargs)
     except PipelineRejection as exc:

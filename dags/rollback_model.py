@@ -53,9 +53,11 @@ def rollback_model():
     def rollback_champion(params=None, dag_run=None):
         from airflow.sdk.exceptions import AirflowFailException
 
+        from connections import use_signing_connection
         from pipeline.errors import PipelineRejection
         from pipeline.rollback import rollback_champion as rollback
 
+        use_signing_connection()  # the rollback target's checkpoint is verified
         who = getattr(dag_run, "triggering_user_name", None) or "unknown"
         try:
             return rollback(params["reason"], target_version=params.get("target_version") or None,

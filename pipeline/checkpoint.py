@@ -61,7 +61,6 @@ WEIGHTS, PROBE, PROBE_ROWS, MANIFEST, SIGNATURE = (
 OPTIMIZER, OPTIMIZER_STRUCTURE = "optimizer.safetensors", "optimizer.json"
 FORMAT = "retrain-checkpoint/1"
 PARITY_ATOL = 1e-5
-SIGNING_CONN_ID = "checkpoint_signing"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
 
 
@@ -72,44 +71,13 @@ class CheckpointError(RuntimeError):
 # -- signing ---------------------------------------------------------------------------
 
 
-def _inside_airflow() -> bool:
-    """True while an Airflow task runs (the task runner exports ``AIRFLOW_CTX_*``)."""
-    return bool(os.environ.get("AIRFLOW_CTX_DAG_ID"))
-
-
-def _airflow_signing_key() -> tuple[bytes, str] | None:
-    """The key from the Airflow Connection ``checkpoint_signing``, if inside Airflow and set.
-
-    Imported lazily: ``pipeline`` knows nothing of Airflow and runs without it.
-    A missing connection falls back to settings; any other lookup error is raised,
-    so a broken secrets backend never silently signs with a different key.
-    """
-    if not _inside_airflow():
-        return None
-    try:
-        from airflow.sdk import Connection
-        from airflow.sdk.exceptions import AirflowNotFoundException
-    except ImportError:
-        return None
-    try:
-        conn = Connection.get(SIGNING_CONN_ID)
-    except AirflowNotFoundException:
-        return None
-    if conn is None or not conn.password:
-        return None
-    key_id = conn.extra_dejson.get("key_id") or conn.login or f"airflow:{SIGNING_CONN_ID}"
-    return conn.password.encode(), str(key_id)
-
-
 def signing_key() -> tuple[bytes, str]:
-    """(key, key id): Airflow Connection (inside Airflow), else settings, else a local key.
+    """(key, key id): from settings (inside Airflow the DAG hands the Connection
+    ``checkpoint_signing`` over as settings: ``dags/connections.py``), else a local key.
 
     The local key is made once (mode 0600) under ``PIPELINE_HOME/keys`` — state, not
     source: never read from or written to the repository.
     """
-    from_airflow = _airflow_signing_key()
-    if from_airflow is not None:
-        return from_airflow
     s = get_settings()
     if s.signing_key is not None:
         return s.signing_key.get_secret_value().encode(), s.signing_key_id

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     )
     signing_key_id: str = "local"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
-    # -- where train_model runs (read at DAG-parse time by pipeline/train/placement.py) --
+    # -- where train_model runs (read at DAG-parse time by dags/placement.py) --
     execution_mode: Literal["auto", "inprocess", "celery", "kubernetes"] = Field(
         default="auto", description="auto: queue `gpu` only under Celery | inprocess | celery | "
         "kubernetes (GPU pod via executor_config)",

@@ -346,26 +346,3 @@ def test_local_key_lives_in_pipeline_home_not_the_repository(pipeline_home):
     assert path.is_file() and oct(path.stat().st_mode & 0o777) == "0o600"
     assert ROOT not in path.resolve().parents or ".local" in path.parts
     assert key_id.startswith("local-") and len(key) == 64
-
-
-def test_signing_key_from_airflow_connection_only_inside_airflow(pipeline_home, monkeypatch, tmp_path):
-    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    monkeypatch.setenv("AIRFLOW_CONN_CHECKPOINT_SIGNING",
-                       json.dumps({"conn_type": "generic", "login": "kid-7", "password": "conn-secret"}))  # fmt: skip
-    monkeypatch.setenv("PIPELINE_SIGNING_KEY", "settings-secret")
-    from pipeline.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        monkeypatch.delenv("AIRFLOW_CTX_DAG_ID", raising=False)
-        assert checkpoint.signing_key() == (b"settings-secret", "local")  # outside Airflow
-        monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "retrain_model")
-        assert checkpoint.signing_key() == (b"conn-secret", "kid-7")  # inside a task
-        signed = checkpoint.sign(b"manifest")
-        assert json.loads(signed)["key_id"] == "kid-7"
-        monkeypatch.delenv("AIRFLOW_CONN_CHECKPOINT_SIGNING")
-        assert checkpoint.signing_key() == (b"settings-secret", "local")  # no connection
-        monkeypatch.delenv("AIRFLOW_CTX_DAG_ID")
-        assert "signed with 'kid-7'" in checkpoint.check_signature(b"manifest", signed)
-    finally:
-        get_settings.cache_clear()

@@ -24,7 +24,6 @@ from pipeline.train.loop import (
     train,
 )
 from pipeline.train.model import predict_proba
-from pipeline.train.placement import train_task_kwargs, uses_celery
 from pipeline.train.schedule import LRSchedule
 from pipeline.train.stopping import StopReason
 
@@ -281,22 +280,6 @@ def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_hom
     assert "diverged" in run.data.tags["stage.train_model.summary"]
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "telemetry")}
     assert any(p.startswith("telemetry/diverged-step-") for p in arts)
-
-
-# -- placement -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("executor", "kwargs"),
-    [("LocalExecutor", {"pool": "gpu"}),
-     ("CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
-     ("airflow.providers.celery.executors.celery_executor.CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
-     ("LocalExecutor,CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
-     ("KubernetesExecutor", {"pool": "gpu"})],
-)  # fmt: skip
-def test_gpu_placement(executor, kwargs):
-    assert train_task_kwargs(executor) == kwargs
-    assert uses_celery(executor) == ("queue" in kwargs)
 
 
 def test_nonfinite_history_never_reaches_best_weights(contract, data):

@@ -12,7 +12,8 @@ the cncf.kubernetes provider, which the KubernetesExecutor needs); otherwise the
 plain dict, so the DAG still parses and the placement can be checked.
 
 Called while the DAG file is parsed, so it reads only the environment and Airflow's
-configuration (files/env, no metadata database) and imports nothing heavy.
+configuration (files/env, no metadata database) and imports nothing heavy. It lives beside
+the DAGs, not in ``pipeline/``: it is about Airflow, and the library knows nothing of Airflow.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("auto", "inprocess", "celery", "kubernetes")
-DEFAULT_POD_TEMPLATE = Path(__file__).resolve().parents[2] / "infra" / "k8s" / "training-pod-template.yaml"
+DEFAULT_POD_TEMPLATE = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "training-pod-template.yaml"
 
 
 def _executor() -> str:
