@@ -127,22 +127,6 @@ def code_version() -> str:
         return __version__
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- optimizer state without pickle ------------------------------------------------------
 # A torch optimizer state dict is nested dicts/lists/tuples of tensors and scalars, with
 # int keys (parameter indices). Tensors go to safetensors under their path; the structure
@@ -261,7 +245,7 @@ def save_checkpoint(
             names += [OPTIMIZER, OPTIMIZER_STRUCTURE]
         manifest = {
             "format": FORMAT,
-            "files": {name: {"sha256": _sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+            "files": {name: {"sha256": storage.sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
                       for name in names},  # fmt: skip
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                         for k, v in state.items()},  # fmt: skip
@@ -281,9 +265,9 @@ def save_checkpoint(
         for p in tmp.iterdir():
             with p.open("rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        storage.fsync_path(tmp)
         os.rename(tmp, directory)
-        _fsync_dir(directory.parent)
+        storage.fsync_path(directory.parent)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -296,7 +280,7 @@ def _probe_predictions(model: MLP, spec: FeatureSpec, rows_path: Path) -> torch.
 
 
 def manifest_digest(directory: Path) -> str:
-    return _sha256_file(directory / MANIFEST)
+    return storage.sha256_file(directory / MANIFEST)
 
 
 def checkpoint_bytes(manifest: dict[str, Any]) -> int:
@@ -366,7 +350,7 @@ def verify_checkpoint(directory: Path) -> Verification:
         size = path.stat().st_size
         if size != meta["size"]:
             v.problem(f"{name}: size {size} != manifest {meta['size']} (truncated or padded)")
-        elif _sha256_file(path) != meta["sha256"]:
+        elif storage.sha256_file(path) != meta["sha256"]:
             v.problem(f"{name}: sha256 mismatch (content changed after save)")
     if v.problems:
         return v

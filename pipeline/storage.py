@@ -105,7 +105,7 @@ class _FileBackend:
             # The digest sidecar follows the data; an object caught without one (a crash in
             # between) has its digest computed from content instead.
             _atomic_text(path.with_name(path.name + SIDECAR), digest)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
             return True
         finally:
             os.unlink(tmp)
@@ -153,12 +153,22 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list: renames become durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class _S3Backend:

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.storage import fsync_path, sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT = "retrain-train-state/1"
@@ -82,22 +84,6 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class LoadedState:
     step: int
@@ -136,16 +122,16 @@ class TrainingStateStore:
                       str(tmp / TENSORS))  # fmt: skip
             (tmp / STATE).write_text(json.dumps(state, sort_keys=True, allow_nan=True))
             manifest = {"format": FORMAT, "step": step, "final": final,
-                        "files": {n: {"sha256": _sha256(tmp / n), "size": (tmp / n).stat().st_size}
+                        "files": {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
                                   for n in (TENSORS, STATE)}}  # fmt: skip
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             for p in tmp.iterdir():
-                _fsync(p)
-            _fsync(tmp)
+                fsync_path(p)
+            fsync_path(tmp)
             if dest.exists():  # same step saved again (a resumed run): identical content
                 shutil.rmtree(dest)
             os.rename(tmp, dest)
-            _fsync(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -172,7 +158,7 @@ class TrainingStateStore:
             f = path / name
             if not f.is_file():
                 raise StateCheckpointError(f"{path}: missing {name}")
-            if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
                 raise StateCheckpointError(f"{path}: {name} does not match its manifest digest")
         return manifest, hashlib.sha256(raw).hexdigest()
 
