@@ -739,8 +739,8 @@ def run_canary_rollout(
     mv = registry.client().get_model_version(get_settings().model_name, version)
     champ = registry.alias_version(registry.CHAMPION)
     champ_v = str(champ.version) if champ else None
-    base = {"kind": RECORD_KIND, "model_version": version, "champion_version": expected_champion,
-            "service_url": url, "plan": plan.to_dict(), "run_key": run_key, "actor": actor}  # fmt: skip
+    base: dict[str, Any] = {"kind": RECORD_KIND, "model_version": version, "champion_version": expected_champion,
+                            "service_url": url, "plan": plan.to_dict(), "run_key": run_key, "actor": actor}  # fmt: skip
     status = mv.tags.get("canary.status")
     if resume and expected_champion is None:
         expected_champion = mv.tags.get("canary.champion_version")
@@ -757,9 +757,9 @@ def run_canary_rollout(
             f"champion is v{champ_v}, but the gate compared v{version} against {saw}; "
             "no traffic was moved — re-run the gate against the current champion")
     if champ_v is None:
-        previous = registry.promote_champion(version, None)
+        replaced = registry.promote_champion(version, None)
         rec = {**base, "verdict": "promoted", "reason": CanaryReason.NO_CHAMPION.value,
-               "previous_champion": previous,
+               "previous_champion": replaced,
                "summary": f"no champion to compare against: v{version} promoted directly"}  # fmt: skip
         _finish(version, mv.run_id, rec, {"canary.status": "promoted",
                                           "canary.reason": CanaryReason.NO_CHAMPION.value})  # fmt: skip

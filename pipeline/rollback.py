@@ -161,16 +161,17 @@ def _record(run_id: str, from_v: str, to_v: str, reason: str, who: str, source: 
     })  # fmt: skip
     registry.tag_version(to_v, {"restored.at": at, "restored.by": who,
                                 "restored.reason": reason[:4000], "restored.from": from_v})  # fmt: skip
-    rec = {
+    summary = f"champion v{from_v} -> v{to_v} by {who}: {reason}"
+    rec: dict[str, Any] = {
         "kind": "rollback", "verdict": "rolled_back", "from_version": from_v, "to_version": to_v,
         "reason": reason, "who": who, "at": at, "source": source,
         "target_was": "named" if target_version else "previous_champion",
         "previous_champion_now": str(prev_after.version) if prev_after else None,
         "stopped_canary": stopped_canary, "run_key": run_key, "mlflow_run_id": run_id,
-        "retried": retried, "summary": f"champion v{from_v} -> v{to_v} by {who}: {reason}",
+        "retried": retried, "summary": summary,
     }  # fmt: skip
     registry.set_tags(run_id, {"stage.rollback.verdict": "rolled_back",
-                               "stage.rollback.summary": rec["summary"][:4000], "rollback.by": who})  # fmt: skip
+                               "stage.rollback.summary": summary[:4000], "rollback.by": who})  # fmt: skip
     registry.log_record(run_id, "rollback", rec)
     if current_run_id:
         try:

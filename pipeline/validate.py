@@ -127,10 +127,10 @@ class ValidationReport:
             )
         if not failed:
             return f"{prefix}all {total} expectations passed on {self.rows} rows{extra}"
-        shown = _primary(failed)
-        details = "; ".join(r.describe() for r in shown[:_SUMMARY_FAILURES])
-        if len(failed) > min(len(shown), _SUMMARY_FAILURES):
-            details += f"; and {len(failed) - min(len(shown), _SUMMARY_FAILURES)} more"
+        primary = _primary(failed)
+        details = "; ".join(r.describe() for r in primary[:_SUMMARY_FAILURES])
+        if len(failed) > min(len(primary), _SUMMARY_FAILURES):
+            details += f"; and {len(failed) - min(len(primary), _SUMMARY_FAILURES)} more"
         return (
             f"{prefix}{len(failed)} of {total} expectations failed on {self.rows} rows: "
             f"{details}{extra}"
@@ -476,7 +476,7 @@ def hash_values(arr: pa.Array) -> np.ndarray:
         contrib = seg.astype(np.uint64) * powers[pos]
         h = np.zeros(n, dtype=np.uint64)
         nonempty = lengths > 0
-        h[nonempty] = np.add.reduceat(contrib, starts[nonempty])
+        h[nonempty] = np.add.reduceat(contrib, starts[nonempty].astype(np.intp))
     h = h ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     return _mix64(h)
 
@@ -863,7 +863,7 @@ def _run_gx(
                 continue
             gx_result = batch.validate(_suite(part, f"{name}_contract"), result_format=result_format)
             for r in gx_result.results:
-                i = (r.expectation_config.meta or {}).get("check")
+                i = ((r.expectation_config and r.expectation_config.meta) or {}).get("check")
                 if i is not None:
                     expected = {k: v for k, v in checks[int(i)].kwargs.items() if v is not None}
                     out[int(i)] = _with(_convert(r), expected=_jsonable(expected))
