@@ -58,18 +58,22 @@ def execution_mode(mode: str | None = None) -> str:
 
 
 def gpu_pod_override() -> Any:
-    """The training pod's ``base`` container with one GPU (requests = limits) and the GPU taint
-    tolerated; a ``V1Pod`` when the kubernetes client is installed, else the same as a dict."""
+    """The training pod's ``base`` container with ``PIPELINE_K8S_GPUS`` GPUs (requests = limits),
+    one training process per GPU (``PIPELINE_TRAIN_PROCESSES``: more than one runs torchrun
+    with DistributedDataParallel inside the pod), and the GPU taint tolerated; a ``V1Pod`` when
+    the kubernetes client is installed, else the same as a dict."""
     gpus = os.environ.get("PIPELINE_K8S_GPUS", "1")
     resources = {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}
+    env = [{"name": "PIPELINE_TRAIN_PROCESSES", "value": gpus}]
     toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     try:
         from kubernetes.client import models as k8s
     except ImportError:
-        return {"spec": {"containers": [{"name": "base", "resources": resources}],
+        return {"spec": {"containers": [{"name": "base", "resources": resources, "env": env}],
                          "tolerations": [toleration]}}  # fmt: skip
     return k8s.V1Pod(spec=k8s.V1PodSpec(
-        containers=[k8s.V1Container(name="base", resources=k8s.V1ResourceRequirements(**resources))],
+        containers=[k8s.V1Container(name="base", resources=k8s.V1ResourceRequirements(**resources),
+                                    env=[k8s.V1EnvVar(**e) for e in env])],
         tolerations=[k8s.V1Toleration(**toleration)]))  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _record_out(args: argparse.Namespace, rec: dict[str, Any]) -> None:
+    """``--record-out``: rank 0 (or the only process) writes the stage's record there."""
+    if getattr(args, "record_out", None) and os.environ.get("RANK", "0") == "0":
+        Path(args.record_out).write_text(json.dumps(rec, indent=2, default=str))
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline import steps
+    from pipeline.errors import PipelineRejection
 
     ctx = _ctx(args)
     ins = [_load(p) for p in (args.inputs or [])]
@@ -83,10 +91,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif stage == "decide":
         rec = steps.decide_retrain(ctx, ins[0], force=args.force, decay_margin=args.decay_margin)
     elif stage == "train":
-        rec = steps.train_model(ctx, *ins, max_epochs=args.max_epochs,
-                                learning_rate=args.learning_rate, seed=args.seed,
-                                batch_size=args.batch_size, optimizer=args.optimizer,
-                                state_every=args.state_every)  # fmt: skip
+        try:
+            rec = steps.train_model(ctx, *ins, max_epochs=args.max_epochs,
+                                    learning_rate=args.learning_rate, seed=args.seed,
+                                    batch_size=args.batch_size, optimizer=args.optimizer,
+                                    state_every=args.state_every)  # fmt: skip
+        except PipelineRejection as exc:
+            _record_out(args, {"rejected": str(exc)})
+            raise
+        _record_out(args, rec)
     elif stage == "verify":
         rec = steps.verify_checkpoint(ctx, *ins)
     elif stage == "register":
@@ -226,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
             sp.add_argument("--state-every", type=int, default=None,
                             help="steps between training-state checkpoints (resume after a crash)")
+            sp.add_argument("--record-out", default=None,
+                            help="also write the record to this file (rank 0 under torchrun)")
         if name == "gate":
             sp.add_argument("--non-inferiority-margin", type=float, default=None,
                             help="also accept a challenger whose CI lower bound is above -MARGIN")

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     )
     signing_key_id: str = "local"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    train_processes: int = Field(
+        default=1, ge=1, le=64, description="train_model processes: >1 launches torchrun "
+        "(DistributedDataParallel; one GPU each on CUDA, e.g. the pod's nvidia.com/gpu count)",
+    )
     # -- where train_model runs (read at DAG-parse time by dags/placement.py) --
     execution_mode: Literal["auto", "inprocess", "celery", "kubernetes"] = Field(
         default="auto", description="auto: queue `gpu` only under Celery | inprocess | celery | "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -289,6 +290,37 @@ def decide_retrain(
 # -- training and the checkpoint ------------------------------------------------------
 
 
+def _train_under_torchrun(ctx: RunContext, ingested: dict[str, Any], procs: int, *,
+                          max_epochs: int, learning_rate: float, seed: int, batch_size: int,
+                          optimizer: str, state_every: int | None) -> dict[str, Any]:
+    """``train_model`` in ``procs`` processes: ``torchrun --standalone`` runs this same stage
+    (``python -m pipeline train``) once per rank, in this host or pod; rank 0 publishes and
+    writes its record, which is returned here. Its output streams into this task's log."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as tmp:
+        inp, out = Path(tmp) / "ingested.json", Path(tmp) / "trained.json"
+        inp.write_text(json.dumps(ingested, default=str))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               "-m", "pipeline", "train", "--in", str(inp), "--record-out", str(out),
+               "--dag-id", ctx.dag_id, "--run-id", ctx.run_id, "--max-epochs", str(max_epochs),
+               "--learning-rate", str(learning_rate), "--seed", str(seed),
+               "--batch-size", str(batch_size), "--optimizer", optimizer,
+               *(["--run-after", ctx.run_after] if ctx.run_after else []),
+               *(["--state-every", str(state_every)] if state_every is not None else [])]  # fmt: skip
+        log.info("train_model: %d processes: %s", procs, " ".join(cmd))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+        rec = json.loads(out.read_text()) if out.exists() else None
+        if rec is not None and "rejected" in rec:  # diverged: deterministic, not retried
+            raise PipelineRejection(rec["rejected"])
+        if rc != 0 or rec is None:
+            raise RuntimeError(f"train_model under torchrun ({procs} processes) failed with exit code {rc}; "
+                               "see the ranks' output above")  # fmt: skip
+        return dict(rec)
+
+
 def train_model(
     ctx: RunContext, ingested: dict[str, Any], *, max_epochs: int = 30,
     learning_rate: float = 3e-3, seed: int = 0, batch_size: int = 512,
@@ -301,9 +333,16 @@ def train_model(
 
     from pipeline import checkpoint
     from pipeline.ingest import read_frame
+    from pipeline.train import distributed
     from pipeline.train.loop import TrainConfig, TrainingDiverged, split_by_id, train
     from pipeline.train.telemetry import MlflowRunSink
 
+    procs = get_settings().train_processes
+    if procs > 1 and "WORLD_SIZE" not in os.environ:  # launch the ranks; this process waits
+        return _train_under_torchrun(ctx, ingested, procs, max_epochs=max_epochs,
+                                     learning_rate=learning_rate, seed=seed, batch_size=batch_size,
+                                     optimizer=optimizer, state_every=state_every)  # fmt: skip
+    ranks = distributed.ranks()
     contract = default_contract()
     run_id = ingested["mlflow_run_id"]
     df = read_frame(ingested["uri"])
@@ -312,7 +351,7 @@ def train_model(
     if state_every is not None:
         cfg = dataclasses.replace(cfg, state_every=state_every)
     c = registry.client()
-    for k, v in cfg.flat().items():
+    for k, v in {**cfg.flat(), "world_size": ranks.world}.items() if ranks.main else ():
         try:
             c.log_param(run_id, f"train.{k}", v)
         except Exception:  # noqa: BLE001 - a retry logs the same params again
@@ -325,6 +364,9 @@ def train_model(
     except TrainingDiverged as exc:
         _stage(run_id, "train_model", "diverged", str(exc), {"error": str(exc)})
         raise PipelineRejection(str(exc)) from exc
+    if not ranks.main:  # rank 0 publishes; the others only trained alongside it
+        return {"stage": "train_model", "verdict": "trained", "rank": ranks.rank,
+                "world_size": ranks.world, "steps": result.steps, "stop_reason": result.stop_reason}  # fmt: skip
     for row in result.history:
         registry.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"},
                              prefix="train.", step=int(row["epoch"]))  # fmt: skip
@@ -350,7 +392,8 @@ def train_model(
         shutil.rmtree(state_dir, ignore_errors=True)
     registry.set_tags(run_id, {"train.device": result.device, "train.precision": result.precision,
                                "train.stop_reason": result.stop_reason, "train.steps": result.steps})  # fmt: skip
-    summary = (f"{len(result.history)} epochs ({result.steps} steps) on {result.device} "
+    ranks_note = f" x{result.world_size} processes" if result.world_size > 1 else ""
+    summary = (f"{len(result.history)} epochs ({result.steps} steps) on {result.device}{ranks_note} "
                f"({result.precision}), stop={result.stop_reason}, best epoch {result.best_epoch}, "
                f"val roc_auc {result.val_metrics.get('roc_auc', float('nan')):.4f}"
                + (f", resumed from step {result.resumed_from['step']}" if result.resumed_from else ""))  # fmt: skip
@@ -359,6 +402,7 @@ def train_model(
            "epochs": len(result.history), "best_epoch": result.best_epoch,
            "val_metrics": result.val_metrics, "device": result.device,
            "precision": result.precision, "resumed_from": result.resumed_from,
+           "world_size": result.world_size,
            "telemetry": {k: v for k, v in result.telemetry.items() if k != "artifacts"},
            "summary": summary, **_base(ingested)}  # fmt: skip
     _stage(run_id, "train_model", "trained", summary, rec)

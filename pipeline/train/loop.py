@@ -44,6 +44,7 @@ from torch import nn
 
 from pipeline.contract import DataContract
 from pipeline.metrics import classification_metrics
+from pipeline.train import distributed
 from pipeline.train.features import FeatureSpec, fit_features, labels, transform
 from pipeline.train.model import MLP, ModelConfig, pick_device, predict_proba
 from pipeline.train.schedule import KINDS, LRSchedule
@@ -163,6 +164,8 @@ class TrainResult:
     train_rows: int = 0
     val_rows: int = 0
     steps: int = 0
+    world_size: int = 1  # training processes (torchrun ranks); this result is rank ``rank``'s
+    rank: int = 0
     resumed_from: dict[str, Any] | None = None
     decision_trace: list[dict[str, Any]] = field(default_factory=list)
     telemetry: dict[str, Any] = field(default_factory=dict)
@@ -306,7 +309,10 @@ def iter_train(
     TrainResult. Lets a caller interleave trainings (the overhead benchmark does)."""
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    device = pick_device(config.device)
+    ranks = distributed.ranks()  # one process, or one of torchrun's: see pipeline.train.distributed
+    device = distributed.place(pick_device(config.device), ranks)
+    if not ranks.main:
+        sink = None  # rank 0 alone writes: tracking, telemetry, training states
     precision = resolve_precision(config.precision, device)
     val_mask = split_by_id(df[contract.id_column], config.val_fraction)
     train_df, val_df = df[~val_mask], df[val_mask]
@@ -323,8 +329,9 @@ def iter_train(
     model = MLP(mcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(config, model, device)
+    net = distributed.wrap(model, device, ranks)  # forward through this; weights live in model
     n, bs = len(x_tr), config.batch_size
-    steps_per_epoch = math.ceil(n / bs)
+    steps_per_epoch = distributed.steps_per_epoch(n, bs, ranks)  # = ceil(n / bs) in one process
     total_steps = config.max_epochs * steps_per_epoch
     schedule = LRSchedule(config.learning_rate, total_steps, min(config.warmup_steps, total_steps),
                           config.lr_schedule, config.min_lr_ratio, config.lr_step_every,
@@ -333,7 +340,7 @@ def iter_train(
     eb_stats = PerSampleGradStats(model) if stopper.eb else None
     telemetry = (GradientTelemetry(list(model.named_parameters()), snapshot_every=config.snapshot_every,
                                    sink=sink, spill_dir=state_dir)
-                 if config.telemetry else None)  # fmt: skip
+                 if config.telemetry and ranks.main else None)  # fmt: skip
     store = TrainingStateStore(state_dir) if state_dir is not None and config.state_every else None
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -343,7 +350,8 @@ def iter_train(
     eb_checks = max(1, config.eb_every // config.check_every)
 
     result = TrainResult(model, spec, mcfg, config, device=str(device), precision=precision,
-                         train_rows=len(train_df), val_rows=len(val_df))  # fmt: skip
+                         train_rows=len(train_df), val_rows=len(val_df), world_size=ranks.world,
+                         rank=ranks.rank)  # fmt: skip
     loop: dict[str, Any] = {"step": 0, "epoch": 1, "pos": 0, "best_loss": math.inf, "stopped": False,
                             "finished": False, "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0,
                             "tel_cpu_mark": 0.0}  # fmt: skip
@@ -351,6 +359,8 @@ def iter_train(
     perm: torch.Tensor | None = None
 
     def snapshot_state(final: bool = False) -> None:
+        if not ranks.main:
+            return
         tensors: dict[str, torch.Tensor] = {}
         state = {
             "fingerprint": fingerprint, "config": config.to_dict(), "loop": dict(loop),
@@ -374,7 +384,8 @@ def iter_train(
         loaded = store.load_latest()
         if loaded is not None and loaded.state.get("fingerprint") != fingerprint:
             log.warning("training state in %s is for another config or data; starting over", store.root)
-            store.clear()
+            if ranks.main:
+                store.clear()
             loaded = None
         if loaded is not None:
             t, st = loaded.tensors, loaded.state
@@ -438,6 +449,7 @@ def iter_train(
         )
 
     def handle(d: StopDecision) -> None:
+        d = distributed.from_main(d, ranks)  # every rank acts on rank 0's decision
         if d.verdict is Verdict.DIVERGED:
             diverge(d)
         elif d.verdict is Verdict.REDUCE_LR:
@@ -467,7 +479,7 @@ def iter_train(
         metrics = classification_metrics(y_va, proba)
         ep_loss, ep_norm, ep_steps = acc.epoch_values()
         tel_cpu = telemetry.sender_cpu_s if telemetry else 0.0  # the sender thread, this epoch
-        seen = min(loop["pos"] * bs, n)
+        seen = min(loop["pos"] * bs, n) // ranks.world  # this process's rows (rank 0's share)
         row = {"epoch": loop["epoch"], "step": loop["step"], "train_loss": ep_loss / max(seen, 1),
                "grad_norm": ep_norm / max(ep_steps, 1), "lr": schedule.lr(max(loop["step"], 1)),
                "seconds": loop["epoch_seconds"], "cpu_seconds": loop["epoch_cpu_seconds"],
@@ -504,14 +516,14 @@ def iter_train(
                 loop["step"] += 1
                 step = loop["step"]
                 lr = schedule.apply(opt, step)
-                idx = perm_dev[loop["pos"] * bs : (loop["pos"] + 1) * bs]
+                idx = distributed.shard(perm_dev[loop["pos"] * bs : (loop["pos"] + 1) * bs], ranks)
                 check = step % config.check_every == 0
                 eb_due = check and eb_stats is not None and (step // config.check_every) % eb_checks == 0
                 snap = telemetry is not None and telemetry.due(step)
                 if eb_due:
                     eb_stats.arm()  # type: ignore[union-attr]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = loss_fn(model(x_tr[idx]).float(), y_tr[idx])
+                    loss = loss_fn(net(x_tr[idx]).float(), y_tr[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 parts: dict[str, torch.Tensor] = {}  # everything the host needs, read in one copy

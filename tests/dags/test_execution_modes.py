@@ -84,6 +84,9 @@ def test_kubernetes_mode_renders_a_gpu_pod(tmp_path):
     assert r["pool"] == "gpu" and r["queue"] == "default"
     assert r["executor"] is None  # KubernetesExecutor not configured: not named (would not parse)
     assert _gpu_limit(r["pod"]) == "2"
+    base = next(c for c in r["pod"]["spec"]["containers"] if c["name"] == "base")
+    assert {"name": "PIPELINE_TRAIN_PROCESSES", "value": "2"} in [
+        {k: e[k] for k in ("name", "value")} for e in base["env"]]  # one torchrun rank per GPU
     assert any(t["key"] == "nvidia.com/gpu" for t in r["pod"]["spec"]["tolerations"])
     assert Path(r["template"]) == TEMPLATE
     template = yaml.safe_load(TEMPLATE.read_text())
