@@ -101,10 +101,26 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: 
         client().log_batch(run_id, metrics=batch)
 
 
+_BATCH = 100  # MLflow's per-request limit for params and for tags in log_batch
+
+
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
-    c = client()
-    for k, v in tags.items():
-        c.set_tag(run_id, k, str(v))
+    """All tags in one request (per 100): one round trip, one auth check on the server."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), _BATCH):
+        client().log_batch(run_id, tags=items[i : i + _BATCH])
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """All params in one request (per 100). Logging a param again with the same value is a
+    no-op in MLflow, so a retried task may call this again."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _BATCH):
+        client().log_batch(run_id, params=items[i : i + _BATCH])
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -351,11 +351,11 @@ def train_model(
     if state_every is not None:
         cfg = dataclasses.replace(cfg, state_every=state_every)
     c = registry.client()
-    for k, v in {**cfg.flat(), "world_size": ranks.world}.items() if ranks.main else ():
-        try:
-            c.log_param(run_id, f"train.{k}", v)
-        except Exception:  # noqa: BLE001 - a retry logs the same params again
-            pass
+    if ranks.main:
+        try:  # one request; if the server is away, training goes on without them
+            registry.log_params(run_id, {f"train.{k}": v for k, v in {**cfg.flat(), "world_size": ranks.world}.items()})
+        except Exception as exc:  # noqa: BLE001 - a retry logs the same params again
+            log.warning("train_model: training parameters not logged to MLflow (%s); training anyway", exc)
     # Training-state checkpoints: a local folder under PIPELINE_HOME keyed by the run key, so a
     # retried task on the same worker resumes where the killed one stopped.
     state_dir = get_settings().home_dir / "train-state" / ctx.run_key

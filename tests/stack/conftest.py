@@ -55,10 +55,13 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.stack)
     # The stack tests run together, after the others (servers up only while needed). The DAG
     # run is the long pole: trigger it first, check it last, the rest runs meanwhile.
+    # The scheduling faults (scheduler killed, eight runs at once) need Airflow to themselves:
+    # they run at the very end.
     first = [i for i in stack if i.name == "test_trigger_retrain_run"]
+    runs = [i for i in stack if Path(str(i.fspath)).name == "test_stack_runs.py"]
     last = [i for i in stack if Path(str(i.fspath)).name == "test_stack_retrain.py" and i not in first]
-    middle = [i for i in stack if i not in first and i not in last]
-    items[:] = [i for i in items if i not in stack] + first + middle + last
+    middle = [i for i in stack if i not in first and i not in last and i not in runs]
+    items[:] = [i for i in items if i not in stack] + first + middle + last + runs
 
 
 # --- process helpers ---------------------------------------------------------------------------
@@ -267,9 +270,10 @@ class MlflowServer:
         wait_for(lambda: http("GET", f"{self.url}/health", timeout=3)[0] == 200,
                  "mlflow server", timeout, self.proc, self.log)  # fmt: skip
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: a clean stop; SIGKILL: the server dies at once (a crash, a lost node)."""
         if self.proc is not None:
-            stop(self.proc)
+            stop(self.proc, sig)
             self.proc = None
 
     def api(self, method: str, path: str, body: Any = None, auth: tuple[str, str] | None = None):
@@ -281,7 +285,8 @@ def mlflow_env(pg: Postgres, s3: S3, workdir: Path) -> dict[str, str]:
     if not ini.exists():
         ini.write_text("[mlflow]\ndefault_permission = READ\n"
                        f"database_uri = {pg.url('mlflow')}\nadmin_username = {MLFLOW_ADMIN}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")  # fmt: skip
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       "auth_cache_ttl_seconds = 60\n")  # fmt: skip
         ini.chmod(0o600)
     return {
         **os.environ, **s3.env,
@@ -331,6 +336,40 @@ def mlflow_client_env(mlflow_server: MlflowServer, s3: S3, tmp_path: Path, monke
     yield mlflow_server
     settings.get_settings.cache_clear()
     registry.client.cache_clear()
+
+
+# --- the first retrain_model run (triggered first, checked last) ---
+
+MODEL = "retrain-model"
+
+
+def land(s3, key: str, **spec: Any) -> str:
+    from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
+
+    s3.client().put_object(Bucket="pipeline", Key=key, Body=to_parquet_bytes(generate(WorldSpec(**spec))))
+    return f"s3://pipeline/{key}"
+
+
+@pytest.fixture(scope="session")
+def retrain_triggered(airflow, s3, mlflow_server) -> dict[str, Any]:
+    batch = land(s3, "landing/stack/batch.parquet", rows=3000, seed=1)
+    eval_uri = land(s3, "trusted/stack/eval.parquet", rows=2000, seed=101)
+    conf = {"batch_uri": batch, "eval_uri": eval_uri, "force_retrain": True, "max_epochs": 3,
+            "gate_floor": 0.5, "gate_max_latency_p95_ms": 10_000}  # fmt: skip
+    t0 = time.monotonic()
+    return {"run_id": airflow.trigger("retrain_model", conf), "t0": t0, "batch": batch,
+            "eval": eval_uri}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def first_run(retrain_triggered, airflow) -> dict[str, Any]:
+    run_id, t0 = retrain_triggered["run_id"], retrain_triggered["t0"]
+    batch, eval_uri = retrain_triggered["batch"], retrain_triggered["eval"]
+    state = airflow.wait_run("retrain_model", run_id, timeout=480)
+    states = airflow.task_states("retrain_model", run_id)
+    assert state == "success", (state, states, airflow.tail("scheduler"), airflow.task_logs()[-6000:])
+    return {"run_id": run_id, "batch": batch, "eval": eval_uri, "seconds": time.monotonic() - t0,
+            "states": states}  # fmt: skip
 
 
 # --- Airflow ---------------------------------------------------------------------------------
@@ -430,6 +469,11 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the runs a test triggers
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
+        # A killed scheduler's running tasks are found within ~30 s, not the 5 min default
+        # (test_stack_runs.py); the deploy guide says what these cost in production.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "15",
+        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",

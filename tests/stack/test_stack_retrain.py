@@ -1,53 +1,23 @@
 """retrain_model end to end on real servers: triggered through Airflow's REST API (JWT), data
 in S3 (moto), MLflow with basic-auth on PostgreSQL; the result read back through MLflow's REST
-API with credentials. Then: no secret of an Airflow Connection or of the environment reached
+API with credentials. Then: the scoring service, with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, loads that champion
+(signed safetensors checkpoint from S3, version from MLflow with credentials) and scores over
+HTTP. And: no secret of an Airflow Connection or of the environment reached
 MLflow params/tags/artifacts or the task logs.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
+import json
+import sys
+from pathlib import Path
 
-import pytest
-
-from tests.stack.conftest import http
-
-MODEL = "retrain-model"
-
-
-def land(s3, key: str, **spec: Any) -> str:
-    from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
-
-    s3.client().put_object(Bucket="pipeline", Key=key, Body=to_parquet_bytes(generate(WorldSpec(**spec))))
-    return f"s3://pipeline/{key}"
-
-
-@pytest.fixture(scope="session")
-def retrain_triggered(airflow, s3, mlflow_server) -> dict[str, Any]:
-    batch = land(s3, "landing/stack/batch.parquet", rows=3000, seed=1)
-    eval_uri = land(s3, "trusted/stack/eval.parquet", rows=2000, seed=101)
-    conf = {"batch_uri": batch, "eval_uri": eval_uri, "force_retrain": True, "max_epochs": 3,
-            "gate_floor": 0.5, "gate_max_latency_p95_ms": 10_000}  # fmt: skip
-    t0 = time.monotonic()
-    return {"run_id": airflow.trigger("retrain_model", conf), "t0": t0, "batch": batch,
-            "eval": eval_uri}  # fmt: skip
+from tests.stack.conftest import HOST, MODEL, free_port, http, spawn, stop, wait_for
 
 
 def test_trigger_retrain_run(retrain_triggered):
     """Runs first (conftest orders it): the DAG run proceeds while the other stack tests run."""
     assert retrain_triggered["run_id"].startswith("manual__")
-
-
-@pytest.fixture(scope="module")
-def first_run(retrain_triggered, airflow) -> dict[str, Any]:
-    run_id, t0 = retrain_triggered["run_id"], retrain_triggered["t0"]
-    batch, eval_uri = retrain_triggered["batch"], retrain_triggered["eval"]
-    state = airflow.wait_run("retrain_model", run_id, timeout=480)
-    states = airflow.task_states("retrain_model", run_id)
-    assert state == "success", (state, states, airflow.tail("scheduler"), airflow.task_logs()[-6000:])
-    return {"run_id": run_id, "batch": batch, "eval": eval_uri, "seconds": time.monotonic() - t0,
-            "states": states}  # fmt: skip
 
 
 def test_triggered_run_registers_a_champion_with_lineage(first_run, mlflow_server, s3):
@@ -112,3 +82,29 @@ def test_no_secret_reaches_mlflow_or_task_logs(first_run, airflow, mlflow_server
     for name, value in secrets.items():
         assert not any(value in t for t in texts), f"{name} found in MLflow params/tags/artifacts"
         assert value not in logs, f"{name} appears unmasked in the Airflow task logs"
+
+
+def test_scoring_service_serves_the_champion_with_pickle_disabled(first_run, airflow, mlflow_server, workdir):
+    from pipeline.contract import default_contract
+    from pipeline.data.generate import WorldSpec, generate
+
+    port = free_port()
+    env = {k: v for k, v in airflow.env.items() if not k.startswith("AIRFLOW")}
+    env.update({"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PIPELINE_SERVING_POLL_SECONDS": "1"})
+    log = workdir / "scoring.log"
+    proc = spawn([sys.executable, "-m", "pipeline", "serve", "--host", HOST, "--port", str(port)], env, log)
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_for(lambda: http("GET", f"{url}/readyz", timeout=3)[0] == 200, "scoring service", 180, proc, log)
+        _, out = mlflow_server.api("GET", f"registered-models/alias?name={MODEL}&alias=champion")
+        champion = out["model_version"]["version"]
+        features = [c.name for c in default_contract().features]
+        rows = json.loads(generate(WorldSpec(rows=5, seed=77))[features].to_json(orient="records"))
+        status, body = http("POST", f"{url}/predict", {"rows": rows})
+        assert status == 200, body
+        assert (body["alias"], body["version"]) == ("champion", champion)
+        assert len(body["scores"]) == 5 and all(0.0 <= x <= 1.0 for x in body["scores"])
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in environ
+    finally:
+        stop(proc)
