@@ -44,8 +44,8 @@ install: $(STAMP)  ## create .venv and install the pinned, locked environment
 demo: $(STAMP)  ## run retrain_model for real on the embedded default, three batches
 	$(PY) scripts/demo.py
 
-test: $(STAMP)  ## the whole suite: unit, DAG integrity, integration (real Airflow + MLflow)
-	$(PY) -m pytest -q
+test: $(STAMP)  ## the whole suite: unit, DAG integrity, integration, stack (real Airflow, MLflow, PostgreSQL, S3)
+	$(PY) -m pytest -q --durations=15
 
 test-unit: $(STAMP)  ## fast unit tests only
 	$(PY) -m pytest -q tests/unit

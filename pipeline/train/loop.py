@@ -449,7 +449,9 @@ def iter_train(
         )
 
     def handle(d: StopDecision) -> None:
-        d = distributed.from_main(d, ranks)  # every rank acts on rank 0's decision
+        if ranks.active:  # every rank acts on rank 0's decision and keeps rank 0's stopper
+            d = distributed.from_main(d, ranks)  # state, so the next checks agree as well
+            stopper.state = d.state
         if d.verdict is Verdict.DIVERGED:
             diverge(d)
         elif d.verdict is Verdict.REDUCE_LR:

@@ -292,7 +292,7 @@ def test_good_canary_is_promoted_and_baked(fresh):
 
     env = fresh
     v = env.register("good_b")
-    plan = env.plan(((0.25, 2.5), (0.5, 1.5), (1.0, 1.5)), bake=1.0)
+    plan = env.plan(((0.25, 2.5), (0.5, 2.5), (1.0, 1.5)), bake=1.0)
     mv = _version(v)
     gated = {"verdict": "promote", "model_version": v, "champion_version": env.champion,
              "mlflow_run_id": mv.run_id}  # what gate_promotion hands the DAG's promote task
@@ -357,7 +357,7 @@ def test_too_little_traffic_pauses_for_a_human_then_resumes(fresh):
 
     env = fresh
     v = env.register("good_b")
-    plan = env.plan(((0.5, 1.5), (1.0, 1.5)))
+    plan = env.plan(((0.5, 2.5), (1.0, 1.5)))
     out = run_canary_rollout(v, env.champion, plan=plan, service_url=env.url, run_key="t-pause")
     assert out["verdict"] == "paused" and out["reason"] == "too_little_traffic", out["summary"]
     state = traffic.read_state()
@@ -430,7 +430,7 @@ def test_bake_regression_rolls_back_to_previous_champion(fresh):
     saboteur = threading.Thread(target=break_new_champion_when_promoted, daemon=True)
     saboteur.start()
     with Traffic(env):
-        out = run_canary_rollout(v, env.champion, plan=env.plan(((0.5, 1.5), (1.0, 1.5)), bake=3.0),
+        out = run_canary_rollout(v, env.champion, plan=env.plan(((0.5, 2.5), (1.0, 1.5)), bake=3.0),
                                  service_url=env.url, run_key="t-bake")  # fmt: skip
     saboteur.join(5)
     assert out["verdict"] == "rolled_back_after_bake", out["summary"]

@@ -8,10 +8,11 @@ Eight ``retrain_model`` runs are triggered at once (``max_active_runs=1``) and, 
   task is found without a heartbeat, retried once, and its run ends with one MLflow run, one
   model version and one published checkpoint; the stages before it are not run again;
 * the MLflow server is killed (SIGKILL) while the next run's ``train_model`` trains and started
-  again 20 s later: a call that needs it fails within the client's budget
-  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT``, not the ~246 s default), Airflow retries
-  the task, the retry finds the same MLflow run by its run key, and the run ends with one
-  FINISHED MLflow run and one version;
+  again 20 s later: training goes on (tracking calls that fail are logged and their data kept
+  on local disk), every call gives up within the client's budget
+  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT``, not the ~246 s default); a task that cannot
+  finish without MLflow fails and Airflow retries it, finding the same MLflow run by its run
+  key; the run ends with one FINISHED MLflow run and one version;
 * and still: all eight succeed, one after another, and ``champion``/``challenger`` only ever
   move to newer versions (watched every 2 s throughout).
 
@@ -202,14 +203,19 @@ def test_mlflow_stopped_mid_training_the_run_recovers(burst, airflow, mlflow_ser
 
     tries = [t for task in _tis(airflow, run_id) for t in _tries(airflow, run_id, task)]
     failed = [t for t in tries if t["state"] == "failed"]
-    assert failed, "no call needed MLflow during the outage: it missed the run"
-    for t in failed:  # each try that met the outage gave up within the client's budget
+    for t in failed:  # a try that could not go on without MLflow gave up within the budget
         waited = datetime.fromisoformat(t["end_date"]) - max(stopped, datetime.fromisoformat(t["start_date"]))
         assert waited.total_seconds() < 60, (t["task_id"], t["try_number"], waited)
     train = [t for t in tries if t["task_id"] == "train_model"]
     assert datetime.fromisoformat(train[0]["start_date"]) < stopped  # it was training already
     assert train[-1]["state"] == "success" and len(train) <= 2, train
-    print(f"\nMLflow down {OUTAGE_S}s mid-training: failed tries "
+    # the first try met the outage (its tracking calls were refused) and trained on regardless
+    log = airflow.home / "logs" / f"dag_id={DAG}" / f"run_id={run_id}" / "task_id=train_model" / "attempt=1.log"
+    text = log.read_text(errors="replace")
+    assert "Failed to establish a new connection" in text and "epoch 1/" in text
+    refused = text.count("Failed to establish a new connection")
+    print(f"\nMLflow killed for {OUTAGE_S}s mid-training: train_model try 1 met {refused} refused "
+          f"connections and {'failed, retried' if len(train) == 2 else 'trained on'}; failed tries "
           f"{[(t['task_id'], t['try_number'], round(t['duration'] or 0)) for t in failed]}; run succeeded")  # fmt: skip
     _one_finished_run_one_version(mlflow_server, run_id)
 
