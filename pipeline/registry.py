@@ -104,23 +104,25 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: 
 _BATCH = 100  # MLflow's per-request limit for params and for tags in log_batch
 
 
+def _log_batch(run_id: str, *, tags: list[Any] | None = None, params: list[Any] | None = None) -> None:
+    """Tags and params in one request per 100 of each: one round trip, one auth check."""
+    tags, params = tags or [], params or []
+    for i in range(0, max(len(tags), len(params)), _BATCH):
+        client().log_batch(run_id, tags=tags[i : i + _BATCH], params=params[i : i + _BATCH])
+
+
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
-    """All tags in one request (per 100): one round trip, one auth check on the server."""
     from mlflow.entities import RunTag
 
-    items = [RunTag(k, str(v)) for k, v in tags.items()]
-    for i in range(0, len(items), _BATCH):
-        client().log_batch(run_id, tags=items[i : i + _BATCH])
+    _log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """All params in one request (per 100). Logging a param again with the same value is a
-    no-op in MLflow, so a retried task may call this again."""
+    """Logging a param again with the same value is a no-op in MLflow, so a retried task may
+    call this again."""
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)) for k, v in params.items()]
-    for i in range(0, len(items), _BATCH):
-        client().log_batch(run_id, params=items[i : i + _BATCH])
+    _log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

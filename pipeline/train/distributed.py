@@ -1,6 +1,6 @@
 """One training process or many: the same loop under ``torchrun`` (DistributedDataParallel).
 
-``torchrun --nproc_per_node=N -m pipeline stage train …`` starts N copies of the same
+``torchrun --nproc_per_node=N -m pipeline train …`` starts N copies of the same
 command; each reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` from its environment. Without those
 variables (or with ``WORLD_SIZE=1``) nothing here does anything and training is the plain
 single-process loop.
