@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         val_patience_stopper,
     )
 
-    contract = load_contract(PROJECT_ROOT / "contracts" / "transactions.yaml")
+    contract = load_contract(PROJECT_ROOT / "models" / "card_fraud" / "contract.yaml")
     rules = {
         "fixed": {"stopper": no_stopper(), "restore_best": False},
         "val_patience": {"stopper": val_patience_stopper(patience=5, min_delta=1e-4)},

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.model import pick_device
     from pipeline.train.telemetry import MlflowRunSink
 
-    contract = load_contract(PROJECT_ROOT / "contracts" / "transactions.yaml")
+    contract = load_contract(PROJECT_ROOT / "models" / "card_fraud" / "contract.yaml")
     df = generate(WorldSpec(rows=args.rows, seed=1))
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")

@@ -1,11 +1,21 @@
-"""Assets shared by the DAGs, declared once.
+"""Assets, one pair per model spec, declared in one place.
 
-A producer (or ``python -m pipeline data land``) emits an event on
-``batch_landed`` with ``extra={"batch_uri": "file://…/landing/x.parquet"}``;
-``retrain_model`` runs once per event.
+A producer (or ``python -m pipeline data land --model NAME --file PATH``) emits an event on
+the model's ``batch`` asset with ``extra={"batch_uri": "…"}``; that model's
+``retrain_<name>`` runs once per event. ``champion`` is updated when a promotion moves it.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 from airflow.sdk import Asset
 
-batch_landed = Asset("pipeline://landing/batch", extra={"description": "a new batch landed"})
-champion_model = Asset("pipeline://registry/champion")
+
+def batch_asset(spec: Any) -> Asset:
+    return Asset(name=f"{spec.name}_batch", uri=spec.asset_uri,
+                 extra={"description": f"a new batch landed for model {spec.name}"})  # fmt: skip
+
+
+def champion_asset(spec: Any) -> Asset:
+    return Asset(name=f"{spec.name}_champion", uri=f"pipeline://models/{spec.name}/champion")

@@ -1,7 +1,7 @@
 """
-### rollback_model
+### rollback_&lt;model&gt;
 
-Puts the **previous champion** back in service (or a version you name), now, and records
+One DAG per model spec. Puts that model's **previous champion** back in service (or a version you name), now, and records
 who asked and why.
 
 Trigger it from the UI form: `reason` (required, at least 3 characters) and, optionally,
@@ -18,7 +18,8 @@ Trigger it from the UI form: `reason` (required, at least 3 characters) and, opt
 
 **Who** is the user that triggered the run (`dag_run.triggering_user_name`), else
 `unknown`. The scoring service follows within one poll interval
-(`PIPELINE_SERVING_POLL_SECONDS`). Without Airflow: `python -m pipeline rollback --reason …`.
+(`PIPELINE_SERVING_POLL_SECONDS`). Without Airflow:
+`python -m pipeline rollback --model <name> --reason …`.
 """
 
 from __future__ import annotations
@@ -28,44 +29,54 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from assets import champion_model
+from assets import champion_asset
+from specs import good_specs
 
 
-@dag(
-    dag_id="rollback_model",
-    schedule=None,  # only ever triggered by a person (or an alert hook) with a reason
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "owner": "ml-platform"},
-    tags=["retraining", "mlops", "rollback"],
-    doc_md=__doc__,
-    params={
-        "reason": Param(type="string", minLength=3, maxLength=2000, title="Reason",
-                        description="Why the champion is rolled back (recorded on the versions)."),
-        "target_version": Param(None, type=["null", "string"], pattern="^[0-9]+$", maxLength=12,
-                                title="Target version",
-                                description="Model version to restore. Empty: previous_champion."),
-    },
-)  # fmt: skip
-def rollback_model():
-    @task(outlets=[champion_model])
-    def rollback_champion(params=None, dag_run=None):
-        from airflow.sdk.exceptions import AirflowFailException
+def build_rollback_dag(spec):
+    path = str(spec.path)
 
-        from connections import use_signing_connection
-        from pipeline.errors import PipelineRejection
-        from pipeline.rollback import rollback_champion as rollback
+    @dag(
+        dag_id=spec.rollback_dag_id,
+        schedule=None,  # only ever triggered by a person (or an alert hook) with a reason
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args={"retries": 2, "retry_delay": timedelta(seconds=15),
+                      "owner": spec.owner or "ml-platform"},
+        tags=["retraining", "mlops", "rollback", f"model:{spec.name}"],
+        doc_md=__doc__ + f"\n\n**This DAG's model**: `{spec.name}` (registered as `{spec.model_name}`).",
+        params={
+            "reason": Param(type="string", minLength=3, maxLength=2000, title="Reason",
+                            description="Why the champion is rolled back (recorded on the versions)."),
+            "target_version": Param(None, type=["null", "string"], pattern="^[0-9]+$", maxLength=12,
+                                    title="Target version",
+                                    description="Model version to restore. Empty: previous_champion."),
+        },
+    )  # fmt: skip
+    def rollback():
+        @task(outlets=[champion_asset(spec)])
+        def rollback_champion(params=None, dag_run=None):
+            from airflow.sdk.exceptions import AirflowFailException
 
-        use_signing_connection()  # the rollback target's checkpoint is verified
-        who = getattr(dag_run, "triggering_user_name", None) or "unknown"
-        try:
-            return rollback(params["reason"], target_version=params.get("target_version") or None,
-                            who=who, run_key=f"{dag_run.dag_id}__{dag_run.run_id}")  # fmt: skip
-        except PipelineRejection as exc:  # refused or conflicting: retrying cannot help
-            raise AirflowFailException(str(exc)) from exc
+            from connections import use_signing_connection
+            from pipeline.errors import PipelineRejection
+            from pipeline.rollback import rollback_champion as rollback_to
+            from pipeline.spec import SpecError, load_spec, use_spec
 
-    rollback_champion()
+            use_signing_connection()  # the rollback target's checkpoint is verified
+            who = getattr(dag_run, "triggering_user_name", None) or "unknown"
+            try:
+                with use_spec(load_spec(path)):
+                    return rollback_to(params["reason"], target_version=params.get("target_version") or None,
+                                       who=who, run_key=f"{dag_run.dag_id}__{dag_run.run_id}")  # fmt: skip
+            except (PipelineRejection, SpecError) as exc:  # refused or conflicting: retrying cannot help
+                raise AirflowFailException(str(exc)) from exc
+
+        rollback_champion()
+
+    return rollback()
 
 
-rollback_model()
+for _spec in good_specs():
+    globals()[_spec.rollback_dag_id] = build_rollback_dag(_spec)

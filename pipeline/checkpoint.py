@@ -7,8 +7,11 @@ Layout of a checkpoint directory::
     probe.safetensors      the probabilities the model gave those rows at save time
     optimizer.safetensors  optional: the optimizer's tensors (moments, steps)
     optimizer.json         optional: the optimizer's structure and scalars (hyperparameters)
+    model_code.py          when the model's factory is a spec-local module: that file, so the
+                           version is rebuilt with the code it was trained with (imported only
+                           after digests and signature verified)
     manifest.json          sha256 + size per file, tensor shapes/dtypes, finite flag, stop
-                           reason, model config, feature spec, data snapshot, code version
+                           reason, model factory + kwargs + code digest, feature spec, data snapshot, code version
     manifest.sig           HMAC-SHA256 over manifest.json
 
 Why HMAC-SHA256: it needs nothing beyond the standard library, and the key is an
@@ -53,7 +56,15 @@ from safetensors.torch import load_file, save_file
 from pipeline import __version__, storage
 from pipeline.settings import PROJECT_ROOT, get_settings
 from pipeline.train.features import FeatureSpec, transform
-from pipeline.train.model import MLP, ModelConfig, predict_proba
+from pipeline.train.model import (
+    CODE_FILE,
+    MLP,
+    ModelConfig,
+    ModelInputs,
+    ModelRef,
+    build_model,
+    predict_proba,
+)
 
 WEIGHTS, PROBE, PROBE_ROWS, MANIFEST, SIGNATURE = (
     "model.safetensors", "probe.safetensors", "probe.parquet", "manifest.json", "manifest.sig",
@@ -207,20 +218,31 @@ def load_optimizer_state(directory: Path) -> dict[str, Any] | None:
 
 def save_checkpoint(
     directory: Path,
-    model: MLP,
+    model: torch.nn.Module,
     features: FeatureSpec,
     probe_rows: pd.DataFrame,
     *,
     data_snapshot: dict[str, Any],
     training: dict[str, Any],
+    model_ref: ModelRef | None = None,
+    code_file: Path | None = None,
     stop_reason: str | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a signed checkpoint at ``directory`` atomically; return the manifest.
 
-    ``stop_reason`` defaults to ``training["stop_reason"]``; ``optimizer_state`` (an
-    ``optimizer.state_dict()``) is stored without pickle when given.
+    ``model_ref`` says how to rebuild the model (default: the built-in MLP from its
+    config); ``code_file`` is the factory's spec-local module, copied in as
+    ``model_code.py``. ``stop_reason`` defaults to ``training["stop_reason"]``;
+    ``optimizer_state`` (an ``optimizer.state_dict()``) is stored without pickle when given.
     """
+    if model_ref is None:
+        if not isinstance(model, MLP):
+            raise CheckpointError("a model that is not the built-in MLP needs its model_ref")
+        model_ref = ModelRef("pipeline.train.model:mlp",
+                             {"hidden": list(model.config.hidden), "dropout": model.config.dropout})  # fmt: skip
+    if (model_ref.code_sha256 is None) != (code_file is None):
+        raise CheckpointError("model_ref.code_sha256 and code_file go together")
     if directory.exists():
         raise CheckpointError(f"{directory} exists; checkpoints are never overwritten")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -231,14 +253,18 @@ def save_checkpoint(
         if not all_finite:
             raise CheckpointError("refusing to save a model with non-finite weights")
         save_file(state, str(tmp / WEIGHTS))
+        names = [WEIGHTS, PROBE, PROBE_ROWS]
+        if code_file is not None:
+            shutil.copyfile(code_file, tmp / CODE_FILE)
+            names.append(CODE_FILE)
         # Parity is checked end to end, raw rows -> features -> model, so a preprocessing
-        # mismatch on reload is caught, not just a weights mismatch.
+        # mismatch on reload is caught, not just a weights mismatch — and the model is
+        # rebuilt the way a reader will rebuild it (the factory, from the copied code).
         probe_rows[features.input_columns].reset_index(drop=True).to_parquet(tmp / PROBE_ROWS)
-        model_cpu = MLP(model.config)
+        model_cpu = _rebuild(model_ref, features, tmp)
         model_cpu.load_state_dict(state)
         probe_p = _probe_predictions(model_cpu, features, tmp / PROBE_ROWS)
         save_file({"probabilities": probe_p}, str(tmp / PROBE))
-        names = [WEIGHTS, PROBE, PROBE_ROWS]
         optimizer_meta = None
         if optimizer_state is not None:
             optimizer_meta = _write_optimizer_state(optimizer_state, tmp)
@@ -253,7 +279,7 @@ def save_checkpoint(
             "stop_reason": stop_reason if stop_reason is not None
             else str(training.get("stop_reason", "unknown")),
             "optimizer": optimizer_meta,
-            "model_config": model.config.to_dict(),
+            "model": model_ref.to_dict(),
             "features": features.to_dict(),
             "data_snapshot": data_snapshot,
             "training": training,
@@ -274,7 +300,18 @@ def save_checkpoint(
         raise
 
 
-def _probe_predictions(model: MLP, spec: FeatureSpec, rows_path: Path) -> torch.Tensor:
+def _inputs(features: FeatureSpec) -> ModelInputs:
+    k = len(features.classes)
+    return ModelInputs(features.width, k, features, "binary" if k == 2 else "multiclass")
+
+
+def _rebuild(ref: ModelRef, features: FeatureSpec, directory: Path) -> torch.nn.Module:
+    """The model's skeleton, from its factory: the spec-local code is the checkpoint's copy."""
+    code = directory / CODE_FILE if ref.code_sha256 is not None else None
+    return build_model(ref, _inputs(features), code)
+
+
+def _probe_predictions(model: torch.nn.Module, spec: FeatureSpec, rows_path: Path) -> torch.Tensor:
     rows = pd.read_parquet(rows_path)
     return predict_proba(model, torch.from_numpy(transform(rows, spec))).contiguous()
 
@@ -370,13 +407,22 @@ def verify_checkpoint(directory: Path) -> Verification:
     return v
 
 
-def load_verified_model(directory: Path, manifest: dict[str, Any]) -> tuple[MLP, FeatureSpec]:
-    """Load weights with safetensors and check them against the manifest and model config."""
+def load_verified_model(directory: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module, FeatureSpec]:
+    """Load weights with safetensors and check them against the manifest and the model the
+    factory builds. Call only on a verified directory: a spec-local factory's code is
+    imported from it."""
     state = load_file(str(directory / WEIGHTS))
     tensors = manifest["tensors"]
     if set(state) != set(tensors):
         raise CheckpointError(f"tensor names differ from manifest: {sorted(set(state) ^ set(tensors))}")
-    model = MLP(ModelConfig.from_dict(manifest["model_config"]))
+    features = FeatureSpec.from_dict(manifest["features"])
+    if "model" in manifest:
+        ref = ModelRef.from_dict(manifest["model"])
+        if ref.code_sha256 is not None and manifest["files"].get(CODE_FILE, {}).get("sha256") != ref.code_sha256:
+            raise CheckpointError(f"{CODE_FILE} is not the code the manifest's model names")
+        model = _rebuild(ref, features, directory)
+    else:  # checkpoints from before model factories: the built-in MLP's config
+        model = MLP(ModelConfig.from_dict(manifest["model_config"]))
     expected = model.state_dict()
     if set(state) != set(expected):
         raise CheckpointError("tensor names differ from the model config's layers: "
@@ -392,7 +438,7 @@ def load_verified_model(directory: Path, manifest: dict[str, Any]) -> tuple[MLP,
             raise CheckpointError(f"tensor {name} has non-finite values")
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, FeatureSpec.from_dict(manifest["features"])
+    return model, features
 
 
 def publish(directory: Path, dest_uri: str) -> None:
@@ -411,7 +457,7 @@ def fetch(uri: str, into: Path) -> Path:
     return into
 
 
-def load_local_for_inference(directory: Path) -> tuple[MLP, FeatureSpec, Verification]:
+def load_local_for_inference(directory: Path) -> tuple[torch.nn.Module, FeatureSpec, Verification]:
     """Verify a local checkpoint directory, then load it. Raises CheckpointError listing
     every problem. This is what the registered MLflow model calls when it loads."""
     v = verify_checkpoint(directory)
@@ -421,7 +467,7 @@ def load_local_for_inference(directory: Path) -> tuple[MLP, FeatureSpec, Verific
     return model, spec, v
 
 
-def load_for_inference(uri: str) -> tuple[MLP, FeatureSpec, Verification]:
+def load_for_inference(uri: str) -> tuple[torch.nn.Module, FeatureSpec, Verification]:
     """Fetch, verify, then load. Raises CheckpointError listing every problem."""
     with tempfile.TemporaryDirectory() as tmp:
         local = fetch(uri, Path(tmp) / "ckpt")

@@ -29,6 +29,36 @@ def _ctx(args: argparse.Namespace):
     return RunContext(dag_id=args.dag_id, run_id=args.run_id, run_after=args.run_after)
 
 
+def _use_spec(args: argparse.Namespace) -> Any:
+    """Activate the model the command acts on: ``--spec PATH``, else ``--model NAME``, else
+    the settings' default (``PIPELINE_MODEL``). A bad spec fails here, before any data."""
+    from pipeline import spec
+
+    chosen = getattr(args, "spec", None) or getattr(args, "model", None)
+    s = spec.get_spec(chosen) if chosen else spec.active()
+    spec.activate(s)
+    if getattr(args, "dag_id", None) is None:
+        args.dag_id = f"cli_{s.name}"
+    return s
+
+
+_POLICY_FLAGS = {"floor": "gate_floor", "margin": "gate_margin",
+                 "non_inferiority_margin": "gate_non_inferiority_margin", "slices": "gate_slices",
+                 "max_checkpoint_mb": "gate_max_checkpoint_mb",
+                 "max_latency_p95_ms": "gate_max_latency_p95_ms",
+                 "require_approval": "require_approval", "decay_margin": "decay_margin",
+                 "eval_uri": "eval_uri"}  # fmt: skip
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    """The run's policy: the spec's, tightened by the flags given (a loosening is refused)."""
+    from pipeline import steps
+
+    requested = {param: getattr(args, flag) for flag, param in _POLICY_FLAGS.items()
+                 if getattr(args, flag, None) not in (None, False)}  # fmt: skip
+    return steps.run_policy(requested)
+
+
 def _print(rec: Any) -> None:
     print(json.dumps(rec, indent=2, default=str))
 
@@ -79,17 +109,19 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline import steps
     from pipeline.errors import PipelineRejection
 
+    _use_spec(args)
+    policy = _policy(args)
     ctx = _ctx(args)
     ins = [_load(p) for p in (args.inputs or [])]
     stage = args.stage
     if stage == "ingest":
-        rec = steps.ingest_batch(ctx, args.batch)
+        rec = steps.ingest_batch(ctx, args.batch, policy=policy)
     elif stage == "validate":
         rec = steps.validate_batch(ctx, *ins)
     elif stage == "drift":
         rec = steps.detect_drift(ctx, *ins)
     elif stage == "decide":
-        rec = steps.decide_retrain(ctx, ins[0], force=args.force, decay_margin=args.decay_margin)
+        rec = steps.decide_retrain(ctx, ins[0], force=args.force, policy=policy)
     elif stage == "train":
         try:
             rec = steps.train_model(ctx, *ins, max_epochs=args.max_epochs,
@@ -105,10 +137,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif stage == "register":
         rec = steps.register_challenger(ctx, *ins)
     elif stage == "gate":
-        rec = steps.gate_promotion(ctx, *ins, margin=args.margin, floor=args.floor,
-                                   eval_uri=args.eval_uri,
-                                   non_inferiority_margin=args.non_inferiority_margin,
-                                   slices=args.slices)  # fmt: skip
+        rec = steps.gate_promotion(ctx, *ins, policy=policy)
     elif stage == "promote":
         rec = steps.promote_champion(ctx, *ins)
     elif stage == "summary":
@@ -124,21 +153,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     """All stages in order, in-process: the DAG's path without Airflow."""
     from pipeline import steps
 
+    _use_spec(args)
+    policy = _policy(args)  # a loosening is refused here, before any data is read
+    steps.train_config(max_epochs=args.max_epochs, learning_rate=args.learning_rate)  # budget
     ctx = _ctx(args)
-    ing = steps.ingest_batch(ctx, args.batch)
+    ing = steps.ingest_batch(ctx, args.batch, policy=policy)
     try:
         steps.validate_batch(ctx, ing)
         drifted = steps.detect_drift(ctx, ing)
-        decision = steps.decide_retrain(ctx, drifted, force=args.force,
-                                        decay_margin=args.decay_margin)  # fmt: skip
+        decision = steps.decide_retrain(ctx, drifted, force=args.force, policy=policy)
         if decision["verdict"] == "train":
             trained = steps.train_model(ctx, ing, max_epochs=args.max_epochs,
                                         learning_rate=args.learning_rate, seed=args.seed)  # fmt: skip
             verified = steps.verify_checkpoint(ctx, trained)
             reg = steps.register_challenger(ctx, ing, trained, verified)
-            gated = steps.gate_promotion(ctx, reg, margin=args.margin, floor=args.floor,
-                                         eval_uri=args.eval_uri)  # fmt: skip
-            steps.promote_champion(ctx, gated)
+            gated = steps.gate_promotion(ctx, reg, policy=policy)
+            if policy.canary:
+                steps.canary_rollout(ctx, gated)
+            else:
+                steps.promote_champion(ctx, gated)
     finally:
         print(steps.format_summary(steps.publish_summary(ctx)))
     return 0
@@ -214,18 +247,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("path", help="local directory, file:// or s3:// prefix")
     v.set_defaults(func=cmd_verify)
 
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        which = sp.add_mutually_exclusive_group()
+        which.add_argument("--spec", default=None, help="the model's spec file (models/<name>/model.yaml)")
+        which.add_argument("--model", default=None, help="a model name under PIPELINE_MODELS_ROOT "
+                           "(default: PIPELINE_MODEL, card_fraud)")  # fmt: skip
+
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--dag-id", default="cli")
+        # Policy and training flags default to the spec's values (None); a flag may only
+        # tighten the spec's policy — see pipeline/spec.py, resolve_policy.
+        model_args(sp)
+        sp.add_argument("--dag-id", default=None, help="default: cli_<model>")
         sp.add_argument("--run-id", default="manual", help="same id = same MLflow run (idempotent)")
         sp.add_argument("--run-after", default=None, help="ISO time used as 'now' for checks")
         sp.add_argument("--force", action="store_true", help="retrain even without drift")
-        sp.add_argument("--decay-margin", type=float, default=0.03)
-        sp.add_argument("--max-epochs", type=int, default=30)
-        sp.add_argument("--learning-rate", type=float, default=3e-3)
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--margin", type=float, default=0.005, help="gate margin")
-        sp.add_argument("--floor", type=float, default=0.7, help="gate floor")
-        sp.add_argument("--eval-uri", default="", help="trusted evaluation set")
+        sp.add_argument("--decay-margin", type=float, default=None, help="default: the spec's (only smaller)")
+        sp.add_argument("--max-epochs", type=int, default=None, help="default: the spec's budget (only fewer)")
+        sp.add_argument("--learning-rate", type=float, default=None, help="default: the spec's")
+        sp.add_argument("--seed", type=int, default=None, help="default: the spec's")
+        sp.add_argument("--margin", type=float, default=None, help="gate margin (only larger)")
+        sp.add_argument("--floor", type=float, default=None, help="gate floor (only stricter)")
+        sp.add_argument("--non-inferiority-margin", type=float, default=None,
+                        help="also accept a challenger whose CI lower bound is above -MARGIN "
+                        "(only where the spec allows gate.non_inferiority_margin)")
+        sp.add_argument("--slices", nargs="*", default=None,
+                        help="categorical columns whose values must not regress (added to the spec's)")
+        sp.add_argument("--max-checkpoint-mb", type=float, default=None, help="only smaller")
+        sp.add_argument("--max-latency-p95-ms", type=float, default=None, help="only smaller")
+        sp.add_argument("--require-approval", action="store_true", help="recorded; the CLI never waits")
+        sp.add_argument("--eval-uri", default=None, help="another trusted set (only if the spec allows)")
 
     stages = ["ingest", "validate", "drift", "decide", "train", "verify", "register", "gate",
               "promote", "summary"]  # fmt: skip
@@ -235,17 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ingest":
             sp.add_argument("--batch", required=True)
         if name == "train":
-            sp.add_argument("--batch-size", type=int, default=512)
-            sp.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+            sp.add_argument("--batch-size", type=int, default=None, help="default: the spec's")
+            sp.add_argument("--optimizer", choices=["adamw", "sgd"], default=None, help="default: the spec's")
             sp.add_argument("--state-every", type=int, default=None,
                             help="steps between training-state checkpoints (resume after a crash)")
             sp.add_argument("--record-out", default=None,
                             help="also write the record to this file (rank 0 under torchrun)")
-        if name == "gate":
-            sp.add_argument("--non-inferiority-margin", type=float, default=None,
-                            help="also accept a challenger whose CI lower bound is above -MARGIN")
-            sp.add_argument("--slices", nargs="*", default=["channel"],
-                            help="categorical columns whose values must not regress")  # fmt: skip
         sp.add_argument("--in", dest="inputs", action="append",
                         help="upstream record JSON file ('-' for stdin); repeat in order")  # fmt: skip
         sp.set_defaults(func=cmd_stage, stage=name)
@@ -261,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--torch-threads", type=int, default=1)
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser("replay", help="replay a batch as HTTP traffic, then its labels")
+    model_args(rp)
     rp.add_argument("--url", default="http://127.0.0.1:8000")
     rp.add_argument("--batch", required=True, help="file:// or s3:// Parquet batch")
     rp.add_argument("--rate", type=float, required=True, help="requests per second")
@@ -273,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--key-column", default=None, help="column sent as X-Routing-Key (sticky)")
     rp.set_defaults(func=cmd_replay)
     cn = sub.add_parser("canary", help="canary a version against the champion (or resume/abort)")
+    model_args(cn)
     cn.add_argument("--version", required=True)
     cn.add_argument("--expected-champion", default="", help="the champion the gate compared against")
     cn.add_argument("--url", default="", help="scoring service URL (default: settings)")
@@ -285,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--run-key", default="cli__canary")
     cn.set_defaults(func=cmd_canary)
     rb = sub.add_parser("rollback", help="champion back to previous_champion (or --target-version)")
+    model_args(rb)
     rb.add_argument("--reason", required=True)
     rb.add_argument("--target-version", default=None)
     rb.add_argument("--who", default="cli")
@@ -374,11 +422,17 @@ def setup_logging(args: argparse.Namespace, stream: Any = None) -> logging.Handl
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args)
     from pipeline.errors import PipelineRejection
+    from pipeline.spec import SpecError
 
     try:
+        if hasattr(args, "spec"):  # commands that act on one model
+            _use_spec(args)
+        setup_logging(args)
         return int(args.func(args))
+    except SpecError as exc:
+        print(f"bad model spec: {exc}", file=sys.stderr)
+        return 2
     except PipelineRejection as exc:
         print(f"rejected: {exc}", file=sys.stderr)
         return 2

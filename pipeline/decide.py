@@ -39,6 +39,7 @@ class RetrainEvidence:
     metric: str = "roc_auc"
     drift_share_threshold: float | None = None
     drifted_columns: tuple[str, ...] = ()
+    direction: int = 1  # +1: the metric is higher-is-better (roc_auc), -1: lower (log_loss)
 
     def __post_init__(self) -> None:
         if self.drift_share is not None and not 0.0 <= self.drift_share <= 1.0:
@@ -54,7 +55,7 @@ class RetrainEvidence:
     def metric_drop(self) -> float | None:
         if self.champion_metric_at_promotion is None or self.champion_metric_on_batch is None:
             return None
-        return self.champion_metric_at_promotion - self.champion_metric_on_batch
+        return self.direction * (self.champion_metric_at_promotion - self.champion_metric_on_batch)
 
 
 @dataclass(frozen=True)

@@ -16,22 +16,24 @@ import torch
 
 from pipeline.metrics import classification_metrics
 from pipeline.train.features import FeatureSpec, labels, transform
-from pipeline.train.model import MLP, predict_proba
+from torch import nn
+
+from pipeline.train.model import predict_proba
 
 
-def predict_frame(model: MLP, spec: FeatureSpec, rows: pd.DataFrame) -> pd.DataFrame:
+def predict_frame(model: nn.Module, spec: FeatureSpec, rows: pd.DataFrame) -> pd.DataFrame:
     """Class probabilities for raw rows, one ``proba_<class>`` column per class."""
     proba = score_model(model, spec, rows)
     return pd.DataFrame(proba, columns=[f"proba_{c}" for c in spec.classes], index=rows.index)
 
 
-def score_model(model: MLP, spec: FeatureSpec, df: pd.DataFrame) -> np.ndarray:
+def score_model(model: nn.Module, spec: FeatureSpec, df: pd.DataFrame) -> np.ndarray:
     """Class probabilities (rows x classes, float32) for raw rows."""
     x = torch.from_numpy(transform(df, spec))
     return predict_proba(model.cpu(), x).numpy()
 
 
-def evaluate_model(model: MLP, spec: FeatureSpec, df: pd.DataFrame) -> dict[str, float]:
+def evaluate_model(model: nn.Module, spec: FeatureSpec, df: pd.DataFrame) -> dict[str, float]:
     return classification_metrics(labels(df, spec), score_model(model, spec, df))
 
 
@@ -48,7 +50,7 @@ class LatencyReport:
 
 
 def measure_latency(
-    model: MLP, spec: FeatureSpec, df: pd.DataFrame, *, batch_size: int = 256,
+    model: nn.Module, spec: FeatureSpec, df: pd.DataFrame, *, batch_size: int = 256,
     batches: int = 40, warmup: int = 3,
 ) -> LatencyReport:
     """Wall time per batch of ``batch_size`` raw rows (features + forward pass), on CPU,

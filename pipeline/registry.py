@@ -51,20 +51,32 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
 
 
+def model_name() -> str:
+    """The registered model of the active spec (``pipeline.spec.active``)."""
+    from pipeline.spec import active
+
+    return active().model_name
+
+
+def experiment_name() -> str:
+    from pipeline.spec import active
+
+    return active().experiment_name
+
+
 def experiment_id() -> str:
     s = get_settings()
     c = client()
-    exp = c.get_experiment_by_name(s.experiment_name)
+    name = experiment_name()
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     from mlflow.exceptions import MlflowException
 
     try:
-        return c.create_experiment(
-            s.experiment_name, artifact_location=f"{s.artifact_root}/{s.experiment_name}"
-        )
+        return c.create_experiment(name, artifact_location=f"{s.artifact_root}/{name}")
     except MlflowException:  # created concurrently
-        exp = c.get_experiment_by_name(s.experiment_name)
+        exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -132,16 +144,22 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 def alias_version(alias: str) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
-    name = get_settings().model_name
+    name = model_name()
     try:
         return client().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
 
+def _active_name() -> str:
+    from pipeline.spec import active
+
+    return active().name
+
+
 def find_version(run_id: str, run_key: str) -> str | None:
     """The version this run_key already registered from ``run_id``, if any (retries)."""
-    name = get_settings().model_name
+    name = model_name()
     for mv in client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         if mv.tags.get(RUN_KEY_TAG) == run_key:
             return str(mv.version)
@@ -158,10 +176,11 @@ def register_version(
     from mlflow.exceptions import MlflowException
 
     c = client()
-    name = get_settings().model_name
+    name = model_name()
     try:
         c.create_registered_model(
-            name, description="Retrained by the retrain_model DAG; aliases say who serves."
+            name, description=f"Retrained by the {experiment_name()} DAG; aliases say who serves.",
+            tags={"pipeline.model": _active_name()},
         )
     except MlflowException:
         pass  # already exists
@@ -238,24 +257,24 @@ def _log_from_code(run_id: str, checkpoint_dir: Path, signature: Any, example: A
 
 def tag_version(version: str, tags: dict[str, Any]) -> None:
     c = client()
-    name = get_settings().model_name
+    name = model_name()
     for k, v in tags.items():
         c.set_model_version_tag(name, version, k, str(v))
 
 
 def describe_version(version: str, description: str) -> None:
-    client().update_model_version(get_settings().model_name, version, description=description)
+    client().update_model_version(model_name(), version, description=description)
 
 
 def set_alias(alias: str, version: str) -> None:
-    client().set_registered_model_alias(get_settings().model_name, alias, version)
+    client().set_registered_model_alias(model_name(), alias, version)
 
 
 def delete_alias(alias: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        client().delete_registered_model_alias(get_settings().model_name, alias)
+        client().delete_registered_model_alias(model_name(), alias)
     except MlflowException:
         pass
 
@@ -263,7 +282,7 @@ def delete_alias(alias: str) -> None:
 def champion_lock_uri() -> str:
     from pipeline import storage
 
-    name = get_settings().model_name
+    name = model_name()
     return storage.join(get_settings().storage_root, "locks", "registry", f"{name}.champion.lock")
 
 

@@ -65,7 +65,6 @@ def rollback_champion(
 
     from pipeline import checkpoint, locks, registry
     from pipeline.serving import traffic
-    from pipeline.settings import get_settings
 
     reason, target = _check_args(reason, target_version)
     if run_key is None:
@@ -74,7 +73,7 @@ def rollback_champion(
         run_key = f"rollback__{datetime.now(UTC):%Y%m%dT%H%M%S}__{uuid.uuid4().hex[:8]}"
     run_key = re.sub(r"[^A-Za-z0-9._-]", "_", run_key)
     who = (who or "").strip() or "unknown"
-    name = get_settings().model_name
+    name = registry.model_name()
     c = registry.client()
     current = registry.alias_version(registry.CHAMPION)
     if current is None:
@@ -188,10 +187,9 @@ def _record(run_id: str, from_v: str, to_v: str, reason: str, who: str, source: 
 
 def _rolled_back(version: str) -> bool:
     from pipeline import registry
-    from pipeline.settings import get_settings
 
     try:
-        mv = registry.client().get_model_version(get_settings().model_name, version)
+        mv = registry.client().get_model_version(registry.model_name(), version)
     except Exception:  # noqa: BLE001 - a version we cannot read is not a safe predecessor
         return True
     return mv.tags.get("rolled_back") == "true"

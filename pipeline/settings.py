@@ -27,13 +27,13 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, moto).")
     mlflow_tracking_uri: str = Field(default="", description="MLflow tracking/registry URI.")
     mlflow_artifact_uri: str = Field(default="", description="Artifact root for new experiments.")
-    experiment_name: str = "retrain_model"
-    model_name: str = Field(default="retrain-model", description="Registered model name.")
-    contract_path: Path = Field(default=PROJECT_ROOT / "contracts" / "transactions.yaml")
-    eval_uri: str = Field(
-        default="",
-        description="Trusted, labelled evaluation set (never a landing batch). "
-        "Default: <storage>/trusted/eval.parquet",
+    models_root: Path = Field(
+        default=PROJECT_ROOT / "models",
+        description="Folder of model specs: one <name>/model.yaml per model (pipeline/spec.py).",
+    )
+    model: str = Field(
+        default="card_fraud",
+        description="The model a command or task acts on when none is named (--spec / --model).",
     )
     signing_key: SecretStr | None = Field(
         default=None, description="HMAC key for checkpoint manifests (hex or text)."
@@ -101,13 +101,14 @@ class Settings(BaseSettings):
             return self.mlflow_artifact_uri
         return (self.home_dir / "mlflow" / "artifacts").as_uri()
 
-    @property
-    def trusted_eval_uri(self) -> str:
-        return self.eval_uri or f"{self.storage_root}/trusted/eval.parquet"
-
-    @property
-    def landing_root(self) -> str:
-        return f"{self.storage_root}/landing"
+    def resolve(self, location: str) -> str:
+        """A spec location: a URI (``s3://``, ``file://``) or absolute path as given, else a
+        path relative to the storage root."""
+        if "://" in location:
+            return location
+        if location.startswith("/"):
+            return Path(location).as_uri()
+        return f"{self.storage_root}/{location.strip('/')}"
 
 
 @lru_cache(maxsize=1)

@@ -23,9 +23,9 @@ from typing import Any
 import pandas as pd
 
 from pipeline import registry, storage
-from pipeline.contract import default_contract
 from pipeline.errors import CheckpointRejected, DataRejected, PipelineRejection
 from pipeline.settings import get_settings
+from pipeline.spec import ModelSpec, Policy, PolicyViolation, active, resolve_policy
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,21 @@ def _stage(run_id: str, stage: str, verdict: str, summary: str, record: dict[str
 
 
 def _base(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: rec[k] for k in ("mlflow_run_id", "mlflow_experiment_id") if k in rec}
+    return {k: rec[k] for k in ("model", "mlflow_run_id", "mlflow_experiment_id") if k in rec}
+
+
+def run_policy(requested: dict[str, Any] | None = None, spec: ModelSpec | None = None) -> Policy:
+    """The policy this run uses: the active spec's, tightened by the run's Params / flags
+    (``spec.resolve_policy``; a loosening the spec does not allow raises PolicyViolation)."""
+    return resolve_policy(spec or active(), requested)
+
+
+def _contract():
+    return active().contract_obj()
+
+
+def _eval_uri(policy: Policy) -> str:
+    return get_settings().resolve(policy.eval_uri)
 
 
 # -- ingest ---------------------------------------------------------------------------
@@ -69,12 +83,20 @@ def quarantine_root(snapshot_sha: str) -> str:
     return storage.join(get_settings().storage_root, "quarantine", snapshot_sha[:24])
 
 
-def ingest_batch(ctx: RunContext, batch_uri: str) -> dict[str, Any]:
+def ingest_batch(ctx: RunContext, batch_uri: str, policy: Policy | None = None) -> dict[str, Any]:
+    """Snapshot the batch (content-addressed). The source is checked against the model's
+    landing prefix and allowed sources first, and ``policy`` (the run's, already resolved:
+    a loosening was refused before this) is recorded on the run."""
     from pipeline.ingest import snapshot
 
+    batch_uri = check_batch_source(batch_uri)
+    spec = active()
     run_id = registry.get_or_create_run(
-        ctx.run_key, {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}
+        ctx.run_key, {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id,
+                      "pipeline.model": spec.name, "pipeline.spec": str(spec.path)}  # fmt: skip
     )
+    if policy is not None and policy.overrides:
+        registry.set_tags(run_id, {"policy.overrides": json.dumps(list(policy.overrides), default=str)})
     if not storage.exists(batch_uri) and storage.exists(_quarantine_index(batch_uri)):
         where = json.loads(storage.read_text(_quarantine_index(batch_uri)))["quarantine_uri"]
         registry.set_tags(run_id, {"stage.ingest_batch.verdict": "quarantined"})
@@ -84,7 +106,7 @@ def ingest_batch(ctx: RunContext, batch_uri: str) -> dict[str, Any]:
     registry.set_tags(run_id, {"data.batch_uri": batch_uri, "data.snapshot_uri": snap.uri,
                                "data.snapshot_sha256": snap.sha256, "data.rows": snap.rows})  # fmt: skip
     rec = {"stage": "ingest_batch", "verdict": "unreadable" if error else "ok",
-           **snap.to_dict(), "parse_error": error,
+           **snap.to_dict(), "parse_error": error, "model": active().name,
            "mlflow_run_id": run_id, "mlflow_experiment_id": registry.experiment_id()}  # fmt: skip
     _stage(run_id, "ingest_batch", rec["verdict"],
            error or f"{snap.rows} rows, snapshot sha256 {snap.sha256[:12]}", rec)  # fmt: skip
@@ -99,9 +121,13 @@ def validate_batch(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
     count the batch in the ledger; on rejection quarantine it and stop the run."""
     from pipeline import validate
 
-    contract = default_contract()
+    contract = _contract()
     run_id = ingested["mlflow_run_id"]
-    report = validate.validate_uri(ingested["uri"], contract, now=ctx.now)  # never raises on data
+    # leakage is judged against the champion's training snapshot: new predictive power only
+    champ = registry.alias_version(registry.CHAMPION)
+    reference = champ.tags.get("data.snapshot_uri") if champ is not None else None
+    report = validate.validate_uri(ingested["uri"], contract, now=ctx.now,
+                                   reference_uri=reference)  # never raises on data  # fmt: skip
     report_dict, summary, passed = report.to_dict(), report.summary(), report.success
     html = validate.render_html(report, title=f"Validation of {ingested['source_uri']}")
     report_text = json.dumps(report_dict, indent=2, default=str)
@@ -117,7 +143,7 @@ def validate_batch(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
            "rows": report.rows, "failed_expectations": failing,
            "extra_columns": report.extra_columns, **_base(ingested)}  # fmt: skip
     if not passed:
-        rec["quarantine_uri"] = _quarantine(ingested, report_text, html, summary)
+        rec["quarantine_uri"], rec["quarantined"] = _quarantine(ingested, report_text, html, summary)
     rec["ledger"] = _ledger(ctx, ingested, rec["verdict"], summary)
     registry.log_metrics(run_id, {
         "validation.failed_expectations": len(failing), "validation.rows": report.rows,
@@ -131,7 +157,7 @@ def validate_batch(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
         raise DataRejected(
             f"batch {ingested['source_uri']} rejected by the data contract: {summary}. "
             f"Failing expectations: {shown}. Report: {html_obj.uri} (JSON: {json_obj.uri}). "
-            f"The batch was moved to {rec['quarantine_uri']}; "
+            f"The batch was {rec['quarantined']} to {rec['quarantine_uri']}; "
             "fix the producer and land a corrected batch under a new name."
         )
     return rec
@@ -145,8 +171,13 @@ def _write_once(uri: str, text: str) -> None:
         pass
 
 
-def _quarantine(ingested: dict[str, Any], report_text: str, html: str, summary: str) -> str:
-    """Move the landing batch (never delete) beside its report and a reason file.
+def _quarantine(ingested: dict[str, Any], report_text: str, html: str, summary: str) -> tuple[str, str]:
+    """Put the rejected batch beside its report and a reason file; return (folder, how).
+
+    A batch inside the model's landing prefix (the pipeline's own) is *moved* there — never
+    deleted — so the next run does not pick it up again. A batch from anywhere else (an
+    allowed source: a producer's own bucket or folder) is *copied* and left where it was:
+    the pipeline never moves or deletes what it does not own.
 
     Keyed by the batch's content: a re-run of the same bytes lands in the same folder and
     the first rejection's reason and report stand (written once, never overwritten)."""
@@ -159,13 +190,44 @@ def _quarantine(ingested: dict[str, Any], report_text: str, html: str, summary: 
                             "sha256": ingested["sha256"]}, indent=2))  # fmt: skip
     src = ingested["source_uri"]
     _write_once(_quarantine_index(src), json.dumps({"quarantine_uri": root}))
+    dest = storage.join(root, "batch.parquet")
     # Only the bytes that were validated are moved; a different file re-landed under the
-    # same name stays where it is.
-    if storage.exists(src) and storage.digest_of(src) == ingested["sha256"]:
-        storage.move(src, storage.join(root, "batch.parquet"))
-    elif not storage.exists(storage.join(root, "batch.parquet")):
-        storage.write_bytes(storage.join(root, "batch.parquet"), storage.read_bytes(ingested["uri"]))
-    return root
+    # same name stays where it is. Never a move onto itself.
+    owned = _under(src, landing_prefix_uri()) and storage.norm(src) != storage.norm(dest)
+    if owned and storage.exists(src) and storage.digest_of(src) == ingested["sha256"]:
+        storage.move(src, dest)
+        return root, "moved"
+    if not storage.exists(dest):  # from the immutable snapshot: the validated bytes
+        storage.write_bytes(dest, storage.read_bytes(ingested["uri"]))
+    return root, "copied"
+
+
+def landing_prefix_uri(spec: ModelSpec | None = None) -> str:
+    return storage.join(get_settings().storage_root, (spec or active()).landing_prefix)
+
+
+def _under(uri: str, prefix: str) -> bool:
+    u, p = storage.norm(uri), storage.norm(prefix).rstrip("/") + "/"
+    return u.startswith(p)
+
+
+def check_batch_source(uri: str, spec: ModelSpec | None = None) -> str:
+    """A batch may be read only from the model's landing prefix or a source its spec lists
+    (``landing.allowed_sources``); anything else is refused before it is read."""
+    spec = spec or active()
+    if not isinstance(uri, str) or not uri or len(uri) > 2048 or any(ch in uri for ch in "\x00\n\r"):
+        raise PolicyViolation(f"batch URI {uri!r} is not a URI")
+    norm = storage.norm(uri)
+    if "/../" in norm + "/" or "/./" in norm + "/":
+        raise PolicyViolation(f"batch URI {uri!r} contains '.' or '..' segments")
+    allowed = [landing_prefix_uri(spec)] + [get_settings().resolve(a) for a in spec.landing.allowed_sources]
+    if not any(_under(norm, a) for a in allowed):
+        raise PolicyViolation(
+            f"batch {uri} is outside model {spec.name!r}'s landing prefix and allowed sources "
+            f"{allowed}; land it with `python -m pipeline data land --model {spec.name} --file PATH`, "
+            f"or the model's owner adds its folder to landing.allowed_sources in {spec.path}"
+        )
+    return norm
 
 
 def _quarantine_index(source_uri: str) -> str:
@@ -205,7 +267,7 @@ def detect_drift(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
     from pipeline.evaluate import evaluate_model
     from pipeline.ingest import read_sample
 
-    contract = default_contract()
+    contract = _contract()
     run_id = ingested["mlflow_run_id"]
     champ = registry.alias_version(registry.CHAMPION)
     rec: dict[str, Any] = {"stage": "detect_drift", **_base(ingested)}
@@ -215,14 +277,15 @@ def detect_drift(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
         _stage(run_id, "detect_drift", rec["verdict"], rec["summary"], rec)
         return rec
     # Streaming statistics over both snapshots; Evidently's page on samples for people.
-    report, html = drift.detect_drift_uris(champ.tags["data.snapshot_uri"], ingested["uri"], contract)
+    report, html = drift.detect_drift_uris(champ.tags["data.snapshot_uri"], ingested["uri"], contract,
+                                           share_threshold=active().retrain.drift_share)  # fmt: skip
     html_obj = storage.write_text(
         storage.join(ingested["uri"].rsplit("/", 1)[0], "reports", ctx.run_key, "drift.html"), html
     )
     registry.log_text(run_id, html, "drift/report.html")
     registry.log_text(run_id, json.dumps(report.to_dict(), indent=2), "drift/report.json")
     model, spec, _ = checkpoint.load_for_inference(champ.tags["checkpoint.uri"])
-    metric = get_settings_metric()
+    metric = active().primary_metric
     labelled = read_sample(ingested["uri"], EVAL_SAMPLE_ROWS, columns=contract.column_names)
     on_batch = evaluate_model(model, spec, labelled).get(metric)
     at_promotion = champ.tags.get(f"eval.{metric}")
@@ -254,29 +317,25 @@ def detect_drift(ctx: RunContext, ingested: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def get_settings_metric() -> str:
-    return "roc_auc"
-
-
 def decide_retrain(
-    ctx: RunContext, drifted: dict[str, Any], force: bool = False, decay_margin: float = 0.03,
-    max_model_age_days: float = 30.0,
+    ctx: RunContext, drifted: dict[str, Any], force: bool = False, policy: Policy | None = None,
 ) -> dict[str, Any]:
     from pipeline.decide import RetrainEvidence, RetrainPolicy
 
-    policy = RetrainPolicy(decay_margin=decay_margin, max_model_age_days=max_model_age_days)
+    run = policy or run_policy()
+    policy_obj = RetrainPolicy(decay_margin=run.decay_margin, max_model_age_days=run.max_model_age_days)
     evidence = RetrainEvidence(
         has_champion=bool(drifted.get("has_champion")),
         dataset_drift=drifted.get("dataset_drift"), drift_share=drifted.get("drift_share"),
         label_drifted=drifted.get("label_drifted"),
         champion_metric_at_promotion=drifted.get("champion_metric_at_promotion"),
         champion_metric_on_batch=drifted.get("champion_metric_on_batch"),
-        champion_age_days=drifted.get("champion_age_days"), forced=force,
-        metric=drifted.get("champion_metric") or get_settings_metric(),
+        champion_age_days=drifted.get("champion_age_days"), forced=force, direction=active().direction,
+        metric=drifted.get("champion_metric") or active().primary_metric,
         drift_share_threshold=drifted.get("share_threshold"),
         drifted_columns=tuple(drifted.get("drifted_columns") or ()),
     )  # fmt: skip
-    decision = policy.decide(evidence)
+    decision = policy_obj.decide(evidence)
     rec = {"stage": "decide_retrain", **decision.to_dict(), "summary": decision.summary(),
            **_base(drifted)}  # fmt: skip
     run_id = drifted["mlflow_run_id"]
@@ -292,7 +351,7 @@ def decide_retrain(
 
 def _train_under_torchrun(ctx: RunContext, ingested: dict[str, Any], procs: int, *,
                           max_epochs: int, learning_rate: float, seed: int, batch_size: int,
-                          optimizer: str, state_every: int | None) -> dict[str, Any]:
+                          optimizer: str, state_every: int | None) -> dict[str, Any]:  # fmt: skip
     """``train_model`` in ``procs`` processes: ``torchrun --standalone`` runs this same stage
     (``python -m pipeline train``) once per rank, in this host or pod; rank 0 publishes and
     writes its record, which is returned here. Its output streams into this task's log."""
@@ -303,7 +362,8 @@ def _train_under_torchrun(ctx: RunContext, ingested: dict[str, Any], procs: int,
         inp, out = Path(tmp) / "ingested.json", Path(tmp) / "trained.json"
         inp.write_text(json.dumps(ingested, default=str))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "pipeline", "train", "--in", str(inp), "--record-out", str(out),
+               "-m", "pipeline", "train", "--spec", str(active().path), "--in", str(inp),
+               "--record-out", str(out),
                "--dag-id", ctx.dag_id, "--run-id", ctx.run_id, "--max-epochs", str(max_epochs),
                "--learning-rate", str(learning_rate), "--seed", str(seed),
                "--batch-size", str(batch_size), "--optimizer", optimizer,
@@ -321,33 +381,64 @@ def _train_under_torchrun(ctx: RunContext, ingested: dict[str, Any], procs: int,
         return dict(rec)
 
 
+def train_config(*, max_epochs: int | None = None, learning_rate: float | None = None,
+                 seed: int | None = None, batch_size: int | None = None,
+                 optimizer: str | None = None) -> Any:
+    """The active spec's training defaults and model factory, with the run's choices (within
+    the spec's budget: ``spec.check_training_budget``)."""
+    from pipeline.spec import check_training_budget
+    from pipeline.train.loop import TrainConfig, no_stopper, val_patience_stopper
+
+    spec = active()
+    check_training_budget(spec, max_epochs, learning_rate)
+    t = spec.training
+    stopper: dict[str, Any] = {"gradient_plateau": None, "val_patience": val_patience_stopper(),
+                               "none": no_stopper()}[t.stopper.preset] or {}  # fmt: skip
+    kw: dict[str, Any] = {}
+    if stopper or t.stopper.options:
+        from pipeline.train.loop import default_stopper
+
+        kw["stopper"] = {**(stopper or default_stopper()), **t.stopper.options}
+    return TrainConfig(
+        max_epochs=max_epochs or t.max_epochs, learning_rate=learning_rate or t.learning_rate,
+        seed=t.seed if seed is None else seed, batch_size=batch_size or t.batch_size,
+        optimizer=optimizer or t.optimizer, weight_decay=t.weight_decay, val_fraction=t.val_fraction,
+        factory=spec.model.factory, factory_kwargs=dict(spec.model.kwargs),
+        device=get_settings().device, **kw,
+    )  # fmt: skip
+
+
 def train_model(
-    ctx: RunContext, ingested: dict[str, Any], *, max_epochs: int = 30,
-    learning_rate: float = 3e-3, seed: int = 0, batch_size: int = 512,
-    optimizer: str = "adamw", state_every: int | None = None,
+    ctx: RunContext, ingested: dict[str, Any], *, max_epochs: int | None = None,
+    learning_rate: float | None = None, seed: int | None = None, batch_size: int | None = None,
+    optimizer: str | None = None, state_every: int | None = None,
 ) -> dict[str, Any]:
-    """Train (resuming from this run's last training-state checkpoint, if any), then write
-    and publish the signed checkpoint. Diverged training fails here: nothing is saved."""
+    """Train the spec's model (resuming from this run's last training-state checkpoint, if
+    any), then write and publish the signed checkpoint. Diverged training fails here:
+    nothing is saved. Unset knobs take the spec's training defaults."""
     import dataclasses
     import shutil
 
     from pipeline import checkpoint
     from pipeline.ingest import read_frame
     from pipeline.train import distributed
-    from pipeline.train.loop import TrainConfig, TrainingDiverged, split_by_id, train
+    from pipeline.train.loop import TrainingDiverged, split_by_id, train
     from pipeline.train.telemetry import MlflowRunSink
 
+    cfg = train_config(max_epochs=max_epochs, learning_rate=learning_rate, seed=seed,
+                       batch_size=batch_size, optimizer=optimizer)  # fmt: skip
     procs = get_settings().train_processes
     if procs > 1 and "WORLD_SIZE" not in os.environ:  # launch the ranks; this process waits
-        return _train_under_torchrun(ctx, ingested, procs, max_epochs=max_epochs,
-                                     learning_rate=learning_rate, seed=seed, batch_size=batch_size,
-                                     optimizer=optimizer, state_every=state_every)  # fmt: skip
+        return _train_under_torchrun(ctx, ingested, procs, max_epochs=cfg.max_epochs,
+                                     learning_rate=cfg.learning_rate, seed=cfg.seed,
+                                     batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                                     state_every=state_every)  # fmt: skip
     ranks = distributed.ranks()
-    contract = default_contract()
+    spec = active()
+    contract = spec.contract_obj()
+    code_file = spec.factory_module_file
     run_id = ingested["mlflow_run_id"]
     df = read_frame(ingested["uri"])
-    cfg = TrainConfig(max_epochs=max_epochs, learning_rate=learning_rate, seed=seed,
-                      batch_size=batch_size, optimizer=optimizer, device=get_settings().device)  # fmt: skip
     if state_every is not None:
         cfg = dataclasses.replace(cfg, state_every=state_every)
     c = registry.client()
@@ -360,7 +451,8 @@ def train_model(
     # retried task on the same worker resumes where the killed one stopped.
     state_dir = get_settings().home_dir / "train-state" / ctx.run_key
     try:
-        result = train(df, contract, cfg, sink=MlflowRunSink(c, run_id), state_dir=state_dir)
+        result = train(df, contract, cfg, sink=MlflowRunSink(c, run_id), state_dir=state_dir,
+                       code_file=code_file)  # fmt: skip
     except TrainingDiverged as exc:
         _stage(run_id, "train_model", "diverged", str(exc), {"error": str(exc)})
         raise PipelineRejection(str(exc)) from exc
@@ -380,6 +472,7 @@ def train_model(
         checkpoint.save_checkpoint(
             local, result.model, result.features, probe,
             data_snapshot={"uri": ingested["uri"], "sha256": ingested["sha256"]}, training=training,
+            model_ref=result.model_ref, code_file=code_file,
         )  # fmt: skip
         digest = checkpoint.manifest_digest(local)
         uri = storage.join(get_settings().storage_root, "checkpoints", digest[:24])
@@ -395,7 +488,7 @@ def train_model(
     ranks_note = f" x{result.world_size} processes" if result.world_size > 1 else ""
     summary = (f"{len(result.history)} epochs ({result.steps} steps) on {result.device}{ranks_note} "
                f"({result.precision}), stop={result.stop_reason}, best epoch {result.best_epoch}, "
-               f"val roc_auc {result.val_metrics.get('roc_auc', float('nan')):.4f}"
+               f"val {spec.primary_metric} {result.val_metrics.get(spec.primary_metric, float('nan')):.4f}"
                + (f", resumed from step {result.resumed_from['step']}" if result.resumed_from else ""))  # fmt: skip
     rec = {"stage": "train_model", "verdict": "trained", "checkpoint_uri": uri,
            "manifest_sha256": digest, "stop_reason": result.stop_reason, "steps": result.steps,
@@ -462,7 +555,7 @@ def register_challenger(
             )  # fmt: skip
     registry.set_alias(registry.CHALLENGER, version)
     rec = {"stage": "register_challenger", "verdict": "registered",
-           "model_name": get_settings().model_name, "model_version": version,
+           "model_name": registry.model_name(), "model_version": version,
            "summary": f"registered v{version} (model from code, signature, input example), "
                       "alias challenger", **_base(ingested)}  # fmt: skip
     _stage(run_id, "register_challenger", "registered", rec["summary"], rec)
@@ -505,27 +598,37 @@ def _version_tags(
 
 
 def gate_promotion(
-    ctx: RunContext, registered: dict[str, Any], *, margin: float = 0.005, floor: float = 0.7,
-    eval_uri: str = "", non_inferiority_margin: float | None = None,
-    improvement: str = "absolute", slices: tuple[str, ...] | list[str] = ("channel",),
-    max_checkpoint_mb: float | None = 50.0, max_latency_p95_ms: float | None = 250.0,
-    resamples: int = 1000,
+    ctx: RunContext, registered: dict[str, Any], *, policy: Policy | None = None,
+    resamples: int | None = None,
 ) -> dict[str, Any]:
-    """Challenger vs champion on the trusted evaluation set (``pipeline.gates``).
+    """Challenger vs champion on the spec's trusted evaluation set (``pipeline.gates``),
+    under the run's policy (the spec's, tightened by the run; ``run_policy``).
 
     The full decision record (thresholds, per-row inputs, verdict) is an MLflow artifact
     ``gate/decision_record.json`` that ``gates.replay`` recomputes; the version gets the
-    verdict as tags and the report as its description. XCom gets a small record."""
+    verdict as tags — and every policy override the run used — and the report as its
+    description. XCom gets a small record."""
     from pipeline import checkpoint, gates
     from pipeline.evaluate import measure_latency, score_model
     from pipeline.ingest import read_frame
     from pipeline.train.features import labels
 
+    model_spec = active()
+    pol = policy or run_policy()
+    margin, floor, slices = pol.margin, pol.floor, list(pol.slices)
+    non_inferiority_margin, improvement = pol.non_inferiority_margin, pol.improvement
+    max_checkpoint_mb, max_latency_p95_ms = pol.max_checkpoint_mb, pol.max_latency_p95_ms
+    resamples = resamples or pol.resamples
     run_id, version = registered["mlflow_run_id"], registered["model_version"]
-    eval_uri = eval_uri or get_settings().trusted_eval_uri
+    eval_uri = _eval_uri(pol)
     eval_df = read_frame(eval_uri)
+    missing = [col for col in slices if col not in eval_df]
+    if missing:  # the spec said slice on these: judging without them would be a silent pass
+        raise DataRejected(f"gate slice column(s) {missing} of model {model_spec.name!r} are not in the "
+                           f"trusted evaluation set {eval_uri}; add them to the set or remove them "
+                           f"from gate.slices in {model_spec.path}")  # fmt: skip
     c = registry.client()
-    mv = c.get_model_version(get_settings().model_name, version)
+    mv = c.get_model_version(registry.model_name(), version)
     model, spec, verification = checkpoint.load_for_inference(mv.tags["checkpoint.uri"])
     latency = measure_latency(model, spec, eval_df)
     champ = registry.alias_version(registry.CHAMPION)
@@ -536,9 +639,9 @@ def gate_promotion(
             raise PipelineRejection(f"champion v{champ.version} predicts classes {cs.classes}, "
                                     f"the challenger {spec.classes}: not comparable")  # fmt: skip
         champ_proba, champ_version = score_model(cm, cs, eval_df), str(champ.version)
-    metric = get_settings_metric()
+    metric = model_spec.primary_metric
     gate = gates.PromotionGate(
-        metric=metric, floors={metric: floor}, min_improvement=margin, improvement=improvement,  # type: ignore[arg-type]
+        metric=metric, floors=dict(pol.floors), min_improvement=margin, improvement=improvement,  # type: ignore[arg-type]
         non_inferiority_margin=non_inferiority_margin, slices=tuple(slices),
         max_checkpoint_bytes=int(max_checkpoint_mb * 1_000_000) if max_checkpoint_mb else None,
         max_latency_p95_ms=max_latency_p95_ms, resamples=resamples,
@@ -558,6 +661,7 @@ def gate_promotion(
         "eval_uri": eval_uri, "eval_sha256": eval_sha, "latency": latency.to_dict(),
         "checkpoint_manifest_sha256": verification.manifest_sha256,
         "airflow_dag_id": ctx.dag_id, "airflow_run_id": ctx.run_id,
+        "model": model_spec.name, "spec": str(model_spec.path), "policy": pol.to_dict(),
     })  # fmt: skip
     registry.log_text(run_id, json.dumps(record, default=str), record_path)
     vs = next((ch for ch in decision.checks if ch.kind == "champion"), None)
@@ -581,6 +685,8 @@ def gate_promotion(
         f"eval.{metric}": f"{decision.challenger if decision.challenger is not None else float('nan'):.6f}",
         "eval.set_uri": eval_uri, "eval.set_sha256": eval_sha,
         "eval.latency_p95_ms": f"{latency.p95_ms:.3f}",
+        "policy.overrides": json.dumps(list(pol.overrides), default=str) if pol.overrides else "none",
+        "policy.spec": f"{model_spec.name} ({model_spec.path.name})",
         **({"gate.difference": f"{vs.difference:+.6f}",
             "gate.ci": f"[{vs.ci_low:+.6f}, {vs.ci_high:+.6f}]"} if vs and vs.ci_low is not None else {}),
     }  # fmt: skip
@@ -595,7 +701,7 @@ def gate_promotion(
 
 def _model_version_url(version: str) -> str:
     s = get_settings()
-    return f"{s.mlflow_ui_url.rstrip('/')}/#/models/{s.model_name}/versions/{version}"
+    return f"{s.mlflow_ui_url.rstrip('/')}/#/models/{registry.model_name()}/versions/{version}"
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -722,14 +828,21 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def resolve_batch_uri(param: str, asset_extras: list[dict[str, Any]], run_after: str) -> str:
-    """Which batch this run processes: the param, else the asset event, else the date folder."""
+    """Which batch this run processes: the param, else the asset event, else the date folder
+    under the model's landing prefix — checked against the model's landing prefix and
+    allowed sources before anything reads it (``check_batch_source``)."""
+    chosen = None
     if param:
-        return param
-    for extra in asset_extras:
-        if extra and extra.get("batch_uri"):
-            return str(extra["batch_uri"])
-    day = pd.Timestamp(run_after).strftime("%Y-%m-%d")
-    return storage.join(get_settings().landing_root, f"date={day}", "batch.parquet")
+        chosen = param
+    else:
+        for extra in asset_extras:
+            if extra and extra.get("batch_uri"):
+                chosen = str(extra["batch_uri"])
+                break
+    if chosen is None:
+        day = pd.Timestamp(run_after).strftime("%Y-%m-%d")
+        chosen = storage.join(landing_prefix_uri(), f"date={day}", "batch.parquet")
+    return check_batch_source(chosen)
 
 
 # -- canary rollout (the promote_champion task's path when the DAG param `canary` is set) ----

@@ -71,6 +71,23 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def norm(uri: str) -> str:
+    """One spelling per object, for comparing locations: a local path or ``file:`` URI
+    becomes ``file:///abs/path`` with symlinks resolved (a link out of a folder is not inside
+    it), ``s3://`` is kept as is. Raises UnsafePathError for relative paths and NUL bytes."""
+    if "\x00" in uri:
+        raise UnsafePathError(f"location {uri!r} contains a NUL byte")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        return uri
+    if parsed.scheme not in ("file", ""):
+        raise StorageError(f"unsupported storage scheme {parsed.scheme!r} in {uri}; use file:// or s3://")
+    path = parsed.path if parsed.scheme else uri
+    if not path.startswith("/"):
+        raise UnsafePathError(f"location {uri!r} is not absolute")
+    return Path(path).resolve().as_uri()
+
+
 class _Backend(Protocol):
     def put(self, uri: str, data: bytes, digest: str) -> bool: ...
     def get(self, uri: str) -> tuple[bytes, str | None]: ...

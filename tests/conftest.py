@@ -36,4 +36,4 @@ def pipeline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 def contract():
     from pipeline.contract import load_contract
 
-    return load_contract(ROOT / "contracts" / "transactions.yaml")
+    return load_contract(ROOT / "models" / "card_fraud" / "contract.yaml")

@@ -13,7 +13,7 @@ the world the way production data moves:
   many decoy legit rows (cheap grocery) are relabelled fraud;
 - ``schema_fault``: break the batch on purpose (see ``SCHEMA_FAULTS``).
 
-Only this module and ``contracts/transactions.yaml`` name these columns.
+Only this module and ``models/card_fraud/contract.yaml`` name these columns.
 """
 
 from __future__ import annotations

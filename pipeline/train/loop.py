@@ -46,7 +46,15 @@ from pipeline.contract import DataContract
 from pipeline.metrics import classification_metrics
 from pipeline.train import distributed
 from pipeline.train.features import FeatureSpec, fit_features, labels, transform
-from pipeline.train.model import MLP, ModelConfig, pick_device, predict_proba
+from pipeline.train.model import (
+    BUILTIN_MLP,
+    ModelInputs,
+    ModelRef,
+    build_model,
+    model_ref_for,
+    pick_device,
+    predict_proba,
+)
 from pipeline.train.schedule import KINDS, LRSchedule
 from pipeline.train.state import TrainingStateStore, decode, encode, restore_rng, rng_tensors
 from pipeline.train.stopping import (
@@ -90,8 +98,8 @@ class TrainConfig:
     learning_rate: float = 3e-3
     batch_size: int = 512
     weight_decay: float = 1e-4
-    hidden: tuple[int, ...] = (64, 32)
-    dropout: float = 0.1
+    factory: str = BUILTIN_MLP  # the model factory (pipeline.train.model: the factory contract)
+    factory_kwargs: dict[str, Any] = field(default_factory=lambda: {"hidden": [64, 32], "dropout": 0.1})
     seed: int = 0
     val_fraction: float = 0.2
     device: str = "auto"
@@ -145,15 +153,16 @@ class TrainConfig:
 
     def flat(self) -> dict[str, Any]:
         """One level, for run parameters: ``stopper.<key>``."""
-        d = {k: v for k, v in self.to_dict().items() if k != "stopper"}
-        return d | {f"stopper.{k}": v for k, v in sorted(self.stopper.items())}
+        d = {k: v for k, v in self.to_dict().items() if k not in ("stopper", "factory_kwargs")}
+        return (d | {f"stopper.{k}": v for k, v in sorted(self.stopper.items())}
+                | {f"model.{k}": v for k, v in sorted(self.factory_kwargs.items())})  # fmt: skip
 
 
 @dataclass
 class TrainResult:
-    model: MLP
+    model: nn.Module
     features: FeatureSpec
-    model_config: ModelConfig
+    model_ref: ModelRef
     config: TrainConfig
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
@@ -284,16 +293,17 @@ class _Accumulator:
 
 def train(
     df: pd.DataFrame, contract: DataContract, config: TrainConfig, *,
-    sink: TelemetrySink | None = None, state_dir: Path | None = None,
+    sink: TelemetrySink | None = None, state_dir: Path | None = None, code_file: Path | None = None,
 ) -> TrainResult:  # fmt: skip
-    """Train an MLP on ``df`` as the contract describes it.
+    """Train the spec's model (``config.factory``; ``code_file`` when the factory is a
+    spec-local module) on ``df`` as the contract describes it.
 
     ``sink`` receives telemetry, the decision trace, tags and event artifacts (an MLflow
     run in the pipeline). ``state_dir`` enables crash-safe training-state checkpoints
     there and resumes from the newest valid one whose fingerprint (config + data)
     matches. Raises ``TrainingDiverged`` on a non-finite or exploding loss/gradient.
     """
-    epochs = iter_train(df, contract, config, sink=sink, state_dir=state_dir)
+    epochs = iter_train(df, contract, config, sink=sink, state_dir=state_dir, code_file=code_file)
     while True:
         try:
             next(epochs)
@@ -303,7 +313,7 @@ def train(
 
 def iter_train(
     df: pd.DataFrame, contract: DataContract, config: TrainConfig, *,
-    sink: TelemetrySink | None = None, state_dir: Path | None = None,
+    sink: TelemetrySink | None = None, state_dir: Path | None = None, code_file: Path | None = None,
 ) -> Generator[dict[str, float], None, TrainResult]:  # fmt: skip
     """``train`` one epoch at a time: yields each epoch's history row, returns the
     TrainResult. Lets a caller interleave trainings (the overhead benchmark does)."""
@@ -325,8 +335,10 @@ def iter_train(
     x_tr, y_tr = torch.from_numpy(xtr_np).to(device), torch.from_numpy(ytr_np).to(device)
     x_va = torch.from_numpy(xva_np).to(device)
 
-    mcfg = ModelConfig(x_tr.shape[1], len(spec.classes), config.hidden, config.dropout)
-    model = MLP(mcfg).to(device)
+    ref = model_ref_for(config.factory, config.factory_kwargs, code_file)
+    inputs = ModelInputs(x_tr.shape[1], len(spec.classes), spec,
+                         "binary" if len(spec.classes) == 2 else "multiclass")  # fmt: skip
+    model = build_model(ref, inputs, code_file).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(config, model, device)
     net = distributed.wrap(model, device, ranks)  # forward through this; weights live in model
@@ -349,7 +361,7 @@ def iter_train(
     acc = _Accumulator(device)
     eb_checks = max(1, config.eb_every // config.check_every)
 
-    result = TrainResult(model, spec, mcfg, config, device=str(device), precision=precision,
+    result = TrainResult(model, spec, ref, config, device=str(device), precision=precision,
                          train_rows=len(train_df), val_rows=len(val_df), world_size=ranks.world,
                          rank=ranks.rank)  # fmt: skip
     loop: dict[str, Any] = {"step": 0, "epoch": 1, "pos": 0, "best_loss": math.inf, "stopped": False,

@@ -11,7 +11,7 @@ import yaml
 from pipeline.contract import DRIFT_METHODS, ContractError, DataContract, load_contract
 from pipeline.validate import contract_checks
 
-CONTRACT_PATH = Path(__file__).resolve().parents[2] / "contracts" / "transactions.yaml"
+CONTRACT_PATH = Path(__file__).resolve().parents[2] / "models" / "card_fraud" / "contract.yaml"
 
 
 def raw() -> dict:
@@ -37,17 +37,47 @@ def test_column_drift_settings_parse(tmp_path: Path) -> None:
     amount = next(c for c in doc["columns"] if c["name"] == "amount")
     amount["drift"] = {"method": "psi", "threshold": 0.2}
     doc["drift"] = {"share": 0.5}
-    doc["leakage"] = {"max_auc": 0.97}
+    doc["leakage"] = {"max_auc": 0.97, "min_rows": 50, "reference_auc": 0.9, "max_rise": 0.2}
     c = load_contract(write(tmp_path, doc))
     assert (c.column("amount").drift_method, c.column("amount").drift_threshold) == ("psi", 0.2)
     assert c.drift_share == 0.5 and c.leakage_max_auc == 0.97
+    assert (c.leakage_min_rows, c.leakage_reference_auc, c.leakage_max_rise) == (50, 0.9, 0.2)
 
 
-def test_contract_without_new_sections_keeps_defaults(tmp_path: Path) -> None:
+@pytest.mark.parametrize("leakage", [None, {}, {"max_auc": 0.999}])
+def test_contract_without_new_sections_keeps_defaults(tmp_path: Path, leakage) -> None:
     doc = raw()
     doc.pop("drift"), doc.pop("leakage")
+    if leakage is not None:
+        doc["leakage"] = leakage
     c = load_contract(write(tmp_path, doc))
-    assert c.drift_share == 0.3 and c.leakage_max_auc == 0.99
+    # leakage without a reference: AUC >= 0.999 on >= 1000 rows; with one: AUC >= 0.95 and
+    # more than 0.10 above the reference's
+    assert c.drift_share == 0.3 and c.leakage_max_auc == 0.999 and c.leakage_min_rows == 1000
+    assert c.leakage_reference_auc == 0.95 and c.leakage_max_rise == 0.10
+
+
+@pytest.mark.parametrize("how", ["absent", "null"])
+def test_time_column_is_optional(tmp_path: Path, how: str) -> None:
+    doc = raw()
+    if how == "absent":
+        doc.pop("time_column")
+    else:
+        doc["time_column"] = None
+    c = load_contract(write(tmp_path, doc))
+    assert c.time_column is None
+    # still declared, so now an ordinary (non-feature: not numeric, not categorical) column
+    assert "event_time" in c.column_names
+    checks = contract_checks(c, pd.Timestamp("2026-06-01", tz="UTC"))
+    assert not any(isinstance(k.kwargs.get("max_value"), pd.Timestamp) for k in checks)
+
+
+def test_time_column_when_present_is_not_a_feature(contract: DataContract) -> None:
+    assert contract.time_column == "event_time"
+    assert contract.time_column not in [c.name for c in contract.features]
+    checks = contract_checks(contract, pd.Timestamp("2026-06-01", tz="UTC"))
+    (future,) = [k for k in checks if isinstance(k.kwargs.get("max_value"), pd.Timestamp)]
+    assert future.column == "event_time"
 
 
 def _set(doc: dict, column: str, **fields) -> dict:
@@ -67,6 +97,18 @@ def _set(doc: dict, column: str, **fields) -> dict:
         (lambda d: {**d, "columns": d["columns"] + [d["columns"][2]]}, "more than once"),
         (lambda d: {**d, "drift": {"share": 0}}, "drift.share"),
         (lambda d: {**d, "leakage": {"max_auc": 0.4}}, "leakage.max_auc"),
+        (lambda d: {**d, "leakage": {"max_auc": "high"}}, "leakage.max_auc must be a number"),
+        (lambda d: {**d, "leakage": {"min_rows": 1}}, "leakage.min_rows"),
+        (lambda d: {**d, "leakage": {"min_rows": 10.5}}, "leakage.min_rows must be an integer"),
+        (lambda d: {**d, "leakage": {"reference_auc": 1.5}}, "leakage.reference_auc"),
+        (lambda d: {**d, "leakage": {"max_rise": -0.1}}, "leakage.max_rise"),
+        (lambda d: {**d, "leakage": {"max_rise": True}}, "leakage.max_rise must be a number"),
+        (lambda d: {**d, "leakage": {"max_auk": 0.9}}, "unknown keys \\['max_auk'\\]"),
+        (lambda d: {**d, "leakage": [0.9]}, "leakage must be a mapping"),
+        (lambda d: {**d, "time_column": "nope"}, "'nope' is named but not declared"),
+        (lambda d: {**d, "time_column": "amount"}, "must be declared with type timestamp"),
+        (lambda d: {**d, "time_column": ""}, "time_column must name a column"),
+        (lambda d: {**d, "id_column": None}, "id_column must name a column"),
         (lambda d: {**d, "row_count": {"min": 10, "max": 5}}, "below min"),
         (lambda d: {**d, "target": {"name": "nope", "values": [0, 1]}}, "'nope' is named but not declared"),
         (lambda d: {k: v for k, v in d.items() if k != "id_column"}, "missing or bad field"),

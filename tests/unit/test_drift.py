@@ -13,7 +13,7 @@ from pipeline.contract import DataContract, load_contract
 from pipeline.data.generate import WorldSpec, generate
 from pipeline.drift import DriftReport, detect_drift
 
-CONTRACT_PATH = Path(__file__).resolve().parents[2] / "contracts" / "transactions.yaml"
+CONTRACT_PATH = Path(__file__).resolve().parents[2] / "models" / "card_fraud" / "contract.yaml"
 ROWS = 4000
 
 
@@ -213,3 +213,19 @@ def test_streaming_from_parquet_equals_frames(
     framed, _ = detect_drift(reference, current, contract, html=False)
     assert streamed.to_dict() == framed.to_dict()
     assert "<html" in page
+
+
+@pytest.mark.parametrize("time_column", [None, "event_time"])
+def test_drift_needs_no_time_column(
+    reference: pd.DataFrame, contract: DataContract, time_column: str | None
+) -> None:
+    import dataclasses
+
+    c = dataclasses.replace(contract, time_column=time_column)
+    if time_column is None:  # a dataset without event times at all
+        c = dataclasses.replace(c, columns=tuple(x for x in c.columns if x.name != "event_time"))
+    current = generate(WorldSpec(rows=ROWS, seed=2))
+    drop = [] if time_column else ["event_time"]
+    report, _ = detect_drift(reference.drop(columns=drop), current.drop(columns=drop), c)
+    assert not report.dataset_drift, report.summary()
+    assert [x.column for x in report.columns] == [*c.numeric_features, *c.categorical_features, "is_fraud"]

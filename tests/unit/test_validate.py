@@ -6,14 +6,23 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.contract import DataContract, load_contract
 from pipeline.data.generate import WorldSpec, generate
-from pipeline.validate import ValidationReport, build_suite, render_html, validate_frame
+from pipeline.validate import (
+    NO_TIME_COLUMN_NOTE,
+    ValidationReport,
+    build_suite,
+    contract_checks,
+    render_html,
+    validate_frame,
+)
 
-CONTRACT_PATH = Path(__file__).resolve().parents[2] / "contracts" / "transactions.yaml"
+CONTRACT_PATH = Path(__file__).resolve().parents[2] / "models" / "card_fraud" / "contract.yaml"
 NOW = pd.Timestamp("2026-06-01T00:00:00Z")
 ROWS = 3000
 
@@ -306,3 +315,253 @@ def test_id_hashes_are_equal_for_equal_values_and_collisions_are_resolved(
     report = validate_frame(batch("duplicate_ids"), contract, NOW)
     ids = next(r for r in report.results if r.expectation == "expect_column_values_to_be_unique")
     assert ids.observed["unexpected_count"] == 100
+
+
+# ----------------------------------------------------------------------------- leakage: new power
+
+IRIS_FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def tabular_contract(
+    tmp_path: Path, features: list[str], classes: list[int], extra: tuple[dict, ...] = (), **top
+) -> DataContract:
+    """A small contract written as YAML: an int id, float features, an int label (and the
+    ``extra`` column declarations); no time column unless ``top`` names one."""
+    doc = {
+        "name": "tabular", "id_column": "id",
+        "target": {"name": "label", "values": classes, "positive": classes[-1]},
+        "row_count": {"min": 1},
+        "columns": [{"name": "id", "type": "int", "unique": True},
+                    *({"name": f, "type": "float"} for f in features),
+                    {"name": "label", "type": "int", "min": min(classes), "max": max(classes)},
+                    *extra],
+        **top,
+    }  # fmt: skip
+    path = tmp_path / "tabular.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_contract(path)
+
+
+def iris() -> pd.DataFrame:
+    from sklearn.datasets import load_iris
+
+    df = load_iris(as_frame=True).frame
+    df.columns = [*IRIS_FEATURES, "label"]
+    return df.assign(label=df["label"].astype("int64")).rename_axis("id").reset_index()
+
+
+def iris_batch() -> pd.DataFrame:
+    """The 120-row 3-class training set that was wrongly quarantined."""
+    return iris().sample(120, random_state=0).reset_index(drop=True)
+
+
+def synthetic(rows: int, classes: int, seed: int = 0, **features) -> pd.DataFrame:
+    """``rows`` rows with a balanced label in ``range(classes)``; each feature is a function
+    of (label, rng) -> values."""
+    rng = np.random.default_rng(seed)
+    label = rng.permutation(np.arange(rows) % classes)
+    cols = {name: fn(label, rng) for name, fn in features.items()}
+    return pd.DataFrame({"id": np.arange(rows), **cols, "label": label.astype("int64")})
+
+
+def _univariate_auc(df: pd.DataFrame, feature: str, cls: int) -> float:
+    """An independent computation (sklearn) of the one-vs-rest univariate AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    score = roc_auc_score(df["label"] == cls, df[feature])
+    return max(score, 1 - score)
+
+
+def _shuffled(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return df.assign(**{column: rng.permutation(df[column].to_numpy())})
+
+
+def leak_result(report: ValidationReport, column: str):
+    return next(r for r in report.results
+                if r.expectation == "expect_column_to_not_predict_target_alone" and r.column == column)  # fmt: skip
+
+
+NOISE = lambda y, rng: rng.normal(size=len(y))  # noqa: E731
+COPY = lambda y, rng: y.astype(float)  # noqa: E731
+STRONG = lambda y, rng: (y > 0) * 3.3 + rng.normal(size=len(y))  # noqa: E731  binary AUC ~0.99
+ONE_CLASS = lambda y, rng: (y == 1) * 10.0 + rng.normal(size=len(y)) * 0.1  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "feature", "passes", "mode", "in_summary"),
+    [
+        # iris, the champion's data had the same strong petal feature: passes, named as strong
+        ("iris_reference_equally_strong",
+         lambda: (iris_batch(), iris()), "petal_width", True, "reference", "came close"),
+        # the same feature carried no signal in the reference: new power, rejected
+        ("iris_feature_weak_in_reference",
+         lambda: (iris_batch(), _shuffled(iris(), "petal_width")), "petal_width", False,
+         "reference", "gains no new power"),
+        # the feature did not exist in the reference: new power, rejected
+        ("iris_feature_absent_from_reference",
+         lambda: (iris_batch(), iris().drop(columns="petal_width")), "petal_width", False,
+         "reference", "column absent from the reference"),
+        # no champion yet, 120 rows: too few to judge alone; skipped, and the report says why
+        ("iris_no_reference_few_rows",
+         lambda: (iris_batch(), None), "petal_length", True, "no reference", "leakage.min_rows"),
+        # no champion, enough rows, a copy of the label: rejected
+        ("label_copy_no_reference",
+         lambda: (synthetic(1200, 2, noise=NOISE, leak=COPY), None), "leak", False,
+         "no reference", "does not predict label alone"),
+        # no champion, enough rows, strong (AUC ~0.99) but below the 0.999 bar: passes, named
+        ("strong_feature_no_reference",
+         lambda: (synthetic(1200, 2, noise=NOISE, leak=STRONG), None), "leak", True,
+         "no reference", "came close"),
+        # 3 classes: the feature separates class 1 only (weak for the positive class 2)
+        ("multiclass_one_vs_rest",
+         lambda: (synthetic(1200, 3, noise=NOISE, leak=ONE_CLASS), None), "leak", False,
+         "no reference", "class 1 vs rest"),
+    ],
+)  # fmt: skip
+def test_leakage_is_new_predictive_power(
+    tmp_path: Path, case: str, make, feature: str, passes: bool, mode: str, in_summary: str
+) -> None:
+    batch_df, reference = make()
+    features = [c for c in batch_df.columns if c not in ("id", "label")]
+    classes = sorted(int(v) for v in batch_df["label"].unique())
+    contract = tabular_contract(tmp_path, features, classes)
+    report = validate_frame(batch_df, contract, NOW, reference=reference)
+    leak = leak_result(report, feature)
+    assert leak.success is passes, (case, report.summary())
+    assert leak.observed["mode"] == mode
+    # the code's AUC agrees with sklearn's on the same rows (every row: no sampling here), for
+    # the class it names (one-vs-rest); without a reference that is the worst class
+    cls = leak.observed.get("class", contract.positive_label)
+    assert leak.observed["observed_value"] == pytest.approx(_univariate_auc(batch_df, feature, cls), abs=1e-6)
+    if mode == "no reference":
+        worst = max(_univariate_auc(batch_df, feature, k) for k in classes)
+        assert leak.observed["observed_value"] == pytest.approx(worst, abs=1e-6)
+    assert in_summary in report.summary(), report.summary()
+    # only the feature under test can be the one that fails
+    assert {c for _, c in failed(report)} <= {feature}
+    assert report.success is passes
+    if len(classes) > 2:
+        assert leak.observed["class"] in classes
+    if not passes:
+        assert feature in report.summary()
+    if mode == "reference":
+        assert leak.observed["reference_rows"] == len(reference)
+        assert leak.observed["rise"] == pytest.approx(
+            leak.observed["observed_value"] - (leak.observed["reference_value"] or 0.5), abs=1e-5
+        )
+    json.loads(json.dumps(report.to_dict(), allow_nan=False))
+
+
+def test_passing_strong_features_are_named_for_a_reviewer(tmp_path: Path) -> None:
+    contract = tabular_contract(tmp_path, IRIS_FEATURES, [0, 1, 2])
+    report = validate_frame(iris_batch(), contract, NOW, reference=iris())
+    assert report.success, report.summary()
+    near = [r.column for r in report.results if r.observed.get("near")]
+    assert "petal_length" in near and "petal_width" in near
+    assert all(r.observed["observed_value"] >= 0.9 for r in report.results if r.observed.get("near"))
+    (note,) = [n for n in report.notes if "came close" in n]
+    assert "petal_length" in note and "reference" in note
+    assert note in report.summary() and note in report.to_dict()["notes"]
+    assert "came close" in render_html(report, title="iris")
+
+
+def test_no_reference_few_rows_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    contract = tabular_contract(tmp_path, IRIS_FEATURES, [0, 1, 2])
+    report = validate_frame(iris_batch(), contract, NOW)
+    assert report.success
+    leak = leak_result(report, "petal_length")
+    assert "120 rows < leakage.min_rows 1000" in leak.observed["skipped"]
+    assert "not evaluated" in leak.describe()
+    assert any("leakage check skipped for 4 features" in n for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("leakage", "rows", "passes"),
+    [
+        ({}, 1200, False),  # defaults: max_auc 0.999, min_rows 1000
+        ({"min_rows": 2000}, 1200, True),  # below min_rows: skipped
+        ({"max_auc": 0.98}, 1200, False),
+        ({"min_rows": 100}, 200, False),
+    ],
+)
+def test_no_reference_rule_follows_the_contract(
+    tmp_path: Path, leakage: dict, rows: int, passes: bool
+) -> None:
+    contract = tabular_contract(tmp_path, ["noise", "leak"], [0, 1], leakage=leakage)
+    report = validate_frame(synthetic(rows, 2, noise=NOISE, leak=COPY), contract, NOW)
+    assert leak_result(report, "leak").success is passes
+    assert leak_result(report, "noise").success
+
+
+@pytest.mark.parametrize(
+    ("leakage", "passes"),
+    [
+        ({}, False),  # new power: AUC ~0.99 now, ~0.5 in the reference
+        ({"max_rise": 0.49}, True),  # a rise that big is allowed
+        ({"reference_auc": 0.999}, True),  # the bar is not reached
+    ],
+)
+def test_reference_rule_follows_the_contract(tmp_path: Path, leakage: dict, passes: bool) -> None:
+    contract = tabular_contract(tmp_path, ["noise", "leak"], [0, 1], leakage=leakage)
+    batch_df = synthetic(1200, 2, noise=NOISE, leak=STRONG)
+    reference = synthetic(1500, 2, seed=3, noise=NOISE, leak=NOISE)
+    report = validate_frame(batch_df, contract, NOW, reference=reference)
+    assert leak_result(report, "leak").success is passes, report.summary()
+
+
+def test_reference_uri_matches_reference_frame_and_a_bad_reference_is_reported(
+    tmp_path: Path,
+) -> None:
+    from pipeline.ingest import parquet_bytes
+    from pipeline.validate import validate_uri
+
+    contract = tabular_contract(tmp_path, IRIS_FEATURES, [0, 1, 2])
+    batch_path, ref_path = tmp_path / "batch.parquet", tmp_path / "ref.parquet"
+    batch_path.write_bytes(parquet_bytes(iris_batch()))
+    weak = _shuffled(iris(), "petal_width")
+    ref_path.write_bytes(parquet_bytes(weak, row_group_size=40))
+    streamed = validate_uri(batch_path.as_uri(), contract, NOW, reference_uri=ref_path.as_uri())
+    framed = validate_frame(iris_batch(), contract, NOW, reference=weak)
+    assert streamed.to_dict() == framed.to_dict()
+    assert failed(streamed) == {("expect_column_to_not_predict_target_alone", "petal_width")}
+    # the reference is sampled, bounded by sample_rows
+    small = validate_uri(batch_path.as_uri(), contract, NOW, reference_uri=ref_path.as_uri(),
+                         sample_rows=100)  # fmt: skip
+    assert leak_result(small, "petal_width").observed["reference_rows"] == 100
+    # an unreadable reference: reported, and the no-reference rule applies
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    report = validate_uri(batch_path.as_uri(), contract, NOW, reference_uri=bad.as_uri())
+    assert report.success
+    assert leak_result(report, "petal_width").observed["mode"] == "no reference"
+    assert any("leakage reference not used" in n for n in report.notes)
+    assert "leakage reference not used" in report.summary()
+    # no reference_uri at all: the existing call shape still works
+    assert validate_uri(batch_path.as_uri(), contract, NOW).success
+
+
+# ----------------------------------------------------------------------------- no time column
+
+
+def test_contract_without_time_column_skips_time_checks(tmp_path: Path) -> None:
+    contract = tabular_contract(tmp_path, IRIS_FEATURES, [0, 1, 2])
+    assert contract.time_column is None
+    report = validate_frame(iris_batch(), contract, NOW)
+    assert report.success, report.summary()
+    assert NO_TIME_COLUMN_NOTE in report.notes
+    assert "no time column in the contract: time checks skipped" in report.summary()
+    assert NO_TIME_COLUMN_NOTE in report.to_dict()["summary"]
+    checks = contract_checks(contract, NOW)
+    assert not any(isinstance(c.kwargs.get("max_value"), pd.Timestamp) for c in checks)
+
+
+def test_contract_with_time_column_still_checks_future_times(tmp_path: Path) -> None:
+    df = iris_batch().assign(ts=NOW - pd.Timedelta(days=1))
+    contract = tabular_contract(tmp_path, IRIS_FEATURES, [0, 1, 2],
+                                ({"name": "ts", "type": "timestamp"},), time_column="ts")  # fmt: skip
+    assert "ts" not in [c.name for c in contract.features]
+    report = validate_frame(df, contract, NOW)
+    assert report.success and NO_TIME_COLUMN_NOTE not in report.notes
+    df.loc[df.index[:3], "ts"] = NOW + pd.Timedelta(hours=1)
+    assert failed(validate_frame(df, contract, NOW)) == {("expect_column_values_to_be_between", "ts")}
