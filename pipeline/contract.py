@@ -14,6 +14,8 @@ NUMERIC: tuple[str, ...] = ("float", "int", "bool")
 #: (Evidently's names; see :mod:`pipeline.drift`). Distances drift when the score is >= the
 #: threshold; p-value tests (``ks``, ``chisquare``, ``z``) when p is below it.
 DRIFT_METHODS: tuple[str, ...] = ("wasserstein", "jensenshannon", "psi", "ks", "chisquare", "z")
+#: Keys of the contract's ``leakage:`` section (see :class:`DataContract`).
+LEAKAGE_KEYS: tuple[str, ...] = ("max_auc", "min_rows", "reference_auc", "max_rise")
 
 
 class ContractError(ValueError):
@@ -46,7 +48,7 @@ class Column:
 class DataContract:
     name: str
     id_column: str
-    time_column: str
+    time_column: str | None  # None: the data has no event time; time checks are skipped
     target: str
     target_values: tuple[int, ...]
     positive_label: int
@@ -55,7 +57,16 @@ class DataContract:
     max_rows: int | None = None
     extra_expectations: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     drift_share: float = 0.3  # dataset drift when the share of drifted features reaches this
-    leakage_max_auc: float = 0.99  # a feature whose univariate AUC reaches this leaks the label
+    # Label leakage (pipeline.validate): "new predictive power that was not there".
+    # With a reference (the champion's training snapshot): a feature leaks when its
+    # univariate AUC on the batch reaches ``leakage_reference_auc`` AND rose by more than
+    # ``leakage_max_rise`` above its AUC on the reference.
+    leakage_reference_auc: float = 0.95
+    leakage_max_rise: float = 0.10
+    # Without a reference (no champion yet): a feature leaks when its AUC reaches
+    # ``leakage_max_auc`` on a sample of at least ``leakage_min_rows`` rows (fewer: skipped).
+    leakage_max_auc: float = 0.999
+    leakage_min_rows: int = 1000
 
     @property
     def column_names(self) -> list[str]:
@@ -69,7 +80,9 @@ class DataContract:
 
     @property
     def features(self) -> list[Column]:
-        skip = {self.id_column, self.time_column, self.target}
+        skip = {self.id_column, self.target}
+        if self.time_column is not None:
+            skip.add(self.time_column)
         return [c for c in self.columns if c.name not in skip]
 
     @property
@@ -90,7 +103,7 @@ def load_contract(path: str | Path) -> DataContract:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ContractError(f"data contract not found at {path}; set PIPELINE_CONTRACT_PATH") from None
+        raise ContractError(f"data contract not found at {path}; check the model spec's contract field") from None
     try:
         columns = tuple(
             Column(
@@ -107,10 +120,18 @@ def load_contract(path: str | Path) -> DataContract:
             )
             for c in raw["columns"]
         )
+        leakage = raw.get("leakage") or {}
+        if not isinstance(leakage, dict):
+            raise ContractError(f"{path}: leakage must be a mapping, got {leakage!r}")
+        unknown = sorted(set(leakage) - set(LEAKAGE_KEYS))
+        if unknown:
+            raise ContractError(
+                f"{path}: leakage has unknown keys {unknown}; known: {list(LEAKAGE_KEYS)}"
+            )
         contract = DataContract(
             name=raw["name"],
             id_column=raw["id_column"],
-            time_column=raw["time_column"],
+            time_column=raw.get("time_column"),
             target=raw["target"]["name"],
             target_values=tuple(raw["target"]["values"]),
             positive_label=raw["target"].get("positive", raw["target"]["values"][-1]),
@@ -119,14 +140,32 @@ def load_contract(path: str | Path) -> DataContract:
             max_rows=raw.get("row_count", {}).get("max"),
             extra_expectations=tuple(raw.get("expectations", ())),
             drift_share=float((raw.get("drift") or {}).get("share", 0.3)),
-            leakage_max_auc=float((raw.get("leakage") or {}).get("max_auc", 0.99)),
+            leakage_reference_auc=_leak_float(path, leakage, "reference_auc", 0.95),
+            leakage_max_rise=_leak_float(path, leakage, "max_rise", 0.10),
+            leakage_max_auc=_leak_float(path, leakage, "max_auc", 0.999),
+            leakage_min_rows=_leak_int(path, leakage, "min_rows", 1000),
         )
+    except ContractError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ContractError(f"{path}: malformed data contract, missing or bad field {exc}") from None
     names = contract.column_names
+    if not isinstance(contract.id_column, str) or not contract.id_column:
+        raise ContractError(f"{path}: id_column must name a column, got {contract.id_column!r}")
+    if contract.time_column is not None and (
+        not isinstance(contract.time_column, str) or not contract.time_column
+    ):
+        raise ContractError(
+            f"{path}: time_column must name a column or be left out, got {contract.time_column!r}"
+        )
     for required in (contract.id_column, contract.time_column, contract.target):
-        if required not in names:
+        if required is not None and required not in names:
             raise ContractError(f"{path}: column {required!r} is named but not declared")
+    if contract.time_column is not None and contract.column(contract.time_column).type != "timestamp":
+        raise ContractError(
+            f"{path}: time_column {contract.time_column!r} must be declared with type timestamp, "
+            f"got {contract.column(contract.time_column).type!r}"
+        )
     for c in columns:
         if c.type not in ("float", "int", "category", "string", "timestamp", "bool"):
             raise ContractError(f"{path}: column {c.name!r} has unknown type {c.type!r}")
@@ -157,6 +196,18 @@ def load_contract(path: str | Path) -> DataContract:
         raise ContractError(
             f"{path}: leakage.max_auc must be in (0.5, 1], got {contract.leakage_max_auc}"
         )
+    if not 0.5 < contract.leakage_reference_auc <= 1.0:
+        raise ContractError(
+            f"{path}: leakage.reference_auc must be in (0.5, 1], got {contract.leakage_reference_auc}"
+        )
+    if not 0.0 <= contract.leakage_max_rise < 0.5:
+        raise ContractError(
+            f"{path}: leakage.max_rise must be in [0, 0.5), got {contract.leakage_max_rise}"
+        )
+    if contract.leakage_min_rows < 2:
+        raise ContractError(
+            f"{path}: leakage.min_rows must be an integer >= 2, got {contract.leakage_min_rows}"
+        )
     if contract.max_rows is not None and contract.max_rows < contract.min_rows:
         raise ContractError(
             f"{path}: row_count max {contract.max_rows} is below min {contract.min_rows}"
@@ -168,7 +219,23 @@ def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def default_contract() -> DataContract:
-    from pipeline.settings import get_settings
+def _leak_float(path: Path, section: dict[str, Any], key: str, default: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ContractError(f"{path}: leakage.{key} must be a number, got {value!r}")
+    return float(value)
 
-    return load_contract(get_settings().contract_path)
+
+def _leak_int(path: Path, section: dict[str, Any], key: str, default: int) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ContractError(f"{path}: leakage.{key} must be an integer, got {value!r}")
+    return value
+
+
+def default_contract() -> DataContract:
+    """The active model's contract (``pipeline.spec.active``: the spec a task or command
+    acts on, else ``PIPELINE_MODEL``)."""
+    from pipeline.spec import active
+
+    return active().contract_obj()

@@ -219,8 +219,7 @@ def snapshot(batch_uri: str) -> tuple[Snapshot, str | None]:
 
     if not storage.exists(batch_uri):
         raise FileNotFoundError(
-            f"no batch at {batch_uri}: check the batch_uri param or the landing folder "
-            f"{get_settings().landing_root}"
+            f"no batch at {batch_uri}: check the batch_uri param or the model's landing folder"
         )
     data = storage.read_bytes(batch_uri)
     obj = storage.write_bytes(snapshot_uri_for(storage.sha256_bytes(data)), data)

@@ -30,10 +30,17 @@ How it scales (10M rows never become one frame)
     estimate whose standard error is the column's sd / sqrt(sample rows)).
 
     *Leakage* is the one other sampled check: the univariate ROC AUC of each feature for
-    the label (max(AUC, 1-AUC); categories scored by their positive rate), computed on the
-    same sample. By Hoeffding's inequality for this U-statistic the estimate is within
+    the label (max(AUC, 1-AUC); categories scored by their positive rate; with more than
+    two classes one-vs-rest per class, the worst class named), computed on the same
+    sample. By Hoeffding's inequality for this U-statistic the estimate is within
     ``sqrt(ln(2/0.01) / (2 min(n_pos, n_neg)))`` of the batch's AUC with 99% probability;
-    the report states the bound. A copied label scores 1.0, far above any real feature.
+    the report states the bound. Leakage is *new* predictive power: with a reference (the
+    champion's training snapshot, ``reference_uri``; the same AUCs on a bounded sample of
+    it) a feature is rejected only when its AUC reaches ``leakage.reference_auc`` and rose
+    more than ``leakage.max_rise`` above the reference's, so a feature that was always that
+    strong passes. Without a reference only a near-perfect AUC (``leakage.max_auc``) on at
+    least ``leakage.min_rows`` rows is rejected; on fewer rows the check is skipped. A
+    copied label scores 1.0. Features that pass but came close are named in the report.
 
 Column names are data: they select columns, are escaped in HTML and shortened in text,
 and never become paths or MLflow keys. ``great_expectations`` is imported inside the
@@ -66,6 +73,11 @@ MAX_NAME_CHARS = 256
 _SET_PREVIEW = 5
 _SUMMARY_FAILURES = 5
 _LEAKAGE_CONFIDENCE = 0.99
+# A leakage check that passes "came close" (named in the report) when its AUC reaches
+# min(_NEAR_AUC, bar - _NEAR_MARGIN).
+_NEAR_AUC = 0.9
+_NEAR_MARGIN = 0.02
+NO_TIME_COLUMN_NOTE = "no time column in the contract: time checks skipped"
 
 # Checks Great Expectations has no expectation for: computed by the streaming pass only.
 READABLE = "expect_batch_to_be_readable_parquet"
@@ -110,6 +122,7 @@ class ValidationReport:
     extra_columns: list[str] = field(default_factory=list)  # display-safe names
     sample_rows: int = 0  # rows GX saw
     error: str | None = None  # the batch could not be read
+    notes: list[str] = field(default_factory=list)  # for a reviewer: skipped checks, near misses
 
     def failures(self) -> list[ExpectationResult]:
         return [r for r in self.results if not r.success]
@@ -125,6 +138,7 @@ class ValidationReport:
             extra = f"; extra columns (allowed, not used): {shown}" + (
                 f" and {more} more" if more > 0 else ""
             )
+        extra += "".join(f"; {note}" for note in self.notes)
         if not failed:
             return f"{prefix}all {total} expectations passed on {self.rows} rows{extra}"
         primary = _primary(failed)
@@ -146,6 +160,7 @@ class ValidationReport:
             "extra_columns": list(self.extra_columns),
             "sample_rows": self.sample_rows,
             "error": self.error,
+            "notes": list(self.notes),
             "results": [_jsonable(asdict(r)) for r in self.results],
         }
 
@@ -235,13 +250,16 @@ def contract_checks(contract: DataContract, now: pd.Timestamp) -> list[Check]:
             checks.append(Check("expect_column_unique_value_count_to_be_between", name, {"min_value": 2}))
     checks.append(Check("expect_column_values_to_be_in_set", contract.target,
                         {"value_set": list(contract.target_values)}))  # fmt: skip
-    checks.append(Check("expect_column_values_to_be_between", contract.time_column,
-                        {"max_value": pd.Timestamp(now)}))  # fmt: skip
+    if contract.time_column is not None:  # else no time checks (the report says so)
+        checks.append(Check("expect_column_values_to_be_between", contract.time_column,
+                            {"max_value": pd.Timestamp(now)}))  # fmt: skip
+    leakage = {"target": contract.target, "max_auc": contract.leakage_max_auc,
+               "min_rows": contract.leakage_min_rows,
+               "reference_auc": contract.leakage_reference_auc,
+               "max_rise": contract.leakage_max_rise}  # fmt: skip
     for col in contract.features:
         if col.is_numeric or col.is_categorical:
-            checks.append(Check(NO_LEAKAGE, col.name,
-                                {"target": contract.target, "max_auc": contract.leakage_max_auc},
-                                gx=False))  # fmt: skip
+            checks.append(Check(NO_LEAKAGE, col.name, dict(leakage), gx=False))
     for i, spec in enumerate(contract.extra_expectations):
         try:
             name, kwargs = spec["type"], dict(spec.get("kwargs", {}))
@@ -296,33 +314,45 @@ def build_suite(contract: DataContract, now: pd.Timestamp) -> ExpectationSuite:
 
 def validate_frame(
     df: pd.DataFrame, contract: DataContract, now: pd.Timestamp, *, sample_rows: int = SAMPLE_ROWS,
-    seed: int = 0,
+    seed: int = 0, reference: pd.DataFrame | None = None,
 ) -> ValidationReport:
-    """Validate ``df`` against ``contract``; never raises on bad data, only reports it."""
+    """Validate ``df`` against ``contract``; never raises on bad data, only reports it.
+
+    ``reference``: the champion's training data (same contract), for the leakage check;
+    a seeded sample of at most ``sample_rows`` of its rows is used."""
     source, untyped = TableSource.from_frame(df)
-    return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed, untyped=untyped)
+    ref = None if reference is None else _reference_from_frame(reference, contract, sample_rows, seed)
+    return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed,
+                           untyped=untyped, reference=ref)  # fmt: skip
 
 
 def validate_uri(
     uri: str, contract: DataContract, now: pd.Timestamp, *, sample_rows: int = SAMPLE_ROWS,
-    seed: int = 0,
+    seed: int = 0, reference_uri: str | None = None,
 ) -> ValidationReport:
-    """Validate the Parquet object at ``uri``, streaming; an unreadable file is a report."""
+    """Validate the Parquet object at ``uri``, streaming; an unreadable file is a report.
+
+    ``reference_uri``: the champion's training snapshot (Parquet, same contract); the
+    leakage check compares each feature's AUC with its AUC on a seeded sample of at most
+    ``sample_rows`` reference rows. ``None`` (no champion yet), or a reference that cannot
+    be read (the report says so): the stricter no-reference rule applies."""
     try:
         source = open_source(uri, dictionary_columns=contract.categorical_features)
     except _READ_ERRORS as exc:
         return _unreadable(exc, contract, now)
-    return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed)
+    ref = None if reference_uri is None else _reference_from_uri(reference_uri, contract, sample_rows, seed)
+    return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed, reference=ref)
 
 
 def validate_source(
     source: TableSource, contract: DataContract, now: pd.Timestamp, *,
     sample_rows: int = SAMPLE_ROWS, seed: int = 0, untyped: dict[str, str] | None = None,
+    reference: Reference | None = None,
 ) -> ValidationReport:
     now = _utc(now)
     checks = contract_checks(contract, now)
     try:
-        scan = _Scan(source, contract, now, untyped or {}, sample_rows, seed)
+        scan = _Scan(source, contract, now, untyped or {}, sample_rows, seed, reference)
         scan.run()
     except _READ_ERRORS as exc:  # a corrupted page, a truncated row group
         return _unreadable(exc, contract, now, rows=source.num_rows)
@@ -356,11 +386,125 @@ def validate_source(
         results=results,
         extra_columns=[display_name(n) for n in scan.extra_columns],
         sample_rows=len(sample),
+        notes=_notes(contract, results, reference),
     )
+
+
+def _notes(
+    contract: DataContract, results: list[ExpectationResult], reference: Reference | None
+) -> list[str]:
+    """What a reviewer should know beyond pass/fail: skipped checks and near misses."""
+    notes = []
+    if contract.time_column is None:
+        notes.append(NO_TIME_COLUMN_NOTE)
+    leak = [r for r in results if r.expectation == NO_LEAKAGE and isinstance(r.observed, dict)]
+    if reference is not None and reference.error is not None:
+        notes.append(f"leakage reference not used ({reference.error}): features judged on the "
+                     "batch alone")  # fmt: skip
+    skipped = [r for r in leak if r.observed.get("too_few_rows")]
+    if skipped:
+        notes.append(f"leakage check skipped for {len(skipped)} features: "
+                     f"{skipped[0].observed['skipped']}")  # fmt: skip
+    near = sorted((r for r in leak if r.observed.get("near")),
+                  key=lambda r: -(r.observed.get("observed_value") or 0.0))  # fmt: skip
+    if near:
+        shown = ", ".join(f"{display_name(r.column or '')} {_leak_text(r.observed)}"
+                          for r in near[:_SET_PREVIEW])  # fmt: skip
+        more = len(near) - _SET_PREVIEW
+        notes.append("strong features, came close to the leakage bar (passed): " + shown
+                     + (f" and {more} more" if more > 0 else ""))  # fmt: skip
+    return notes
 
 
 def _with(r: ExpectationResult, **changes: Any) -> ExpectationResult:
     return ExpectationResult(**{**asdict(r), **changes})
+
+
+# --------------------------------------------------------------------------- leakage
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A bounded sample of the reference data for the leakage check; ``error`` when it
+    could not be used (then ``sample`` is None)."""
+
+    sample: pd.DataFrame | None
+    rows: int = 0  # rows of the whole reference
+    error: str | None = None
+
+
+def _leakage_columns(contract: DataContract) -> list[str]:
+    return [c.name for c in contract.features if c.is_numeric or c.is_categorical]
+
+
+def _reference_from_uri(uri: str, contract: DataContract, sample_rows: int, seed: int) -> Reference:
+    try:
+        source = open_source(uri)
+        names = Counter(source.column_names)
+        if names.get(contract.target) != 1:
+            return Reference(None, source.num_rows, f"label column {contract.target} missing")
+        columns = [c for c in _leakage_columns(contract) if names.get(c) == 1] + [contract.target]
+        table = source.sample(columns, sample_rows, seed)
+        sample = table.to_pandas()
+    except Exception as exc:  # noqa: BLE001 - a bad reference is reported, never raised
+        return Reference(None, 0, f"reference {uri} unreadable: {type(exc).__name__}: {exc}"[:500])
+    return Reference(sample, source.num_rows)
+
+
+def _reference_from_frame(
+    df: pd.DataFrame, contract: DataContract, sample_rows: int, seed: int
+) -> Reference:
+    total = len(df)
+    if contract.target not in df.columns:
+        return Reference(None, total, f"label column {contract.target} missing")
+    if total > sample_rows:
+        picks = np.sort(np.random.default_rng(seed).choice(len(df), sample_rows, replace=False))
+        df = df.iloc[picks]
+    columns = [c for c in _leakage_columns(contract) if c in df.columns] + [contract.target]
+    return Reference(df.loc[:, ~df.columns.duplicated()][columns].reset_index(drop=True), total)
+
+
+def _leak_classes(contract: DataContract) -> list[Any]:
+    """The classes scored one-vs-rest: the positive label alone for a binary target (the
+    other class gives the same score), every class for more than two."""
+    return list(contract.target_values) if contract.num_classes > 2 else [contract.positive_label]
+
+
+def _class_aucs(
+    x: pd.Series, labels: pd.Series, classes: list[Any], categorical: bool
+) -> tuple[int, dict[Any, tuple[float, int]]]:
+    """Rows scored, and per class with both outcomes present: (max(AUC, 1-AUC), positives)."""
+    known = labels.notna().to_numpy()
+    x, labels = x[known], labels[known]
+    out: dict[Any, tuple[float, int]] = {}
+    rows = 0
+    for cls in classes:
+        y = (labels == cls).to_numpy(dtype=bool)
+        xc = x.map(pd.Series(y, index=x.index).groupby(x).mean()) if categorical else x
+        xv = pd.to_numeric(xc, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        keep = np.isfinite(xv)
+        xv, y = xv[keep], y[keep]
+        rows = max(rows, int(len(y)))
+        pos = int(y.sum())
+        if pos == 0 or pos == len(y):
+            continue
+        auc = _auc(xv, y)
+        out[cls] = (max(auc, 1.0 - auc), pos)
+    return rows, out
+
+
+def _leak_text(obs: dict[str, Any], rows: int | None = None) -> str:
+    text = f"AUC {obs.get('observed_value', float('nan')):.4f}"
+    if rows is not None:
+        text += f" on {rows} rows"
+    details = []
+    if "class" in obs:
+        details.append(f"class {obs['class']} vs rest")
+    if obs.get("reference_value") is not None:
+        details.append(f"reference {obs['reference_value']:.4f}")
+    elif obs.get("reference"):
+        details.append(str(obs["reference"]))
+    return text + (f" ({', '.join(details)})" if details else "")
 
 
 def _unreadable(
@@ -509,9 +653,10 @@ class _Scan:
 
     def __init__(
         self, source: TableSource, contract: DataContract, now: pd.Timestamp,
-        untyped: dict[str, str], sample_rows: int, seed: int,
+        untyped: dict[str, str], sample_rows: int, seed: int, reference: Reference | None = None,
     ) -> None:
         self.source, self.contract, self.now, self.untyped = source, contract, now, untyped
+        self.reference = reference
         names = source.column_names
         seen = Counter(names)
         declared = set(contract.column_names)
@@ -792,29 +937,52 @@ class _Scan:
 
     def _leakage(self, check: Check, sample: pd.DataFrame) -> tuple[bool, dict[str, Any]]:
         col = self.cols[check.column]  # type: ignore[index]
-        target = self.contract.target
+        target, kw = self.contract.target, check.kwargs
         if col.present != 1 or not col.type_ok:
             return False, {"error": f"column {col.name} is missing or mistyped: leakage not checked"}
         if not self.cols[target].type_ok or target not in sample or col.name not in sample:
             return True, {"skipped": "no typed label column to check against"}
-        y = (sample[target] == self.contract.positive_label).to_numpy()
-        x = sample[col.name]
-        spec = self.contract.column(col.name)
-        if spec.is_categorical:
-            x = x.map(pd.Series(y, index=x.index).groupby(x).mean())
-        xv = pd.to_numeric(x, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        keep = np.isfinite(xv)
-        xv, y = xv[keep], y[keep]
-        pos, neg = int(y.sum()), int((~y).sum())
-        if pos == 0 or neg == 0:
-            return True, {"skipped": "the sample holds one class only", "rows": int(len(y))}
-        auc = _auc(xv, y)
-        score = max(auc, 1.0 - auc)
-        bound = math.sqrt(math.log(2 / (1 - _LEAKAGE_CONFIDENCE)) / (2 * min(pos, neg)))
-        return score < check.kwargs["max_auc"], {
-            "observed_value": round(score, 6), "rows": int(len(y)), "positives": pos,
-            "error_bound_99": round(bound, 4), "sampled": not self.sample_is_everything,
-        }  # fmt: skip
+        classes = _leak_classes(self.contract)
+        categorical = self.contract.column(col.name).is_categorical
+        rows, aucs = _class_aucs(sample[col.name], sample[target], classes, categorical)
+        if not aucs:
+            return True, {"skipped": "the sample holds one class only", "rows": rows}
+        best = max(aucs, key=lambda c: aucs[c][0])
+        ref = None if self.reference is None else self.reference.sample
+        obs: dict[str, Any] = {"mode": "reference" if ref is not None else "no reference"}
+        if ref is not None:
+            bar = kw["reference_auc"]
+            ref_aucs: dict[Any, tuple[float, int]] = {}
+            if col.name in ref:
+                _, ref_aucs = _class_aucs(ref[col.name], ref[target], classes, categorical)
+            else:
+                obs["reference"] = "column absent from the reference"
+            # no power on the reference (absent column, or class missing there): AUC 0.5
+            rise = {c: aucs[c][0] - ref_aucs.get(c, (0.5, 0))[0] for c in aucs}
+            leaking = [c for c in aucs if aucs[c][0] >= bar and rise[c] > kw["max_rise"]]
+            focus = max(leaking, key=lambda c: rise[c]) if leaking else best
+            success = not leaking
+            obs["reference_value"] = round(ref_aucs[focus][0], 6) if focus in ref_aucs else None
+            obs["rise"] = round(rise[focus], 6)
+            obs["reference_rows"] = int(len(ref))
+        else:
+            bar = kw["max_auc"]
+            focus = best
+            success = aucs[focus][0] < bar or rows < kw["min_rows"]
+            if rows < kw["min_rows"]:
+                obs["skipped"] = (f"{rows} rows < leakage.min_rows {kw['min_rows']} and no "
+                                  "reference to compare with")  # fmt: skip
+                obs["too_few_rows"] = True
+        score, pos = aucs[focus]
+        bound = math.sqrt(math.log(2 / (1 - _LEAKAGE_CONFIDENCE)) / (2 * min(pos, rows - pos)))
+        obs.update({"observed_value": round(score, 6), "rows": rows, "positives": pos,
+                    "error_bound_99": round(bound, 4), "sampled": not self.sample_is_everything,
+                    "bar": bar})  # fmt: skip
+        if len(classes) > 1:
+            obs["class"] = focus
+        if success and score >= min(_NEAR_AUC, bar - _NEAR_MARGIN):
+            obs["near"] = True
+        return success, obs
 
 
 def _auc(x: np.ndarray, y: np.ndarray) -> float:
@@ -965,7 +1133,13 @@ def _describe_expected(r: ExpectationResult) -> str:
         return (f"column names printable, unique, at most {kw.get('max_chars')} characters, "
                 "without path characters")  # fmt: skip
     if e == NO_LEAKAGE:
-        return f"{col} does not predict {kw.get('target')} alone (univariate AUC < {kw.get('max_auc')})"
+        obs = r.observed if isinstance(r.observed, dict) else {}
+        if obs.get("mode") == "reference":
+            return (f"{col} gains no new power to predict {kw.get('target')} alone (univariate AUC "
+                    f"< {_fmt(kw.get('reference_auc'))}, or at most {_fmt(kw.get('max_rise'))} "
+                    "above the reference)")  # fmt: skip
+        return (f"{col} does not predict {kw.get('target')} alone (univariate AUC < "
+                f"{_fmt(kw.get('max_auc'))} on at least {kw.get('min_rows')} rows)")  # fmt: skip
     if e == "expect_column_values_to_be_in_type_list":
         obs = r.observed if isinstance(r.observed, dict) else {}
         return f"{col} of contract type {obs.get('contract_type', 'in ' + str(kw.get('type_list')))}"
@@ -1001,9 +1175,12 @@ def _describe_observed(r: ExpectationResult) -> str:
         listed = ", ".join(f"{u['column']} ({u['problem']})" for u in obs["unsafe_columns"][:3])
         return f"{obs.get('unexpected_count')} bad: {listed}"
     if r.expectation == NO_LEAKAGE:
+        if "observed_value" not in obs:
+            return f"not evaluated: {obs.get('skipped')}"
+        text = _leak_text(obs, rows=obs.get("rows"))
         if "skipped" in obs:
-            return f"not evaluated: {obs['skipped']}"
-        return f"AUC {obs.get('observed_value', float('nan')):.4f} on {obs.get('rows')} rows"
+            return f"not evaluated: {obs['skipped']}; {text}"
+        return text + (", came close" if obs.get("near") else "")
     if r.expectation == "expect_column_unique_value_count_to_be_between":
         value = obs.get("observed_value")
         return f"{value} distinct" + (f", all {_fmt(obs['value'])}" if "value" in obs else "")
