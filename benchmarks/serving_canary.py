@@ -65,7 +65,7 @@ def serve_with_bare_route(port: int) -> None:
     @app.post("/bare/predict")
     async def bare(request: Request) -> Response:
         if "m" not in bound:
-            bound["m"] = service.table.champion.model  # bound once: no routing per request
+            bound["m"] = service.model().table.champion.model  # bound once: no routing per request
         m = bound["m"]
         body = json.loads(await request.body())
         rows = body if isinstance(body, list) else [body]
@@ -85,14 +85,14 @@ def serve_with_bare_route(port: int) -> None:
 def _setup(home: Path) -> tuple[str, str]:
     """Train one small model, publish a signed checkpoint, register it twice (v1, v2)."""
     from pipeline import checkpoint, registry, settings, storage
-    from pipeline.contract import default_contract
     from pipeline.data.generate import WorldSpec, generate
+    from pipeline.spec import active
     from pipeline.train.loop import TrainConfig, train
 
     settings.get_settings.cache_clear()
     registry.client.cache_clear()
     df = generate(WorldSpec(rows=5000, seed=11))
-    result = train(df, default_contract(), TrainConfig(max_epochs=4, seed=1, batch_size=256,
+    result = train(df, active().contract_obj(), TrainConfig(max_epochs=4, seed=1, batch_size=256,
                                                        telemetry=False, state_every=0))  # fmt: skip
     local = home / "ckpt"
     checkpoint.save_checkpoint(local, result.model, result.features, df.head(64),
@@ -219,9 +219,9 @@ def main() -> int:
                                 cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             from pipeline import registry
-            from pipeline.contract import default_contract
             from pipeline.data.generate import WorldSpec, generate
             from pipeline.serving import traffic
+            from pipeline.spec import active
 
             _wait(url, lambda r: r.status_code == 200)
             # (a) the router with a live canary at 50 %, both versions the same model
@@ -229,7 +229,7 @@ def main() -> int:
             traffic.set_canary_weight(0.5)
             _wait(url, lambda r: r.json().get("canary_weight") == 0.5)
             df = generate(WorldSpec(rows=4000, seed=99))
-            feats = [c.name for c in default_contract().features]
+            feats = [c.name for c in active().contract_obj().features]
             rows = df[feats].astype(object).where(df[feats].notna(), None).to_dict(orient="records")
             lat = _latency(url, rows[:500], args.pairs, warmup=200)
             traffic.set_canary_weight(0.0)

@@ -7,7 +7,9 @@ see :mod:`pipeline.serving.traffic`); the scoring service follows it.
 
 **Measurements** are read from the service's ``/metrics`` over HTTP (Prometheus text,
 parsed with ``prometheus_client.parser``): in production real traffic flows and this
-code only reads. A window is the difference of two scrapes, per version.
+code only reads. The service serves every model: a rollout reads only the series
+labelled with its own model (``model`` = the active spec's name). A window is the
+difference of two scrapes, per version.
 
 **Analysis** (:class:`CanaryAnalysis`, pure): canary vs champion over the same window on
 
@@ -509,6 +511,24 @@ class CanaryPlan:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def from_spec(cls, spec: Any, **overrides: Any) -> CanaryPlan:
+        """The plan of a model spec: its ``canary`` timings where set, else the settings'
+        (``PIPELINE_CANARY_*``); ``overrides`` win over both."""
+        from pipeline.settings import get_settings
+
+        s, c = get_settings(), spec.canary
+        pick = (lambda v, default: default if v is None else v)  # noqa: E731
+        step_s = float(pick(c.step_seconds, s.canary_step_seconds))
+        kw: dict[str, Any] = {
+            "steps": tuple(CanaryStep(float(w), step_s) for w in pick(c.steps, s.canary_steps)),
+            "analysis_interval_s": float(pick(c.analysis_interval_seconds,
+                                              s.canary_analysis_interval_seconds)),
+            "bake_s": float(pick(c.bake_seconds, s.canary_bake_seconds)),
+        }  # fmt: skip
+        kw.update(overrides)
+        return cls(**kw)
+
     def to_dict(self) -> dict[str, Any]:
         return {"steps": [asdict(s) for s in self.steps], "analysis_interval_s": self.analysis_interval_s,
                 "bake_s": self.bake_s, "load_timeout_s": self.load_timeout_s,
@@ -537,8 +557,11 @@ class _Rollout:
                  actor: str) -> None:  # fmt: skip
         import httpx
 
+        from pipeline.spec import active
+
         self.version, self.champion, self.plan, self.url = version, champion, plan, url
         self.run_key, self.actor = run_key, actor
+        self.model = active().name  # the service serves many models: read this one's series
         self.analysis = CanaryAnalysis(plan.thresholds)
         self.run = AnalysisRun(plan.policy)
         # a busy service answers /metrics behind its queue of requests: be patient
@@ -555,7 +578,8 @@ class _Rollout:
         from pipeline.serving.metrics import scrape
 
         try:
-            snap = scrape(self.url, client=self.http, timeout=self.http.timeout.read or 10.0)
+            snap = scrape(self.url, client=self.http, timeout=self.http.timeout.read or 10.0,
+                          model=self.model)  # fmt: skip
         except MeasurementError as exc:
             status = self.run.record_error(str(exc))
             self._note("error", message=str(exc))
@@ -731,12 +755,13 @@ def run_canary_rollout(
     from pipeline import registry
     from pipeline.serving import traffic
     from pipeline.settings import get_settings
+    from pipeline.spec import active
 
     version = str(version)
-    plan = plan or CanaryPlan.from_settings()
+    plan = plan or CanaryPlan.from_spec(active())
     url = service_url or get_settings().serving_url
     actor = actor or "unknown"
-    mv = registry.client().get_model_version(get_settings().model_name, version)
+    mv = registry.client().get_model_version(registry.model_name(), version)
     champ = registry.alias_version(registry.CHAMPION)
     champ_v = str(champ.version) if champ else None
     base: dict[str, Any] = {"kind": RECORD_KIND, "model_version": version, "champion_version": expected_champion,
@@ -895,11 +920,10 @@ def abort_canary(version: str, reason: str, who: str = "unknown") -> dict[str, A
     from pipeline import registry
     from pipeline.errors import PipelineRejection
     from pipeline.serving import traffic
-    from pipeline.settings import get_settings
 
     if len(reason.strip()) < 3:
         raise PipelineRejection("a reason of at least 3 characters is required")
-    status = registry.client().get_model_version(get_settings().model_name, str(version)).tags.get(
+    status = registry.client().get_model_version(registry.model_name(), str(version)).tags.get(
         "canary.status")  # fmt: skip
     if traffic.read_state().canary != str(version) and status not in ("running", "paused"):
         raise PipelineRejection(f"v{version} is not a running or paused canary (status {status!r}); "
@@ -909,7 +933,7 @@ def abort_canary(version: str, reason: str, who: str = "unknown") -> dict[str, A
             "canary.summary": f"aborted by {who}: {reason}"[:4000], "rolled_back": "true",
             "rollback_reason": f"canary aborted by {who}: {reason}"[:4000],
             "canary.finished_at": _now()}  # fmt: skip
-    mv = registry.client().get_model_version(get_settings().model_name, str(version))
+    mv = registry.client().get_model_version(registry.model_name(), str(version))
     rec = {"kind": RECORD_KIND, "model_version": str(version), "verdict": "rolled_back",
            "reason": CanaryReason.ABORTED.value, "summary": tags["canary.summary"], "actor": who}  # fmt: skip
     _finish(str(version), mv.run_id, rec, tags)

@@ -1,8 +1,39 @@
 """HTTP routes of the scoring service (FastAPI), and ``serve`` (uvicorn).
 
-Status codes: 200 scored; 400 the body is not JSON or not rows; 422 a row breaks the
-contract (``detail`` lists ``{"row", "field", "error"}``); 500 the model failed (counted
-as the answering version's error); 503 no verified champion is loaded yet.
+Every model spec is served (``pipeline.spec.discover()`` at start; a broken spec is
+logged, reported by ``/readyz`` and skipped). Routes per model follow the Open Inference
+Protocol (KServe v2), ``{name}`` being the spec's name (``card_fraud``; the registered
+model's name, ``card-fraud``, is accepted too):
+
+* ``POST /v2/models/{name}/infer`` (and ``/v2/models/{name}/versions/{v}/infer``, which
+  pins a version now serving) — one input per feature column, ``{"inputs": [{"name":
+  "amount", "datatype": "FP64", "shape": [2], "data": [12.5, 80.0]}, ...], "id": "...",
+  "parameters": {"routing_key": "card-17"}}``, or ``{"inputs": [row objects]}``. The
+  answer: ``{"model_name", "model_version", "id", "parameters": {"alias", "request_id"},
+  "outputs": [{"name": "probability_<class>", "datatype": "FP32", "shape": [N], "data":
+  [...]}, ...]}`` — one output per class; ``"outputs": [{"name": ...}]`` in the request
+  picks some. ``id`` (or ``X-Request-Id``, or a new one) is the id feedback refers to.
+* ``GET /v2/models/{name}`` — metadata: versions served, platform, inputs (from the
+  served checkpoint's feature spec, typed and bounded by the contract), outputs, and the
+  routing state in ``parameters``; ``GET /v2/models/{name}/ready`` (200 / 503).
+* ``POST /v2/models/{name}/feedback`` — labels for earlier requests of that model.
+* ``GET /v2/health/live``, ``GET /v2/health/ready`` (every model that has a champion in
+  its registry serves one, or refused it; at least one serves), ``GET /v2`` (server
+  metadata), ``GET /v2/models`` (the models served, and the broken specs).
+
+An unknown model is 404 with ``{"error": ..., "known_models": [...]}``; OIP errors are
+``{"error": "..."}`` (422 adds ``detail``: ``{"row", "field", "error"}`` per problem).
+
+The single-model routes serve the default model (``PIPELINE_MODEL``): ``POST /predict``
+(rows in, ``scores`` out — binary: the positive-class probability per row; multiclass:
+a probability per class per row, in the order of ``classes``), ``POST /feedback`` (a
+``"model"`` field names another model), ``GET /healthz``, ``GET /readyz`` (the default
+model's detail, plus every model's readiness and the broken specs), ``GET /metrics``
+(Prometheus text, every series labelled ``model``).
+
+Status codes: 200 scored; 400 the body is not JSON or not rows/tensors; 404 unknown
+model; 422 a row breaks the model's contract; 500 the model failed (counted as the
+answering version's error); 503 no verified champion of that model is loaded yet.
 """
 
 from __future__ import annotations
@@ -14,16 +45,25 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
+import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.serving.faults import FaultSpec
-from pipeline.serving.schema import BadRequest, RowsInvalid, rows_of
-from pipeline.serving.service import ScoringService
+from pipeline.serving.schema import (
+    OIP_DATATYPE,
+    BadRequest,
+    InferRequest,
+    RowsInvalid,
+    infer_request,
+    rows_of,
+)
+from pipeline.serving.service import ScoringService, ServedModel, Slot
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +71,37 @@ LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 INLINE_ROWS = 64  # bigger batches are scored on the thread pool, off the event loop
 ROUTING_KEY_HEADER = "x-routing-key"
 PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PLATFORM = "pytorch_torchscript"  # OIP's name for a PyTorch model (served here as nn.Module)
 
 
 def _json(status: int, payload: Any) -> Response:
     return Response(json.dumps(payload).encode(), status_code=status, media_type="application/json")
+
+
+class _Refused(Exception):  # noqa: N818 - an answer, not a failure of the service
+    """A request answered without scores: ``status``, a message, and extra fields."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+@dataclass(frozen=True)
+class _Scored:
+    slot: Slot
+    proba: np.ndarray  # rows x classes
+    request_id: str
+
+
+def output_name(cls: Any) -> str:
+    return f"probability_{cls}"
+
+
+def _version_of(served: ServedModel, version: str) -> Slot | None:
+    for s in (served.table.champion, served.table.canary):
+        if s is not None and s.model.version == version:
+            return s
+    return None
 
 
 def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True) -> FastAPI:
@@ -61,33 +128,40 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
     app.state.service = service
     m = service.metrics
 
-    @app.post("/predict")
-    async def predict(request: Request) -> Response:
-        t0 = perf_counter()
-        raw = await request.body()
+    def unknown(name: str | None) -> _Refused:
+        what = f"unknown model {name!r}" if name is not None else "no default model is served"
+        return _Refused(404, f"{what}; known models: {service.names}", known_models=service.names)
+
+    def served_or_404(name: str | None) -> ServedModel:
+        served = service.model(name)
+        if served is None:
+            m.rejected.labels("", "404").inc()
+            raise unknown(name)
+        return served
+
+    async def score(served: ServedModel, rows: list[Any], key: str | None, request_id: str | None,
+                    t0: float, version: str | None = None) -> _Scored:  # fmt: skip
+        """Validate, route, score, record: the one path every scoring route takes."""
         try:
-            body = json.loads(raw)
-            rows = rows_of(body, service.max_rows)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            m.rejected.labels("400").inc()
-            return _json(400, {"detail": f"body is not valid JSON: {exc}"})
-        except BadRequest as exc:
-            m.rejected.labels("400").inc()
-            return _json(400, {"detail": str(exc)})
-        try:
-            service.validator.check(rows)
+            served.validator.check(rows)
         except RowsInvalid as exc:
-            m.rejected.labels("422").inc()
-            return _json(422, {"detail": [p.to_dict() for p in exc.problems], "message": str(exc)})
-        key = request.headers.get(ROUTING_KEY_HEADER)
-        if key is None and isinstance(body, dict):
-            key = body.get("routing_key")
-        slot = service.table.pick(None if key is None else str(key))
+            m.rejected.labels(served.name, "422").inc()
+            raise _Refused(422, str(exc), detail=[p.to_dict() for p in exc.problems]) from None
+        if version is not None:
+            slot = _version_of(served, version)
+            if slot is None:
+                m.rejected.labels(served.name, "404").inc()
+                serving = [s.model.version for s in (served.table.champion, served.table.canary) if s]
+                raise _Refused(404, f"model {served.name!r} does not serve v{version}; serving "
+                                    f"{serving}", versions=serving)  # fmt: skip
+        else:
+            slot = served.table.pick(key)
         if slot is None:
-            m.rejected.labels("503").inc()
-            return _json(503, {"detail": "no verified champion is loaded yet; see /readyz"})
+            m.rejected.labels(served.name, "503").inc()
+            raise _Refused(503, f"no verified champion of model {served.name!r} is loaded yet; "
+                                "see /readyz")  # fmt: skip
         sm, model = slot.metrics, slot.model
-        fault = service.faults.get(model.version)
+        fault = service.faults.get(served.name, model.version)
         try:
             if fault is not None:
                 if fault.latency_ms:
@@ -95,36 +169,84 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
                 if service.faults.fails(fault):
                     raise RuntimeError(f"injected fault on v{model.version} (see /admin/faults)")
             if len(rows) <= INLINE_ROWS:
-                scores = model.score(rows)
+                proba = model.proba(rows)
             else:
-                scores = await run_in_threadpool(model.score, rows)
+                proba = await run_in_threadpool(model.proba, rows)
             if fault is not None and fault.score_shift:
-                scores = (scores + fault.score_shift).clip(0.0, 1.0)
+                proba = served.shift(model, proba, fault.score_shift)
         except Exception as exc:  # noqa: BLE001 - any model failure is a 500 counted on the model
             sm.requests.inc()
             sm.errors.inc()
             sm.latency.observe(perf_counter() - t0)
-            log.warning("v%s failed: %s", model.version, exc)
-            return _json(500, {"detail": f"model v{model.version} failed: {exc}",
-                               "alias": slot.alias, "version": model.version})  # fmt: skip
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        service.feedback.remember(request_id, slot.alias, model.version, scores)
-        values = scores.tolist()
+            log.warning("%s v%s failed: %s", served.name, model.version, exc)
+            raise _Refused(500, f"model {served.name} v{model.version} failed: {exc}",
+                           alias=slot.alias, version=model.version) from None
+        request_id = request_id or uuid.uuid4().hex
+        kept = served.scores_of(model, proba)
+        served.feedback.remember(request_id, slot.alias, model.version, kept)
         observe = sm.score.observe
-        for s in values:
+        for s in kept.reshape(-1).tolist():
             observe(s)
-        sm.rows.inc(len(values))
+        sm.rows.inc(len(rows))
         sm.requests.inc()
         sm.latency.observe(perf_counter() - t0)
-        return _json(200, {"request_id": request_id, "alias": slot.alias,
-                           "version": model.version, "scores": values})  # fmt: skip
+        return _Scored(slot, proba, request_id)
 
-    @app.post("/feedback")
-    async def feedback(request: Request) -> Response:
+    def legacy_error(r: _Refused) -> Response:
+        if r.status == 422:
+            return _json(422, {"detail": r.extra["detail"], "message": r.message})
+        return _json(r.status, {"detail": r.message, **r.extra})
+
+    def oip_error(r: _Refused) -> Response:
+        return _json(r.status, {"error": r.message, **r.extra})
+
+    async def json_body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+    # -- the default model's routes ---------------------------------------------------------
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        t0 = perf_counter()
+        try:
+            served = served_or_404(None)
+        except _Refused as r:
+            return legacy_error(r)
+        try:
+            body = await json_body(request)
+            rows = rows_of(body, service.max_rows)
+        except BadRequest as exc:
+            m.rejected.labels(served.name, "400").inc()
+            return _json(400, {"detail": str(exc)})
+        key = request.headers.get(ROUTING_KEY_HEADER)
+        if key is None and isinstance(body, dict):
+            key = body.get("routing_key")
+        try:
+            out = await score(served, rows, None if key is None else str(key),
+                              request.headers.get("x-request-id"), t0)  # fmt: skip
+        except _Refused as r:
+            return legacy_error(r)
+        model = out.slot.model
+        payload: dict[str, Any] = {"request_id": out.request_id, "model": served.name,
+                                   "alias": out.slot.alias, "version": model.version}  # fmt: skip
+        if served.multiclass:
+            payload["classes"] = model.classes
+            payload["scores"] = out.proba.tolist()
+        else:
+            payload["scores"] = out.proba[:, model.positive_index].tolist()
+        return _json(200, payload)
+
+    async def feedback_for(request: Request, name: str | None, by_body: bool) -> Response:
         """``{"feedback": [{"request_id": "...", "labels": [0, 1]}]}`` (or ``"label": 1``
         for a one-row request); a single item may be posted without the wrapper."""
         try:
-            body = json.loads(await request.body())
+            body = await json_body(request)
+            if by_body and isinstance(body, dict) and body.get("model") is not None:
+                name = str(body["model"])
             items = body.get("feedback", [body]) if isinstance(body, dict) else body
             pairs = []
             for i, it in enumerate(items):
@@ -132,11 +254,20 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
                 if not isinstance(labels, list):
                     raise ValueError(f"item {i}: labels must be an array")
                 pairs.append((str(it["request_id"]), labels))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError,
-                ValueError) as exc:  # fmt: skip
-            return _json(400, {"detail": f"feedback must be {{'feedback': [{{'request_id', "
-                                         f"'labels'}}]}}: {type(exc).__name__}: {exc}"})
-        return _json(200, await run_in_threadpool(service.record_labels, pairs))
+        except (BadRequest, TypeError, KeyError, AttributeError, ValueError) as exc:
+            msg = (f"feedback must be {{'feedback': [{{'request_id', 'labels'}}]}}: "
+                   f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return _json(400, {"detail": msg, "error": msg})
+        served = service.model(name)
+        if served is None:
+            m.rejected.labels("", "404").inc()
+            return oip_error(unknown(name))
+        return _json(200, await run_in_threadpool(served.record_labels, pairs))
+
+    @app.post("/feedback")
+    async def feedback(request: Request) -> Response:
+        """Labels for the default model, or the model the body's ``"model"`` names."""
+        return await feedback_for(request, None, True)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -152,9 +283,140 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
     async def metrics() -> Response:
         return Response(m.render(), media_type=PROM_CONTENT_TYPE)
 
+    # -- Open Inference Protocol (KServe v2) ------------------------------------------------
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return _json(200, {"name": "retrain-pipeline-scoring", "version": _package_version(),
+                           "extensions": []})  # fmt: skip
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        alive = service.poller_alive
+        return _json(200 if alive else 503, {"live": alive})
+
+    @app.get("/v2/health/ready")
+    async def server_ready() -> Response:
+        ready = service.ready
+        return _json(200 if ready else 503, {"ready": ready,
+                                             "models": {n: mdl.ready for n, mdl in sorted(service.models.items())}})  # fmt: skip
+
+    @app.get("/v2/models")
+    async def list_models() -> Response:
+        return _json(200, {"models": [{"name": mdl.name, "registered_model": mdl.registered_model,
+                                       "task": mdl.task, "ready": mdl.ready}
+                                      for _, mdl in sorted(service.models.items())],
+                           "default_model": service.default, "broken_specs": dict(service.broken)})  # fmt: skip
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> Response:
+        try:
+            served = served_or_404(name)
+        except _Refused as r:
+            return oip_error(r)
+        return _json(200, _metadata(served))
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> Response:
+        try:
+            served = served_or_404(name)
+        except _Refused as r:
+            return oip_error(r)
+        return _json(200 if served.ready else 503, {"name": served.name, "ready": served.ready})
+
+    async def infer(request: Request, name: str, version: str | None) -> Response:
+        t0 = perf_counter()
+        try:
+            served = served_or_404(name)
+            try:
+                body = await json_body(request)
+                req = infer_request(body, service.max_rows, served.validator.types)
+            except BadRequest as exc:
+                m.rejected.labels(served.name, "400").inc()
+                raise _Refused(400, str(exc)) from None
+            classes = served.classes
+            names = [output_name(c) for c in classes]
+            bad = [o for o in req.outputs if o not in names]
+            if bad:
+                m.rejected.labels(served.name, "400").inc()
+                raise _Refused(400, f"unknown output(s) {bad}; model {served.name!r} has {names}")
+            key = request.headers.get(ROUTING_KEY_HEADER) or req.parameters.get("routing_key")
+            rid = req.id or request.headers.get("x-request-id")
+            out = await score(served, req.rows, None if key is None else str(key), rid, t0, version)
+        except _Refused as r:
+            return oip_error(r)
+        return _json(200, _infer_response(served, req, out))
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer_routed(request: Request, name: str) -> Response:
+        return await infer(request, name, None)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(request: Request, name: str, version: str) -> Response:
+        return await infer(request, name, version)
+
+    @app.post("/v2/models/{name}/feedback")
+    async def model_feedback(request: Request, name: str) -> Response:
+        return await feedback_for(request, name, False)
+
     if admin:
         _admin_routes(app, service)
     return app
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("retrain-pipeline")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _infer_response(served: ServedModel, req: InferRequest, out: _Scored) -> dict[str, Any]:
+    model = out.slot.model
+    n = int(out.proba.shape[0])
+    wanted = set(req.outputs)
+    outputs = [{"name": output_name(c), "datatype": "FP32", "shape": [n],
+                "data": out.proba[:, i].tolist()}
+               for i, c in enumerate(model.classes) if not wanted or output_name(c) in wanted]  # fmt: skip
+    return {"model_name": served.name, "model_version": model.version, "id": out.request_id,
+            "parameters": {"alias": out.slot.alias, "request_id": out.request_id,
+                           "registered_model": served.registered_model},
+            "outputs": outputs}  # fmt: skip
+
+
+def _metadata(served: ServedModel) -> dict[str, Any]:
+    """OIP model metadata: inputs from the served champion's feature spec (the contract's
+    features before one is loaded), typed and bounded by the contract."""
+    t = served.table
+    champ = t.champion.model if t.champion else None
+    columns = {c.name: c for c in served.validator.columns}
+    names = champ.spec.input_columns if champ is not None else list(columns)
+    inputs = []
+    for name in names:
+        col = columns.get(name)
+        params: dict[str, Any] = {}
+        if col is not None:
+            params["nullable"] = col.nullable
+            if col.categories:
+                params["categories"] = list(col.categories)
+            if col.min is not None:
+                params["min"] = col.min
+            if col.max is not None:
+                params["max"] = col.max
+        inputs.append({"name": name, "datatype": OIP_DATATYPE.get(col.type if col else "float", "FP64"),
+                       "shape": [-1], "parameters": params})  # fmt: skip
+    outputs = [{"name": output_name(c), "datatype": "FP32", "shape": [-1],
+                "parameters": {"class": c}} for c in served.classes]  # fmt: skip
+    versions = [s.model.version for s in (t.champion, t.canary) if s is not None]
+    return {"name": served.name, "versions": versions, "platform": PLATFORM, "inputs": inputs,
+            "outputs": outputs,
+            "parameters": {"registered_model": served.registered_model, "task": served.task,
+                           "classes": served.classes, "ready": served.ready,
+                           "champion": champ.version if champ else None,
+                           "canary": t.canary.model.version if t.canary else None,
+                           "canary_weight": t.weight}}  # fmt: skip
 
 
 def _loopback_only(request: Request) -> None:
@@ -167,11 +429,17 @@ def _admin_routes(app: FastAPI, service: ScoringService) -> None:
     guard = [Depends(_loopback_only)]
 
     def publish() -> dict[str, Any]:
-        faults = service.faults.to_dict()
         service.metrics.fault.clear()
-        for v in faults:
-            service.metrics.fault.labels(v).set(1)
-        return faults
+        for model, version in service.faults.keys():
+            service.metrics.fault.labels(model, version).set(1)
+        return service.faults.to_dict()
+
+    def resolve(name: str | None) -> ServedModel | Response:
+        served = service.model(name)
+        if served is None:
+            return _json(404, {"error": f"unknown model {name!r}; known models: {service.names}",
+                               "known_models": service.names})  # fmt: skip
+        return served
 
     @app.get("/admin/faults", dependencies=guard)
     async def get_faults() -> Response:
@@ -179,6 +447,10 @@ def _admin_routes(app: FastAPI, service: ScoringService) -> None:
 
     @app.post("/admin/faults", dependencies=guard)
     async def set_fault(spec: FaultSpec) -> Response:
+        served = resolve(spec.model)
+        if isinstance(served, Response):
+            return served
+        spec = spec.model_copy(update={"model": served.name})
         service.faults.set(spec)
         log.warning("fault switch: %s", spec.model_dump())
         return _json(200, publish())
@@ -189,8 +461,11 @@ def _admin_routes(app: FastAPI, service: ScoringService) -> None:
         return _json(200, publish())
 
     @app.delete("/admin/faults/{version}", dependencies=guard)
-    async def clear_fault(version: str) -> Response:
-        service.faults.clear(version)
+    async def clear_fault(version: str, model: str | None = None) -> Response:
+        served = resolve(model)
+        if isinstance(served, Response):
+            return served
+        service.faults.clear(served.name, version)
         return _json(200, publish())
 
     @app.post("/admin/poll", dependencies=guard)
@@ -200,14 +475,28 @@ def _admin_routes(app: FastAPI, service: ScoringService) -> None:
         return _json(200, service.readiness())
 
 
-def build_service(poll_seconds: float | None = None) -> ScoringService:
-    from pipeline.contract import default_contract
-    from pipeline.serving.schema import RowValidator
+def build_service(poll_seconds: float | None = None, root: Any = None) -> ScoringService:
+    """Every model spec under the models root (``root``: another folder): a broken spec
+    (or one whose contract cannot be read) is logged and skipped, the others served."""
+    from pipeline.serving.service import ServedModel
     from pipeline.settings import get_settings
+    from pipeline.spec import discover
 
     s = get_settings()
-    return ScoringService(validator=RowValidator(default_contract()),
-                          poll_seconds=poll_seconds or s.serving_poll_seconds)  # fmt: skip
+    found = discover(root)
+    broken = {str(path): err for path, err in found.errors}
+    for path, err in found.errors:
+        log.error("model spec %s is not served: %s", path, err)
+    models = []
+    for spec in found.specs:
+        try:
+            models.append(ServedModel.from_spec(spec))
+        except Exception as exc:  # noqa: BLE001 - one model's trouble never stops the others
+            broken[str(spec.path)] = f"{type(exc).__name__}: {exc}"
+            log.exception("model %s is not served", spec.name)
+    log.info("serving models %s (default %s)", [mdl.name for mdl in models], s.model)
+    return ScoringService(models, default=s.model, poll_seconds=poll_seconds or s.serving_poll_seconds,
+                          broken=broken)  # fmt: skip
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, *, poll_seconds: float | None = None,

@@ -1,28 +1,38 @@
 """The scoring service's Prometheus metrics, and the reader the canary analysis uses.
 
-Series (labels ``alias`` = the slot that answered, ``version`` = the model version):
+Every series carries ``model`` (the model spec's name, e.g. ``card_fraud``: one service
+serves every model); per-slot series add ``alias`` = the slot that answered and
+``version`` = the model version (versions are numbered per registered model, so a
+version means something only beside its ``model``):
 
 =====================================  =========  =====================================
 ``scoring_requests_total``             counter    requests answered by a model (2xx/5xx)
 ``scoring_errors_total``               counter    of those, the ones that failed (5xx)
 ``scoring_rows_total``                 counter    rows scored
 ``scoring_request_latency_seconds``    histogram  handler time, fault latency included
-``scoring_predicted_score``            histogram  positive-class probability per row
+``scoring_predicted_score``            histogram  binary: the positive-class probability
+                                                  per row; multiclass: every class's
+                                                  probability (rows x classes values)
 ``scoring_labelled_score``             histogram  the same, for rows whose label arrived
-                                                  (extra label ``label`` = "1" | "0")
+                                                  (extra label ``label`` = "1" | "0":
+                                                  multiclass, one-vs-rest: "1" for the
+                                                  true class's probability)
 ``scoring_labelled_roc_auc``           gauge      exact ROC AUC over the last labels
+                                                  (multiclass: micro-averaged one-vs-rest)
 ``scoring_model_info``                 gauge      1 per slot now serving (+ manifest)
 ``scoring_canary_weight``              gauge      the weight applied (0 when no canary)
 ``scoring_model_refused``              gauge      1 per version refused by verification
 ``scoring_fault_active``               gauge      1 per version with an injected fault
-``scoring_rejected_requests_total``    counter    400/422 answers (never a model's fault)
+``scoring_rejected_requests_total``    counter    400/404/422 answers (never a model's
+                                                  fault; ``model=""``: an unknown model)
 ``scoring_registry_polls_total``       counter    registry polls, by ``result``
 ``scoring_feedback_total``             counter    feedback rows, by ``result``
 =====================================  =========  =====================================
 
 Bad input is refused before routing, so it never counts against a model. Windows are
 differences of two scrapes (:meth:`Snapshot.since`): a counter that went backwards (the
-service restarted) makes the measurement impossible rather than wrong.
+service restarted) makes the measurement impossible rather than wrong. A reader passes
+``model`` to :func:`parse_snapshot` / :func:`scrape` to see one model's series only.
 """
 
 from __future__ import annotations
@@ -59,35 +69,41 @@ class ServiceMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry(auto_describe=False)
-        av = ["alias", "version"]
+        av = ["model", "alias", "version"]
+        mv = ["model", "version"]
         self.requests = Counter("scoring_requests", "Requests answered by a model.", av, registry=r)
         self.errors = Counter("scoring_errors", "Requests a model failed (5xx).", av, registry=r)
         self.rows = Counter("scoring_rows", "Rows scored.", av, registry=r)
         self.latency = Histogram("scoring_request_latency_seconds", "Handler latency.", av,
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.score = Histogram("scoring_predicted_score", "Positive-class probability per row.",
-                               av, buckets=SCORE_BUCKETS, registry=r)  # fmt: skip
+        self.score = Histogram("scoring_predicted_score",
+                               "Predicted probability per row (binary: positive class; "
+                               "multiclass: every class).", av, buckets=SCORE_BUCKETS,
+                               registry=r)  # fmt: skip
         self.labelled = Histogram("scoring_labelled_score", "Predicted score of labelled rows.",
                                   [*av, "label"], buckets=SCORE_BUCKETS, registry=r)  # fmt: skip
         self.auc = Gauge("scoring_labelled_roc_auc", "ROC AUC over the most recent labels.", av,
                          registry=r)  # fmt: skip
         self.info = Gauge("scoring_model_info", "1 for each slot now serving.",
                           [*av, "manifest_sha256"], registry=r)  # fmt: skip
-        self.weight = Gauge("scoring_canary_weight", "Canary traffic weight applied.", registry=r)
+        self.weight = Gauge("scoring_canary_weight", "Canary traffic weight applied.", ["model"],
+                            registry=r)  # fmt: skip
         self.refused = Gauge("scoring_model_refused", "1 per version refused by verification.",
-                             ["version"], registry=r)  # fmt: skip
+                             mv, registry=r)  # fmt: skip
         self.fault = Gauge("scoring_fault_active", "1 per version with an injected fault.",
-                           ["version"], registry=r)  # fmt: skip
+                           mv, registry=r)  # fmt: skip
         self.rejected = Counter("scoring_rejected_requests", "Requests refused as bad input.",
-                                ["status"], registry=r)  # fmt: skip
-        self.polls = Counter("scoring_registry_polls", "Registry polls.", ["result"], registry=r)
-        self.feedback = Counter("scoring_feedback", "Feedback rows.", ["result"], registry=r)
+                                ["model", "status"], registry=r)  # fmt: skip
+        self.polls = Counter("scoring_registry_polls", "Registry polls.", ["model", "result"],
+                             registry=r)  # fmt: skip
+        self.feedback = Counter("scoring_feedback", "Feedback rows.", ["model", "result"],
+                                registry=r)  # fmt: skip
 
-    def slot(self, alias: str, version: str) -> SlotMetrics:
+    def slot(self, model: str, alias: str, version: str) -> SlotMetrics:
+        k = (model, alias, version)
         return SlotMetrics(
-            self.requests.labels(alias, version), self.errors.labels(alias, version),
-            self.rows.labels(alias, version), self.latency.labels(alias, version),
-            self.score.labels(alias, version),
+            self.requests.labels(*k), self.errors.labels(*k), self.rows.labels(*k),
+            self.latency.labels(*k), self.score.labels(*k),
         )  # fmt: skip
 
     def render(self) -> bytes:
@@ -98,7 +114,7 @@ class ServiceMetrics:
 
 @dataclass(frozen=True)
 class SlotMetrics:
-    """The children of one (alias, version), bound once so a request pays no label lookup."""
+    """The children of one (model, alias, version), bound once so a request pays no label lookup."""
 
     requests: Any
     errors: Any
@@ -239,8 +255,12 @@ def _cumulative_to_hist(buckets: dict[float, float]) -> Histogram:
     return Histogram(bounds, tuple(max(c, 0.0) for c in counts))
 
 
-def parse_snapshot(text: str) -> Snapshot:
-    """Parse the service's Prometheus text (``prometheus_client.parser``)."""
+def parse_snapshot(text: str, model: str | None = None) -> Snapshot:
+    """Parse the service's Prometheus text (``prometheus_client.parser``).
+
+    ``model``: only that model's series (a series without a ``model`` label, from a
+    single-model service, counts as that model's). None: every series, summed by version
+    (meaningful only when one model is served)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     scalars: dict[str, dict[str, float]] = {}
@@ -257,6 +277,8 @@ def parse_snapshot(text: str) -> Snapshot:
         for s in fam.samples:
             name, labels, value = s.name, s.labels, float(s.value)
             if not name.startswith(PREFIX):
+                continue
+            if model is not None and labels.get("model", model) != model:
                 continue
             short = name[len(PREFIX):]
             v = labels.get("version", "")
@@ -293,8 +315,10 @@ def parse_snapshot(text: str) -> Snapshot:
     return Snapshot(versions, serving, weight, frozenset(refused), frozenset(faults))
 
 
-def scrape(base_url: str, *, timeout: float = 5.0, client: Any = None) -> Snapshot:
-    """GET ``<base_url>/metrics`` and parse it; any failure is a MeasurementError."""
+def scrape(base_url: str, *, timeout: float = 5.0, client: Any = None,
+           model: str | None = None) -> Snapshot:  # fmt: skip
+    """GET ``<base_url>/metrics`` and parse it (``model``: that model's series only); any
+    failure is a MeasurementError."""
     import httpx
 
     url = base_url.rstrip("/") + "/metrics"
@@ -307,4 +331,4 @@ def scrape(base_url: str, *, timeout: float = 5.0, client: Any = None) -> Snapsh
         raise MeasurementError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
     if resp.status_code != 200:
         raise MeasurementError(f"GET {url} answered {resp.status_code}")
-    return parse_snapshot(resp.text)
+    return parse_snapshot(resp.text, model)

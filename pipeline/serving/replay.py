@@ -12,6 +12,10 @@ labelled metric per alias. It always stops by itself: after the last request, pe
 labels are sent once they are due, and nothing else.
 
 ``--key-column`` sends that column's value as ``X-Routing-Key`` (sticky routing).
+``model`` (a spec's name) sends to that model's OIP routes instead
+(``/v2/models/{model}/infer`` with ``{"inputs": [rows]}``, and ``.../feedback``); the
+rows are that model's contract features (``prepare(..., contract=)``; default: the
+active spec's).
 The report counts what was sent and what was answered, by status and by version.
 """
 
@@ -40,6 +44,7 @@ class ReplayConfig:
     concurrency: int = 16
     timeout_s: float = 10.0
     key_column: str | None = None
+    model: str | None = None  # None: /predict and /feedback (the service's default model)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -91,11 +96,13 @@ class Traffic:
 
 
 def prepare(df: Any, rows_per_request: int, key_column: str | None = None,
-            limit: int | None = None) -> Traffic:  # fmt: skip
-    """Bodies of ``rows_per_request`` contract feature rows each (NaN -> null)."""
-    from pipeline.contract import default_contract
+            limit: int | None = None, contract: Any = None, oip: bool = False) -> Traffic:  # fmt: skip
+    """Bodies of ``rows_per_request`` contract feature rows each (NaN -> null); ``oip``:
+    as ``{"inputs": [rows]}`` (the OIP route). ``contract``: default the active spec's."""
+    if contract is None:
+        from pipeline.spec import active
 
-    contract = default_contract()
+        contract = active().contract_obj()
     features = [c.name for c in contract.features]
     missing = [c for c in features if c not in df.columns]
     if missing:
@@ -116,7 +123,10 @@ def prepare(df: Any, rows_per_request: int, key_column: str | None = None,
     for i in range(n_req):
         lo, hi = i * rows_per_request, (i + 1) * rows_per_request
         chunk = records[lo:hi]
-        bodies.append(json.dumps(chunk[0] if rows_per_request == 1 else chunk).encode())
+        if oip:
+            bodies.append(json.dumps({"inputs": chunk}).encode())
+        else:
+            bodies.append(json.dumps(chunk[0] if rows_per_request == 1 else chunk).encode())
         label_lists.append([int(v) if isinstance(v, int | np.integer) else v for v in labels[lo:hi]]
                            if labels else [])  # fmt: skip
         key_list.append(keys[lo] if keys else None)
@@ -139,6 +149,8 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
     pending: list[tuple[float, str, list[Any]]] = []  # (due, request id, labels)
     sem = asyncio.Semaphore(cfg.concurrency)
     base = cfg.url.rstrip("/")
+    score_path = f"/v2/models/{cfg.model}/infer" if cfg.model else "/predict"
+    feedback_path = f"/v2/models/{cfg.model}/feedback" if cfg.model else "/feedback"
     n = cfg.total_requests
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     hard_deadline = time.monotonic() + cfg.duration_s + cfg.timeout_s + (cfg.labels_after_s or 0) + 5
@@ -152,7 +164,7 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
                 headers["x-routing-key"] = str(traffic.keys[k])
             try:
                 t0 = time.perf_counter()
-                resp = await client.post(base + "/predict", content=traffic.bodies[k], headers=headers)
+                resp = await client.post(base + score_path, content=traffic.bodies[k], headers=headers)
                 latencies.append((time.perf_counter() - t0) * 1000)
             except httpx.HTTPError:
                 report.transport_errors += 1
@@ -163,10 +175,10 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
             if 200 <= resp.status_code < 300:
                 report.answered_2xx += 1
                 body = resp.json()
-                versions[str(body.get("version"))] += 1
+                versions[str(body.get("version", body.get("model_version")))] += 1
                 if cfg.labels_after_s is not None and traffic.labels[k]:
-                    pending.append((time.monotonic() + cfg.labels_after_s, body["request_id"],
-                                    traffic.labels[k]))  # fmt: skip
+                    pending.append((time.monotonic() + cfg.labels_after_s,
+                                    body.get("request_id") or body["id"], traffic.labels[k]))  # fmt: skip
 
         async def flush(force: bool = False) -> None:
             now = time.monotonic()
@@ -177,7 +189,7 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
                 pending.remove(p)
             items = [{"request_id": rid, "labels": labels} for _, rid, labels in due]
             try:
-                resp = await client.post(base + "/feedback", json={"feedback": items})
+                resp = await client.post(base + feedback_path, json={"feedback": items})
                 if resp.status_code == 200:
                     for k, v in resp.json().items():
                         feedback[k] += int(v)
@@ -228,4 +240,10 @@ def replay_batch(cfg: ReplayConfig, batch_uri: str, stop: threading.Event | None
     from pipeline.ingest import read_frame
 
     df = read_frame(batch_uri)
-    return replay(cfg, prepare(df, cfg.rows_per_request, cfg.key_column, limit=cfg.total_requests), stop)
+    contract = None
+    if cfg.model:
+        from pipeline.spec import get_spec
+
+        contract = get_spec(cfg.model).contract_obj()
+    return replay(cfg, prepare(df, cfg.rows_per_request, cfg.key_column, limit=cfg.total_requests,
+                               contract=contract, oip=bool(cfg.model)), stop)  # fmt: skip

@@ -3,12 +3,18 @@
 Only the contract's feature columns are checked (id, time and label columns, and any
 other extra field, are ignored). Each problem names its row and field; a request with
 any problem is refused whole with 422, so a caller never gets a partial answer.
+
+Two request forms give the rows: ``/predict``'s (one row object, an array of them, or
+``{"rows": [...]}``, :func:`rows_of`) and the Open Inference Protocol's (KServe v2)
+``/v2/models/{name}/infer`` (:func:`infer_request`): one input tensor per feature column,
+``{"inputs": [{"name": "amount", "datatype": "FP64", "shape": [2], "data": [12.5, 80]},
+...]}`` — or, for convenience, ``{"inputs": [row objects]}``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.contract import Column, DataContract
@@ -63,6 +69,111 @@ def rows_of(body: Any, max_rows: int) -> list[Any]:
     return rows
 
 
+#: Open Inference Protocol tensor datatypes, and the contract column types each may carry.
+OIP_NUMERIC = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+               "FP16", "FP32", "FP64")  # fmt: skip
+OIP_FITS: dict[str, tuple[str, ...]] = {
+    "float": (*OIP_NUMERIC,), "int": (*OIP_NUMERIC,), "bool": ("BOOL", *OIP_NUMERIC),
+    "category": ("BYTES",), "string": ("BYTES",), "timestamp": ("BYTES", "INT64"),
+}  # fmt: skip
+OIP_DATATYPE = {"float": "FP64", "int": "INT64", "bool": "BOOL", "category": "BYTES",
+                "string": "BYTES", "timestamp": "BYTES"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """An OIP inference request, as rows: its ``id``, ``parameters`` and the names of the
+    outputs it asked for (empty: all)."""
+
+    rows: list[Any]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for d in data:
+        out.extend(_flatten(d) if isinstance(d, list) else [d])
+    return out
+
+
+def _is_tensor(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("name"), str) and "data" in item
+
+
+def infer_request(body: Any, max_rows: int, contract_types: dict[str, str] | None = None) -> InferRequest:
+    """The rows of an OIP request: one input per column (each of shape ``[N]`` or
+    ``[N, 1]``, the same N), or ``{"inputs": [row objects]}``. BadRequest (400) names the
+    input when the tensors are malformed (shape, length, datatype); ``contract_types``
+    (column -> contract type) checks that each known column's datatype can carry it.
+    Inputs that are not contract features are ignored, as extra fields of a row are."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+        raise BadRequest('an inference request is {"inputs": [{"name", "datatype", "shape", '
+                         '"data"}, ...]} (one input per feature column) or {"inputs": [row '
+                         "objects]}")  # fmt: skip
+    inputs = body["inputs"]
+    if not inputs:
+        raise BadRequest("'inputs' is empty: no rows to score")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be a JSON object")
+    wanted = body.get("outputs") or []
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                               for o in wanted):  # fmt: skip
+        raise BadRequest("'outputs' must be an array of {\"name\": ...} objects")
+    rid = body.get("id")
+    rid = None if rid is None else str(rid)
+    outputs = tuple(str(o["name"]) for o in wanted)
+    if not all(_is_tensor(i) for i in inputs):
+        if any(_is_tensor(i) for i in inputs):
+            raise BadRequest("'inputs' mixes tensors ({name, datatype, shape, data}) and row objects")
+        if len(inputs) > max_rows:
+            raise BadRequest(f"{len(inputs)} rows in one request; at most {max_rows}")
+        return InferRequest(inputs, rid, params, outputs)
+    columns: dict[str, list[Any]] = {}
+    n: int | None = None
+    for t in inputs:
+        name = t["name"]
+        if name in columns:
+            raise BadRequest(f"input {name!r} is given twice")
+        data = _flatten(t["data"])
+        shape = t.get("shape")
+        if shape is not None:
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                      and d >= 0 for d in shape):  # fmt: skip
+                raise BadRequest(f"input {name!r}: shape must be an array of non-negative integers")
+            if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+                raise BadRequest(f"input {name!r}: shape {shape}: one input per column has shape "
+                                 "[N] or [N, 1]")  # fmt: skip
+            if shape[0] != len(data):
+                raise BadRequest(f"input {name!r}: shape {shape} but {len(data)} values in data")
+        dtype = t.get("datatype")
+        if dtype is not None:
+            if dtype not in (*OIP_NUMERIC, "BOOL", "BYTES"):
+                raise BadRequest(f"input {name!r}: unknown datatype {dtype!r}")
+            ctype = (contract_types or {}).get(name)
+            if ctype is not None and dtype not in OIP_FITS.get(ctype, (dtype,)):
+                raise BadRequest(f"input {name!r}: datatype {dtype} cannot carry the contract's "
+                                 f"{ctype} column; use {OIP_DATATYPE[ctype]}")  # fmt: skip
+        if n is None:
+            n = len(data)
+        elif len(data) != n:
+            raise BadRequest(f"input {name!r} has {len(data)} values, the others {n}: every "
+                             "input is one column of the same rows")  # fmt: skip
+        columns[name] = data
+    assert n is not None
+    if n == 0:
+        raise BadRequest("no rows to score")
+    if n > max_rows:
+        raise BadRequest(f"{n} rows in one request; at most {max_rows}")
+    names = list(columns)
+    rows = [{c: columns[c][i] for c in names} for i in range(n)]
+    return InferRequest(rows, rid, params, outputs)
+
+
 class RowValidator:
     """Checks raw JSON rows against the contract's feature columns."""
 
@@ -73,6 +184,10 @@ class RowValidator:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    @property
+    def types(self) -> dict[str, str]:
+        return {c.name: c.type for c in self.columns}
 
     def check(self, rows: list[Any]) -> None:
         problems: list[RowProblem] = []

@@ -1,8 +1,9 @@
 """Who serves, as the registry says: aliases and the canary traffic weight.
 
-The weight lives on the registered model as the tag ``canary.weight`` (a number in
+The weight lives on each registered model as the tag ``canary.weight`` (a number in
 [0, 1]), beside the aliases it qualifies, so one ``get_registered_model`` call gives
-the service a consistent view of both. Only the canary rollout, a rollback and an
+the service a consistent view of both — per model: every function takes the registered
+model's name (default: the active spec's, ``pipeline.registry.model_name()``). Only the canary rollout, a rollback and an
 operator write it. These helpers sit beside ``pipeline.registry`` (which owns the
 compare-and-set of ``champion``) and use its client.
 
@@ -39,29 +40,43 @@ def parse_weight(raw: str | None) -> float:
     return w if 0.0 <= w <= 1.0 else 0.0
 
 
-def read_state() -> ServingState:
-    from pipeline.registry import CHAMPION, client
-    from pipeline.settings import get_settings
+def _name(model_name: str | None) -> str:
+    if model_name:
+        return model_name
+    from pipeline.registry import model_name as active_model_name
 
-    rm = client().get_registered_model(get_settings().model_name)
+    return active_model_name()
+
+
+def read_state(model_name: str | None = None) -> ServingState:
+    """What should serve ``model_name`` (a registered model; default: the active spec's).
+    A registered model that does not exist yet has nothing to serve (not an error)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry import CHAMPION, client
+
+    try:
+        rm = client().get_registered_model(_name(model_name))
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return ServingState(None, None, 0.0)
+        raise
     aliases = {str(k): str(v) for k, v in (rm.aliases or {}).items()}
     return ServingState(aliases.get(CHAMPION), aliases.get(CANARY), parse_weight(rm.tags.get(WEIGHT_TAG)))
 
 
-def set_canary_weight(weight: float) -> None:
+def set_canary_weight(weight: float, model_name: str | None = None) -> None:
     from pipeline.registry import client
-    from pipeline.settings import get_settings
 
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"canary weight must be in [0, 1], got {weight}")
-    client().set_registered_model_tag(get_settings().model_name, WEIGHT_TAG, f"{weight:g}")
+    client().set_registered_model_tag(_name(model_name), WEIGHT_TAG, f"{weight:g}")
 
 
-def canary_weight() -> float:
+def canary_weight(model_name: str | None = None) -> float:
     from pipeline.registry import client
-    from pipeline.settings import get_settings
 
-    return parse_weight(client().get_registered_model(get_settings().model_name).tags.get(WEIGHT_TAG))
+    return parse_weight(client().get_registered_model(_name(model_name)).tags.get(WEIGHT_TAG))
 
 
 def bucket(key: str | None) -> float:

@@ -2,6 +2,11 @@
 subprocess, ``python -m pipeline serve``), the embedded MLflow SQLite registry, signed
 checkpoints trained here in seconds, traffic from the replayer, faults from the service's
 own fault switch. Short intervals (0.5 s analysis, 0.2 s registry poll) keep it quick.
+
+The service serves every model spec under models/ (card_fraud, digits, ...); these tests
+drive card_fraud (the default model: ``/predict``, ``/feedback``, the canary's series
+``model="card_fraud"``); the others have no registered versions here and stay not ready
+without disturbing it.
 """
 
 from __future__ import annotations
@@ -109,8 +114,8 @@ def _fit(model, spec, df, lr: float, steps: int):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from pipeline import checkpoint, registry, settings, storage
-    from pipeline.contract import default_contract
     from pipeline.serving.replay import prepare
+    from pipeline.spec import active
     from pipeline.train.features import fit_features
     from pipeline.train.model import MLP, ModelConfig
 
@@ -119,11 +124,12 @@ def env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("PIPELINE_HOME", str(home))
     for var in ("PIPELINE_STORAGE_URI", "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_SIGNING_KEY",
-                "PIPELINE_EVAL_URI", "PIPELINE_S3_ENDPOINT_URL", "PIPELINE_SERVING_URL"):  # fmt: skip
+                "PIPELINE_EVAL_URI", "PIPELINE_S3_ENDPOINT_URL", "PIPELINE_SERVING_URL",
+                "PIPELINE_MODEL", "PIPELINE_MODELS_ROOT"):  # fmt: skip
         mp.delenv(var, raising=False)
     settings.get_settings.cache_clear()
     registry.client.cache_clear()
-    contract = default_contract()
+    contract = active().contract_obj()  # card_fraud, the default model
     root = settings.get_settings().storage_root
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -254,9 +260,8 @@ class Traffic:
 
 def _version(v: str):
     from pipeline import registry
-    from pipeline.settings import get_settings
 
-    return registry.client().get_model_version(get_settings().model_name, v)
+    return registry.client().get_model_version(registry.model_name(), v)
 
 
 def _record(mv) -> dict:
@@ -313,7 +318,7 @@ def test_good_canary_is_promoted_and_baked(fresh):
     assert t.report.answered_2xx == t.report.sent and t.report.labels_sent > 0
     env.wait_serving(v, None)
     metrics = env.http.get("/metrics").text
-    assert f'scoring_labelled_roc_auc{{alias="canary",version="{v}"}}' in metrics
+    assert f'scoring_labelled_roc_auc{{alias="canary",model="card_fraud",version="{v}"}}' in metrics
 
 
 @pytest.mark.parametrize(
@@ -401,7 +406,7 @@ def test_version_failing_integrity_is_refused_by_the_service(fresh):
     _assert_rolled_back(env, v, out, "canary_refused_by_service")
     ready = env.http.get("/readyz").json()
     assert "signature does not verify" in ready["refused"][v]
-    assert f'scoring_model_refused{{version="{v}"}} 1.0' in env.http.get("/metrics").text
+    assert f'scoring_model_refused{{model="card_fraud",version="{v}"}} 1.0' in env.http.get("/metrics").text
     # even as champion it is never served: the last good champion keeps serving
     registry.set_alias(registry.CHAMPION, v)
     time.sleep(0.6)
@@ -503,7 +508,7 @@ def test_rollback_dag_params(env):
     sys.path.insert(0, str(ROOT / "dags"))
     bag = DagBag(dag_folder=str(ROOT / "dags" / "rollback_model.py"))
     assert bag.import_errors == {}
-    dag = bag.dags["rollback_model"]
+    dag = bag.dags["rollback_card_fraud"]  # one rollback DAG per model spec
     assert [t.task_id for t in dag.tasks] == ["rollback_champion"]
     import copy
 

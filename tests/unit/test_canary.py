@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,32 +228,81 @@ def test_psi_auc_quantile_helpers():
 
 def test_snapshot_parsing_of_the_service_metrics():
     m = ServiceMetrics()
-    champ, can = m.slot("champion", "1"), m.slot("canary", "2")
+    champ, can = m.slot("card_fraud", "champion", "1"), m.slot("card_fraud", "canary", "2")
     for _ in range(10):
         champ.requests.inc()
         champ.latency.observe(0.003)
         champ.score.observe(0.02)
     can.requests.inc()
     can.errors.inc()
-    m.labelled.labels("canary", "2", "1").observe(0.7)
-    m.info.labels("champion", "1", "ab").set(1)
-    m.info.labels("canary", "2", "cd").set(1)
-    m.weight.set(0.25)
-    m.refused.labels("3").set(1)
-    m.fault.labels("2").set(1)
-    snap = parse_snapshot(m.render().decode())
+    m.labelled.labels("card_fraud", "canary", "2", "1").observe(0.7)
+    m.info.labels("card_fraud", "champion", "1", "ab").set(1)
+    m.info.labels("card_fraud", "canary", "2", "cd").set(1)
+    m.weight.labels("card_fraud").set(0.25)
+    m.refused.labels("card_fraud", "3").set(1)
+    m.fault.labels("card_fraud", "2").set(1)
+    # another model's versions share the numbers: its series never leak into card_fraud's
+    other = m.slot("digits", "champion", "1")
+    for _ in range(7):
+        other.requests.inc()
+        other.errors.inc()
+    m.info.labels("digits", "champion", "1", "ef").set(1)
+    m.weight.labels("digits").set(0.0)
+    m.refused.labels("digits", "2").set(1)
+    snap = parse_snapshot(m.render().decode(), "card_fraud")
     assert snap.serving == {"champion": "1", "canary": "2"}
     assert snap.canary_weight == 0.25 and snap.refused == {"3"} and snap.faults == {"2"}
-    assert snap.stats("1").requests == 10 and snap.stats("1").score.total == 10
+    assert snap.stats("1").requests == 10 and snap.stats("1").errors == 0
+    assert snap.stats("1").score.total == 10
     assert snap.stats("2").errors == 1 and snap.stats("2").labelled_pos.total == 1
     assert snap.stats("1").latency.quantile(0.5) == pytest.approx(0.0025, abs=0.0006)
-    later = parse_snapshot(m.render().decode())
+    digits = parse_snapshot(m.render().decode(), "digits")
+    assert digits.serving == {"champion": "1"} and digits.canary_weight == 0.0
+    assert digits.stats("1").requests == 7 and digits.stats("1").errors == 7
+    assert digits.refused == {"2"} and digits.faults == frozenset()
+    assert parse_snapshot(m.render().decode(), "nope").versions == {}
+    later = parse_snapshot(m.render().decode(), "card_fraud")
     assert later.since(snap, "1").requests == 0
-    fresh = parse_snapshot(ServiceMetrics().render().decode())
+    fresh = parse_snapshot(ServiceMetrics().render().decode(), "card_fraud")
     with pytest.raises(MeasurementError, match="restarted"):
         fresh.since(snap, "1")
     with pytest.raises(MeasurementError):
         parse_snapshot("scoring_requests_total{alias=\"champion\" 1 2 3 garbage")
+
+
+def test_series_without_a_model_label_count_as_the_model_asked_for():
+    """A single-model service (no ``model`` label) still reads as that model."""
+    text = ('scoring_requests_total{alias="champion",version="4"} 3.0\n'
+            'scoring_model_info{alias="champion",version="4",manifest_sha256="x"} 1.0\n')  # fmt: skip
+    snap = parse_snapshot(text, "card_fraud")
+    assert snap.stats("4").requests == 3 and snap.serving == {"champion": "4"}
+
+
+def test_plan_from_spec_takes_the_spec_timings_where_set(tmp_path, monkeypatch):
+    from pipeline import settings
+    from pipeline.spec import load_spec
+
+    monkeypatch.setenv("PIPELINE_CANARY_STEP_SECONDS", "40")
+    monkeypatch.setenv("PIPELINE_CANARY_ANALYSIS_INTERVAL_SECONDS", "10")
+    monkeypatch.setenv("PIPELINE_CANARY_BAKE_SECONDS", "90")
+    settings.get_settings.cache_clear()
+    (tmp_path / "m").mkdir()
+    contract = Path(__file__).resolve().parents[2] / "models" / "card_fraud" / "contract.yaml"
+    (tmp_path / "m" / "contract.yaml").write_text(contract.read_text())
+    base = "contract: contract.yaml\ntask: binary\n"
+    (tmp_path / "m" / "model.yaml").write_text(base)
+    try:
+        plain = CanaryPlan.from_spec(load_spec(tmp_path / "m" / "model.yaml"))
+        assert plain == CanaryPlan.from_settings()
+        assert plain.analysis_interval_s == 10 and plain.bake_s == 90
+        assert {s.seconds for s in plain.steps} == {40}
+        (tmp_path / "m" / "model.yaml").write_text(
+            base + "canary: {enabled: true, steps: [0.1, 1.0], step_seconds: 20, bake_seconds: 0}\n")
+        own = CanaryPlan.from_spec(load_spec(tmp_path / "m" / "model.yaml"), load_timeout_s=5)
+        assert own.steps == (CanaryStep(0.1, 20.0), CanaryStep(1.0, 20.0))
+        assert own.analysis_interval_s == 10 and own.bake_s == 0 and own.load_timeout_s == 5
+    finally:
+        settings.get_settings.cache_clear()
 
 
 def test_sticky_buckets_and_weights():
