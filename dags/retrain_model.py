@@ -50,6 +50,7 @@ from placement import train_task_kwargs
 from specs import POLICY_PARAMS, good_specs, policy_request
 
 RETRY = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"}
+TRAIN_TASK = train_task_kwargs()  # pool "gpu"; queue "gpu" only under Celery (a bad mode fails here)
 
 
 def _ctx():
@@ -158,7 +159,7 @@ def build_retrain_dag(spec):
         def retrain_gate(decision):
             return decision["verdict"] == "train"
 
-        @task(**train_task_kwargs())  # pool "gpu"; queue "gpu" only under the Celery executor
+        @task(**TRAIN_TASK)
         def train_model(ingested, params=None):
             from pipeline import steps
 

@@ -78,6 +78,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_land(args: argparse.Namespace) -> int:
+    from pipeline.land import land_batch
+    from pipeline.spec import get_spec
+
+    rec = land_batch(get_spec(args.model), args.file, name=args.name, emit=not args.no_event,
+                     airflow_url=args.airflow_url)  # fmt: skip
+    _print(rec)
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a checkpoint: ``OK …`` and exit 0, or one ``FAIL …`` line per problem and exit 1."""
     import tempfile
@@ -242,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schema-fault", default="none")
     g.set_defaults(func=cmd_generate)
 
+    ld = data.add_parser("land", help="copy a batch into a model's landing prefix and emit its "
+                         "asset event through Airflow's REST API")  # fmt: skip
+    ld.add_argument("--model", required=True, help="model name (models/<name>/model.yaml)")
+    ld.add_argument("--file", required=True, help="local Parquet file (or file:// / s3:// URI)")
+    ld.add_argument("--name", default=None, help="object name in the landing prefix (default: "
+                    "<date>/<sha256 prefix>-<file name>)")
+    ld.add_argument("--no-event", action="store_true", help="copy only; emit no asset event")
+    ld.add_argument("--airflow-url", default=None, help="default: PIPELINE_AIRFLOW_API_URL")
+    ld.set_defaults(func=cmd_land)
+
     ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="ck_cmd", required=True)
     v = ck.add_parser("verify", help="verify a checkpoint; exit 0 when intact")
     v.add_argument("path", help="local directory, file:// or s3:// prefix")
@@ -401,7 +421,7 @@ def setup_logging(args: argparse.Namespace, stream: Any = None) -> logging.Handl
 
     run_key = "-"  # commands outside a run (data generate, checkpoint verify)
     if hasattr(args, "run_id"):  # the same key as steps.RunContext.run_key
-        run_key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.dag_id}__{args.run_id}")
+        run_key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.dag_id or 'cli'}__{args.run_id}")
     handler = ProgressHandler(stream)
     handler.addFilter(RunKeyFilter(run_key))
     if os.environ.get("PIPELINE_LOG_FORMAT", "").lower() == "json":

@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     mlflow_ui_url: str = Field(
         default="http://127.0.0.1:5000", description="Base URL of the MLflow UI, for links."
     )
+    # -- Airflow's REST API, for `python -m pipeline data land` (asset events) --
+    airflow_api_url: str = Field(
+        default="http://127.0.0.1:8080", description="Airflow API server base URL (no /api/v2)."
+    )
+    airflow_username: str = Field(default="", description="User for POST /auth/token.")
+    airflow_password: SecretStr | None = Field(default=None, description="Its password.")
+    airflow_token: SecretStr | None = Field(
+        default=None, description="A JWT access token, instead of username/password."
+    )
     # -- scoring service and canary (pipeline/serving, pipeline/canary.py) --
     serving_url: str = Field(
         default="http://127.0.0.1:8000",
@@ -107,7 +116,7 @@ class Settings(BaseSettings):
         if "://" in location:
             return location
         if location.startswith("/"):
-            return Path(location).as_uri()
+            return "file://" + str(Path(location))
         return f"{self.storage_root}/{location.strip('/')}"
 
 

@@ -627,8 +627,8 @@ def check_training_budget(spec: ModelSpec, max_epochs: int | None, learning_rate
     if max_epochs is not None and not 1 <= int(max_epochs) <= spec.training.max_epochs:
         raise PolicyViolation(f"max_epochs={max_epochs} is outside model {spec.name!r}'s budget "
                               f"1..{spec.training.max_epochs} (training.max_epochs in {spec.path})")  # fmt: skip
-    if learning_rate is not None and not 0 < float(learning_rate) <= 1:
-        raise PolicyViolation(f"learning_rate={learning_rate} must be in (0, 1]")
+    if learning_rate is not None and not 0 < float(learning_rate) <= 100:
+        raise PolicyViolation(f"learning_rate={learning_rate} must be in (0, 100]")
 
 
 def param_schema(spec: ModelSpec) -> dict[str, dict[str, Any]]:
@@ -648,6 +648,7 @@ def param_schema(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     floor_bounds: dict[str, Any] = {}
     if not loose("gate.floor"):
         floor_bounds = {"minimum": floor} if d > 0 else {"maximum": floor}
+    floor_bounds.setdefault("maximum" if d > 0 else "minimum", 1.0 if d > 0 else 0.0)
     budget = lambda v, f: {} if loose(f) or v is None else {"maximum": v}  # noqa: E731
     out: dict[str, dict[str, Any]] = {
         "force_retrain": {"default": False, "type": "boolean", "title": "Force retrain",

@@ -197,6 +197,8 @@ def _quarantine(ingested: dict[str, Any], report_text: str, html: str, summary: 
     if owned and storage.exists(src) and storage.digest_of(src) == ingested["sha256"]:
         storage.move(src, dest)
         return root, "moved"
+    if owned and not storage.exists(src) and storage.exists(dest):
+        return root, "moved"  # a retry of the task that moved it
     if not storage.exists(dest):  # from the immutable snapshot: the validated bytes
         storage.write_bytes(dest, storage.read_bytes(ingested["uri"]))
     return root, "copied"

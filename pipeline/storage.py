@@ -85,7 +85,7 @@ def norm(uri: str) -> str:
     path = parsed.path if parsed.scheme else uri
     if not path.startswith("/"):
         raise UnsafePathError(f"location {uri!r} is not absolute")
-    return Path(path).resolve().as_uri()
+    return "file://" + str(Path(path).resolve())  # as storage spells it: not percent-encoded
 
 
 class _Backend(Protocol):

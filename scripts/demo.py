@@ -87,7 +87,7 @@ def land_data() -> dict[str, str]:
     for _, batch, knobs, _, _ in [*STORY, ("", *CANARY_BATCH, "", "")]:
         spec = WorldSpec(**{"rows": 20_000, **knobs})
         uris[batch] = storage.write_bytes(
-            storage.join(root, "landing", f"{batch}.parquet"), to_parquet_bytes(generate(spec))
+            storage.join(root, "landing", "card_fraud", f"{batch}.parquet"), to_parquet_bytes(generate(spec))
         ).uri
     return uris
 

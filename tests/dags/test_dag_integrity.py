@@ -1,4 +1,6 @@
-"""DAG integrity: imports cleanly, wires the expected graph, touches nothing at parse time."""
+"""DAG integrity, for every model spec: imports cleanly, wires the expected graph, Params
+take their defaults and bounds from the spec, a broken spec is an import error of its own,
+and nothing is touched at parse time."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 HELPERS = set((DAGS / ".airflowignore").read_text().split())  # modules beside the DAGs
-DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name not in HELPERS)
+DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name not in HELPERS | {"model_specs.py"})
+SPECS = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.yaml"))
 HEAVY = ["torch", "pandas", "mlflow", "evidently", "great_expectations", "boto3", "sklearn",
          "pipeline.steps"]  # fmt: skip
 
@@ -43,8 +46,14 @@ def test_each_file_defines_a_dag_with_tags_retries_and_docs(dagbag, dag_file):
             assert t.retries >= 1, f"{dag.dag_id}.{t.task_id} has no retries"
 
 
-def test_retrain_model_graph(dagbag):
-    dag = dagbag.dags["retrain_model"]
+def test_one_retrain_and_one_rollback_dag_per_spec(dagbag):
+    assert len(SPECS) >= 2
+    assert {f"retrain_{n}" for n in SPECS} | {f"rollback_{n}" for n in SPECS} <= set(dagbag.dags)
+
+
+@pytest.mark.parametrize("model", SPECS)
+def test_retrain_graph(dagbag, model):
+    dag = dagbag.dags[f"retrain_{model}"]
     down = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert down == {
         "ingest_batch": ["detect_drift", "register_challenger", "train_model", "validate_batch"],
@@ -66,31 +75,100 @@ def test_retrain_model_graph(dagbag):
     # optional human approval: skipped (not failed) when not required, and promotion still runs
     assert dag.get_task("approve_promotion").task_type == "HITLOperator"
     assert dag.get_task("promote_champion").trigger_rule == "none_failed"
-    assert dag.params.get_param("require_approval").value is False
+    assert f"model:{model}" in dag.tags
 
 
-def test_params_are_typed_and_bounded(dagbag):
-    params = dagbag.dags["retrain_model"].params
+@pytest.mark.parametrize("model", SPECS)
+def test_each_model_has_its_own_asset(dagbag, model):
+    from pipeline.spec import get_spec
+
+    spec = get_spec(model)
+    dag = dagbag.dags[f"retrain_{model}"]
+    cond = dag.timetable.asset_condition
+    assets = list(getattr(cond, "objects", [cond]))
+    uris = {a.uri for a in assets} if spec.schedule.asset else set()
+    assert uris == ({spec.asset_uri} if spec.schedule.asset else set())
+    outlets = {o.uri for o in dag.get_task("promote_champion").outlets}
+    assert outlets == {f"pipeline://models/{model}/champion"}
+
+
+@pytest.mark.parametrize("model", SPECS)
+def test_params_take_defaults_and_bounds_from_the_spec(dagbag, model):
+    from pipeline.spec import get_spec
+
+    spec = get_spec(model)
+    params = dagbag.dags[f"retrain_{model}"].params
     for name in ("max_epochs", "learning_rate", "gate_margin", "gate_floor", "decay_margin"):
         schema = params.get_param(name).schema
         assert schema.get("type") in {"integer", "number"}
-        assert "maximum" in schema and ("minimum" in schema or "exclusiveMinimum" in schema)
-        assert schema.get("title")
+        assert ("maximum" in schema or "minimum" in schema) and schema.get("title")
+    assert params["gate_floor"] == spec.floors[spec.primary_metric]
+    assert params["gate_margin"] == spec.gate.margin
+    assert params["max_epochs"] == spec.training.max_epochs
+    assert params["gate_slices"] == list(spec.gate.slices)
+    assert params["require_approval"] is spec.gate.require_approval
+    assert params.get_param("max_epochs").schema["maximum"] == spec.training.max_epochs
 
 
+def _validate(dagbag, model, name, value):
+    import copy
+
+    params = copy.deepcopy(dagbag.dags[f"retrain_{model}"].params)
+    params.validate()  # the defaults are valid
+    params[name] = value
+    params.validate()
+
+
+@pytest.mark.parametrize("model", SPECS)
 @pytest.mark.parametrize(
     ("name", "value"),
     [("max_epochs", 0), ("max_epochs", 10_000), ("learning_rate", 0), ("gate_margin", -0.1),
-     ("gate_floor", 1.5), ("force_retrain", "yes")],
+     ("gate_floor", 1.5), ("force_retrain", "yes"), ("gate_margin", 0.0),  # below the spec's margin
+     ("decay_margin", 0.9), ("gate_max_checkpoint_mb", 1e6)],
 )  # fmt: skip
-def test_bad_trigger_values_are_refused(dagbag, name, value):
-    import copy
-
-    params = copy.deepcopy(dagbag.dags["retrain_model"].params)
-    params.validate()  # the defaults are valid
+def test_bad_or_looser_trigger_values_are_refused_by_the_form(dagbag, model, name, value):
     with pytest.raises(Exception, match=f"param {name}"):
-        params[name] = value
-        params.validate()
+        _validate(dagbag, model, name, value)
+
+
+@pytest.mark.parametrize("model", SPECS)
+def test_tighter_trigger_values_are_accepted_by_the_form(dagbag, model):
+    from pipeline.spec import get_spec
+
+    spec = get_spec(model)
+    floor = spec.floors[spec.primary_metric]
+    _validate(dagbag, model, "gate_floor", min(floor + 0.01, 1.0) if spec.direction > 0 else floor / 2)
+    _validate(dagbag, model, "gate_margin", spec.gate.margin + 0.01)
+    _validate(dagbag, model, "require_approval", True)
+    _validate(dagbag, model, "max_epochs", 1)
+
+
+def test_a_broken_spec_is_an_import_error_naming_file_and_field_and_the_others_load(tmp_path):
+    """One team's typo in its spec never hides another team's DAGs."""
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / "card_fraud", root / "card_fraud")
+    broken = root / "broken_one"
+    broken.mkdir()
+    shutil.copy(ROOT / "models" / "card_fraud" / "contract.yaml", broken / "contract.yaml")
+    (broken / "model.yaml").write_text("contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n")
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(DAGS)!r});"
+        "from airflow.dag_processing.dagbag import DagBag;"
+        f"b = DagBag(dag_folder={str(DAGS)!r});"
+        "print(json.dumps({'dags': sorted(b.dags), 'errors': {k.rsplit('/', 1)[-1]: v for k, v in b.import_errors.items()}}))"
+    )
+    env = {**os.environ, "PIPELINE_MODELS_ROOT": str(root), "AIRFLOW_HOME": str(tmp_path / "af"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["dags"] == ["retrain_card_fraud", "rollback_card_fraud"]
+    assert list(got["errors"]) == ["model_specs.py"]
+    error = got["errors"]["model_specs.py"]
+    assert "broken_one/model.yaml" in error and "gate.margn" in error and "unknown field" in error
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)

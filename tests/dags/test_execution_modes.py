@@ -23,14 +23,14 @@ from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1] + "/retrain_model.py")
 if bag.import_errors:
     print(json.dumps({"errors": {k: str(v)[-800:] for k, v in bag.import_errors.items()}})); raise SystemExit
-t = bag.dags["retrain_model"].get_task("train_model")
+t = bag.dags["retrain_card_fraud"].get_task("train_model")
 cfg = t.executor_config or {}
 pod = cfg.get("pod_override")
 if pod is not None and not isinstance(pod, dict):
     pod = pod.to_dict()
 print(json.dumps({"operator": type(t).__name__, "pool": t.pool, "queue": t.queue,
                   "executor": t.executor, "template": cfg.get("pod_template_file"), "pod": pod,
-                  "others": sorted(x.task_id for x in bag.dags["retrain_model"].tasks
+                  "others": sorted(x.task_id for x in bag.dags["retrain_card_fraud"].tasks
                                    if x.pool == t.pool and x.task_id != "train_model")}))
 """
 

@@ -28,7 +28,7 @@ def _weights(uri: str, tmp) -> dict[str, torch.Tensor]:
 
 def test_two_processes_train_like_one_and_rank_0_alone_publishes(pipeline_home, tmp_path, monkeypatch):
     root = settings.get_settings().storage_root
-    batch = storage.write_bytes(f"{root}/landing/ddp.parquet",
+    batch = storage.write_bytes(f"{root}/landing/card_fraud/ddp.parquet",
                                 to_parquet_bytes(generate(WorldSpec(rows=6000, seed=21)))).uri  # fmt: skip
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 

@@ -38,7 +38,7 @@ def newest_state(folder: Path) -> Path | None:
 def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     root = get_settings().storage_root
-    batch = storage.write_bytes(f"{root}/landing/b.parquet",
+    batch = storage.write_bytes(f"{root}/landing/card_fraud/b.parquet",
                                 to_parquet_bytes(generate(WorldSpec(rows=4000, seed=11)))).uri  # fmt: skip
     ctx = steps.RunContext(dag_id="resume", run_id="r1")
     ingested = steps.ingest_batch(ctx, batch)

@@ -136,7 +136,7 @@ def start_stack(base: Path) -> Stack:
         "root = get_settings().storage_root\n"
         "w = lambda p, s: storage.write_bytes(f'{root}/{p}', to_parquet_bytes(generate(s))).uri\n"
         "print(w('trusted/eval.parquet', WorldSpec(rows=4000, seed=101)))\n"
-        "print(w('landing/batch-ui.parquet', WorldSpec(rows=8000, seed=1)))\n"
+        "print(w('landing/card_fraud/batch-ui.parquet', WorldSpec(rows=8000, seed=1)))\n"
     )
     out = subprocess.run([sys.executable, "-c", seed], env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=300).stdout.split()  # fmt: skip

@@ -56,7 +56,7 @@ def clean() -> pd.DataFrame:
 
 
 def land(home: Path, name: str, data: bytes) -> str:
-    return storage.write_bytes((home / "storage" / "landing" / f"{name}.parquet").as_uri(), data).uri
+    return storage.write_bytes((home / "storage" / "landing" / "card_fraud" / f"{name}.parquet").as_uri(), data).uri
 
 
 def run_stages(uri: str, run_id: str = "r1") -> tuple[dict, dict]:
@@ -247,3 +247,35 @@ def test_rerun_gives_the_same_verdict_and_counts_once(home: Path) -> None:
     run = registry.client().get_run(second["mlflow_run_id"])
     assert run.data.metrics["batches.accepted_total"] == 2
     assert run.data.metrics["batches.rejected_total"] == 1
+
+
+# ------------------------------------------------------------- who owns a rejected batch
+
+
+def test_a_batch_from_an_allowed_source_is_copied_to_quarantine_and_left_in_place(
+    home: Path, tmp_path: Path
+) -> None:
+    """The pipeline moves only what it owns (its landing prefix): a producer's own folder,
+    listed in the spec's landing.allowed_sources, keeps its file when the batch is rejected."""
+    from pipeline import spec as specs
+
+    producer = tmp_path / "producer-folder"
+    card = specs.get_spec("card_fraud")
+    mine = card.model_copy(update={"landing": specs.LandingSpec(
+        prefix=card.landing_prefix, allowed_sources=[str(producer)])})  # fmt: skip
+    data = frame_bytes(lambda df: df.assign(hour=99))  # out of range: rejected
+    src = producer / "batch.parquet"
+    producer.mkdir()
+    src.write_bytes(data)
+    with specs.use_spec(mine), pytest.raises(DataRejected, match="copied to"):
+        run_stages(src.as_uri(), run_id="outside")
+    assert src.read_bytes() == data  # the producer's file is untouched
+    root = steps.quarantine_root(storage.sha256_bytes(data))
+    assert storage.read_bytes(storage.join(root, "batch.parquet")) == data  # and quarantined
+    # the same file is still refused by a re-run, from the quarantine index, not moved again
+    with specs.use_spec(mine), pytest.raises(DataRejected):
+        run_stages(src.as_uri(), run_id="outside-again")
+    assert src.read_bytes() == data
+    # without the allowed source, the same path is refused before it is read
+    with pytest.raises(specs.PolicyViolation, match="allowed_sources"):
+        run_stages(src.as_uri(), run_id="not-allowed")

@@ -56,7 +56,7 @@ def test_intact_checkpoint_verifies_and_loads(ckpt, trained):
     assert v.manifest["all_finite"] is True
     assert v.manifest["stop_reason"] == trained[0].stop_reason  # explicit, top level
     assert v.manifest["optimizer"] is None
-    for key in ("tensors", "model_config", "features", "data_snapshot", "code_version"):
+    for key in ("tensors", "model", "features", "data_snapshot", "code_version"):
         assert v.manifest[key]
     assert set(v.manifest["files"]) == {"model.safetensors", "probe.safetensors", "probe.parquet"}
     model, spec = checkpoint.load_verified_model(ckpt, v.manifest)
@@ -112,7 +112,7 @@ def other_key(ck, monkeypatch):
 
 def shape_vs_config(ck, _):
     def edit(m):
-        m["model_config"]["hidden"] = [32, 32]  # tensors still say 64 x 32
+        m["model"]["kwargs"]["hidden"] = [32, 32]  # tensors still say 64 x 32
 
     _resign(ck, edit)
 

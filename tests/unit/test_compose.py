@@ -415,7 +415,7 @@ def test_dockerfiles(services):
     assert "FROM apache/airflow:3.3.2-python3.11" in airflow
     assert "-r /opt/airflow/requirements/requirements.txt" in airflow
     assert "-c /opt/airflow/requirements/constraints.txt" in airflow
-    for directory in ("dags", "pipeline", "plugins", "contracts"):
+    for directory in ("dags", "pipeline", "plugins", "models"):
         assert re.search(rf"^COPY .*\b{directory}/ ", airflow, re.M), directory
     trainer = (INFRA / "trainer" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", trainer, re.M)

@@ -119,8 +119,8 @@ def test_bad_contracts_are_refused(tmp_path: Path, mutate, match: str) -> None:
         load_contract(write(tmp_path, mutate(raw())))
 
 
-def test_missing_contract_names_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(ContractError, match="PIPELINE_CONTRACT_PATH"):
+def test_missing_contract_names_the_spec_field(tmp_path: Path) -> None:
+    with pytest.raises(ContractError, match="not found at .*contract field"):
         load_contract(tmp_path / "absent.yaml")
 
 

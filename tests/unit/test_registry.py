@@ -124,9 +124,18 @@ def test_reject_version_drops_challenger_alias_only_from_itself(pipeline_home):
 
 
 def _name() -> str:
-    from pipeline.settings import get_settings
+    return registry.model_name()
 
-    return get_settings().model_name
+
+def _policy(**requested):
+    """A run's policy for these tests: the card_fraud spec, with the floor and the
+    evaluation set opened to overrides (untrained models cannot clear the real floor)."""
+    from pipeline import spec as specs
+    from pipeline import steps
+
+    card = specs.get_spec("card_fraud")
+    loose = card.model_copy(update={"overrides": specs.OverridesSpec(allow=["gate.floor", "evaluation.uri"])})
+    return steps.run_policy(requested, spec=loose)
 
 
 # -- models from code, the gate record, human approval -----------------------------------------
@@ -225,12 +234,14 @@ def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
     from pipeline import gates, steps
 
     ctx0, reg0 = _register(world, 0)
-    g0 = steps.gate_promotion(ctx0, reg0, floor=0.0, eval_uri=world["eval_uri"], resamples=200)
+    g0 = steps.gate_promotion(ctx0, reg0, policy=_policy(gate_floor=0.0, eval_uri=world["eval_uri"]),
+                              resamples=200)  # fmt: skip
     assert g0["verdict"] == "promote" and g0["reason"] == "no_champion_floors_met"
     assert steps.promote_champion(ctx0, g0)["verdict"] == "promoted"
 
     ctx1, reg1 = _register(world, 1)
-    g1 = steps.gate_promotion(ctx1, reg1, floor=0.0, margin=0.05, eval_uri=world["eval_uri"],
+    g1 = steps.gate_promotion(ctx1, reg1, policy=_policy(gate_floor=0.0, gate_margin=0.05,
+                                                         eval_uri=world["eval_uri"]),
                               resamples=200)  # fmt: skip
     assert g1["champion_version"] == reg0["model_version"]
     assert g1["verdict"] == "reject"  # two untrained models: no 0.05 gain

@@ -13,7 +13,7 @@ from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 @pytest.fixture
 def batch(pipeline_home):
     root = (pipeline_home / "storage").as_uri()
-    return storage.write_bytes(f"{root}/landing/b.parquet",
+    return storage.write_bytes(f"{root}/landing/card_fraud/b.parquet",
                                to_parquet_bytes(generate(WorldSpec(rows=2000, seed=1)))).uri  # fmt: skip
 
 
@@ -34,20 +34,58 @@ def test_records_are_small_json(batch):
 
 
 def test_missing_batch_says_where_to_look(pipeline_home):
+    missing = (pipeline_home / "storage" / "landing" / "card_fraud" / "nope.parquet").as_uri()
     with pytest.raises(FileNotFoundError, match="check the batch_uri param"):
-        steps.ingest_batch(steps.RunContext("dag", "r"), (pipeline_home / "nope.parquet").as_uri())
+        steps.ingest_batch(steps.RunContext("dag", "r"), missing)
+
+
+LANDING = "/storage/landing/card_fraud"
 
 
 @pytest.mark.parametrize(
     ("param", "extras", "expected_suffix"),
-    [("file:///a.parquet", [{"batch_uri": "file:///b.parquet"}], "/a.parquet"),
-     ("", [{"batch_uri": "file:///b.parquet"}], "/b.parquet"),
-     ("", [{}], "/landing/date=2026-03-05/batch.parquet"),
-     ("", [], "/landing/date=2026-03-05/batch.parquet")],
+    [("{land}/a.parquet", [{"batch_uri": "{land}/b.parquet"}], f"{LANDING}/a.parquet"),
+     ("", [{"batch_uri": "{land}/b.parquet"}], f"{LANDING}/b.parquet"),
+     ("", [{}], f"{LANDING}/date=2026-03-05/batch.parquet"),
+     ("", [], f"{LANDING}/date=2026-03-05/batch.parquet")],
 )  # fmt: skip
 def test_resolve_batch_uri(pipeline_home, param, extras, expected_suffix):
-    uri = steps.resolve_batch_uri(param, extras, "2026-03-05T03:00:00+00:00")
+    land = (pipeline_home / "storage" / "landing" / "card_fraud").as_uri()
+    extras = [{k: v.format(land=land) for k, v in e.items()} for e in extras]
+    uri = steps.resolve_batch_uri(param.format(land=land), extras, "2026-03-05T03:00:00+00:00")
     assert uri.endswith(expected_suffix)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["file:///proc/self/environ", "/etc/passwd", "{storage}/checkpoints/x/model.safetensors",
+     "{storage}/landing/digits/b.parquet", "{storage}/landing/card_fraud/../../keys/k",
+     "{storage}/landing/card_fraud_other/b.parquet", "s3://someone-elses-bucket/b.parquet",
+     "relative/b.parquet"],
+)  # fmt: skip
+def test_a_batch_outside_the_landing_prefix_is_refused_before_it_is_read(pipeline_home, where):
+    """A trigger (Param, asset event, CLI) can point only at the model's own landing prefix."""
+    from pipeline.spec import PolicyViolation
+    from pipeline.storage import UnsafePathError
+
+    uri = where.format(storage=(pipeline_home / "storage").as_uri())
+    with pytest.raises((PolicyViolation, UnsafePathError)):
+        steps.resolve_batch_uri(uri, [], "2026-03-05T03:00:00+00:00")
+    with pytest.raises((PolicyViolation, UnsafePathError)):
+        steps.ingest_batch(steps.RunContext("dag", "r"), uri)
+    assert not (pipeline_home / "storage" / "snapshots").exists()  # nothing was read or copied
+
+
+def test_a_symlink_out_of_the_landing_prefix_is_refused(pipeline_home, tmp_path):
+    from pipeline.spec import PolicyViolation
+
+    land = pipeline_home / "storage" / "landing" / "card_fraud"
+    land.mkdir(parents=True)
+    secret = tmp_path / "secret.parquet"
+    secret.write_bytes(b"PAR1 not yours")
+    (land / "link.parquet").symlink_to(secret)
+    with pytest.raises(PolicyViolation, match="outside model 'card_fraud'"):
+        steps.ingest_batch(steps.RunContext("dag", "r"), (land / "link.parquet").as_uri())
 
 
 def test_run_key_is_safe_for_paths_and_filters():

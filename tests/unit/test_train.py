@@ -141,7 +141,7 @@ def three_class_world(rows: int, seed: int) -> tuple[pd.DataFrame, DataContract]
 def test_multi_class_from_the_contract():
     df, contract = three_class_world(6000, seed=3)
     r = train(df, contract, TrainConfig(max_epochs=8, seed=1, **FAST))
-    assert r.model_config.num_classes == 3 and r.features.classes == [1, 2, 3]
+    assert r.model(torch.zeros(1, r.features.width)).shape[1] == 3 and r.features.classes == [1, 2, 3]
     assert r.val_metrics["roc_auc"] > 0.75  # one-vs-rest macro
     assert "pr_auc" not in r.val_metrics  # PR AUC is reported for binary targets only
     holdout, _ = three_class_world(2000, seed=4)
@@ -194,7 +194,7 @@ def test_resume_from_a_mid_epoch_state_gives_the_same_weights(contract, data, tm
     done = train(data[0], contract, cfg, state_dir=tmp_path / "a")
     assert done.resumed_from["step"] == full.steps
     # another configuration does not resume a foreign state
-    other = train(data[0], contract, TrainConfig(**{**cfg.to_dict(), "hidden": (16,), "max_epochs": 1}),
+    other = train(data[0], contract, TrainConfig(**{**cfg.to_dict(), "factory_kwargs": {"hidden": [16]}, "max_epochs": 1}),
                   state_dir=tmp_path / "b")  # fmt: skip
     assert other.resumed_from is None
 
@@ -266,7 +266,7 @@ def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_hom
     from pipeline.settings import get_settings
 
     root = get_settings().storage_root
-    batch = storage.write_bytes(f"{root}/landing/b.parquet",
+    batch = storage.write_bytes(f"{root}/landing/card_fraud/b.parquet",
                                 to_parquet_bytes(generate(WorldSpec(rows=5000, seed=7)))).uri  # fmt: skip
     ctx = steps.RunContext(dag_id="t", run_id="diverge")
     ingested = steps.ingest_batch(ctx, batch)
@@ -274,7 +274,7 @@ def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_hom
         steps.train_model(ctx, ingested, learning_rate=100.0, optimizer="sgd", max_epochs=10)
     assert storage.list_uris(f"{root}/checkpoints/") == []
     c = registry.client()
-    assert c.search_model_versions(f"name = '{get_settings().model_name}'") == []
+    assert c.search_model_versions(f"name = '{registry.model_name()}'") == []
     run = c.get_run(ingested["mlflow_run_id"])
     assert run.data.tags["stage.train_model.verdict"] == "diverged"
     assert "diverged" in run.data.tags["stage.train_model.summary"]
