@@ -679,6 +679,8 @@ def param_schema(spec: ModelSpec) -> dict[str, dict[str, Any]]:
             + ("" if loose("gate.non_inferiority_margin") or g.non_inferiority_margin is not None
                else " (this model's spec does not allow setting it)") + "."},
         "gate_slices": {"default": list(g.slices), "type": "array", "maxItems": 20, "uniqueItems": True,
+                        **({"allOf": [{"contains": {"const": c}} for c in g.slices]}
+                           if g.slices and not loose("gate.slices") else {}),
                         "items": {"type": "string", "enum": spec.contract_obj().categorical_features}
                         if spec.contract_obj().categorical_features else {"type": "string"},
                         "title": "Gate slices",

@@ -73,7 +73,15 @@ def _contract():
 
 
 def _eval_uri(policy: Policy) -> str:
-    return get_settings().resolve(policy.eval_uri)
+    """The trusted set's URI: the spec's location, or an override the spec allows — which
+    must still lie under the storage root's ``trusted/`` folder (never a landing batch, never
+    an arbitrary file the worker can read)."""
+    uri = get_settings().resolve(policy.eval_uri)
+    trusted = storage.join(get_settings().storage_root, "trusted")
+    if policy.eval_uri != active().eval_location and not _under(uri, trusted):
+        raise PolicyViolation(f"evaluation set {uri} is not under the trusted folder {trusted}; "
+                              "an evaluation set a run names must be one the data owners put there")  # fmt: skip
+    return uri
 
 
 # -- ingest ---------------------------------------------------------------------------

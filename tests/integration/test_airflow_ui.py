@@ -52,13 +52,13 @@ def test_standalone_serves_dag_and_stops_with_all_children(tmp_path, monkeypatch
             token = json.load(r)["access_token"]
         dag_ids: list[str] = []
         deadline = time.time() + 120
-        while "retrain_model" not in dag_ids and time.time() < deadline:
+        while "retrain_card_fraud" not in dag_ids and time.time() < deadline:
             req = urllib.request.Request(f"{url}/api/v2/dags",
                                          headers={"Authorization": f"Bearer {token}"})  # fmt: skip
             with urllib.request.urlopen(req, timeout=10) as r:
                 dag_ids = [d["dag_id"] for d in json.load(r)["dags"]]
             time.sleep(2)
-        assert "retrain_model" in dag_ids
+        assert "retrain_card_fraud" in dag_ids and "retrain_digits" in dag_ids
     finally:
         sa.stop(proc)
     assert not sa._group_alive(proc.pid), "a child of airflow standalone outlived the stop"

@@ -2,7 +2,7 @@
 
 Airflow standalone and the MLflow UI run on a fresh home holding one real DAG run (see
 ``ui_stack.py``). The user opens the Retraining view, is sent to log in and comes back; opens
-retrain_model's trigger form; submits a bad value and reads the refusal; submits a good one;
+retrain_card_fraud's trigger form; submits a bad value and reads the refusal; submits a good one;
 finds the runs in the Retraining view; follows the run's "Model version" extra link to MLflow
 and finds the version with its gate report. Each page is saved as a PNG under the test's tmp
 folder and copied to ``.local/screenshots/``.
@@ -166,7 +166,7 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         for name in ("MLflow run", "Model version"):
             assert page.eval(f"!![...document.querySelectorAll('a')].find(a => a.innerText.trim() === {name!r})")
         shot("task-extra-links")
-        assert href == f"{stack.mlflow_url}/#/models/retrain-model/versions/{stack.seed_version}", href
+        assert href == f"{stack.mlflow_url}/#/models/card-fraud/versions/{stack.seed_version}", href
         step("extra links")
 
         # 8. MLflow: the model version with its gate report and tags

@@ -13,7 +13,7 @@ from ui_stack import DAG_ID, Stack, shared_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRIGGER_DAGS = [DAG_ID, "rollback_model"]
+TRIGGER_DAGS = [DAG_ID, "rollback_card_fraud", "retrain_digits", "rollback_digits"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,12 @@ def test_every_param_is_typed_titled_described_and_bounded(stack, token, dag_id)
         ({"gate_floor": 1.5}, "gate_floor"),
         ({"batch_uri": "ftp://elsewhere/batch.parquet"}, "batch_uri"),
         ({"gate_slices": ["channel; drop table"]}, "gate_slices"),
+        # looser than the card_fraud spec: refused at trigger time, before any run exists
+        ({"gate_floor": 0.5}, "gate_floor"),
+        ({"gate_margin": 0.0}, "gate_margin"),
+        ({"gate_slices": []}, "gate_slices"),
+        ({"decay_margin": 0.4}, "decay_margin"),
+        ({"max_epochs": 31}, "max_epochs"),
     ],
 )
 def test_invalid_conf_is_refused_naming_the_field(stack, token, conf, field):
@@ -82,7 +88,9 @@ def test_invalid_conf_is_refused_naming_the_field(stack, token, conf, field):
 
 
 def test_valid_conf_is_accepted_and_queued(stack, token):
-    conf = {"max_epochs": 5, "learning_rate": 0.01, "force_retrain": True, "batch_uri": None}
+    # tighter than the spec (a higher floor, a larger margin, one more slice): accepted
+    conf = {"max_epochs": 5, "learning_rate": 0.01, "force_retrain": True, "batch_uri": None,
+            "gate_floor": 0.75, "gate_margin": 0.01, "gate_slices": ["channel", "country"]}
     status, run = stack.api("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
                             {"logical_date": None, "conf": conf, "note": "test_trigger_form"},
                             token=token)  # fmt: skip

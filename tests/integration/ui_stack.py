@@ -1,7 +1,7 @@
 """A real Airflow + MLflow stack for UI tests, started once per pytest session.
 
 1. a fresh PIPELINE_HOME under pytest's tmp: ``airflow db migrate``, a small landed batch and
-   a trusted evaluation set, and one real DAG run (``airflow dags test retrain_model``) so the
+   a trusted evaluation set, and one real DAG run (``airflow dags test retrain_card_fraud``) so the
    registry has a model version with its gate report before any UI starts;
 2. ``airflow standalone`` (the API server serves our plugin) and ``mlflow ui`` on free ports
    of 127.0.0.1, in their own process groups, stopped with all their children at the end.
@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-DAG_ID = "retrain_model"
+DAG_ID = "retrain_card_fraud"
 
 _STACK: Stack | None = None
 
