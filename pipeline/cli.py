@@ -65,7 +65,7 @@ def _print(rec: Any) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline import storage
-    from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
+    from pipeline.data.generate import WorldSpec, generate, positive_rate, to_parquet_bytes
 
     spec = WorldSpec(rows=args.rows, seed=args.seed, start=args.start,
                      covariate_shift=args.covariate_shift, label_prior=args.label_prior,
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     df = generate(spec)
     obj = storage.write_bytes(args.out, to_parquet_bytes(df))
     _print({"uri": obj.uri, "sha256": obj.sha256, "rows": len(df),
-            "positive_rate": float(df["is_fraud"].mean()) if "is_fraud" in df else None})  # fmt: skip
+            "positive_rate": positive_rate(df)})  # fmt: skip
     return 0
 
 
@@ -86,6 +86,40 @@ def cmd_land(args: argparse.Namespace) -> int:
                      airflow_url=args.airflow_url)  # fmt: skip
     _print(rec)
     return 0
+
+
+def cmd_spec_check(args: argparse.Namespace) -> int:
+    """``OK <name> …`` per usable spec, ``FAIL <file>: …`` per broken one; exit 1 on any."""
+    from pipeline import spec as specs
+    from pipeline.train.model import FactoryError, check_factory
+
+    if args.paths:
+        found: list[tuple[str, Any]] = []
+        for p in args.paths:
+            try:
+                found.append((p, specs.load_spec(p)))
+            except specs.SpecError as exc:
+                found.append((p, exc))
+    else:
+        d = specs.discover()
+        found = [(str(s.path), s) for s in d.specs] + [(str(p), specs.SpecError(m)) for p, m in d.errors]
+    failed = 0
+    for path, s in found:
+        if isinstance(s, Exception):
+            print(f"FAIL {path}: {s}")
+            failed += 1
+            continue
+        try:
+            model = check_factory(s)
+        except FactoryError as exc:
+            print(f"FAIL {path}: {exc}")
+            failed += 1
+            continue
+        params = sum(p.numel() for p in model.parameters())
+        print(f"OK {s.name}: registered as {s.model_name}, task {s.task.type}, metric "
+              f"{s.primary_metric}, factory {s.model.factory} ({params} parameters), "
+              f"landing {s.landing_prefix}, trusted set {s.eval_location}")  # fmt: skip
+    return 1 if failed else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -261,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--no-event", action="store_true", help="copy only; emit no asset event")
     ld.add_argument("--airflow-url", default=None, help="default: PIPELINE_AIRFLOW_API_URL")
     ld.set_defaults(func=cmd_land)
+
+    sc = sub.add_parser("spec", help="model spec tools").add_subparsers(dest="spec_cmd", required=True)
+    chk = sc.add_parser("check", help="validate model specs and build their factories (for a "
+                        "model team's CI); exit 0 when every one is usable")  # fmt: skip
+    chk.add_argument("paths", nargs="*", help="spec files (default: every models/*/model.yaml)")
+    chk.set_defaults(func=cmd_spec_check)
 
     ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="ck_cmd", required=True)
     v = ck.add_parser("verify", help="verify a checkpoint; exit 0 when intact")

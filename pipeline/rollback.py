@@ -6,7 +6,7 @@ window (``who="canary-bake"``) and by ``python -m pipeline rollback --reason …
 Order of events, each step safe to retry:
 
 1. refuse early, changing nothing: no champion; no target (no ``previous_champion`` and
-   none named); a target that is not a digit string, does not exist, was rejected by
+   none named); a target that is not a number, does not exist, was rejected by
    the gate, or whose checkpoint fails verification (never roll back onto a broken model);
 2. take any canary out of traffic (weight 0, alias removed) — a rollback is an
    emergency stop, and a running rollout notices and stops (its champion moved);

@@ -97,8 +97,14 @@ def ingest_batch(ctx: RunContext, batch_uri: str, policy: Policy | None = None) 
     a loosening was refused before this) is recorded on the run."""
     from pipeline.ingest import snapshot
 
+    from pipeline.train.model import FactoryError, check_factory
+
     batch_uri = check_batch_source(batch_uri)
     spec = active()
+    try:  # a factory that cannot build the spec's model fails the run before any data is read
+        check_factory(spec)
+    except FactoryError as exc:
+        raise PolicyViolation(str(exc)) from exc
     run_id = registry.get_or_create_run(
         ctx.run_key, {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id,
                       "pipeline.model": spec.name, "pipeline.spec": str(spec.path)}  # fmt: skip

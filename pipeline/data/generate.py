@@ -35,6 +35,13 @@ SCHEMA_FAULTS = (
 )  # fmt: skip
 
 
+LABEL = "is_fraud"  # the reference data's label column
+
+
+def positive_rate(df: pd.DataFrame) -> float | None:
+    return float(df[LABEL].mean()) if LABEL in df else None
+
+
 @dataclass(frozen=True)
 class WorldSpec:
     rows: int = 20_000
@@ -138,7 +145,7 @@ def generate(spec: WorldSpec) -> pd.DataFrame:
             "merchant_category": np.asarray(MERCHANTS)[merchant],
             "channel": np.asarray(CHANNELS)[channel],
             "country": np.asarray(COUNTRIES)[country],
-            "is_fraud": label,
+            LABEL: label,
         }
     )
     # A few genuine missing values, within the contract's tolerance.

@@ -7,7 +7,7 @@ model's name, ``card-fraud``, is accepted too):
 
 * ``POST /v2/models/{name}/infer`` (and ``/v2/models/{name}/versions/{v}/infer``, which
   pins a version now serving) — one input per feature column, ``{"inputs": [{"name":
-  "amount", "datatype": "FP64", "shape": [2], "data": [12.5, 80.0]}, ...], "id": "...",
+  "<column>", "datatype": "FP64", "shape": [2], "data": [12.5, 80.0]}, ...], "id": "...",
   "parameters": {"routing_key": "card-17"}}``, or ``{"inputs": [row objects]}``. The
   answer: ``{"model_name", "model_version", "id", "parameters": {"alias", "request_id"},
   "outputs": [{"name": "probability_<class>", "datatype": "FP32", "shape": [N], "data":

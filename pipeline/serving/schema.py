@@ -7,7 +7,7 @@ any problem is refused whole with 422, so a caller never gets a partial answer.
 Two request forms give the rows: ``/predict``'s (one row object, an array of them, or
 ``{"rows": [...]}``, :func:`rows_of`) and the Open Inference Protocol's (KServe v2)
 ``/v2/models/{name}/infer`` (:func:`infer_request`): one input tensor per feature column,
-``{"inputs": [{"name": "amount", "datatype": "FP64", "shape": [2], "data": [12.5, 80]},
+``{"inputs": [{"name": "<column>", "datatype": "FP64", "shape": [2], "data": [12.5, 80]},
 ...]}`` — or, for convenience, ``{"inputs": [row objects]}``.
 """
 

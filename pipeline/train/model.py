@@ -245,3 +245,22 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 65_536) -
     model.eval()
     outs = [torch.softmax(model(x[i : i + batch_size]).float(), dim=1) for i in range(0, len(x), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def check_factory(spec: Any) -> nn.Module:
+    """Import and call a model spec's factory on the shape its contract implies, and check
+    the result against the contract — before any data is read (a run's first step, and
+    ``python -m pipeline spec check``). Raises FactoryError naming the factory and what broke."""
+    from pipeline.train.features import FeatureSpec
+
+    contract = spec.contract_obj()
+    numeric = contract.numeric_features
+    features = FeatureSpec(numeric, [0.0] * len(numeric), [1.0] * len(numeric), [],
+                           [(c, list(contract.column(c).categories)) for c in contract.categorical_features],
+                           contract.target, list(contract.target_values))  # fmt: skip
+    code_file = spec.factory_module_file
+    inputs = ModelInputs(features.width, len(features.classes), features, spec.task.type)
+    try:
+        return build_model(model_ref_for(spec.model.factory, spec.model.kwargs, code_file), inputs, code_file)
+    except FactoryError as exc:
+        raise FactoryError(f"{spec.path}: field 'model': {exc}") from None

@@ -126,7 +126,7 @@ def test_concurrent_promotions_have_exactly_one_winner(workers):
         assert _alias(registry.CHAMPION) == win["version"]
         assert _alias(registry.PREVIOUS) == base
         loser_mv = registry.client().get_model_version(
-            registry.get_settings().model_name, lose["version"])  # fmt: skip
+            registry.model_name(), lose["version"])  # fmt: skip
         assert not ({"champion", "previous_champion"} & set(loser_mv.aliases))
         assert not storage.exists(registry.champion_lock_uri())  # released by the winner
         base = win["version"]

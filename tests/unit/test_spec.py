@@ -1,0 +1,256 @@
+"""Model specs: a bad spec is refused naming file, field, value and what is allowed; the factory
+contract; runs may only tighten the policy; nothing in the code names a dataset's column."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline import spec as specs
+from pipeline.train.model import FactoryError, ModelInputs, ModelRef, build_model, check_factory
+
+ROOT = Path(__file__).resolve().parents[2]
+CARD = ROOT / "models" / "card_fraud"
+
+GOOD_NET = '''
+from torch import nn
+
+
+def build(inputs, width=8):
+    return nn.Sequential(nn.Linear(inputs.input_width, width), nn.ReLU(),
+                         nn.Linear(width, inputs.num_classes))
+'''
+
+
+def write_spec(folder: Path, text: str, *, contract: Path = CARD / "contract.yaml",
+               module: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "contract.yaml").write_text(contract.read_text())
+    if module is not None:
+        (folder / "net.py").write_text(module)
+    (folder / "model.yaml").write_text(text)
+    return folder / "model.yaml"
+
+
+def test_the_smallest_spec_is_two_lines_and_everything_else_defaults(tmp_path):
+    s = specs.load_spec(write_spec(tmp_path / "tiny_model", "contract: contract.yaml\ntask: binary\n"))
+    assert s.name == "tiny_model" and s.model_name == "tiny-model"
+    assert s.model.factory == "pipeline.train.model:mlp" and s.primary_metric == "roc_auc"
+    assert s.gate.slices == [] and s.gate.require_approval is False and s.canary.enabled is False
+    assert s.landing_prefix == "landing/tiny_model" and s.eval_location == "trusted/tiny_model/eval.parquet"
+    assert s.schedule.cron is None and s.schedule.asset is True
+    assert s.overrides.allow == []
+    assert isinstance(check_factory(s), nn.Module)
+
+
+@pytest.mark.parametrize(
+    ("body", "module", "fragments"),
+    [
+        ("contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n", None,
+         ["unknown field", "gate.margn"]),
+        ("task: binary\n", None, ["'contract' is required"]),
+        ("contract: nowhere.yaml\ntask: binary\n", None, ["'contract'", "nowhere.yaml", "no file"]),
+        ("contract: contract.yaml\ntask: regression\n", None, ["task", "'regression'", "binary", "multiclass"]),
+        ("contract: contract.yaml\ntask: multiclass\n", None, ["'task' = 'multiclass'", "2 values", "binary"]),
+        ("contract: contract.yaml\ntask: binary\nmetrics: {primary: f1}\n", None,
+         ["metrics.primary", "'f1'", "allowed"]),
+        ("contract: contract.yaml\ntask: binary\nmetrics: {primary: pr_auc}\n", None,
+         ["pr_auc", "paired bootstrap", "allowed"]),
+        ("contract: contract.yaml\ntask: binary\ngate: {slices: [amount]}\n", None,
+         ["gate.slices", "'amount'", "not a categorical feature", "allowed"]),
+        ("contract: contract.yaml\ntask: binary\ngate: {margin: -1}\n", None, ["gate.margin", "-1"]),
+        ("contract: contract.yaml\ntask: binary\nmodel: {factory: not-a-ref}\n", None,
+         ["model.factory", "not-a-ref"]),
+        ("contract: contract.yaml\ntask: binary\nmodel: {factory: 'nosuchmodule_xyz:build'}\n", None,
+         ["model.factory", "nosuchmodule_xyz", "neither a file next to the spec"]),
+        ("contract: contract.yaml\ntask: binary\noverrides: {allow: [gate.everything]}\n", None,
+         ["overrides.allow", "gate.everything"]),
+        ("name: Bad-Name\ncontract: contract.yaml\ntask: binary\n", None, ["'name'", "Bad-Name"]),
+        ("[1, 2]\n", None, ["a mapping of fields"]),
+        ("contract: contract.yaml\ntask: binary\ntraining: {max_epochs: 0}\n", None,
+         ["training.max_epochs", "0"]),
+    ],
+)  # fmt: skip
+def test_a_bad_spec_names_file_field_value_and_what_is_allowed(tmp_path, body, module, fragments):
+    path = write_spec(tmp_path / "m", body, module=module)
+    with pytest.raises(specs.SpecError) as err:
+        specs.load_spec(path)
+    message = str(err.value)
+    assert str(path) in message
+    for f in fragments:
+        assert f in message, message
+
+
+@pytest.mark.parametrize(
+    ("module", "kwargs", "fragments"),
+    [
+        ("raise ImportError('no such thing')\n", "{}", ["importing", "no such thing"]),
+        ("def build(inputs):\n    return 'a string'\n", "{}", ["returned str", "not a torch.nn.Module"]),
+        ("from torch import nn\n\ndef build(inputs):\n    return nn.Linear(inputs.input_width, 7)\n", "{}",
+         ["output (2, 7)", "(2, 2) logits"]),
+        ("from torch import nn\n\ndef build(inputs):\n    return nn.Linear(3, inputs.num_classes)\n", "{}",
+         ["forward on a (2,", "failed"]),
+        (GOOD_NET, "{depth: 3}", ["kwargs", "depth"]),
+        ("x = 1\n", "{}", ["has no callable 'build'"]),
+    ],
+)  # fmt: skip
+def test_a_factory_that_breaks_the_contract_is_refused_before_any_data(tmp_path, module, kwargs, fragments):
+    path = write_spec(tmp_path / "m", f"contract: contract.yaml\ntask: binary\n"
+                      f"model: {{factory: 'net:build', kwargs: {kwargs}}}\n", module=module)  # fmt: skip
+    s = specs.load_spec(path)  # cheap checks pass: the module file exists
+    with pytest.raises(FactoryError) as err:
+        check_factory(s)
+    for f in [str(path), "model", *fragments]:
+        assert f in str(err.value), str(err.value)
+    out = subprocess.run([sys.executable, "-m", "pipeline", "spec", "check", str(path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and out.stdout.startswith("FAIL "), out.stdout + out.stderr
+
+
+def test_the_factory_gets_what_the_data_gives_and_its_code_is_pinned_by_digest(tmp_path):
+    from pipeline.train.features import FeatureSpec
+    from pipeline.train.model import file_sha256
+
+    path = write_spec(tmp_path / "m", "contract: contract.yaml\ntask: binary\n"
+                      "model: {factory: 'net:build', kwargs: {width: 5}}\n", module=GOOD_NET)  # fmt: skip
+    s = specs.load_spec(path)
+    fs = FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], [], [("c", ["x", "y", "z"])], "t", [0, 1, 2])
+    inputs = ModelInputs(fs.width, 3, fs, "multiclass")
+    assert inputs.layout == [("a", 0, 2), ("b", 2, 2), ("c", 4, 4)] and fs.width == 8
+    code = s.factory_module_file
+    ref = ModelRef("net:build", {"width": 5}, file_sha256(code))
+    model = build_model(ref, inputs, code)
+    assert model(torch.zeros(4, 8)).shape == (4, 3)
+    with pytest.raises(FactoryError, match="the model's code changed"):
+        build_model(ModelRef("net:build", {}, "0" * 64), inputs, code)
+
+
+# -- the policy: defaults and bounds from the spec; a run may only tighten it ----------------------
+
+
+@pytest.fixture(scope="module")
+def card():
+    return specs.get_spec("card_fraud")
+
+
+@pytest.mark.parametrize(
+    ("requested", "field", "value"),
+    [
+        ({"gate_floor": 0.8}, "floor", 0.8),
+        ({"gate_margin": 0.02}, "margin", 0.02),
+        ({"gate_slices": ["channel", "country"]}, "slices", ("channel", "country")),
+        ({"gate_max_checkpoint_mb": 10}, "max_checkpoint_mb", 10),
+        ({"gate_max_latency_p95_ms": 100}, "max_latency_p95_ms", 100),
+        ({"require_approval": True}, "require_approval", True),
+        ({"decay_margin": 0.01}, "decay_margin", 0.01),
+        ({"canary": True}, "canary", True),
+        ({"gate_floor": 0.7}, "floor", 0.7),  # the spec's own value: no override recorded
+    ],
+)  # fmt: skip
+def test_tightening_is_accepted_and_recorded(card, requested, field, value):
+    policy = specs.resolve_policy(card, requested)
+    assert getattr(policy, field) == value
+    kinds = [o["kind"] for o in policy.overrides]
+    assert kinds == ([] if requested == {"gate_floor": 0.7} else ["tighten"])
+
+
+@pytest.mark.parametrize(
+    ("requested", "param"),
+    [
+        ({"gate_floor": 0.5}, "gate_floor"),
+        ({"gate_margin": 0.0}, "gate_margin"),
+        ({"gate_slices": []}, "gate_slices"),
+        ({"gate_max_checkpoint_mb": 500}, "gate_max_checkpoint_mb"),
+        ({"gate_max_latency_p95_ms": None}, None),  # None keeps the spec's budget
+        ({"decay_margin": 0.3}, "decay_margin"),
+    ],
+)  # fmt: skip
+def test_loosening_is_refused_naming_the_param_and_how_to_allow_it(card, requested, param):
+    if param is None:
+        assert specs.resolve_policy(card, requested).max_latency_p95_ms == card.gate.max_latency_p95_ms
+        return
+    with pytest.raises(specs.PolicyViolation) as err:
+        specs.resolve_policy(card, requested)
+    message = str(err.value)
+    assert param in message and "only tighten" in message and "overrides.allow" in message
+
+
+def test_a_loosening_the_spec_allows_is_used_and_recorded(card):
+    # card_fraud's owner allows a non-inferiority margin (the demo's canary step uses it)
+    policy = specs.resolve_policy(card, {"gate_non_inferiority_margin": 0.02})
+    assert policy.non_inferiority_margin == 0.02
+    assert policy.overrides == ({"param": "gate_non_inferiority_margin",
+                                 "field": "gate.non_inferiority_margin", "spec": None, "run": 0.02,
+                                 "kind": "loosen_allowed"},)  # fmt: skip
+    strict = card.model_copy(update={"overrides": specs.OverridesSpec(allow=[])})
+    with pytest.raises(specs.PolicyViolation, match="gate_non_inferiority_margin"):
+        specs.resolve_policy(strict, {"gate_non_inferiority_margin": 0.02})
+
+
+def test_another_evaluation_set_is_refused_unless_the_spec_allows_it(card):
+    strict = card.model_copy(update={"overrides": specs.OverridesSpec(allow=[])})
+    with pytest.raises(specs.PolicyViolation, match="points the gate at another evaluation set"):
+        specs.resolve_policy(strict, {"eval_uri": "/etc/passwd"})
+    assert specs.resolve_policy(strict, {"eval_uri": ""}).eval_uri == card.eval_location
+
+
+def test_for_a_lower_is_better_metric_a_tighter_floor_is_lower(tmp_path):
+    s = specs.load_spec(write_spec(tmp_path / "ll", "contract: contract.yaml\ntask: binary\n"
+                                   "metrics: {primary: log_loss}\ngate: {floors: {log_loss: 0.5}}\n"))  # fmt: skip
+    assert specs.resolve_policy(s, {"gate_floor": 0.4}).floor == 0.4
+    with pytest.raises(specs.PolicyViolation):
+        specs.resolve_policy(s, {"gate_floor": 0.6})
+    assert specs.param_schema(s)["gate_floor"]["maximum"] == 0.5
+
+
+def test_the_cli_refuses_a_looser_flag_before_reading_anything(pipeline_home):
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--model", "card_fraud",
+                          "--batch", "file:///nonexistent/landing/x.parquet", "--floor", "0.5"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)})  # fmt: skip
+    assert out.returncode == 2 and "gate_floor=0.5 loosens the policy" in out.stderr
+    assert not (pipeline_home / "mlflow").exists()  # no run was even created
+
+
+# -- dataset-neutral: no column of any contract is named in pipeline/, dags/ or plugins/ --------
+
+
+def _contract_columns() -> set[str]:
+    names: set[str] = set()
+    for path in (ROOT / "models").glob("*/*.yaml"):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and "columns" in raw:
+            names |= {c["name"] for c in raw["columns"]}
+            names.add(raw["target"]["name"])
+    return names
+
+
+def _string_literals(path: Path) -> set[str]:
+    """Every string constant in the module (docstrings and f-string parts included)."""
+    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)}  # fmt: skip
+
+
+def test_no_dataset_column_is_named_in_the_code():
+    columns = _contract_columns()
+    assert {"channel", "is_fraud", "digit", "image_id"} <= columns  # both models' contracts read
+    generator = ROOT / "pipeline" / "data" / "generate.py"  # the reference-data generator
+    offenders = []
+    for folder in ("pipeline", "dags", "plugins"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path == generator:
+                continue
+            for text in _string_literals(path):
+                words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+                hit = sorted(words & columns)
+                if hit:
+                    offenders.append(f"{path.relative_to(ROOT)}: {hit} in {text[:60]!r}")
+    assert not offenders, "\n".join(offenders)
