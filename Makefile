@@ -60,7 +60,7 @@ bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same r
 	for m in benchmarks/[a-z]*.py; do echo "== $$m"; $(PY) -m benchmarks.$$(basename $$m .py) || exit 1; done
 
 lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check pipeline dags plugins tests scripts
+	$(VENV)/bin/ruff check pipeline dags plugins tests scripts benchmarks models
 
 typecheck: $(STAMP)  ## mypy on pipeline/
 	$(VENV)/bin/mypy

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from pipeline.metrics import classification_metrics
 from pipeline.train.features import FeatureSpec, labels, transform
-from torch import nn
-
 from pipeline.train.model import predict_proba
 
 

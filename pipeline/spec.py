@@ -327,7 +327,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     try:
         spec = ModelSpec.model_validate({**raw, "path": path})
     except ValidationError as exc:
-        raise SpecError("; ".join(_format_error(path, e) for e in exc.errors())) from None
+        raise SpecError("; ".join(_format_error(path, dict(e)) for e in exc.errors())) from None
     contract_path = spec.contract if spec.contract.is_absolute() else (path.parent / spec.contract)
     contract_path = contract_path.resolve()
     if not contract_path.is_file():

@@ -96,7 +96,6 @@ def ingest_batch(ctx: RunContext, batch_uri: str, policy: Policy | None = None) 
     landing prefix and allowed sources first, and ``policy`` (the run's, already resolved:
     a loosening was refused before this) is recorded on the run."""
     from pipeline.ingest import snapshot
-
     from pipeline.train.model import FactoryError, check_factory
 
     batch_uri = check_batch_source(batch_uri)
