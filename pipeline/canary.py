@@ -901,6 +901,10 @@ def _finish(version: str, run_id: str | None, rec: dict[str, Any], tags: dict[st
     from pipeline import registry
 
     registry.tag_version(version, tags)
+    if rec.get("verdict") in ("promoted", "rolled_back", "rolled_back_after_bake", "aborted"):
+        held = registry.alias_version(registry.CHALLENGER)  # decided: no longer a candidate
+        if held is not None and str(held.version) == str(version):
+            registry.delete_alias(registry.CHALLENGER)
     if run_id:
         try:
             registry.log_record(run_id, RECORD_KIND, rec)

@@ -54,8 +54,12 @@ def _policy(args: argparse.Namespace) -> Any:
     """The run's policy: the spec's, tightened by the flags given (a loosening is refused)."""
     from pipeline import steps
 
-    requested = {param: getattr(args, flag) for flag, param in _POLICY_FLAGS.items()
-                 if getattr(args, flag, None) not in (None, False)}  # fmt: skip
+    requested = {}
+    for flag, param in _POLICY_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None or value is False:  # not given (0 and 0.0 are values: `0.0 == False`)
+            continue
+        requested[param] = value
     return steps.run_policy(requested)
 
 

@@ -170,7 +170,7 @@ class EvaluationSpec(_Strict):
                             "storage root or a URI; None: trusted/<name>/eval.parquet")  # fmt: skip
 
 
-LOOSENABLE = ("gate.floor", "gate.margin", "gate.non_inferiority_margin", "gate.slices",
+LOOSENABLE = ("gate.floors", "gate.margin", "gate.non_inferiority_margin", "gate.slices",
               "gate.max_checkpoint_mb", "gate.max_latency_p95_ms", "gate.require_approval",
               "retrain.decay_margin", "canary.enabled", "evaluation.uri")  # fmt: skip
 
@@ -304,12 +304,30 @@ def _format_error(path: Path, err: dict[str, Any]) -> str:
     msg = err.get("msg", "invalid")
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        return f"{path}: unknown field {loc!r}: remove it or fix its spelling (see README, 'Model specs')"
+        known = _known_fields(err.get("loc", ()))
+        import difflib
+
+        close = difflib.get_close_matches(str(err.get("loc", ("",))[-1]), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return (f"{path}: unknown field {loc!r}: {hint}fields allowed here: {known} "
+                "(README, 'Model specs'; the schema is pipeline/spec.py)")
     if kind == "missing":
         return f"{path}: field {loc!r} is required"
     got = err.get("input")
     shown = repr(got) if not isinstance(got, dict) else "{…}"
     return f"{path}: field {loc!r} = {shown[:200]}: {msg}"
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the schema section that ``loc`` (an error location) points into."""
+    model: Any = ModelSpec
+    for part in loc[:-1]:
+        field_info = getattr(model, "model_fields", {}).get(part)
+        ann = getattr(field_info, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return [n for n in getattr(model, "model_fields", {}) if n != "path"]
 
 
 def load_spec(path: str | Path) -> ModelSpec:
@@ -476,7 +494,7 @@ class Knob:
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("gate_floor", "gate.floor", "up"),  # flipped for lower-is-better metrics
+    Knob("gate_floor", "gate.floors", "up"),  # the primary metric's; flipped for lower-is-better
     Knob("gate_margin", "gate.margin", "up"),
     Knob("gate_non_inferiority_margin", "gate.non_inferiority_margin", "none_or_down"),
     Knob("gate_slices", "gate.slices", "superset"),
@@ -526,7 +544,7 @@ class Policy:
 def spec_value(spec: ModelSpec, knob: Knob) -> Any:
     g = spec.gate
     return {
-        "gate.floor": spec.floors[spec.primary_metric], "gate.margin": g.margin,
+        "gate.floors": spec.floors[spec.primary_metric], "gate.margin": g.margin,
         "gate.non_inferiority_margin": g.non_inferiority_margin, "gate.slices": list(g.slices),
         "gate.max_checkpoint_mb": g.max_checkpoint_mb, "gate.max_latency_p95_ms": g.max_latency_p95_ms,
         "gate.require_approval": g.require_approval, "retrain.decay_margin": spec.retrain.decay_margin,
@@ -598,9 +616,9 @@ def resolve_policy(spec: ModelSpec, requested: dict[str, Any] | None = None) -> 
         used.append({"param": knob.param, "field": knob.field, "spec": spec_v, "run": run_v,
                      "kind": "tighten" if tighter else "loosen_allowed"})  # fmt: skip
     floors = dict(spec.floors)
-    floors[spec.primary_metric] = float(values["gate.floor"])
+    floors[spec.primary_metric] = float(values["gate.floors"])
     return Policy(
-        floor=float(values["gate.floor"]), floors=floors, margin=float(values["gate.margin"]),
+        floor=float(values["gate.floors"]), floors=floors, margin=float(values["gate.margin"]),
         improvement=spec.gate.improvement,
         non_inferiority_margin=values["gate.non_inferiority_margin"],
         slices=tuple(values["gate.slices"]), max_checkpoint_mb=values["gate.max_checkpoint_mb"],
@@ -646,7 +664,7 @@ def param_schema(spec: ModelSpec) -> dict[str, dict[str, Any]]:
         return fieldname in allow
 
     floor_bounds: dict[str, Any] = {}
-    if not loose("gate.floor"):
+    if not loose("gate.floors"):
         floor_bounds = {"minimum": floor} if d > 0 else {"maximum": floor}
     floor_bounds.setdefault("maximum" if d > 0 else "minimum", 1.0 if d > 0 else 0.0)
     budget = lambda v, f: {} if loose(f) or v is None else {"maximum": v}  # noqa: E731

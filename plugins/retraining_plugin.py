@@ -1,12 +1,19 @@
 """Airflow 3 plugin: MLflow buttons on task instances, and the "Retraining" view.
 
-Every task of the ``retrain_model`` DAG returns a small dict (XCom ``return_value``) holding
-``mlflow_run_id`` / ``mlflow_experiment_id`` once known, and the registry tasks add
-``model_name`` / ``model_version``. The links below turn that dict into MLflow UI URLs:
+There is one ``retrain_<name>`` DAG (and one ``rollback_<name>``) per model spec
+(``models/<name>/model.yaml``). Every task of a retrain DAG returns a small dict (XCom
+``return_value``) holding ``mlflow_run_id`` / ``mlflow_experiment_id`` once known, and the
+registry tasks add ``model_name`` / ``model_version``. The links below turn that dict into
+MLflow UI URLs:
 
 * **MLflow run** and **Model version** on every task. A task with no return value of its
   own (it failed, or was skipped) falls back to the run's ``ingest_batch`` (run) or
   ``register_challenger`` (version) record: all tasks of a DAG run share one MLflow run.
+* The registered model is the record's own ``model_name``. A record that names a version but
+  not the model (``promote_champion``'s; a rollback's ``to_version``) gets it from its spec:
+  the record's ``model`` (the spec name) or the DAG id (``retrain_<name>`` /
+  ``rollback_<name>``), through ``pipeline.spec`` (the spec's ``registered_model``); never
+  from a process-wide default, which would point one model's links at another's versions.
 * **Validation report** on ``validate_batch``, **Drift report** on ``detect_drift`` (not
   when there was no champion to compare against) and **Gradient snapshots** on
   ``train_model``: the run's artifact page at ``validation/report.html``,
@@ -26,17 +33,18 @@ How links are resolved in Airflow 3 (checked against apache-airflow-core 3.3.2):
 * Links registered as ``global_operator_extra_links`` are evaluated by the API server when the
   UI asks for a task instance's links (``SerializedBaseOperator.get_extra_links`` calls
   ``link.get_link(operator, ti_key=ti.key)`` in the API server process).
-* ``XCom.get_value`` from the Task SDK only works where a supervisor channel exists (task
+* ``XCom.get_value`` from the Task SDK only works where a supervisor connection exists (task
   runner, triggerer, DAG processor); in the API server it raises ``ImportError`` because
   ``SUPERVISOR_COMMS`` is unset. So the value is read with ``XCom.get_value`` when that
-  channel exists and from the metadata DB (``XComModel``) otherwise, the way core's own
+  connection exists and from the metadata DB (``XComModel``) otherwise, the way core's own
   ``XComOperatorLink`` does. The stored JSON is parsed with ``json.loads`` only; no
   deserializer that could instantiate classes from XCom data is used.
 * ``get_link`` never raises: the API server does not catch errors per link, and a global link
   is evaluated for every task, so one failure would break the links of every task page.
 
-Nothing heavy is imported here (no mlflow/torch/pandas): the module is loaded by every
-Airflow component. The UI base URL is read lazily from ``PIPELINE_MLFLOW_UI_URL``.
+Nothing heavy is imported here (no mlflow/torch/pandas, nor ``pipeline``: a spec is read only
+when a link needs a model's name): the module is loaded by every Airflow component. The UI
+base URL is read lazily from ``PIPELINE_MLFLOW_UI_URL``.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from airflow.plugins_manager import AirflowPlugin
@@ -75,6 +85,8 @@ __all__ = ["RetrainingPlugin", "mlflow_artifact_url", "mlflow_run_url", "mlflow_
 RETURN_VALUE_KEY = "return_value"
 RUN_SOURCE_TASK = "ingest_batch"  # creates the DAG run's MLflow run; every later task shares it
 VERSION_SOURCE_TASK = "register_challenger"  # creates the model version
+DAG_PREFIXES = ("retrain_", "rollback_")  # one DAG of each per model spec: <prefix><spec name>
+SPEC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # pipeline.spec.NAME_PATTERN
 
 
 class _Key(NamedTuple):
@@ -159,9 +171,52 @@ def run_record(ti_key: Any) -> Any:
     return _record_with(ti_key, ("mlflow_run_id", "mlflow_experiment_id"), RUN_SOURCE_TASK)
 
 
+def model_of_dag(dag_id: Any) -> str | None:
+    """The spec name of a per-model DAG: ``retrain_card_fraud`` -> ``card_fraud``."""
+    if not isinstance(dag_id, str):
+        return None
+    for prefix in DAG_PREFIXES:
+        if dag_id.startswith(prefix) and len(dag_id) > len(prefix):
+            return dag_id[len(prefix):]
+    return None
+
+
+def registered_model_name(dag_id: Any, model: str | None = None) -> str | None:
+    """The registered model of spec ``model`` (else of the DAG's spec), or None."""
+    name = model or model_of_dag(dag_id)
+    if not name or not SPEC_NAME.match(name):  # a spec name, never a path read from a record
+        return None
+    try:
+        from pipeline.spec import get_spec
+
+        return get_spec(name).model_name
+    except Exception:  # noqa: BLE001 - a link without a model beats a broken task page
+        log.warning("no model spec %r for DAG %s", name, dag_id, exc_info=True)
+        return None
+
+
+def _named_version(record: Any, dag_id: Any) -> Any:
+    """``record`` with ``model_name`` filled in from its spec when it names a version only."""
+    if not isinstance(record, Mapping):
+        return record
+    if not field(record, "model_version") and field(record, "to_version"):
+        record = {**record, "model_version": record["to_version"]}  # a rollback: now serving
+    if field(record, "model_version") and not field(record, "model_name"):
+        name = registered_model_name(dag_id, field(record, "model"))
+        if name:
+            record = {**record, "model_name": name}
+    return record
+
+
 def version_record(ti_key: Any) -> Any:
-    """A record naming the run's model version (own return value, else register_challenger's)."""
-    return _record_with(ti_key, ("model_name", "model_version"), VERSION_SOURCE_TASK)
+    """A record naming the run's model version (own return value, else register_challenger's);
+    the registered model is the record's, else that of the DAG's spec."""
+    dag_id = getattr(ti_key, "dag_id", None)
+    own = _named_version(fetch_return_value(ti_key), dag_id)
+    keys = ("model_name", "model_version")
+    if all(field(own, k) for k in keys) or getattr(ti_key, "task_id", None) == VERSION_SOURCE_TASK:
+        return own
+    return _named_version(fetch_return_value(sibling_key(ti_key, VERSION_SOURCE_TASK)), dag_id)
 
 
 class _SafeLink(BaseOperatorLink):

@@ -1,14 +1,24 @@
-"""The "Retraining" view: recent ``retrain_model`` runs and who serves, as one HTML page.
+"""The "Retraining" view: for every model spec, its recent runs and who serves, on one page.
 
 A FastAPI app that the Airflow API server mounts at ``/retraining`` (plugin ``fastapi_apps``).
-It reads and never writes: DAG runs from Airflow's metadata DB (the API server's own
-session), verdicts, metrics and aliases from MLflow through ``pipeline.registry.client()``.
-The page is server-side HTML with inline CSS and inline SVG sparklines: no script, no
-external asset, so it works offline and behind any proxy.
+It reads and never writes: the model specs (``pipeline.spec.discover()``: one section per good
+spec, the error text of each broken one), DAG runs of each ``retrain_<name>`` DAG from
+Airflow's metadata DB (the API server's own session), and verdicts, metrics and aliases from
+MLflow through ``pipeline.registry.client()`` — each model's own experiment
+(``retrain_<name>``) and registered model. The page is server-side HTML with inline CSS and
+inline SVG sparklines: no script, no external asset, so it works offline and behind any proxy.
+
+What a row shows comes from what ``pipeline/steps.py`` writes: the ``stage.<stage>.verdict`` /
+``.summary`` tags of the run, and the gate's tags on the version (``gate.metric``,
+``gate.margin``, ``gate.floor``, ``eval.<metric>``, ``policy.overrides``). The *Promotion*
+column is the ``promote_champion`` stage's verdict, which is also where a canary rollout
+(``steps.canary_rollout``) records its outcome (promoted, rolled_back,
+rolled_back_after_bake, paused, aborted; summary ``canary: …``), qualified by the version's
+``canary.*`` tags (status, step, weight reached) that ``pipeline.canary`` writes.
 
 Access follows Airflow's: the caller's Airflow JWT (``Authorization: Bearer`` or the UI's
-``_token`` cookie) must allow reading ``retrain_model`` runs; without one the browser is sent
-to Airflow's login page and comes back here.
+``_token`` cookie) is required (without one the browser is sent to Airflow's login page and
+comes back here), and a model is shown only to a user who may read runs of its DAG.
 
 Only ``fastapi`` is imported at module level (the API server has it loaded anyway); Airflow
 internals, ``pipeline`` and ``mlflow`` are imported inside the request.
@@ -17,10 +27,11 @@ internals, ``pipeline`` and ``mlflow`` are imported inside the request.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -32,25 +43,63 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/retraining"
-DAG_ID = "retrain_model"
 ALIASES = ("champion", "challenger", "canary", "previous_champion")
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+RUN_COLUMNS = 11
 
-# Verdict words written by pipeline/steps.py, grouped by how a reader should feel about them.
+# Verdict words written by pipeline/steps.py and pipeline/canary.py, grouped by how a reader
+# should feel about them.
 GOOD = {"pass", "ok", "no_drift", "trained", "intact", "registered", "promote", "promoted",
         "success", "skip", "no_reference"}  # fmt: skip
 BAD = {"reject", "rejected", "quarantined", "unreadable", "diverged", "failed", "conflict",
-       "rolled_back", "rollback", "upstream_failed"}  # fmt: skip
-WARN = {"drift", "train", "not_promoted", "running", "queued", "up_for_retry", "deferred"}
+       "rolled_back", "rolled_back_after_bake", "rollback", "upstream_failed"}  # fmt: skip
+WARN = {"drift", "train", "not_promoted", "running", "queued", "up_for_retry", "deferred",
+        "paused", "aborted"}  # fmt: skip
 
 
 # -- what the page shows -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the page needs from one spec (``pipeline.spec.ModelSpec``): names and policy."""
+
+    name: str
+    model_name: str
+    dag_id: str
+    rollback_dag_id: str = ""
+    experiment_name: str = ""
+    task: str = ""
+    primary_metric: str = ""
+    direction: int = 1
+    margin: float | None = None
+    improvement: str = "absolute"
+    floor: float | None = None
+    non_inferiority_margin: float | None = None
+    require_approval: bool = False
+    canary: bool = False
+    allowed_overrides: tuple[str, ...] = ()
+    description: str = ""
+    owner: str = ""
+
+
+def model_info(spec: Any) -> ModelInfo:
+    g = spec.gate
+    return ModelInfo(
+        name=spec.name, model_name=spec.model_name, dag_id=spec.retrain_dag_id,
+        rollback_dag_id=spec.rollback_dag_id, experiment_name=spec.experiment_name,
+        task=spec.task.type, primary_metric=spec.primary_metric, direction=spec.direction,
+        margin=g.margin, improvement=g.improvement, floor=spec.floors.get(spec.primary_metric),
+        non_inferiority_margin=g.non_inferiority_margin, require_approval=g.require_approval,
+        canary=spec.canary.enabled, allowed_overrides=tuple(spec.overrides.allow),
+        description=spec.description, owner=spec.owner,
+    )  # fmt: skip
+
+
 @dataclass
 class RunView:
-    """One row: a DAG run of retrain_model and what its MLflow run recorded."""
+    """One row: a DAG run of a model's retrain DAG and what its MLflow run recorded."""
 
     run_id: str
     state: str = ""
@@ -71,8 +120,11 @@ class RunView:
     gate: str = ""
     gate_detail: list[str] = field(default_factory=list)
     gate_summary: str = ""
-    canary: str = ""
-    canary_summary: str = ""
+    overrides: list[str] = field(default_factory=list)
+    promotion: str = ""
+    promotion_summary: str = ""
+    canary: bool = False  # promoted (or not) through a canary rollout
+    canary_detail: str = ""
     model_version: str = ""
     model_url: str = ""
     aliases: list[str] = field(default_factory=list)
@@ -88,17 +140,58 @@ class AliasView:
 
 
 @dataclass
-class PageData:
+class ModelSection:
+    """One model: its spec's names and policy, who serves, its recent runs."""
+
+    info: ModelInfo
     runs: list[RunView]
     aliases: list[AliasView]
-    model_name: str = ""
-    mlflow_ui: str = ""
+    airflow_url: str = ""
+    rollback_url: str = ""
     experiment_url: str = ""
+    model_url: str = ""
+    canary_weight: float | None = None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class BrokenSpec:
+    path: str
+    error: str
+
+    @property
+    def name(self) -> str:
+        """The model's folder name (what its spec name would default to)."""
+        parts = self.path.replace("\\", "/").rstrip("/").split("/")
+        return parts[-2] if len(parts) > 1 else self.path
+
+
+@dataclass
+class PageData:
+    models: list[ModelSection]
+    broken: list[BrokenSpec] = field(default_factory=list)
+    mlflow_ui: str = ""
+    problems: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)  # models whose DAG the user may not read
     seconds: float = 0.0
 
+    def model(self, name: str) -> ModelSection:
+        return next(m for m in self.models if m.name == name)
 
-# -- reading Airflow and MLflow ------------------------------------------------------------
+
+# -- reading specs, Airflow and MLflow -----------------------------------------------------
+
+
+def discover_models() -> tuple[list[Any], list[BrokenSpec]]:
+    """Every good spec, and each broken one's path and error text (``spec.discover``)."""
+    from pipeline.spec import discover
+
+    found = discover()
+    return list(found.specs), [BrokenSpec(str(path), msg) for path, msg in found.errors]
 
 
 def airflow_runs(dag_id: str, limit: int) -> list[dict[str, Any]]:
@@ -128,16 +221,17 @@ def _num(text: Any) -> float | None:
 def _fmt(text: Any, signed: bool = False) -> str:
     value = _num(text)
     if value is None:
-        return str(text or "")
+        return str(text if text is not None else "")
     return f"{value:+.4f}" if signed else f"{value:.4f}".rstrip("0").rstrip(".")
 
 
-def gate_detail(tags: Mapping[str, str]) -> list[str]:
+def gate_detail(tags: Mapping[str, str], metric: str = "metric") -> list[str]:
     """The gate's evidence in a few short lines, from a model version's gate tags:
-    ``roc_auc +0.0123 vs v3 (needs +0.005)``, ``95% CI [+0.0040, +0.0200]``, the reason."""
+    ``roc_auc +0.0123 vs v3 (needs +0.005)``, ``95% CI [+0.0040, +0.0200]``, the reason.
+    The metric is the one the gate judged on (``gate.metric``), else ``metric``."""
     champion = tags.get("gate.champion_version", "")
     diff, margin = tags.get("gate.difference"), tags.get("gate.margin")
-    metric = tags.get("gate.metric", "metric")
+    metric = tags.get("gate.metric") or metric
     lines = []
     if diff and champion and champion != "none":
         lines.append(f"{metric} {_fmt(diff, signed=True)} vs v{champion}"
@@ -156,24 +250,75 @@ def gate_detail(tags: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def mlflow_state(airflow_run_ids: Iterable[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per Airflow run id: the MLflow run's tags/ids, its grad-norm history, its version.
-    Also the experiment id, model name and the alias -> version table."""
+def overrides_text(raw: str | None) -> list[str]:
+    """``policy.overrides`` (a JSON list of ``{field, spec, run, kind}``, or ``none``) as short
+    lines: ``gate.margin 0.005 → 0.01 (tighter)``."""
+    if not raw or raw.strip() in ("none", "[]"):
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        return [raw[:200]]
+    if not isinstance(items, list):
+        return [str(items)[:200]]
+    out = []
+    for o in items:
+        if not isinstance(o, Mapping):
+            out.append(str(o)[:200])
+            continue
+        kind = {"tighten": "tighter", "loosen_allowed": "loosened, the spec allows it"}.get(
+            str(o.get("kind", "")), str(o.get("kind", "")))  # fmt: skip
+        what = o.get("field") or o.get("param") or "?"
+        out.append(f"{what} {o.get('spec')} → {o.get('run')}" + (f" ({kind})" if kind else ""))
+    return out
+
+
+def promotion_view(tags: Mapping[str, str], vtags: Mapping[str, str]) -> tuple[str, str, bool, str]:
+    """(verdict, summary, via canary, canary detail) of a run's promotion.
+
+    ``promote_champion`` writes its verdict on the run; on the canary path
+    (``steps.canary_rollout``) that verdict is the rollout's outcome and the summary starts
+    with ``canary:``. The version's ``canary.*`` tags (``pipeline.canary``) say how far it got,
+    and are fresher when the rollout went on outside the DAG run (``pipeline canary --resume``
+    / ``--abort`` after a pause) or is still running."""
+    verdict = tags.get("stage.promote_champion.verdict", "")
+    summary = tags.get("stage.promote_champion.summary", "")
+    status = vtags.get("canary.status", "")
+    canary = summary.startswith("canary:") or bool(status)
+    notes = []
+    if status and status != verdict and verdict in ("", "paused", "running"):
+        if verdict == "paused":
+            notes.append("was paused")
+        verdict = status
+        summary = vtags.get("canary.summary") or summary
+    if canary:
+        step, weight = vtags.get("canary.step"), _num(vtags.get("canary.weight_reached"))
+        if weight is not None and weight > 0:
+            notes.insert(0, f"reached {weight:.0%}" + (f" (step {int(float(step)) + 1})"
+                                                       if _num(step) is not None else ""))  # fmt: skip
+        if vtags.get("canary.reason"):
+            notes.append(vtags["canary.reason"])
+        if vtags.get("bake.verdict"):
+            notes.append(f"bake {vtags['bake.verdict']}")
+    return verdict, summary, canary, " · ".join(notes)
+
+
+def mlflow_state(info: ModelInfo, airflow_run_ids: Iterable[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """For one model: per Airflow run id, the MLflow run's tags/ids, its grad-norm history and
+    its version's tags; also the experiment id, the alias -> version table and canary weight."""
     from mlflow.exceptions import MlflowException
 
     from pipeline import registry
-    from pipeline.settings import get_settings
 
-    s = get_settings()
     c = registry.client()
     wanted = set(airflow_run_ids)
-    meta: dict[str, Any] = {"model_name": s.model_name, "experiment_id": None, "aliases": {}}
-    exp = c.get_experiment_by_name(s.experiment_name)
+    meta: dict[str, Any] = {"experiment_id": None, "aliases": {}, "canary_weight": None}
+    exp = c.get_experiment_by_name(info.experiment_name)
     found: dict[str, dict[str, Any]] = {}
-    if exp is not None:
+    if exp is not None and wanted:
         meta["experiment_id"] = exp.experiment_id
         runs = c.search_runs([exp.experiment_id],
-                             filter_string=f"tags.`airflow.dag_id` = '{DAG_ID}'",
+                             filter_string=f"tags.`airflow.dag_id` = '{info.dag_id}'",
                              order_by=["attributes.start_time DESC"],
                              max_results=max(len(wanted) * 2, 50))  # fmt: skip
         for r in runs:
@@ -188,31 +333,35 @@ def mlflow_state(airflow_run_ids: Iterable[str]) -> tuple[dict[str, dict[str, An
                 continue
             history = c.get_metric_history(rec["mlflow_run_id"], "train.grad_norm")
             rec["grad_norms"] = [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
-    versions: dict[str, Any] = {}
+    elif exp is not None:
+        meta["experiment_id"] = exp.experiment_id
     try:
-        for mv in c.search_model_versions(f"name = '{s.model_name}'", max_results=1000):
-            versions[str(mv.version)] = mv
+        rm = c.get_registered_model(info.model_name)
     except MlflowException:  # no registered model yet
-        pass
+        return found, meta
+    meta["canary_weight"] = _num(rm.tags.get("canary.weight")) if rm.tags else None
+    versions: dict[str, Any] = {}
+    for mv in c.search_model_versions(f"name = '{info.model_name}'", max_results=1000):
+        versions[str(mv.version)] = mv
     for rec in found.values():
         v = rec["tags"].get("model.version")
         if v and v in versions:
             rec["version_tags"] = dict(versions[v].tags)
-    for alias in ALIASES:
-        try:
-            mv = c.get_model_version_by_alias(s.model_name, alias)
-        except MlflowException:
+    for alias, v in (rm.aliases or {}).items():
+        if alias not in ALIASES:
             continue
-        meta["aliases"][alias] = {"version": str(mv.version), "tags": dict(mv.tags)}
+        mv = versions.get(str(v)) or c.get_model_version(info.model_name, str(v))
+        meta["aliases"][alias] = {"version": str(v), "tags": dict(mv.tags)}
     return found, meta
 
 
-def build_page(runs: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[str, Any]],
-               meta: Mapping[str, Any], *, airflow_base: str = "", mlflow_ui: str | None = None,
-               problems: Sequence[str] = ()) -> PageData:  # fmt: skip
-    """Join Airflow runs with their MLflow records into what the template shows. Pure."""
+def build_section(info: ModelInfo, runs: Sequence[Mapping[str, Any]],
+                  found: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any], *,
+                  airflow_base: str = "", mlflow_ui: str | None = None,
+                  problems: Sequence[str] = ()) -> ModelSection:  # fmt: skip
+    """Join one model's Airflow runs with their MLflow records into what the page shows. Pure."""
     ui = urls.mlflow_ui_url() if mlflow_ui is None else mlflow_ui.rstrip("/")
-    model_name = str(meta.get("model_name") or "")
+    metric = info.primary_metric or "metric"
     alias_by_version: dict[str, list[str]] = {}
     for alias, a in (meta.get("aliases") or {}).items():
         alias_by_version.setdefault(str(a.get("version")), []).append(alias)
@@ -224,11 +373,12 @@ def build_page(runs: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[st
         version = tags.get("model.version", "")
         ref = {"mlflow_run_id": rec.get("mlflow_run_id"),
                "mlflow_experiment_id": rec.get("mlflow_experiment_id"),
-               "model_name": model_name, "model_version": version}  # fmt: skip
+               "model_name": info.model_name, "model_version": version}  # fmt: skip
+        promotion, promotion_summary, canary, canary_detail = promotion_view(tags, vtags)
         views.append(RunView(
             run_id=r["run_id"], state=r.get("state", ""), run_after=r.get("run_after", ""),
             run_type=r.get("run_type", ""),
-            airflow_url=urls.airflow_run_path(DAG_ID, r["run_id"], airflow_base),
+            airflow_url=urls.airflow_run_path(info.dag_id, r["run_id"], airflow_base),
             mlflow_url=urls.mlflow_run_url(ref, ui), batch_uri=tags.get("data.batch_uri", ""),
             validation=tags.get("stage.validate_batch.verdict", "")
             or ("quarantined" if tags.get("stage.ingest_batch.verdict") == "quarantined" else ""),
@@ -242,10 +392,11 @@ def build_page(runs: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[st
             train_summary=tags.get("stage.train_model.summary", ""),
             grad_norms=[float(v) for v in rec.get("grad_norms") or []],
             gate=vtags.get("gate.verdict") or tags.get("stage.gate_promotion.verdict", ""),
-            gate_detail=gate_detail(vtags) if vtags else [],
+            gate_detail=gate_detail(vtags, metric) if vtags else [],
             gate_summary=tags.get("stage.gate_promotion.summary", ""),
-            canary=tags.get("stage.canary_rollout.verdict", ""),
-            canary_summary=tags.get("stage.canary_rollout.summary", ""),
+            overrides=overrides_text(vtags.get("policy.overrides") or tags.get("policy.overrides")),
+            promotion=promotion, promotion_summary=promotion_summary, canary=canary,
+            canary_detail=canary_detail,
             model_version=version, model_url=urls.model_version_url(ref, ui) if version else "",
             aliases=sorted(alias_by_version.get(version, [])) if version else [],
         ))  # fmt: skip
@@ -256,37 +407,68 @@ def build_page(runs: Sequence[Mapping[str, Any]], found: Mapping[str, Mapping[st
             alias_views.append(AliasView(alias))
             continue
         t = a.get("tags") or {}
+        m = t.get("gate.metric") or metric
+        over = overrides_text(t.get("policy.overrides"))
         detail = " · ".join(x for x in (
             f"gate {t['gate.verdict']}" if t.get("gate.verdict") else "",
-            f"roc_auc {_fmt(t['eval.roc_auc'])}" if t.get("eval.roc_auc") else "",
+            f"{m} {_fmt(t[f'eval.{m}'])}" if t.get(f"eval.{m}") else "",
+            f"canary {t['canary.status']}" if alias == "canary" and t.get("canary.status") else "",
+            f"{len(over)} override(s)" if over else "",
         ) if x)  # fmt: skip
         alias_views.append(AliasView(alias, a["version"], urls.model_version_url(
-            {"model_name": model_name, "model_version": a["version"]}, ui), detail,
+            {"model_name": info.model_name, "model_version": a["version"]}, ui), detail,
             run_id=t.get("airflow.run_id", "")))  # fmt: skip
     exp = meta.get("experiment_id")
-    return PageData(runs=views, aliases=alias_views, model_name=model_name, mlflow_ui=ui,
-                    experiment_url=f"{ui}/#/experiments/{quote(str(exp), safe='')}" if exp else "",
-                    problems=list(problems))  # fmt: skip
+    return ModelSection(
+        info=info, runs=views, aliases=alias_views,
+        airflow_url=f"{airflow_base}/dags/{quote(info.dag_id, safe='')}",
+        rollback_url=f"{airflow_base}/dags/{quote(info.rollback_dag_id, safe='')}" if info.rollback_dag_id else "",
+        experiment_url=f"{ui}/#/experiments/{quote(str(exp), safe='')}" if exp else "",
+        model_url=f"{ui}/#/models/{quote(info.model_name, safe='')}" if info.model_name else "",
+        canary_weight=meta.get("canary_weight"), problems=list(problems),
+    )  # fmt: skip
 
 
-def collect(limit: int, airflow_base: str = "") -> PageData:
-    """Read everything the page needs. A failing source becomes a problem line, not a 500."""
+def collect(limit: int, airflow_base: str = "",
+            may_read: Callable[[str], bool] | None = None) -> PageData:  # fmt: skip
+    """Read everything the page needs, model by model. A failing source becomes a problem line
+    (of the page, or of one model's section), never a 500; a broken spec is listed with its
+    error and the others are still shown. ``may_read(dag_id)``: whether the user may read that
+    DAG's runs (a model they may not is left out and named)."""
     t0 = time.perf_counter()
-    problems: list[str] = []
-    runs: list[dict[str, Any]] = []
-    found: dict[str, dict[str, Any]] = {}
-    meta: dict[str, Any] = {}
+    ui = urls.mlflow_ui_url()
+    page = PageData(models=[], mlflow_ui=ui)
     try:
-        runs = airflow_runs(DAG_ID, limit)
+        specs, page.broken = discover_models()
     except Exception as exc:  # noqa: BLE001 - show it on the page
-        log.warning("Retraining view: Airflow runs unavailable", exc_info=True)
-        problems.append(f"Airflow metadata DB: {type(exc).__name__}: {exc}")
-    try:
-        found, meta = mlflow_state(r["run_id"] for r in runs)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("Retraining view: MLflow unavailable", exc_info=True)
-        problems.append(f"MLflow ({urls.mlflow_ui_url()}): {type(exc).__name__}: {exc}")
-    page = build_page(runs, found, meta, airflow_base=airflow_base, problems=problems)
+        log.warning("Retraining view: model specs unreadable", exc_info=True)
+        specs = []
+        page.problems.append(f"Model specs: {type(exc).__name__}: {exc}")
+    for spec in specs:
+        try:
+            info = model_info(spec)
+        except Exception as exc:  # noqa: BLE001
+            page.broken.append(BrokenSpec(str(getattr(spec, "path", "?")), f"{type(exc).__name__}: {exc}"))
+            continue
+        if may_read is not None and not may_read(info.dag_id):
+            page.hidden.append(info.name)
+            continue
+        problems: list[str] = []
+        runs: list[dict[str, Any]] = []
+        found: dict[str, dict[str, Any]] = {}
+        meta: dict[str, Any] = {}
+        try:
+            runs = airflow_runs(info.dag_id, limit)
+        except Exception as exc:  # noqa: BLE001 - show it on the page
+            log.warning("Retraining view: Airflow runs of %s unavailable", info.dag_id, exc_info=True)
+            problems.append(f"Airflow metadata DB: {type(exc).__name__}: {exc}")
+        try:
+            found, meta = mlflow_state(info, [r["run_id"] for r in runs])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("Retraining view: MLflow unavailable for %s", info.name, exc_info=True)
+            problems.append(f"MLflow ({ui}): {type(exc).__name__}: {exc}")
+        page.models.append(build_section(info, runs, found, meta, airflow_base=airflow_base,
+                                         mlflow_ui=ui, problems=problems))  # fmt: skip
     page.seconds = time.perf_counter() - t0
     return page
 
@@ -351,7 +533,8 @@ CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
        background: var(--bg); margin: 0; padding: 20px 24px; }
 header { display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; margin-bottom: 12px; }
-h1 { font-size: 20px; margin: 0; } h2 { font-size: 15px; margin: 22px 0 8px; }
+h1 { font-size: 20px; margin: 0; } h2 { font-size: 17px; margin: 0; }
+h3 { font-size: 15px; margin: 18px 0 8px; }
 a { color: #1d4ed8; text-decoration: none; } a:hover { text-decoration: underline; }
 .muted { color: var(--muted); } .small { font-size: 12px; }
 table { border-collapse: collapse; width: 100%; }
@@ -372,76 +555,139 @@ tr:hover td { background: #f9fafb; }
 .alias .ver { font-size: 22px; font-weight: 700; }
 .problem { background: #fef2f2; border: 1px solid #fecaca; color: #991b1b; padding: 8px 12px;
            border-radius: 6px; margin: 8px 0; }
+.problem pre { white-space: pre-wrap; margin: 4px 0 0; font-size: 12px; }
 .spark { vertical-align: middle; margin-right: 6px; } .num { font-variant-numeric: tabular-nums; }
 td.nowrap { white-space: nowrap; } .run { font-weight: 600; }
 .detail { font-size: 12px; color: var(--muted); max-width: 320px; }
 code { font-size: 12px; background: #f3f4f6; padding: 0 4px; border-radius: 4px; }
+section.model { border-top: 2px solid var(--line); padding-top: 16px; margin-top: 22px; }
+.model-head { display: flex; align-items: baseline; gap: 14px; flex-wrap: wrap; }
+.policy { margin: 6px 0 0; }
+nav.models { display: flex; gap: 12px; flex-wrap: wrap; font-size: 13px; }
 """
 
 
-def render_page(page: PageData, *, airflow_base: str = "", limit: int = DEFAULT_LIMIT) -> str:
+def _policy_line(info: ModelInfo) -> str:
+    """The spec's gate policy in one line: the primary metric by name, its margin and floor."""
+    better = "higher" if info.direction >= 0 else "lower"
+    parts = [f"primary metric <code>{esc(info.primary_metric)}</code> ({better} is better)"]
+    if info.margin is not None:
+        parts.append(f"gate margin {esc(_fmt(info.margin))} ({esc(info.improvement)})")
+    if info.floor is not None:
+        parts.append(f"{'floor' if info.direction >= 0 else 'ceiling'} {esc(_fmt(info.floor))}")
+    if info.non_inferiority_margin is not None:
+        parts.append(f"non-inferiority within {esc(_fmt(info.non_inferiority_margin))}")
+    parts.append("approval required" if info.require_approval else "no approval step")
+    parts.append("canary on" if info.canary else "canary off")
+    parts.append("run overrides allowed: " + (", ".join(f"<code>{esc(o)}</code>" for o in info.allowed_overrides)
+                                              if info.allowed_overrides else "none"))  # fmt: skip
+    return " · ".join(parts)
+
+
+def _run_row(r: RunView) -> str:
+    version = ""
+    if r.model_version:
+        version = link(r.model_url, f"v{r.model_version}", new_tab=True, title="MLflow model version")
+        if r.aliases:
+            version += "<div class='small muted'>" + esc(", ".join(r.aliases)) + "</div>"
+    gate = badge(r.gate, r.gate_summary)
+    detail = list(r.gate_detail) + [f"override: {o}" for o in r.overrides]
+    if detail:
+        gate += f'<div class="detail">{"<br>".join(esc(x) for x in detail)}</div>'
+    promotion = badge(r.promotion, r.promotion_summary)
+    if r.canary:
+        promotion += ('<div class="detail">canary' + (f" · {esc(r.canary_detail)}" if r.canary_detail else "")
+                      + "</div>")  # fmt: skip
+    when = r.run_after.replace("T", " ").replace("+00:00", " UTC") or r.run_id
+    batch = r.batch_uri.rstrip("/").rsplit("/", 1)[-1]
+    return (
+        f'<tr data-run-id="{esc(r.run_id)}">'
+        f'<td><span class="run">{link(r.airflow_url, when, title=f"Airflow DAG run {r.run_id}")}</span>'
+        f'<div class="small muted">{esc(" · ".join(x for x in (r.run_type, batch) if x))}</div></td>'
+        f"<td>{badge(r.state)}</td>"
+        f"<td>{badge(r.validation, r.validation_summary)}</td>"
+        f"<td>{badge(r.drift, r.drift_summary)}</td>"
+        f"<td>{badge(r.decision, r.decision_summary)}</td>"
+        f'<td>{badge(r.stop_reason, r.train_summary) if r.stop_reason else badge("")}</td>'
+        f'<td class="nowrap">{sparkline(r.grad_norms)}</td>'
+        f'<td data-col="gate">{gate}</td>'
+        f'<td data-col="promotion">{promotion}</td>'
+        f'<td>{version or badge("")}</td>'
+        f'<td>{link(r.mlflow_url, "MLflow run", new_tab=True) if r.mlflow_url else badge("")}</td>'
+        "</tr>"
+    )  # fmt: skip
+
+
+def render_section(m: ModelSection) -> str:
+    info = m.info
     alias_cards = "".join(
         f'<div class="alias" data-alias="{esc(a.alias)}"><div class="name">{esc(a.alias)}</div>'
         f'<div class="ver">{link(a.url, "v" + a.version, new_tab=True) if a.version else "—"}</div>'
         f'<div class="small muted" title="{esc(a.run_id)}">{esc(a.detail) if a.version else "not set"}</div></div>'
-        for a in page.aliases
+        for a in m.aliases
     )  # fmt: skip
-    rows = []
-    for r in page.runs:
-        version = ""
-        if r.model_version:
-            version = link(r.model_url, f"v{r.model_version}", new_tab=True, title="MLflow model version")
-            if r.aliases:
-                version += "<div class='small muted'>" + esc(", ".join(r.aliases)) + "</div>"
-        gate = badge(r.gate, r.gate_summary)
-        if r.gate_detail:
-            gate += f'<div class="detail">{"<br>".join(esc(x) for x in r.gate_detail)}</div>'
-        when = r.run_after.replace("T", " ").replace("+00:00", " UTC") or r.run_id
-        batch = r.batch_uri.rstrip("/").rsplit("/", 1)[-1]
-        rows.append(
-            f'<tr data-run-id="{esc(r.run_id)}">'
-            f'<td><span class="run">{link(r.airflow_url, when, title=f"Airflow DAG run {r.run_id}")}</span>'
-            f'<div class="small muted">{esc(" · ".join(x for x in (r.run_type, batch) if x))}</div></td>'
-            f"<td>{badge(r.state)}</td>"
-            f"<td>{badge(r.validation, r.validation_summary)}</td>"
-            f"<td>{badge(r.drift, r.drift_summary)}</td>"
-            f"<td>{badge(r.decision, r.decision_summary)}</td>"
-            f'<td>{badge(r.stop_reason, r.train_summary) if r.stop_reason else badge("")}</td>'
-            f'<td class="nowrap">{sparkline(r.grad_norms)}</td>'
-            f"<td>{gate}</td>"
-            f"<td>{badge(r.canary, r.canary_summary)}</td>"
-            f'<td>{version or badge("")}</td>'
-            f'<td>{link(r.mlflow_url, "MLflow run", new_tab=True) if r.mlflow_url else badge("")}</td>'
-            "</tr>"
-        )  # fmt: skip
+    rows = [_run_row(r) for r in m.runs]
     if not rows:
-        rows.append('<tr><td colspan="11" class="muted">No runs of retrain_model yet: trigger it '
-                    f'from {link(f"{airflow_base}/dags/{DAG_ID}", "the DAG page")}.</td></tr>')  # fmt: skip
+        rows.append(f'<tr><td colspan="{RUN_COLUMNS}" class="muted">No runs of {esc(info.dag_id)} yet: '
+                    f'trigger it from {link(m.airflow_url, "the DAG page")}.</td></tr>')  # fmt: skip
+    problems = "".join(f'<div class="problem">{esc(p)}</div>' for p in m.problems)
+    weight = (f' · traffic to canary {m.canary_weight:.0%}' if m.canary_weight else "")
+    links = " · ".join(x for x in (
+        link(m.airflow_url, f"{info.dag_id} in Airflow"),
+        link(m.rollback_url, info.rollback_dag_id) if m.rollback_url else "",
+        link(m.experiment_url, "MLflow experiment", new_tab=True) if m.experiment_url else "",
+        ("registered model " + link(m.model_url, info.model_name, new_tab=True)) if m.model_url else "",
+    ) if x)  # fmt: skip
+    about = " · ".join(esc(x) for x in (info.task, info.description, f"owner {info.owner}" if info.owner else "") if x)
+    return f"""<section class="model" id="model-{esc(info.name)}" data-model="{esc(info.name)}"
+ data-registered-model="{esc(info.model_name)}" data-primary-metric="{esc(info.primary_metric)}">
+<div class="model-head"><h2>{esc(info.name)}</h2><span>{links}</span></div>
+<div class="small muted">{about}</div>
+<div class="small policy" data-policy>{_policy_line(info)}</div>
+{problems}
+<h3>Who serves <span class="small muted">{esc(info.model_name)}{esc(weight)}</span></h3>
+<div class="aliases">{alias_cards}</div>
+<h3>Recent runs</h3>
+<table>
+<thead><tr><th>DAG run</th><th>State</th><th>Validation</th><th>Drift</th><th>Retrain</th>
+<th>Stop reason</th><th>Grad norm / epoch</th><th>Gate ({esc(info.primary_metric)})</th>
+<th title="promote_champion's verdict; through a canary rollout when the run asked for one">Promotion / canary</th>
+<th>Version</th><th>MLflow</th></tr></thead>
+<tbody>
+{"".join(rows)}
+</tbody></table>
+</section>"""
+
+
+def render_page(page: PageData, *, airflow_base: str = "", limit: int = DEFAULT_LIMIT) -> str:
     problems = "".join(f'<div class="problem">{esc(p)}</div>' for p in page.problems)
-    model = link(f"{page.mlflow_ui}/#/models/{quote(page.model_name, safe='')}", page.model_name,
-                 new_tab=True) if page.model_name else ""  # fmt: skip
+    broken = "".join(
+        f'<div class="problem" data-broken-spec="{esc(b.name)}"><b>Broken model spec</b> '
+        f'<code title="{esc(b.path)}">{esc(b.name)}</code>: not shown; its DAGs do not load until '
+        f"it is fixed<pre>{esc(b.error)}</pre></div>"
+        for b in page.broken
+    )  # fmt: skip
+    hidden = (f'<div class="small muted">Not shown (you may not read their runs): '
+              f'{esc(", ".join(page.hidden))}</div>' if page.hidden else "")  # fmt: skip
+    nav = " ".join(f'<a href="#model-{esc(m.name)}">{esc(m.name)}</a>' for m in page.models)
+    sections = "".join(render_section(m) for m in page.models)
+    if not page.models and not page.broken and not page.problems:
+        sections = '<p class="muted">No model specs (models/&lt;name&gt;/model.yaml) found.</p>'
+    count = f"{len(page.models)} model{'' if len(page.models) == 1 else 's'}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Retraining · Airflow</title><style>{CSS}</style></head>
 <body>
 <header><h1>Retraining</h1>
-<span>{link(f"{airflow_base}/dags/{DAG_ID}", "retrain_model in Airflow")}</span>
-<span>{link(page.experiment_url, "MLflow experiment", new_tab=True) if page.experiment_url else ""}</span>
-<span>{("Registered model " + model) if model else ""}</span>
-<span class="muted small">last {limit} runs, read in {page.seconds:.2f}s; hover a verdict for its summary</span>
+<nav class="models">{nav}</nav>
+<span>{link(f"{airflow_base}/dags?tags=retraining", "DAGs in Airflow")}</span>
+<span class="muted small">{count}; last {limit} runs each, read in {page.seconds:.2f}s; hover a verdict for its summary</span>
 </header>
 {problems}
-<h2>Who serves</h2>
-<div class="aliases">{alias_cards}</div>
-<h2>Recent runs</h2>
-<table>
-<thead><tr><th>DAG run</th><th>State</th><th>Validation</th><th>Drift</th><th>Retrain</th>
-<th>Stop reason</th><th>Grad norm / epoch</th><th>Gate</th><th>Canary</th><th>Version</th>
-<th>MLflow</th></tr></thead>
-<tbody>
-{"".join(rows)}
-</tbody></table>
+{broken}
+{hidden}
+{sections}
 </body></html>
 """
 
@@ -457,8 +703,9 @@ ICON_SVG = (
 # -- the app -------------------------------------------------------------------------------
 
 
-async def authorize(request: Request) -> Response | None:
-    """None when the caller may read retrain_model runs; else a redirect to login or a 403."""
+async def authorize(request: Request) -> Response | Callable[[str], bool]:
+    """A redirect to login (no valid token) or an error page; else ``may_read(dag_id)``: whether
+    the caller may read that DAG's runs (evaluated per model while the page is collected)."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
     from airflow.api_fastapi.auth.managers.models.resource_details import (
@@ -479,13 +726,13 @@ async def authorize(request: Request) -> Response | None:
         base = request.scope.get("root_path", "")
         login = get_auth_manager().get_url_login(next_url=f"{base}/")
         return RedirectResponse(login, status_code=303)
-    allowed = get_auth_manager().is_authorized_dag(
-        method="GET", access_entity=DagAccessEntity.RUN, details=DagDetails(id=DAG_ID), user=user
-    )
-    if not allowed:
-        return HTMLResponse(f"<p>{esc(getattr(user, 'get_name', lambda: 'you')())} may not read "
-                            f"runs of {DAG_ID}.</p>", status_code=403)  # fmt: skip
-    return None
+    manager = get_auth_manager()
+
+    def may_read(dag_id: str) -> bool:
+        return bool(manager.is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN,
+                                              details=DagDetails(id=dag_id), user=user))  # fmt: skip
+
+    return may_read
 
 
 def create_app() -> FastAPI:
@@ -495,12 +742,12 @@ def create_app() -> FastAPI:
     async def retraining_page(request: Request, limit: int = DEFAULT_LIMIT) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        denied = await authorize(request)
-        if denied is not None:
-            return denied
+        access = await authorize(request)
+        if isinstance(access, Response):
+            return access
         limit = min(max(limit, 1), MAX_LIMIT)
         airflow_base = request.scope.get("root_path", "").removesuffix(URL_PREFIX)
-        page = await run_in_threadpool(collect, limit, airflow_base)
+        page = await run_in_threadpool(collect, limit, airflow_base, access)
         return HTMLResponse(render_page(page, airflow_base=airflow_base, limit=limit),
                             headers={"Cache-Control": "no-store"})  # fmt: skip
 

@@ -3,7 +3,8 @@
 Airflow standalone and the MLflow UI run on a fresh home holding one real DAG run (see
 ``ui_stack.py``). The user opens the Retraining view, is sent to log in and comes back; opens
 retrain_card_fraud's trigger form; submits a bad value and reads the refusal; submits a good one;
-finds the runs in the Retraining view; follows the run's "Model version" extra link to MLflow
+finds the runs in the Retraining view (one section per model spec: card_fraud with its runs,
+digits with none yet); follows the run's "Model version" extra link to MLflow
 and finds the version with its gate report. Each page is saved as a PNG under the test's tmp
 folder and copied to ``.local/screenshots/``.
 """
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 from cdp import Browser, Page, find_chromium
 from ui_stack import DAG_ID, ROOT, Stack, shared_stack
+
+MODEL = DAG_ID.removeprefix("retrain_")  # the spec whose DAG the stack ran: card_fraud
 
 pytestmark = [
     pytest.mark.browser,
@@ -141,18 +144,29 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         assert new["state"] == "queued"
         step("good value accepted")
 
-        # 6. the Retraining view: both runs, verdicts, sparkline, gate, aliases
+        # 6. the Retraining view: a section per model spec; this model's runs, verdicts,
+        #    sparkline, gate (named by the spec's metric), promotion and aliases
         page.goto(f"{af}/retraining/")
-        row = f"document.querySelector('tr[data-run-id=\"{seed}\"]')"
+        sec = f"document.querySelector('section[data-model={MODEL}]')"
+        row = f"{sec}.querySelector('tr[data-run-id=\"{seed}\"]')"
         page.wait_for(row, 30)
+        sections = page.eval("[...document.querySelectorAll('section.model')].map(s => s.dataset.model)")
+        assert MODEL in sections and "digits" in sections, sections
         cells = page.eval(f"[...{row}.querySelectorAll('td')].map(td => td.innerText.trim())")
         assert cells[1] == "success" and cells[2] == "pass" and cells[4] == "train", cells
         assert page.eval(f"!!{row}.querySelector('svg.spark polyline')"), "no gradient-norm sparkline"
         assert cells[7].split()[0] in ("promote", "reject"), cells
+        assert "roc_auc" in cells[7], cells  # the gate's evidence, in the spec's primary metric
+        assert cells[8].split()[0] == ("promoted" if cells[7].startswith("promote") else "not_promoted"), cells
         assert f"v{stack.seed_version}" in cells[9], cells
-        assert page.eval(f"!!document.querySelector('tr[data-run-id=\"{new['dag_run_id']}\"]')")
-        assert page.eval("document.querySelector('[data-alias=champion] .ver').innerText.trim()") in (
+        assert page.eval(f"!!{sec}.querySelector('tr[data-run-id=\"{new['dag_run_id']}\"]')")
+        assert page.eval(f"{sec}.querySelector('[data-alias=champion] .ver').innerText.trim()") in (
             f"v{stack.seed_version}", "—")  # fmt: skip
+        policy = {m: page.eval(f"document.querySelector('section[data-model={m}] [data-policy]').innerText")
+                  for m in (MODEL, "digits")}  # fmt: skip
+        assert "primary metric roc_auc" in policy[MODEL] and "primary metric accuracy" in policy["digits"], policy
+        digits = page.eval("document.querySelector('section[data-model=digits]').innerText")
+        assert "No runs of retrain_digits yet" in digits and "ROC AUC" not in page.text()
         shot("retraining-view", full_page=True)
         step("Retraining view")
 

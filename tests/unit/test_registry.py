@@ -134,7 +134,7 @@ def _policy(**requested):
     from pipeline import steps
 
     card = specs.get_spec("card_fraud")
-    loose = card.model_copy(update={"overrides": specs.OverridesSpec(allow=["gate.floor", "evaluation.uri"])})
+    loose = card.model_copy(update={"overrides": specs.OverridesSpec(allow=["gate.floors", "evaluation.uri"])})
     return steps.run_policy(requested, spec=loose)
 
 

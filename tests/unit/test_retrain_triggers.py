@@ -32,7 +32,8 @@ def decide(home: Path, name: str, spec: WorldSpec) -> tuple[dict, dict]:
 def champion(pipeline_home: Path) -> Path:
     """A first batch becomes the champion through the stages (few epochs, small data)."""
     ctx = steps.RunContext(dag_id="test", run_id="first", run_after=NOW)
-    eval_uri = land(pipeline_home, "eval", WorldSpec(rows=ROWS, seed=100))
+    storage.write_bytes((pipeline_home / "storage" / "trusted" / "card_fraud" / "eval.parquet").as_uri(),
+                        to_parquet_bytes(generate(WorldSpec(rows=ROWS, seed=100))))  # the spec's set  # fmt: skip
     ingested = steps.ingest_batch(ctx, land(pipeline_home, "first", WorldSpec(rows=ROWS, seed=1)))
     steps.validate_batch(ctx, ingested)
     first = steps.decide_retrain(ctx, steps.detect_drift(ctx, ingested))
@@ -41,8 +42,8 @@ def champion(pipeline_home: Path) -> Path:
     verified = steps.verify_checkpoint(ctx, trained)
     registered = steps.register_challenger(ctx, ingested, trained, verified)
     card = spec.get_spec("card_fraud")  # 3 epochs on small data may not clear the real floor
-    loose = card.model_copy(update={"overrides": spec.OverridesSpec(allow=["gate.floor", "evaluation.uri"])})
-    policy = steps.run_policy({"gate_floor": 0.6, "eval_uri": eval_uri}, spec=loose)
+    loose = card.model_copy(update={"overrides": spec.OverridesSpec(allow=["gate.floors"])})
+    policy = steps.run_policy({"gate_floor": 0.6}, spec=loose)
     gated = steps.gate_promotion(ctx, registered, policy=policy, resamples=200)
     steps.promote_champion(ctx, gated)
     assert registry.alias_version(registry.CHAMPION) is not None, gated.get("summary")

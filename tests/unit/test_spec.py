@@ -55,7 +55,7 @@ def test_the_smallest_spec_is_two_lines_and_everything_else_defaults(tmp_path):
     ("body", "module", "fragments"),
     [
         ("contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n", None,
-         ["unknown field", "gate.margn"]),
+         ["unknown field", "gate.margn", "did you mean 'margin'", "fields allowed here"]),
         ("task: binary\n", None, ["'contract' is required"]),
         ("contract: nowhere.yaml\ntask: binary\n", None, ["'contract'", "nowhere.yaml", "no file"]),
         ("contract: contract.yaml\ntask: regression\n", None, ["task", "'regression'", "binary", "multiclass"]),
@@ -211,12 +211,19 @@ def test_for_a_lower_is_better_metric_a_tighter_floor_is_lower(tmp_path):
     assert specs.param_schema(s)["gate_floor"]["maximum"] == 0.5
 
 
-def test_the_cli_refuses_a_looser_flag_before_reading_anything(pipeline_home):
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--floor", "0.5"], "gate_floor=0.5 loosens the policy"),
+     (["--floor", "0"], "gate_floor=0.0 loosens the policy"),  # 0 is a value, not "unset"
+     (["--margin", "0"], "gate_margin=0.0 loosens the policy"),
+     (["--max-epochs", "31"], "outside model 'card_fraud''s budget 1..30")],
+)  # fmt: skip
+def test_the_cli_refuses_a_looser_flag_before_reading_anything(pipeline_home, flags, says):
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--model", "card_fraud",
-                          "--batch", "file:///nonexistent/landing/x.parquet", "--floor", "0.5"],
+                          "--batch", "file:///nonexistent/landing/x.parquet", *flags],
                          capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)})  # fmt: skip
-    assert out.returncode == 2 and "gate_floor=0.5 loosens the policy" in out.stderr
+    assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
     assert not (pipeline_home / "mlflow").exists()  # no run was even created
 
 
