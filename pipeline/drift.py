@@ -97,6 +97,7 @@ class DriftReport:
     reference_positive_rate: float
     current_positive_rate: float
     target: str = ""
+    rate_label: str = "positive rate"  # multiclass: "share of class <c>" (the contract's positive label)
 
     def drifted_columns(self) -> list[str]:
         return [c.column for c in self.columns if c.drifted]
@@ -122,7 +123,7 @@ class DriftReport:
         if target is not None:
             state = "drifted" if target.drifted else "stable"
             text += (
-                f"; target {target.column} {state}, positive rate "
+                f"; target {target.column} {state}, {self.rate_label} "
                 f"{self.reference_positive_rate:.4f} -> {self.current_positive_rate:.4f}"
             )
         return text + f"; {self.reference_rows} reference vs {self.current_rows} current rows"
@@ -465,6 +466,7 @@ def detect_drift_sources(
         reference_positive_rate=_rate(ref_cat[plan.target], contract.positive_label),
         current_positive_rate=_rate(cur_cat[plan.target], contract.positive_label),
         target=plan.target,
+        rate_label="positive rate" if contract.num_classes == 2 else f"share of class {contract.positive_label}",
     )
     page = ""
     if html:
