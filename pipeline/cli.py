@@ -83,11 +83,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_land(args: argparse.Namespace) -> int:
-    from pipeline.land import land_batch
+    from pipeline.land import land_batch, land_eval
     from pipeline.spec import get_spec
 
-    rec = land_batch(get_spec(args.model), args.file, name=args.name, emit=not args.no_event,
-                     airflow_url=args.airflow_url)  # fmt: skip
+    spec = get_spec(args.model)
+    if args.as_eval:
+        rec = land_eval(spec, args.file)
+    else:
+        rec = land_batch(spec, args.file, name=args.name, emit=not args.no_event,
+                         airflow_url=args.airflow_url)  # fmt: skip
     _print(rec)
     return 0
 
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--name", default=None, help="object name in the landing prefix (default: "
                     "<date>/<sha256 prefix>-<file name>)")
     ld.add_argument("--no-event", action="store_true", help="copy only; emit no asset event")
+    ld.add_argument("--as-eval", action="store_true", help="put the file at the spec's trusted "
+                    "evaluation location instead (never a landing batch; no event)")  # fmt: skip
     ld.add_argument("--airflow-url", default=None, help="default: PIPELINE_AIRFLOW_API_URL")
     ld.set_defaults(func=cmd_land)
 

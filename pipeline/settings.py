@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     def storage_root(self) -> str:
         if self.storage_uri:
             return self.storage_uri.rstrip("/")
-        return (self.home_dir / "storage").as_uri()
+        return "file://" + str(self.home_dir / "storage")  # as pipeline.storage reads it back
 
     @property
     def tracking_uri(self) -> str:

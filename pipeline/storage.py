@@ -71,6 +71,12 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def file_uri(path: Path) -> str:
+    """``file://`` + the absolute path, as this module reads it back (no percent-encoding:
+    ``Path.as_uri`` would turn ``date=2026-03-05`` into ``date%3D2026-03-05``)."""
+    return "file://" + str(path)
+
+
 def norm(uri: str) -> str:
     """One spelling per object, for comparing locations: a local path or ``file:`` URI
     becomes ``file:///abs/path`` with symlinks resolved (a link out of a folder is not inside
@@ -85,7 +91,7 @@ def norm(uri: str) -> str:
     path = parsed.path if parsed.scheme else uri
     if not path.startswith("/"):
         raise UnsafePathError(f"location {uri!r} is not absolute")
-    return "file://" + str(Path(path).resolve())  # as storage spells it: not percent-encoded
+    return file_uri(Path(path).resolve())
 
 
 class _Backend(Protocol):
@@ -146,11 +152,11 @@ class _FileBackend:
     def list(self, prefix: str) -> list[str]:
         root = _local_path(prefix)
         if root.is_file():
-            return [root.as_uri()]
+            return [file_uri(root)]
         if not root.is_dir():
             return []
         return sorted(
-            p.as_uri()
+            file_uri(p)
             for p in root.rglob("*")
             if p.is_file() and not p.name.endswith(SIDECAR) and not p.name.startswith(".")
         )

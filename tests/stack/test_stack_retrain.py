@@ -1,4 +1,4 @@
-"""retrain_model end to end on real servers: triggered through Airflow's REST API (JWT), data
+"""retrain_card_fraud end to end on real servers: triggered through Airflow's REST API (JWT), data
 in S3 (moto), MLflow with basic-auth on PostgreSQL; the result read back through MLflow's REST
 API with credentials. Then: the scoring service, with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, loads that champion
 (signed safetensors checkpoint from S3, version from MLflow with credentials) and scores over
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from tests.stack.conftest import HOST, MODEL, free_port, http, spawn, stop, wait_for
+from tests.stack.conftest import DAG_ID, HOST, MODEL, free_port, http, spawn, stop, wait_for
 
 
 def test_trigger_retrain_run(retrain_triggered):
@@ -21,7 +21,7 @@ def test_trigger_retrain_run(retrain_triggered):
 
 
 def test_triggered_run_registers_a_champion_with_lineage(first_run, mlflow_server, s3):
-    print(f"\nretrain_model run {first_run['run_id']}: {first_run['seconds']:.0f}s")
+    print(f"\n{DAG_ID} run {first_run['run_id']}: {first_run['seconds']:.0f}s")
     assert first_run["states"]["train_model"] == "success"
     assert first_run["states"]["promote_champion"] == "success"
     status, out = mlflow_server.api("GET", f"registered-models/alias?name={MODEL}&alias=champion")
@@ -31,7 +31,7 @@ def test_triggered_run_registers_a_champion_with_lineage(first_run, mlflow_serve
     assert tags["data.batch_uri"] == first_run["batch"]
     assert tags["data.snapshot_uri"].startswith("s3://pipeline/data/snapshots/")
     assert len(tags["data.snapshot_sha256"]) == 64
-    assert tags["airflow.dag_id"] == "retrain_model"
+    assert tags["airflow.dag_id"] == DAG_ID
     assert tags["airflow.run_id"] == first_run["run_id"]
     assert tags["checkpoint.uri"].startswith("s3://pipeline/data/checkpoints/")
     assert len(tags["checkpoint.manifest_sha256"]) == 64

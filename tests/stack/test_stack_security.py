@@ -73,6 +73,6 @@ def test_unsafe_storage_paths_are_refused_before_any_request(part, s3, monkeypat
 
 def test_safe_storage_paths_still_join():
     assert storage.join("s3://b/data/", "snapshots", "ab12/data.parquet") == "s3://b/data/snapshots/ab12/data.parquet"
-    assert storage.join("file:///tmp/x", "reports", "retrain_model__manual__2026-01-01T00_00_00") == (
-        "file:///tmp/x/reports/retrain_model__manual__2026-01-01T00_00_00"
+    assert storage.join("file:///tmp/x", "reports", "retrain_card_fraud__manual__2026-01-01T00_00_00") == (
+        "file:///tmp/x/reports/retrain_card_fraud__manual__2026-01-01T00_00_00"
     )

@@ -1,0 +1,221 @@
+"""Land a batch for one model, and tell Airflow: ``python -m pipeline data land``.
+
+1. The file (a local path, ``file://`` or ``s3://`` URI) must be Parquet (its footer is read
+   with pyarrow); it is copied into ``<storage root>/<landing prefix>/<name>`` with
+   :func:`pipeline.storage.write_bytes`: atomic and never overwriting. The default name,
+   ``date=<UTC date>/<sha256[:12]>-<file name>``, makes landing the same file again a no-op
+   and keeps different bytes apart.
+2. Unless ``emit=False``, an event on the model's asset (``pipeline://models/<name>/batch``)
+   is created through Airflow's REST API v2, ``extra={"batch_uri", "model", "sha256"}``;
+   the model's ``retrain_<name>`` DAG runs once per event:
+
+   * ``POST {url}/auth/token`` ``{"username", "password"}`` -> ``access_token`` (simple auth
+     manager and FAB), unless ``PIPELINE_AIRFLOW_TOKEN`` is set;
+   * ``GET {url}/api/v2/assets?uri_pattern=<uri>`` -> the asset whose uri is exactly it;
+   * ``POST {url}/api/v2/assets/events`` ``{"asset_id", "extra"}``.
+
+   Each call has a 10 s timeout and up to 3 tries with backoff on connection errors and 5xx;
+   a 4xx is not retried and is reported with what it means.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from pipeline import storage
+from pipeline.errors import PipelineRejection
+from pipeline.settings import get_settings
+from pipeline.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0
+TRIES = 3
+BACKOFF_S = 0.5  # then 1.0: doubled after each failed try
+
+
+class LandingRejected(PipelineRejection):
+    """The file was not landed (not Parquet, an unsafe name, another object at its key)."""
+
+
+class AirflowAPIError(PipelineRejection):
+    """The batch was landed, but its asset event could not be created. Landing again is a
+    no-op for the file and tries the event again."""
+
+
+def _source_uri(file: str | Path) -> str:
+    text = str(file)
+    if "://" in text:
+        return text
+    return storage.file_uri(Path(text).expanduser().resolve())
+
+
+def _parquet_rows(data: bytes, where: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
+    except Exception as exc:  # noqa: BLE001 - any footer error means "not Parquet"
+        raise LandingRejected(f"{where} is not a readable Parquet file ({exc}); nothing was "
+                              "landed") from None  # fmt: skip
+
+
+def land_batch(spec: ModelSpec, file: str | Path, *, name: str | None = None, emit: bool = True,
+               airflow_url: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Copy ``file`` into ``spec``'s landing prefix and (``emit``) create its asset event.
+
+    Returns ``{"model", "uri", "sha256", "rows", "event"}``; ``event`` is
+    ``{"asset_id", "id", "timestamp"}`` of the created asset event, or None."""
+    src = _source_uri(file)
+    try:
+        data = storage.read_bytes(src)
+    except (storage.StorageError, OSError) as exc:
+        raise LandingRejected(f"cannot read {file}: {exc}") from None
+    rows = _parquet_rows(data, str(file))
+    digest = storage.sha256_bytes(data)
+    if name is None:
+        base = Path(urlparse(src).path).name or "batch.parquet"
+        name = f"date={datetime.now(UTC):%Y-%m-%d}/{digest[:12]}-{base}"
+    prefix = storage.join(get_settings().storage_root, spec.landing_prefix)
+    try:
+        uri = storage.join(prefix, name)
+        obj = storage.write_bytes(uri, data)
+    except storage.UnsafePathError as exc:
+        raise LandingRejected(f"--name {name!r}: {exc}; give a relative key under the landing "
+                              f"prefix {prefix}") from None  # fmt: skip
+    except storage.ObjectExistsError as exc:
+        raise LandingRejected(f"{exc}; nothing was landed") from None
+    event = None
+    if emit:
+        try:
+            event = emit_batch_event(spec, obj.uri, obj.sha256, airflow_url=airflow_url)
+        except AirflowAPIError as exc:
+            raise AirflowAPIError(f"the batch is landed at {obj.uri}, but no asset event was "
+                                  f"created: {exc}. Re-run the same command to send it (landing "
+                                  "the same bytes again is a no-op)") from exc  # fmt: skip
+    rec = {"model": spec.name, "uri": obj.uri, "sha256": obj.sha256, "rows": rows, "event": event}
+    log.info("landed %s (%d rows, sha256 %s) for model %s; asset event %s", obj.uri, rows,
+             obj.sha256[:12], spec.name, event["id"] if event else "not emitted")  # fmt: skip
+    return rec
+
+
+def land_eval(spec: ModelSpec, file: str | Path) -> dict[str, Any]:
+    """Put ``file`` at the spec's trusted evaluation location (``evaluation.uri``). Storage
+    never overwrites: a different set needs a new location, named in the spec (a reviewed
+    change), so a run's gate record always names the bytes it judged on."""
+    src = _source_uri(file)
+    try:
+        data = storage.read_bytes(src)
+    except (storage.StorageError, OSError) as exc:
+        raise LandingRejected(f"cannot read {file}: {exc}") from None
+    rows = _parquet_rows(data, str(file))
+    uri = get_settings().resolve(spec.eval_location)
+    try:
+        obj = storage.write_bytes(uri, data)
+    except storage.ObjectExistsError:
+        raise LandingRejected(f"model {spec.name!r} already has a trusted set at {uri} with other "
+                              "bytes; it is never overwritten: put the new set under a new name and "
+                              f"point evaluation.uri at it in {spec.path}") from None  # fmt: skip
+    log.info("trusted set for model %s at %s (%d rows, sha256 %s)", spec.name, obj.uri, rows, obj.sha256[:12])
+    return {"model": spec.name, "uri": obj.uri, "sha256": obj.sha256, "rows": rows, "event": None}
+
+
+# -- Airflow's REST API ----------------------------------------------------------------------
+
+
+def _request(client: httpx.Client, method: str, url: str, *, retry_timeouts: bool = True,
+             **kwargs: Any) -> httpx.Response:  # fmt: skip
+    """One call with up to TRIES tries on connection errors and 5xx; the last answer (a
+    4xx at once) is returned, a transport error after the last try raises AirflowAPIError.
+    ``retry_timeouts=False``: a request that may have reached the server (a read timeout)
+    is not sent again (a second asset event would start a second run)."""
+    retryable: tuple[type[Exception], ...] = (
+        (httpx.TransportError,) if retry_timeouts else (httpx.ConnectError, httpx.ConnectTimeout)
+    )
+    delay = BACKOFF_S
+    for attempt in range(1, TRIES + 1):
+        try:
+            resp = client.request(method, url, **kwargs)
+        except retryable as exc:
+            if attempt == TRIES:
+                raise AirflowAPIError(f"{method} {url}: {type(exc).__name__}: {exc} "
+                                      f"(after {TRIES} tries); is the Airflow API server up?") from None  # fmt: skip
+        except httpx.TransportError as exc:
+            raise AirflowAPIError(f"{method} {url}: {type(exc).__name__}: {exc}; not retried (the "
+                                  "request may have reached Airflow: check the asset's events "
+                                  "before landing again)") from None  # fmt: skip
+        else:
+            if resp.status_code < 500 or attempt == TRIES:
+                return resp
+            log.warning("%s %s: HTTP %d, try %d/%d", method, url, resp.status_code, attempt, TRIES)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _fail(resp: httpx.Response, what: str, hint: Callable[[int], str | None] = lambda _s: None) -> None:
+    if resp.is_success:
+        return
+    status = resp.status_code
+    detail = resp.text.strip().replace("\n", " ")[:300]
+    meaning = hint(status) or {
+        401: "not authenticated: check PIPELINE_AIRFLOW_USERNAME/PIPELINE_AIRFLOW_PASSWORD "
+             "(or PIPELINE_AIRFLOW_TOKEN: expired?)",
+        403: "forbidden: the Airflow user may not read assets or create asset events",
+    }.get(status, "server error" if status >= 500 else "request refused")  # fmt: skip
+    raise AirflowAPIError(f"{what}: {resp.request.method} {resp.request.url} answered HTTP {status}: "
+                          f"{meaning} ({detail})")  # fmt: skip
+
+
+def _token(client: httpx.Client, url: str) -> str:
+    s = get_settings()
+    if s.airflow_token is not None and s.airflow_token.get_secret_value():
+        return s.airflow_token.get_secret_value()
+    if not s.airflow_username or s.airflow_password is None:
+        raise AirflowAPIError(f"no credentials for the Airflow API at {url}: set "
+                              "PIPELINE_AIRFLOW_USERNAME and PIPELINE_AIRFLOW_PASSWORD, or "
+                              "PIPELINE_AIRFLOW_TOKEN (or pass --no-event)")  # fmt: skip
+    resp = _request(client, "POST", f"{url}/auth/token",
+                    json={"username": s.airflow_username,
+                          "password": s.airflow_password.get_secret_value()})  # fmt: skip
+    _fail(resp, "getting an Airflow access token", lambda st: (
+        f"credentials refused for user {s.airflow_username!r}: check PIPELINE_AIRFLOW_USERNAME/"
+        "PIPELINE_AIRFLOW_PASSWORD" if st in (400, 401, 403) else None))  # fmt: skip
+    token = resp.json().get("access_token")
+    if not isinstance(token, str) or not token:
+        raise AirflowAPIError(f"POST {url}/auth/token answered HTTP {resp.status_code} without an access_token")
+    return token
+
+
+def emit_batch_event(spec: ModelSpec, batch_uri: str, sha256: str, *,
+                     airflow_url: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Create the event on ``spec``'s batch asset; return ``{"asset_id", "id", "timestamp"}``."""
+    url = (airflow_url or get_settings().airflow_api_url).rstrip("/")
+    not_parsed = (f"no asset {spec.asset_uri} in Airflow at {url}: is the DAG {spec.retrain_dag_id} "
+                  f"for model {spec.name!r} parsed (Airflow's DAG list, import errors), and does "
+                  f"{spec.path} keep schedule.asset on?")  # fmt: skip
+    with httpx.Client(timeout=TIMEOUT_S) as client:
+        headers = {"Authorization": f"Bearer {_token(client, url)}"}
+        resp = _request(client, "GET", f"{url}/api/v2/assets", headers=headers,
+                        params={"uri_pattern": spec.asset_uri, "limit": 100})  # fmt: skip
+        _fail(resp, f"looking up asset {spec.asset_uri}")
+        # uri_pattern is a substring match (ILIKE, '_' a wildcard): keep the exact uri only
+        ids = [a["id"] for a in resp.json().get("assets", []) if a.get("uri") == spec.asset_uri]
+        if not ids:
+            raise AirflowAPIError(not_parsed)
+        body = {"asset_id": ids[0], "extra": {"batch_uri": batch_uri, "model": spec.name, "sha256": sha256}}
+        resp = _request(client, "POST", f"{url}/api/v2/assets/events", headers=headers, json=body,
+                        retry_timeouts=False)  # fmt: skip
+        _fail(resp, f"creating an event on asset {spec.asset_uri}",
+              lambda st: not_parsed if st == 404 else None)  # fmt: skip
+        out = resp.json()
+    return {"asset_id": out.get("asset_id", ids[0]), "id": out.get("id"), "timestamp": out.get("timestamp")}
