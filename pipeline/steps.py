@@ -609,6 +609,10 @@ def _version_tags(
         "train.device": trained.get("device", ""),
         "airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id,
         "code.version": m.get("code_version", ""),
+        "pipeline.model": active().name,
+        "model.factory": (m.get("model") or {}).get("factory", "pipeline.train.model:mlp"),
+        "model.kwargs": _short(json.dumps((m.get("model") or {}).get("kwargs", {}), sort_keys=True)),
+        "model.code_sha256": (m.get("model") or {}).get("code_sha256") or "built-in",
     }  # fmt: skip
 
 

@@ -107,3 +107,8 @@ def test_a_model_the_project_never_saw_gets_a_champion_then_a_better_one(airflow
     assert registry.alias_version(registry.CHAMPION) is None
     manifest = json.loads(storage.read_text(second.tags["checkpoint.uri"] + "/manifest.json"))
     assert manifest["model"]["factory"] == "net:build" and "model_code.py" in manifest["files"]
+    from pipeline.train.model import file_sha256
+
+    code_digest = file_sha256(specs.get_spec("digits").factory_module_file)
+    assert manifest["model"]["code_sha256"] == code_digest == second.tags["model.code_sha256"]
+    assert second.tags["model.factory"] == "net:build"

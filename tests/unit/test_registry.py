@@ -237,6 +237,11 @@ def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
     g0 = steps.gate_promotion(ctx0, reg0, policy=_policy(gate_floor=0.0, eval_uri=world["eval_uri"]),
                               resamples=200)  # fmt: skip
     assert g0["verdict"] == "promote" and g0["reason"] == "no_champion_floors_met"
+    # every override the run used is on the version, with the spec's value and the run's
+    used = json.loads(registry.client().get_model_version(_name(), reg0["model_version"]).tags["policy.overrides"])
+    assert {(o["param"], o["kind"]) for o in used} == {("gate_floor", "loosen_allowed"),
+                                                        ("eval_uri", "loosen_allowed")}  # fmt: skip
+    assert next(o for o in used if o["param"] == "gate_floor")["spec"] == 0.7
     assert steps.promote_champion(ctx0, g0)["verdict"] == "promoted"
 
     ctx1, reg1 = _register(world, 1)
