@@ -1,6 +1,6 @@
 """Roll the champion back: to ``previous_champion`` or a named version, recorded with who and why.
 
-Used by the ``rollback_model`` DAG (a human, from the trigger form), by the canary's bake
+Used by the ``rollback_<model>`` DAGs (a human, from the trigger form), by the canary's bake
 window (``who="canary-bake"``) and by ``python -m pipeline rollback --reason …``.
 
 Order of events, each step safe to retry:
@@ -55,7 +55,7 @@ def _check_args(reason: str, target_version: str | None) -> tuple[str, str | Non
 
 def rollback_champion(
     reason: str, *, target_version: str | None = None, who: str = "unknown",
-    expected_champion: str | None = None, run_key: str | None = None, source: str = "rollback_model",
+    expected_champion: str | None = None, run_key: str | None = None, source: str = "rollback_dag",
 ) -> dict[str, Any]:
     """Move ``champion`` back; returns the rollback record (also logged to MLflow).
 

@@ -88,7 +88,9 @@ def _eval_uri(policy: Policy) -> str:
 
 
 def quarantine_root(snapshot_sha: str) -> str:
-    return storage.join(get_settings().storage_root, "quarantine", snapshot_sha[:24])
+    """``quarantine/<model>/<sha>``: each model's rejections apart (one model's contract may
+    accept what another's rejects)."""
+    return storage.join(get_settings().storage_root, "quarantine", active().name, snapshot_sha[:24])
 
 
 def ingest_batch(ctx: RunContext, batch_uri: str, policy: Policy | None = None) -> dict[str, Any]:
@@ -247,13 +249,13 @@ def check_batch_source(uri: str, spec: ModelSpec | None = None) -> str:
 
 def _quarantine_index(source_uri: str) -> str:
     key = storage.sha256_bytes(source_uri.encode())[:24]
-    return storage.join(get_settings().storage_root, "quarantine", "by-source", f"{key}.json")
+    return storage.join(get_settings().storage_root, "quarantine", active().name, "by-source", f"{key}.json")
 
 
 def _ledger(ctx: RunContext, ingested: dict[str, Any], verdict: str, summary: str) -> dict[str, int]:
     """Count the batch once per content (``ledger/accepted|rejected/<sha256>.json``, written
     once) and return the totals."""
-    root = storage.join(get_settings().storage_root, "ledger")
+    root = storage.join(get_settings().storage_root, "ledger", active().name)
     folder = "accepted" if verdict == "pass" else "rejected"
     entry = {"sha256": ingested["sha256"], "source_uri": ingested["source_uri"],
              "snapshot_uri": ingested["uri"], "verdict": verdict, "first_run_key": ctx.run_key,

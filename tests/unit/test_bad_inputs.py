@@ -85,7 +85,7 @@ def reject(home: Path, name: str, data: bytes, *fragments: str) -> tuple[str, st
     assert report["success"] is False and report["failed"] >= 1
     assert storage.read_text(storage.join(root, "reason.txt")).strip() == report["summary"]
     assert storage.exists(storage.join(root, "validation.html"))
-    ledger = storage.list_uris(storage.join(storage.join(str(home.as_uri()), "storage"), "ledger", "rejected"))
+    ledger = storage.list_uris(storage.join(storage.join(str(home.as_uri()), "storage"), "ledger", "card_fraud", "rejected"))
     assert any(u.endswith(f"/{sha}.json") for u in ledger)
     return message, root
 
