@@ -41,7 +41,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the pinned, locked environment
 
-demo: $(STAMP)  ## run retrain_model for real on the embedded default, three batches
+demo: $(STAMP)  ## run both example models' DAGs for real on the embedded default (7 runs)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)  ## the whole suite: unit, DAG integrity, integration, stack (real Airflow, MLflow, PostgreSQL, S3)
