@@ -47,7 +47,7 @@ class Column:
 @dataclass(frozen=True)
 class DataContract:
     name: str
-    id_column: str
+    id_column: str | None  # None: rows have no id; the holdout split hashes each row's values
     time_column: str | None  # None: the data has no event time; time checks are skipped
     target: str
     target_values: tuple[int, ...]
@@ -80,7 +80,7 @@ class DataContract:
 
     @property
     def features(self) -> list[Column]:
-        skip = {self.id_column, self.target}
+        skip = {c for c in (self.id_column, self.target) if c is not None}
         if self.time_column is not None:
             skip.add(self.time_column)
         return [c for c in self.columns if c.name not in skip]
@@ -130,7 +130,7 @@ def load_contract(path: str | Path) -> DataContract:
             )
         contract = DataContract(
             name=raw["name"],
-            id_column=raw["id_column"],
+            id_column=raw.get("id_column"),
             time_column=raw.get("time_column"),
             target=raw["target"]["name"],
             target_values=tuple(raw["target"]["values"]),
@@ -150,8 +150,8 @@ def load_contract(path: str | Path) -> DataContract:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ContractError(f"{path}: malformed data contract, missing or bad field {exc}") from None
     names = contract.column_names
-    if not isinstance(contract.id_column, str) or not contract.id_column:
-        raise ContractError(f"{path}: id_column must name a column, got {contract.id_column!r}")
+    if contract.id_column is not None and (not isinstance(contract.id_column, str) or not contract.id_column):
+        raise ContractError(f"{path}: id_column must name a column or be left out, got {contract.id_column!r}")
     if contract.time_column is not None and (
         not isinstance(contract.time_column, str) or not contract.time_column
     ):

@@ -439,7 +439,7 @@ def train_model(
     from pipeline import checkpoint
     from pipeline.ingest import read_frame
     from pipeline.train import distributed
-    from pipeline.train.loop import TrainingDiverged, split_by_id, train
+    from pipeline.train.loop import TrainingDiverged, holdout_mask, train
     from pipeline.train.telemetry import MlflowRunSink
 
     cfg = train_config(max_epochs=max_epochs, learning_rate=learning_rate, seed=seed,
@@ -479,7 +479,7 @@ def train_model(
     for row in result.history:
         registry.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"},
                              prefix="train.", step=int(row["epoch"]))  # fmt: skip
-    probe = df[split_by_id(df[contract.id_column], cfg.val_fraction)].head(256)
+    probe = df[holdout_mask(df, contract, cfg.val_fraction)].head(256)
     training = {"config": cfg.to_dict(), "stop_reason": result.stop_reason, "steps": result.steps,
                 "best_epoch": result.best_epoch, "val_metrics": result.val_metrics,
                 "device": result.device, "precision": result.precision,

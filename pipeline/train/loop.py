@@ -67,7 +67,7 @@ from pipeline.train.stopping import (
 )
 from pipeline.train.telemetry import GradientTelemetry, TelemetrySink
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "split_by_id", "train", "iter_train",
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "split_by_id", "holdout_mask", "train", "iter_train",
            "default_stopper", "val_patience_stopper", "no_stopper"]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,17 @@ class TrainResult:
 def split_by_id(ids: pd.Series, val_fraction: float) -> np.ndarray:
     """Deterministic validation mask from a hash of the id (stable across reruns)."""
     h = pd.util.hash_pandas_object(ids.astype(str), index=False).to_numpy()
+    return (h % 10_000) < int(val_fraction * 10_000)
+
+
+def holdout_mask(df: pd.DataFrame, contract: DataContract, val_fraction: float) -> np.ndarray:
+    """The validation rows: by the id column's hash, or — a contract without one — by the
+    hash of each row's declared values (stable across reruns and row order; identical rows
+    fall on the same side, so a duplicate never leaks from training into validation)."""
+    if contract.id_column is not None:
+        return split_by_id(df[contract.id_column], val_fraction)
+    cols = [c for c in contract.column_names if c in df.columns]
+    h = pd.util.hash_pandas_object(df[cols].astype(str), index=False).to_numpy()
     return (h % 10_000) < int(val_fraction * 10_000)
 
 
@@ -324,7 +335,7 @@ def iter_train(
     if not ranks.main:
         sink = None  # rank 0 alone writes: tracking, telemetry, training states
     precision = resolve_precision(config.precision, device)
-    val_mask = split_by_id(df[contract.id_column], config.val_fraction)
+    val_mask = holdout_mask(df, contract, config.val_fraction)
     train_df, val_df = df[~val_mask], df[val_mask]
     spec = fit_features(train_df, contract)
     xtr_np, ytr_np = transform(train_df, spec), labels(train_df, spec)

@@ -85,6 +85,11 @@ def _set(doc: dict, column: str, **fields) -> dict:
     return doc
 
 
+def test_a_contract_without_an_id_column_loads(tmp_path: Path) -> None:
+    c = load_contract(write(tmp_path, {k: v for k, v in raw().items() if k != "id_column"}))
+    assert c.id_column is None and c.target not in [f.name for f in c.features]
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
@@ -108,10 +113,11 @@ def _set(doc: dict, column: str, **fields) -> dict:
         (lambda d: {**d, "time_column": "nope"}, "'nope' is named but not declared"),
         (lambda d: {**d, "time_column": "amount"}, "must be declared with type timestamp"),
         (lambda d: {**d, "time_column": ""}, "time_column must name a column"),
-        (lambda d: {**d, "id_column": None}, "id_column must name a column"),
+        (lambda d: {**d, "id_column": ""}, "id_column must name a column or be left out"),
+        (lambda d: {**d, "id_column": "nope"}, "'nope' is named but not declared"),
         (lambda d: {**d, "row_count": {"min": 10, "max": 5}}, "below min"),
         (lambda d: {**d, "target": {"name": "nope", "values": [0, 1]}}, "'nope' is named but not declared"),
-        (lambda d: {k: v for k, v in d.items() if k != "id_column"}, "missing or bad field"),
+        (lambda d: {k: v for k, v in d.items() if k != "target"}, "missing or bad field"),
     ],
 )  # fmt: skip
 def test_bad_contracts_are_refused(tmp_path: Path, mutate, match: str) -> None:

@@ -261,3 +261,57 @@ def test_no_dataset_column_is_named_in_the_code():
                 if hit:
                     offenders.append(f"{path.relative_to(ROOT)}: {hit} in {text[:60]!r}")
     assert not offenders, "\n".join(offenders)
+
+
+# -- a contract we never saw: no id column, no time column, 120 rows, 3 classes --------------------
+
+
+IRIS_CONTRACT = """
+name: iris
+target: {name: species, values: [0, 1, 2]}
+row_count: {min: 20}
+columns:
+  - {name: sepal_length, type: float, min: 0, max: 20}
+  - {name: sepal_width, type: float, min: 0, max: 20}
+  - {name: petal_length, type: float, min: 0, max: 20}
+  - {name: petal_width, type: float, min: 0, max: 20}
+  - {name: species, type: int, min: 0, max: 2}
+"""
+
+
+def test_iris_without_id_or_time_column_gets_its_first_champion(pipeline_home, tmp_path):
+    """The classic 3-class set of 120 rows: a legitimate feature separates one class
+    perfectly (univariate AUC 1.0), which the old leakage rule quarantined. Now: too few rows
+    to judge leakage without a champion, the strong features are named, and training splits
+    its holdout by row content (no id column)."""
+    from sklearn.datasets import load_iris
+
+    from pipeline import registry, steps, storage
+    from pipeline.ingest import parquet_bytes
+
+    folder = tmp_path / "iris"
+    folder.mkdir()
+    (folder / "contract.yaml").write_text(IRIS_CONTRACT)
+    (folder / "model.yaml").write_text("contract: contract.yaml\ntask: multiclass\n"
+                                       "training: {batch_size: 16, max_epochs: 40}\n")  # fmt: skip
+    iris = load_iris(as_frame=True).frame
+    iris.columns = ["sepal_length", "sepal_width", "petal_length", "petal_width", "species"]
+    shuffled = iris.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    root = (pipeline_home / "storage").as_uri()
+    batch = storage.write_bytes(f"{root}/landing/iris/b.parquet", parquet_bytes(shuffled.iloc[:120])).uri
+    storage.write_bytes(f"{root}/trusted/iris/eval.parquet", parquet_bytes(shuffled.iloc[120:]))
+    with specs.use_spec(specs.load_spec(folder / "model.yaml")):
+        ctx = steps.RunContext("test", "iris-1", "2026-03-01T00:00:00Z")
+        ing = steps.ingest_batch(ctx, batch)
+        validated = steps.validate_batch(ctx, ing)
+        assert validated["verdict"] == "pass"
+        assert "no time column" in validated["summary"] and "leakage check skipped" in validated["summary"]
+        assert "petal_length" in validated["summary"]  # named as close to the bar, not rejected
+        decision = steps.decide_retrain(ctx, steps.detect_drift(ctx, ing))
+        trained = steps.train_model(ctx, ing)
+        verified = steps.verify_checkpoint(ctx, trained)
+        gated = steps.gate_promotion(ctx, steps.register_challenger(ctx, ing, trained, verified))
+        promoted = steps.promote_champion(ctx, gated)
+        assert decision["verdict"] == "train" and promoted["verdict"] == "promoted", gated["summary"]
+        champ = registry.alias_version(registry.CHAMPION)
+        assert champ is not None and float(champ.tags["eval.accuracy"]) > 0.8
