@@ -187,7 +187,7 @@ def build_retrain_dag(spec):
         @task.short_circuit(ignore_downstream_trigger_rules=False)
         def approval_required(gated, params=None):
             """Ask a human only when the policy asks, and only about a version the gate passed."""
-            return bool(params["require_approval"]) and gated["verdict"] == "promote"
+            return _policy(path, params).require_approval and gated["verdict"] == "promote"
 
         # HITLOperator with Approve/Reject rather than ApprovalOperator: ApprovalOperator skips
         # promote_champion on Reject, and then nothing would record the human rejection.

@@ -160,6 +160,7 @@ def _record_out(args: argparse.Namespace, rec: dict[str, Any]) -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline import steps
     from pipeline.errors import PipelineRejection
+    from pipeline.spec import PolicyViolation
 
     _use_spec(args)
     policy = _policy(args)
@@ -191,6 +192,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     elif stage == "gate":
         rec = steps.gate_promotion(ctx, *ins, policy=policy)
     elif stage == "promote":
+        if policy.require_approval:
+            raise PolicyViolation("this model's policy requires a human approval before promotion; "
+                                  "approve it in Airflow (approve_promotion), which records who did")  # fmt: skip
         rec = steps.promote_champion(ctx, *ins)
     elif stage == "summary":
         rec = steps.publish_summary(ctx)
@@ -220,7 +224,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             verified = steps.verify_checkpoint(ctx, trained)
             reg = steps.register_challenger(ctx, ing, trained, verified)
             gated = steps.gate_promotion(ctx, reg, policy=policy)
-            if policy.canary:
+            if policy.require_approval and gated["verdict"] == "promote":
+                # the CLI has no one to ask: the version waits as challenger for a human
+                name = _use_spec(args).name
+                log.warning("v%s passed the gate; model %s requires approval: it stays challenger "
+                            "until approved (approve_promotion in Airflow's retrain_%s)",
+                            gated["model_version"], name, name)  # fmt: skip
+            elif policy.canary:
                 steps.canary_rollout(ctx, gated)
             else:
                 steps.promote_champion(ctx, gated)

@@ -315,3 +315,29 @@ def test_iris_without_id_or_time_column_gets_its_first_champion(pipeline_home, t
         assert decision["verdict"] == "train" and promoted["verdict"] == "promoted", gated["summary"]
         champ = registry.alias_version(registry.CHAMPION)
         assert champ is not None and float(champ.tags["eval.accuracy"]) > 0.8
+
+
+def test_a_cli_run_never_promotes_past_a_required_approval(pipeline_home, tmp_path):
+    """require_approval (spec or flag): the CLI has no one to ask, so the gated version stays
+    challenger; the promote stage refuses outright."""
+    from models.digits import data
+    from pipeline import registry, storage
+
+    root = (pipeline_home / "storage").as_uri()
+    files = data.write_batches(f"{root}/landing/digits", seed=0)
+    storage.write_bytes(f"{root}/trusted/digits/eval.parquet", storage.read_bytes(files["eval"]))
+    env = {**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--model", "digits", "--batch",
+                          files["batch-1"], "--run-id", "a1", "--require-approval", "--max-epochs", "20"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "requires approval: it stays challenger" in out.stderr
+    with specs.use_spec(specs.get_spec("digits")):
+        assert registry.alias_version(registry.CHAMPION) is None
+        assert registry.alias_version(registry.CHALLENGER) is not None
+    rec = tmp_path / "gated.json"
+    rec.write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--model", "digits", "--in", str(rec),
+                          "--require-approval"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=env)  # fmt: skip
+    assert out.returncode == 2 and "requires a human approval" in out.stderr
