@@ -642,6 +642,12 @@ def gate_promotion(
     resamples = resamples or pol.resamples
     run_id, version = registered["mlflow_run_id"], registered["model_version"]
     eval_uri = _eval_uri(pol)
+    if not storage.exists(eval_uri):  # deterministic: a retry cannot make the set appear
+        raise DataRejected(
+            f"model {model_spec.name!r} has no trusted evaluation set at {eval_uri}: the gate never "
+            "judges on a landing batch. Put one there: python -m pipeline data land --model "
+            f"{model_spec.name} --file eval.parquet --as-eval (evaluation.uri in {model_spec.path})"
+        )
     eval_df = read_frame(eval_uri)
     missing = [col for col in slices if col not in eval_df]
     if missing:  # the spec said slice on these: judging without them would be a silent pass

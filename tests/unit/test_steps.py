@@ -101,3 +101,12 @@ def test_summary_reads_verdicts_back_from_mlflow(batch):
     assert summary["stages"]["train_model"]["verdict"] == "not_run"
     assert summary["champion_version"] is None
     assert registry.client().get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_a_missing_trusted_set_fails_the_gate_at_once_saying_what_to_do(pipeline_home):
+    """Not retried as if transient, and never replaced by the landing batch."""
+    from pipeline.errors import DataRejected
+
+    with pytest.raises(DataRejected, match="no trusted evaluation set at .*trusted/card_fraud/eval.parquet"
+                       ".*data land --model card_fraud --file eval.parquet --as-eval"):  # fmt: skip
+        steps.gate_promotion(steps.RunContext("dag", "r"), {"mlflow_run_id": "x", "model_version": "1"})
