@@ -69,18 +69,23 @@ def _parquet_rows(data: bytes, where: str) -> int:
                               "landed") from None  # fmt: skip
 
 
+def _read_parquet(file: str | Path) -> tuple[str, bytes, int]:
+    """(source URI, bytes, rows) of a readable Parquet file; LandingRejected otherwise."""
+    src = _source_uri(file)
+    try:
+        data = storage.read_bytes(src)
+    except (storage.StorageError, OSError) as exc:
+        raise LandingRejected(f"cannot read {file}: {exc}") from None
+    return src, data, _parquet_rows(data, str(file))
+
+
 def land_batch(spec: ModelSpec, file: str | Path, *, name: str | None = None, emit: bool = True,
                airflow_url: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Copy ``file`` into ``spec``'s landing prefix and (``emit``) create its asset event.
 
     Returns ``{"model", "uri", "sha256", "rows", "event"}``; ``event`` is
     ``{"asset_id", "id", "timestamp"}`` of the created asset event, or None."""
-    src = _source_uri(file)
-    try:
-        data = storage.read_bytes(src)
-    except (storage.StorageError, OSError) as exc:
-        raise LandingRejected(f"cannot read {file}: {exc}") from None
-    rows = _parquet_rows(data, str(file))
+    src, data, rows = _read_parquet(file)
     digest = storage.sha256_bytes(data)
     if name is None:
         base = Path(urlparse(src).path).name or "batch.parquet"
@@ -112,12 +117,7 @@ def land_eval(spec: ModelSpec, file: str | Path) -> dict[str, Any]:
     """Put ``file`` at the spec's trusted evaluation location (``evaluation.uri``). Storage
     never overwrites: a different set needs a new location, named in the spec (a reviewed
     change), so a run's gate record always names the bytes it judged on."""
-    src = _source_uri(file)
-    try:
-        data = storage.read_bytes(src)
-    except (storage.StorageError, OSError) as exc:
-        raise LandingRejected(f"cannot read {file}: {exc}") from None
-    rows = _parquet_rows(data, str(file))
+    _, data, rows = _read_parquet(file)
     uri = get_settings().resolve(spec.eval_location)
     try:
         obj = storage.write_bytes(uri, data)
