@@ -36,12 +36,23 @@ PARSE = (
 
 
 def parse_seconds(models_root: Path, home: Path, repeats: int = 3) -> dict:
-    env = {**os.environ, "PIPELINE_MODELS_ROOT": str(models_root), "AIRFLOW_HOME": str(home),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PIPELINE_MODELS_ROOT": str(models_root),
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", PARSE.format(dags=str(ROOT / "dags"))], env=env,
-                             capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", PARSE.format(dags=str(ROOT / "dags"))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+            check=True,
+        )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["seconds"])
     return best
@@ -52,8 +63,11 @@ def make_root(tmp: Path, n: int) -> Path:
     for i in range(n):
         dest = root / f"model_{i:03d}"
         shutil.copytree(ROOT / "models" / "card_fraud", dest)
-        text = (dest / "model.yaml").read_text().replace("registered_model: card-fraud",
-                                                         f"registered_model: model-{i:03d}")  # fmt: skip
+        text = (
+            (dest / "model.yaml")
+            .read_text()
+            .replace("registered_model: card-fraud", f"registered_model: model-{i:03d}")
+        )
         (dest / "model.yaml").write_text(text)
     return root
 
@@ -94,7 +108,7 @@ def factory_overhead(epochs: int) -> dict:
         for _ in range(epochs):
             for i in range(0, len(x), 64):
                 opt.zero_grad()
-                loss_fn(model(x[i:i + 64]), y[i:i + 64]).backward()
+                loss_fn(model(x[i : i + 64]), y[i : i + 64]).backward()
                 opt.step()
                 steps += 1
         return (time.perf_counter() - t0) / steps
@@ -107,12 +121,18 @@ def factory_overhead(epochs: int) -> dict:
     t0 = time.perf_counter()
     via_factory()
     build_s = time.perf_counter() - t0
-    return {"step_ms_factory": min(a) * 1e3, "step_ms_direct": min(b) * 1e3,
-            "ratio_factory_vs_direct": min(a) / min(b), "factory_build_seconds_once": build_s}  # fmt: skip
+    return {
+        "step_ms_factory": min(a) * 1e3,
+        "step_ms_direct": min(b) * 1e3,
+        "ratio_factory_vs_direct": min(a) / min(b),
+        "factory_build_seconds_once": build_s,
+    }
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--many", type=int, default=20)
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
@@ -122,15 +142,23 @@ def main() -> int:
         many = parse_seconds(make_root(t, args.many), t / "afn")
     per_spec = (many["seconds"] - one["seconds"]) / (args.many - 1)
     result = {
-        "benchmark": "model_specs", "specs_many": args.many,
-        "parse_seconds_one": round(one["seconds"], 3), "parse_seconds_many": round(many["seconds"], 3),
-        "dags_one": one["dags"], "dags_many": many["dags"], "import_errors": one["errors"] + many["errors"],
+        "benchmark": "model_specs",
+        "specs_many": args.many,
+        "parse_seconds_one": round(one["seconds"], 3),
+        "parse_seconds_many": round(many["seconds"], 3),
+        "dags_one": one["dags"],
+        "dags_many": many["dags"],
+        "import_errors": one["errors"] + many["errors"],
         "parse_seconds_per_added_spec": round(per_spec, 4),
         "ratio_many_vs_one": round(many["seconds"] / one["seconds"], 3),
         **{k: round(v, 4) for k, v in factory_overhead(args.epochs).items()},
-    }  # fmt: skip
-    result["targets_met"] = bool(per_spec < 0.1 and result["ratio_factory_vs_direct"] <= 1.05
-                                 and result["import_errors"] == 0 and many["dags"] == 2 * args.many)  # fmt: skip
+    }
+    result["targets_met"] = bool(
+        per_spec < 0.1
+        and result["ratio_factory_vs_direct"] <= 1.05
+        and result["import_errors"] == 0
+        and many["dags"] == 2 * args.many
+    )
     print(json.dumps(result))
     return 0 if result["targets_met"] else 1
 

@@ -64,30 +64,53 @@ def main(argv: list[str] | None = None) -> int:
         holdout = generate(WorldSpec(rows=args.rows, seed=10_000 + seed))
         for name, kw in rules.items():
             t0 = time.perf_counter()
-            cfg = TrainConfig(max_epochs=args.epochs, seed=seed, telemetry=False, state_every=0, **kw)
+            cfg = TrainConfig(
+                max_epochs=args.epochs, seed=seed, telemetry=False, state_every=0, **kw
+            )
             r = train(df, contract, cfg)
             auc = evaluate_model(r.model, r.features, holdout)["roc_auc"]
             rows[name].append({"steps": r.steps, "auc": auc})
             reasons[name][r.stop_reason] += 1
-            print(f"seed {seed} {name:<13} steps {r.steps:>5} epochs {len(r.history):>3} "
-                  f"stop={r.stop_reason:<18} best_epoch {r.best_epoch:>3} holdout_auc {auc:.4f} "
-                  f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr)  # fmt: skip
+            print(
+                f"seed {seed} {name:<13} steps {r.steps:>5} epochs {len(r.history):>3} "
+                f"stop={r.stop_reason:<18} best_epoch {r.best_epoch:>3} holdout_auc {auc:.4f} "
+                f"({time.perf_counter() - t0:.1f}s)",
+                file=sys.stderr,
+            )
 
     def steps(name: str) -> int:
         return sum(int(x["steps"]) for x in rows[name])
 
     def auc_delta(base: str) -> float:
-        return statistics.mean(o["auc"] - b["auc"] for o, b in zip(rows["ours"], rows[base], strict=True))
+        return statistics.mean(
+            o["auc"] - b["auc"] for o, b in zip(rows["ours"], rows[base], strict=True)
+        )
 
-    print(json.dumps({"info": "plateau_stopping details", "seeds": args.seeds, "rows": args.rows,
-                      "steps": {k: steps(k) for k in rules},
-                      "mean_auc": {k: round(statistics.mean(x["auc"] for x in v), 4) for k, v in rows.items()},
-                      "stop_reasons": {k: dict(v) for k, v in reasons.items()}}))  # fmt: skip
-    print(json.dumps({"bench": "plateau_stopping",
-                      "steps_ratio_vs_fixed": round(steps("ours") / steps("fixed"), 4),
-                      "auc_delta_vs_fixed": round(auc_delta("fixed"), 4),
-                      "steps_ratio_vs_val_patience": round(steps("ours") / steps("val_patience"), 4),
-                      "auc_delta_vs_val_patience": round(auc_delta("val_patience"), 4)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "info": "plateau_stopping details",
+                "seeds": args.seeds,
+                "rows": args.rows,
+                "steps": {k: steps(k) for k in rules},
+                "mean_auc": {
+                    k: round(statistics.mean(x["auc"] for x in v), 4) for k, v in rows.items()
+                },
+                "stop_reasons": {k: dict(v) for k, v in reasons.items()},
+            }
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "plateau_stopping",
+                "steps_ratio_vs_fixed": round(steps("ours") / steps("fixed"), 4),
+                "auc_delta_vs_fixed": round(auc_delta("fixed"), 4),
+                "steps_ratio_vs_val_patience": round(steps("ours") / steps("val_patience"), 4),
+                "auc_delta_vs_val_patience": round(auc_delta("val_patience"), 4),
+            }
+        )
+    )
     return 0
 
 

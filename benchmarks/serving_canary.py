@@ -71,11 +71,15 @@ def serve_with_bare_route(port: int) -> None:
         rows = body if isinstance(body, list) else [body]
         df = pd.DataFrame.from_records(rows, columns=m.spec.input_columns)
         scores = score_model(m.model, m.spec, df)[:, m.positive_index]
-        return Response(json.dumps({"scores": scores.tolist()}).encode(), media_type="application/json")
+        return Response(
+            json.dumps({"scores": scores.tolist()}).encode(), media_type="application/json"
+        )
 
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -92,19 +96,30 @@ def _setup(home: Path) -> tuple[str, str]:
     settings.get_settings.cache_clear()
     registry.client.cache_clear()
     df = generate(WorldSpec(rows=5000, seed=11))
-    result = train(df, active().contract_obj(), TrainConfig(max_epochs=4, seed=1, batch_size=256,
-                                                       telemetry=False, state_every=0))  # fmt: skip
+    result = train(
+        df,
+        active().contract_obj(),
+        TrainConfig(max_epochs=4, seed=1, batch_size=256, telemetry=False, state_every=0),
+    )
     local = home / "ckpt"
-    checkpoint.save_checkpoint(local, result.model, result.features, df.head(64),
-                               data_snapshot={"uri": "bench", "sha256": "bench"},
-                               training={"stop_reason": result.stop_reason})  # fmt: skip
+    checkpoint.save_checkpoint(
+        local,
+        result.model,
+        result.features,
+        df.head(64),
+        data_snapshot={"uri": "bench", "sha256": "bench"},
+        training={"stop_reason": result.stop_reason},
+    )
     uri = storage.join(settings.get_settings().storage_root, "checkpoints", "bench")
     checkpoint.publish(local, uri)
     versions = []
     for i in (1, 2):
         run_id = registry.get_or_create_run(f"bench-{i}")
-        versions.append(registry.register_version(run_id, f"bench-{i}", uri, {"checkpoint.uri": uri},
-                                                  description="benchmark"))  # fmt: skip
+        versions.append(
+            registry.register_version(
+                run_id, f"bench-{i}", uri, {"checkpoint.uri": uri}, description="benchmark"
+            )
+        )
     registry.set_alias(registry.CHAMPION, versions[0])
     return versions[0], versions[1]
 
@@ -150,9 +165,14 @@ def _latency(url: str, rows: list[dict], pairs: int, warmup: int) -> dict:
             n += 64
         rows_per_s = n / (time.perf_counter() - t0)
     r, b = np.asarray(router), np.asarray(bare)
-    return {"router_p50_ms": float(np.percentile(r, 50)), "router_p99_ms": float(np.percentile(r, 99)),
-            "bare_p50_ms": float(np.percentile(b, 50)), "bare_p99_ms": float(np.percentile(b, 99)),
-            "pairs": pairs, "rows_per_s": rows_per_s}  # fmt: skip
+    return {
+        "router_p50_ms": float(np.percentile(r, 50)),
+        "router_p99_ms": float(np.percentile(r, 99)),
+        "bare_p50_ms": float(np.percentile(b, 50)),
+        "bare_p99_ms": float(np.percentile(b, 99)),
+        "pairs": pairs,
+        "rows_per_s": rows_per_s,
+    }
 
 
 def _rollback_time(url: str, champion: str, canary: str, traffic_rows) -> dict:  # noqa: ANN001
@@ -162,38 +182,60 @@ def _rollback_time(url: str, champion: str, canary: str, traffic_rows) -> dict: 
     from pipeline.serving import traffic
     from pipeline.serving.replay import ReplayConfig, prepare, replay
 
-    plan = CanaryPlan(steps=((0.25, 60.0), (0.5, 60.0), (1.0, 60.0)),
-                      analysis_interval_s=ANALYSIS_INTERVAL, bake_s=0, load_timeout_s=30,
-                      thresholds=CanaryThresholds(min_requests=20, min_requests_fail_fast=8,
-                                                  min_scores=100))  # fmt: skip
+    plan = CanaryPlan(
+        steps=((0.25, 60.0), (0.5, 60.0), (1.0, 60.0)),
+        analysis_interval_s=ANALYSIS_INTERVAL,
+        bake_s=0,
+        load_timeout_s=30,
+        thresholds=CanaryThresholds(min_requests=20, min_requests_fail_fast=8, min_scores=100),
+    )
     stop = threading.Event()
-    load = threading.Thread(target=replay, daemon=True, args=(
-        ReplayConfig(url=url, rate=80, duration_s=120, rows_per_request=8), prepare(traffic_rows, 8),
-        stop))  # fmt: skip
+    load = threading.Thread(
+        target=replay,
+        daemon=True,
+        args=(
+            ReplayConfig(url=url, rate=80, duration_s=120, rows_per_request=8),
+            prepare(traffic_rows, 8),
+            stop,
+        ),
+    )
     load.start()
     out: dict = {}
-    rollout = threading.Thread(target=lambda: out.update(run_canary_rollout(
-        canary, champion, plan=plan, service_url=url, run_key="bench")), daemon=True)  # fmt: skip
+    rollout = threading.Thread(
+        target=lambda: out.update(
+            run_canary_rollout(canary, champion, plan=plan, service_url=url, run_key="bench")
+        ),
+        daemon=True,
+    )
     rollout.start()
     # let the canary pass two measurements at 25 % first
     deadline = time.monotonic() + 60
     while traffic.canary_weight() != 0.25 and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(2.3 * ANALYSIS_INTERVAL)
-    httpx.post(url + "/admin/faults", json={"version": canary, "error_rate": 0.5}, timeout=5).raise_for_status()
+    httpx.post(
+        url + "/admin/faults", json={"version": canary, "error_rate": 0.5}, timeout=5
+    ).raise_for_status()
     t_fault = time.monotonic()
     registry_zero = service_zero = None
     while time.monotonic() - t_fault < 30 and (registry_zero is None or service_zero is None):
         if registry_zero is None and traffic.canary_weight() == 0.0:
             registry_zero = time.monotonic() - t_fault
-        if service_zero is None and httpx.get(url + "/readyz", timeout=5).json()["canary_weight"] == 0:
+        if (
+            service_zero is None
+            and httpx.get(url + "/readyz", timeout=5).json()["canary_weight"] == 0
+        ):
             service_zero = time.monotonic() - t_fault
         time.sleep(0.02)
     rollout.join(30)
     stop.set()
     load.join(30)
-    return {"rollback_seconds": registry_zero, "service_weight_zero_seconds": service_zero,
-            "canary_verdict": out.get("verdict"), "canary_reason": out.get("reason")}  # fmt: skip
+    return {
+        "rollback_seconds": registry_zero,
+        "service_weight_zero_seconds": service_zero,
+        "canary_verdict": out.get("verdict"),
+        "canary_reason": out.get("reason"),
+    }
 
 
 def main() -> int:
@@ -215,8 +257,13 @@ def main() -> int:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         log = (Path(tmp) / "serve.log").open("w")
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.serving_canary", "--serve", str(port)],
-                                cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.serving_canary", "--serve", str(port)],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             from pipeline import registry
             from pipeline.data.generate import WorldSpec, generate
@@ -251,11 +298,17 @@ def main() -> int:
         "p50_ratio": round(lat["router_p50_ms"] / lat["bare_p50_ms"], 4),
         "p99_ratio": round(lat["router_p99_ms"] / lat["bare_p99_ms"], 4),
         "rows_per_s": round(lat["rows_per_s"], 1),
-        "rollback_seconds": None if rb["rollback_seconds"] is None else round(rb["rollback_seconds"], 3),
+        "rollback_seconds": None
+        if rb["rollback_seconds"] is None
+        else round(rb["rollback_seconds"], 3),
         "analysis_interval_seconds": ANALYSIS_INTERVAL,
-        **{k: round(v, 3) if isinstance(v, float) else v for k, v in lat.items() if k != "rows_per_s"},
+        **{
+            k: round(v, 3) if isinstance(v, float) else v
+            for k, v in lat.items()
+            if k != "rows_per_s"
+        },
         **{k: v for k, v in rb.items() if k != "rollback_seconds"},
-    }  # fmt: skip
+    }
     print(json.dumps(result))
     return 0
 

@@ -65,16 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = client.create_experiment("overhead", artifact_location=(work / "artifacts").as_uri())
 
-    bare = TrainConfig(max_epochs=args.epochs, stopper=no_stopper(), telemetry=False,
-                       state_every=0, check_every=10**9)  # fmt: skip
-    instrumented = TrainConfig(max_epochs=args.epochs, stopper={**default_stopper(), "min_steps": 10**9})
+    bare = TrainConfig(
+        max_epochs=args.epochs,
+        stopper=no_stopper(),
+        telemetry=False,
+        state_every=0,
+        check_every=10**9,
+    )
+    instrumented = TrainConfig(
+        max_epochs=args.epochs, stopper={**default_stopper(), "min_steps": 10**9}
+    )
 
     def paired(i: int) -> dict[str, Any]:
         runs = {
             "bare": iter_train(df, contract, bare),
-            "inst": iter_train(df, contract, instrumented, state_dir=work / f"state-{i}",
-                               sink=MlflowRunSink(client, client.create_run(exp).info.run_id)),
-        }  # fmt: skip
+            "inst": iter_train(
+                df,
+                contract,
+                instrumented,
+                state_dir=work / f"state-{i}",
+                sink=MlflowRunSink(client, client.create_run(exp).info.run_id),
+            ),
+        }
         rows: dict[str, list[dict[str, float]]] = {"bare": [], "inst": []}
         results: dict[str, Any] = {}
         order = ["bare", "inst"] if i % 2 == 0 else ["inst", "bare"]
@@ -90,11 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = {}
         for k in ("bare", "inst"):
             r = results[k]
-            out[k] = {"cpu_s": sum(h["cpu_seconds"] for h in rows[k]), "wall_s": sum(h["seconds"] for h in rows[k]),
-                      "sender_cpu_s": sum(h["telemetry_cpu_seconds"] for h in rows[k]),
-                      "sender_total_cpu_s": r.telemetry.get("sender_cpu_s", 0.0) if r.telemetry else 0.0,
-                      "rows": r.train_rows * len(rows[k]), "steps": r.steps,
-                      "spilled": r.telemetry.get("spilled", 0) if r.telemetry else 0}  # fmt: skip
+            out[k] = {
+                "cpu_s": sum(h["cpu_seconds"] for h in rows[k]),
+                "wall_s": sum(h["seconds"] for h in rows[k]),
+                "sender_cpu_s": sum(h["telemetry_cpu_seconds"] for h in rows[k]),
+                "sender_total_cpu_s": r.telemetry.get("sender_cpu_s", 0.0) if r.telemetry else 0.0,
+                "rows": r.train_rows * len(rows[k]),
+                "steps": r.steps,
+                "spilled": r.telemetry.get("spilled", 0) if r.telemetry else 0,
+            }
         assert out["bare"]["steps"] == out["inst"]["steps"] and out["inst"]["spilled"] == 0, out
         out["ratio"] = (out["inst"]["cpu_s"] + out["inst"]["sender_cpu_s"]) / out["bare"]["cpu_s"]
         return out
@@ -104,30 +120,53 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.pairs):
         res = paired(i)
         pairs.append(res)
-        print(f"pair {i}: cpu bare {res['bare']['cpu_s']:.3f}s instrumented {res['inst']['cpu_s']:.3f}s "
-              f"+ sender {res['inst']['sender_cpu_s']:.3f}s  ratio {res['ratio']:.4f}  "
-              f"(wall ratio {res['inst']['wall_s'] / res['bare']['wall_s']:.3f})", file=sys.stderr)  # fmt: skip
+        print(
+            f"pair {i}: cpu bare {res['bare']['cpu_s']:.3f}s instrumented {res['inst']['cpu_s']:.3f}s "
+            f"+ sender {res['inst']['sender_cpu_s']:.3f}s  ratio {res['ratio']:.4f}  "
+            f"(wall ratio {res['inst']['wall_s'] / res['bare']['wall_s']:.3f})",
+            file=sys.stderr,
+        )
 
     def med(f):  # type: ignore[no-untyped-def]
         return statistics.median(f(p) for p in pairs)
 
     ratios = [p["ratio"] for p in pairs]
-    print(json.dumps({
-        "info": "training_overhead details", "steps_per_run": pairs[0]["bare"]["steps"],
-        "pairs": len(pairs), "torch_threads": args.threads, "ratio_min": round(min(ratios), 4),
-        "ratio_max": round(max(ratios), 4),
-        "ratio_basis": "step-loop CPU time of the training thread (+ telemetry sender CPU), "
-                       "epochs interleaved",
-        "wall_ratio_median": round(med(lambda p: p["inst"]["wall_s"] / p["bare"]["wall_s"]), 4),
-        "sender_cpu_s_median": round(med(lambda p: p["inst"]["sender_cpu_s"]), 4),
-        "sender_cpu_s_incl_end_of_run_median": round(med(lambda p: p["inst"]["sender_total_cpu_s"]), 4),
-        "check_every": instrumented.check_every, "eb_every": instrumented.eb_every,
-        "snapshot_every": instrumented.snapshot_every, "state_every": instrumented.state_every,
-    }))  # fmt: skip
-    print(json.dumps({"bench": "training_overhead", "ratio": round(statistics.median(ratios), 4),
-                      "rows_per_s": round(med(lambda p: p["inst"]["rows"] / p["inst"]["wall_s"]), 1),
-                      "bare_rows_per_s": round(med(lambda p: p["bare"]["rows"] / p["bare"]["wall_s"]), 1),
-                      "device": str(pick_device(instrumented.device))}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "info": "training_overhead details",
+                "steps_per_run": pairs[0]["bare"]["steps"],
+                "pairs": len(pairs),
+                "torch_threads": args.threads,
+                "ratio_min": round(min(ratios), 4),
+                "ratio_max": round(max(ratios), 4),
+                "ratio_basis": "step-loop CPU time of the training thread (+ telemetry sender CPU), "
+                "epochs interleaved",
+                "wall_ratio_median": round(
+                    med(lambda p: p["inst"]["wall_s"] / p["bare"]["wall_s"]), 4
+                ),
+                "sender_cpu_s_median": round(med(lambda p: p["inst"]["sender_cpu_s"]), 4),
+                "sender_cpu_s_incl_end_of_run_median": round(
+                    med(lambda p: p["inst"]["sender_total_cpu_s"]), 4
+                ),
+                "check_every": instrumented.check_every,
+                "eb_every": instrumented.eb_every,
+                "snapshot_every": instrumented.snapshot_every,
+                "state_every": instrumented.state_every,
+            }
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "training_overhead",
+                "ratio": round(statistics.median(ratios), 4),
+                "rows_per_s": round(med(lambda p: p["inst"]["rows"] / p["inst"]["wall_s"]), 1),
+                "bare_rows_per_s": round(med(lambda p: p["bare"]["rows"] / p["bare"]["wall_s"]), 1),
+                "device": str(pick_device(instrumented.device)),
+            }
+        )
+    )
     return 0
 
 

@@ -46,24 +46,40 @@ CATEGORICAL = [f"c{i:02d}" for i in range(12)]
 DRIFTED = {"f00", "f01", "f02", "f03", "c00", "c01"}
 NOW = "2026-06-01T00:00:00Z"
 ROW_GROUP = 500_000
-EVIDENTLY_NAMES = {"Wasserstein distance (normed)": "wasserstein", "Jensen-Shannon distance": "jensenshannon",
-                   "K-S p_value": "ks", "chi-square p_value": "chisquare", "Z-test p_value": "z",
-                   "PSI": "psi"}  # fmt: skip
+EVIDENTLY_NAMES = {
+    "Wasserstein distance (normed)": "wasserstein",
+    "Jensen-Shannon distance": "jensenshannon",
+    "K-S p_value": "ks",
+    "chi-square p_value": "chisquare",
+    "Z-test p_value": "z",
+    "PSI": "psi",
+}
 
 
 def bench_contract() -> Any:
     from pipeline.contract import Column, DataContract
 
-    cols = [Column("id", "string", unique=True), Column("ts", "timestamp"),
-            Column("label", "int", min=0, max=1)]  # fmt: skip
+    cols = [
+        Column("id", "string", unique=True),
+        Column("ts", "timestamp"),
+        Column("label", "int", min=0, max=1),
+    ]
     for i, name in enumerate(NUMERIC):
         kind = "int" if i % 4 == 3 else "float"
         cols.append(Column(name, kind, min=-1e9, max=1e9, nullable=True, max_null_fraction=0.05))
     for i, name in enumerate(CATEGORICAL):
         cols.append(Column(name, "category", categories=tuple(f"v{j}" for j in range(3 + i))))
-    return DataContract(name="bench", id_column="id", time_column="ts", target="label",
-                        target_values=(0, 1), positive_label=1, columns=tuple(cols),
-                        min_rows=1, max_rows=20_000_000)  # fmt: skip
+    return DataContract(
+        name="bench",
+        id_column="id",
+        time_column="ts",
+        target="label",
+        target_values=(0, 1),
+        positive_label=1,
+        columns=tuple(cols),
+        min_rows=1,
+        max_rows=20_000_000,
+    )
 
 
 def _chunk(rows: int, start: int, seed: int, drift: bool) -> Any:
@@ -73,14 +89,24 @@ def _chunk(rows: int, start: int, seed: int, drift: bool) -> Any:
 
     rng = np.random.default_rng([seed, start])
     arrays: dict[str, Any] = {}
-    digits = (np.arange(start, start + rows, dtype=np.int64)[:, None]
-              // 10 ** np.arange(11, -1, -1, dtype=np.int64)) % 10  # fmt: skip
-    data = np.concatenate([np.full((rows, 1), ord("r")), digits + ord("0")], axis=1).astype(np.uint8)
+    digits = (
+        np.arange(start, start + rows, dtype=np.int64)[:, None]
+        // 10 ** np.arange(11, -1, -1, dtype=np.int64)
+    ) % 10
+    data = np.concatenate([np.full((rows, 1), ord("r")), digits + ord("0")], axis=1).astype(
+        np.uint8
+    )
     offsets = np.arange(0, 13 * (rows + 1), 13, dtype=np.int32)
-    arrays["id"] = pa.StringArray.from_buffers(rows, pa.py_buffer(offsets), pa.py_buffer(data.tobytes()))
+    arrays["id"] = pa.StringArray.from_buffers(
+        rows, pa.py_buffer(offsets), pa.py_buffer(data.tobytes())
+    )
     t0 = 1_767_225_600_000_000  # 2026-01-01 in µs
-    arrays["ts"] = pa.array(t0 + rng.integers(0, 86_400_000_000 * 30, rows), pa.timestamp("us", tz="UTC"))
-    shift = {"f00": 0.5, "f01": 0.3, "f02": 0.25, "f03": 0.6, "f04": 0.03, "f05": 0.05} if drift else {}
+    arrays["ts"] = pa.array(
+        t0 + rng.integers(0, 86_400_000_000 * 30, rows), pa.timestamp("us", tz="UTC")
+    )
+    shift = (
+        {"f00": 0.5, "f01": 0.3, "f02": 0.25, "f03": 0.6, "f04": 0.03, "f05": 0.05} if drift else {}
+    )
     for i, name in enumerate(NUMERIC):
         s = shift.get(name, 0.0)
         kind = i % 4
@@ -100,7 +126,9 @@ def _chunk(rows: int, start: int, seed: int, drift: bool) -> Any:
         if drift and name in DRIFTED:
             p = p[::-1] ** 2
         codes = rng.choice(k, rows, p=p / p.sum()).astype(np.int32)
-        arrays[name] = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array([f"v{j}" for j in range(k)]))
+        arrays[name] = pa.DictionaryArray.from_arrays(
+            pa.array(codes), pa.array([f"v{j}" for j in range(k)])
+        )
     f0 = arrays["f00"].to_numpy(zero_copy_only=False)
     logit = 0.8 * (f0 - f0.mean()) - 2.5 + rng.normal(0, 1, rows)
     arrays["label"] = pa.array((logit > 0).astype(np.int64))
@@ -150,18 +178,24 @@ def phase_ours(folder: Path, current: str) -> dict[str, Any]:
     t, cpu = time.perf_counter(), time.process_time()
     report = validate_uri(str(folder / current), contract, now)
     t_validate = time.perf_counter() - t
-    drift, _ = detect_drift_uris(str(folder / "reference.parquet"), str(folder / current), contract,
-                                 html=False)  # fmt: skip
+    drift, _ = detect_drift_uris(
+        str(folder / "reference.parquet"), str(folder / current), contract, html=False
+    )
     seconds = time.perf_counter() - t
     return {
-        "seconds": seconds, "validate_seconds": t_validate, "drift_seconds": seconds - t_validate,
+        "seconds": seconds,
+        "validate_seconds": t_validate,
+        "drift_seconds": seconds - t_validate,
         "cpu_seconds": time.process_time() - cpu,
-        "peak_rss_gb": _rss_gb(), "valid": report.success, "rows": report.rows,
-        "validation_summary": report.summary()[:300], "drift_summary": drift.summary()[:400],
+        "peak_rss_gb": _rss_gb(),
+        "valid": report.success,
+        "rows": report.rows,
+        "validation_summary": report.summary()[:300],
+        "drift_summary": drift.summary()[:400],
         "verdicts": {c.column: c.drifted for c in drift.columns},
         "methods": {c.column: c.method for c in drift.columns},
         "inexact_scores": sum(not c.exact for c in drift.columns),
-    }  # fmt: skip
+    }
 
 
 def phase_evidently(folder: Path) -> dict[str, Any]:
@@ -176,9 +210,13 @@ def phase_evidently(folder: Path) -> dict[str, Any]:
     t, cpu = time.perf_counter(), time.process_time()
     verdicts, _ = evidently_verdicts(reference, current, contract)
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "peak_rss_gb": _rss_gb(),
-            "verdicts": {k: v.drifted for k, v in verdicts.items()},
-            "methods": {k: v.method for k, v in verdicts.items()}}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu,
+        "peak_rss_gb": _rss_gb(),
+        "verdicts": {k: v.drifted for k, v in verdicts.items()},
+        "methods": {k: v.method for k, v in verdicts.items()},
+    }
 
 
 def phase_html(folder: Path) -> dict[str, Any]:
@@ -187,25 +225,46 @@ def phase_html(folder: Path) -> dict[str, Any]:
     from pipeline.drift import detect_drift_uris
 
     t = time.perf_counter()
-    _, page = detect_drift_uris(str(folder / "reference.parquet"), str(folder / "current.parquet"),
-                                bench_contract(), html=True)  # fmt: skip
+    _, page = detect_drift_uris(
+        str(folder / "reference.parquet"),
+        str(folder / "current.parquet"),
+        bench_contract(),
+        html=True,
+    )
     return {"seconds": time.perf_counter() - t, "peak_rss_gb": _rss_gb(), "html_bytes": len(page)}
 
 
 def _child(phase: str, folder: Path, *args: str) -> dict[str, Any]:
     out = folder / f"{phase}.json"
-    cmd = [sys.executable, "-m", "benchmarks.validation_drift", "--phase", phase,
-           "--folder", str(folder), *args]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1],
-                   env={**os.environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.validation_drift",
+        "--phase",
+        phase,
+        "--folder",
+        str(folder),
+        *args,
+    ]
+    subprocess.run(
+        cmd,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     result = json.loads(out.read_text())
-    print(f"[{phase}] " + json.dumps({k: v for k, v in result.items()
-                                      if k not in ("verdicts", "methods")}), flush=True)  # fmt: skip
+    print(
+        f"[{phase}] "
+        + json.dumps({k: v for k, v in result.items() if k not in ("verdicts", "methods")}),
+        flush=True,
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--big-rows", type=int, default=10_000_000)
     p.add_argument("--skip-10m", action="store_true")
@@ -242,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = sorted(theirs["verdicts"])
     agree = sum(ours["verdicts"][c] == theirs["verdicts"][c] for c in columns) / len(columns)
     found = {c for c, d in ours["verdicts"].items() if d}
-    same_methods = all(ours["methods"][c] == EVIDENTLY_NAMES.get(theirs["methods"][c]) for c in columns)
-    print(f"drifted (ours): {sorted(found)}; planted: {sorted(DRIFTED)}; "
-          f"same methods as Evidently: {same_methods}; "
-          f"Evidently HTML on 20k-row samples: {html['seconds']:.2f}s")  # fmt: skip
+    same_methods = all(
+        ours["methods"][c] == EVIDENTLY_NAMES.get(theirs["methods"][c]) for c in columns
+    )
+    print(
+        f"drifted (ours): {sorted(found)}; planted: {sorted(DRIFTED)}; "
+        f"same methods as Evidently: {same_methods}; "
+        f"Evidently HTML on 20k-row samples: {html['seconds']:.2f}s"
+    )
     result = {
         "bench": "validation_drift",
         "rows_1m": args.rows,

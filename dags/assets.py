@@ -13,8 +13,11 @@ from airflow.sdk import Asset
 
 
 def batch_asset(spec: Any) -> Asset:
-    return Asset(name=f"{spec.name}_batch", uri=spec.asset_uri,
-                 extra={"description": f"a new batch landed for model {spec.name}"})  # fmt: skip
+    return Asset(
+        name=f"{spec.name}_batch",
+        uri=spec.asset_uri,
+        extra={"description": f"a new batch landed for model {spec.name}"},
+    )
 
 
 def champion_asset(spec: Any) -> Asset:

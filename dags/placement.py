@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("auto", "inprocess", "celery", "kubernetes")
-DEFAULT_POD_TEMPLATE = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "training-pod-template.yaml"
+DEFAULT_POD_TEMPLATE = (
+    Path(__file__).resolve().parents[1] / "infra" / "k8s" / "training-pod-template.yaml"
+)
 
 
 def _executor() -> str:
@@ -50,7 +52,11 @@ def uses_kubernetes(executor: str | None = None) -> bool:
 
 
 def execution_mode(mode: str | None = None) -> str:
-    value = (mode if mode is not None else os.environ.get("PIPELINE_EXECUTION_MODE", "")).strip().lower()
+    value = (
+        (mode if mode is not None else os.environ.get("PIPELINE_EXECUTION_MODE", ""))
+        .strip()
+        .lower()
+    )
     value = value or "auto"
     if value not in MODES:
         raise ValueError(f"PIPELINE_EXECUTION_MODE={value!r}: use one of {', '.join(MODES)}")
@@ -69,12 +75,24 @@ def gpu_pod_override() -> Any:
     try:
         from kubernetes.client import models as k8s
     except ImportError:
-        return {"spec": {"containers": [{"name": "base", "resources": resources, "env": env}],
-                         "tolerations": [toleration]}}  # fmt: skip
-    return k8s.V1Pod(spec=k8s.V1PodSpec(
-        containers=[k8s.V1Container(name="base", resources=k8s.V1ResourceRequirements(**resources),
-                                    env=[k8s.V1EnvVar(**e) for e in env])],
-        tolerations=[k8s.V1Toleration(**toleration)]))  # fmt: skip
+        return {
+            "spec": {
+                "containers": [{"name": "base", "resources": resources, "env": env}],
+                "tolerations": [toleration],
+            }
+        }
+    return k8s.V1Pod(
+        spec=k8s.V1PodSpec(
+            containers=[
+                k8s.V1Container(
+                    name="base",
+                    resources=k8s.V1ResourceRequirements(**resources),
+                    env=[k8s.V1EnvVar(**e) for e in env],
+                )
+            ],
+            tolerations=[k8s.V1Toleration(**toleration)],
+        )
+    )
 
 
 def train_task_kwargs(executor: str | None = None, mode: str | None = None) -> dict[str, Any]:
@@ -86,7 +104,10 @@ def train_task_kwargs(executor: str | None = None, mode: str | None = None) -> d
         kwargs["queue"] = os.environ.get("PIPELINE_GPU_QUEUE", "gpu")
     elif mode == "kubernetes":
         template = os.environ.get("PIPELINE_K8S_POD_TEMPLATE_FILE", str(DEFAULT_POD_TEMPLATE))
-        kwargs["executor_config"] = {"pod_template_file": template, "pod_override": gpu_pod_override()}
+        kwargs["executor_config"] = {
+            "pod_template_file": template,
+            "pod_override": gpu_pod_override(),
+        }
         if uses_kubernetes(executor):  # naming an executor that is not configured fails parsing
             kwargs["executor"] = "KubernetesExecutor"
     return kwargs

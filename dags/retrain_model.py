@@ -50,7 +50,9 @@ from placement import train_task_kwargs
 from specs import POLICY_PARAMS, good_specs, policy_request
 
 RETRY = {"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"}
-TRAIN_TASK = train_task_kwargs()  # pool "gpu"; queue "gpu" only under Celery (a bad mode fails here)
+TRAIN_TASK = (
+    train_task_kwargs()
+)  # pool "gpu"; queue "gpu" only under Celery (a bad mode fails here)
 
 
 def _ctx():
@@ -93,8 +95,7 @@ def _policy(spec_path: str, params: dict[str, Any]):
 
 def _schedule(spec):
     asset = batch_asset(spec) if spec.schedule.asset else None
-    cron = (CronTriggerTimetable(spec.schedule.cron, timezone="UTC") if spec.schedule.cron
-            else None)  # fmt: skip
+    cron = CronTriggerTimetable(spec.schedule.cron, timezone="UTC") if spec.schedule.cron else None
     if asset is not None and cron is not None:
         return AssetOrTimeSchedule(timetable=cron, assets=asset)
     return cron or ([asset] if asset is not None else None)
@@ -104,13 +105,18 @@ def build_retrain_dag(spec):
     schema = POLICY_PARAMS(spec)
     path = str(spec.path)
     params = {
-        "batch_uri": Param(None, type=["null", "string"], title="Batch URI", maxLength=2048,
-                           pattern=r"^(|file://\S+|s3://\S+|/\S+)$",
-                           description=f"Parquet batch under the landing prefix `{spec.landing_prefix}` "
-                           "(or a source the spec allows). Empty: the triggering asset event, else "
-                           "the run date's landing folder."),
+        "batch_uri": Param(
+            None,
+            type=["null", "string"],
+            title="Batch URI",
+            maxLength=2048,
+            pattern=r"^(|file://\S+|s3://\S+|/\S+)$",
+            description=f"Parquet batch under the landing prefix `{spec.landing_prefix}` "
+            "(or a source the spec allows). Empty: the triggering asset event, else "
+            "the run date's landing folder.",
+        ),
         **{name: Param(**kw) for name, kw in schema.items()},
-    }  # fmt: skip
+    }
 
     @dag(
         dag_id=spec.retrain_dag_id,
@@ -132,8 +138,12 @@ def build_retrain_dag(spec):
 
             policy = _policy(path, params)  # a loosening is refused before any data is read
             extras = [e.extra for evs in (triggering_asset_events or {}).values() for e in evs]
-            uri = _run(path, lambda _c: steps.resolve_batch_uri(params["batch_uri"], extras,
-                                                                  dag_run.run_after.isoformat()))  # fmt: skip
+            uri = _run(
+                path,
+                lambda _c: steps.resolve_batch_uri(
+                    params["batch_uri"], extras, dag_run.run_after.isoformat()
+                ),
+            )
             return _run(path, steps.ingest_batch, uri, policy=policy)
 
         @task
@@ -152,10 +162,17 @@ def build_retrain_dag(spec):
         def decide_retrain(drifted, params=None):
             from pipeline import steps
 
-            return _run(path, steps.decide_retrain, drifted, force=params["force_retrain"],
-                        policy=_policy(path, params))  # fmt: skip
+            return _run(
+                path,
+                steps.decide_retrain,
+                drifted,
+                force=params["force_retrain"],
+                policy=_policy(path, params),
+            )
 
-        @task.short_circuit(ignore_downstream_trigger_rules=False)  # a skip still publishes its summary
+        @task.short_circuit(
+            ignore_downstream_trigger_rules=False
+        )  # a skip still publishes its summary
         def retrain_gate(decision):
             return decision["verdict"] == "train"
 
@@ -163,8 +180,13 @@ def build_retrain_dag(spec):
         def train_model(ingested, params=None):
             from pipeline import steps
 
-            return _run(path, steps.train_model, ingested, max_epochs=params["max_epochs"],
-                        learning_rate=params["learning_rate"])  # fmt: skip
+            return _run(
+                path,
+                steps.train_model,
+                ingested,
+                max_epochs=params["max_epochs"],
+                learning_rate=params["learning_rate"],
+            )
 
         @task
         def verify_checkpoint(trained):
@@ -224,7 +246,9 @@ def build_retrain_dag(spec):
             summary = _run(path, lambda ctx: steps.publish_summary(ctx))
             print(steps.format_summary(summary))
             c = get_current_context()
-            states = c["ti"].get_task_states(dag_id=c["dag_run"].dag_id, run_ids=[c["dag_run"].run_id])
+            states = c["ti"].get_task_states(
+                dag_id=c["dag_run"].dag_id, run_ids=[c["dag_run"].run_id]
+            )
             states = states.get(c["dag_run"].run_id, states)
             failed = sorted(t for t, s in states.items() if s == "failed")
             if failed:  # the summary is written; the run still ends failed

@@ -42,18 +42,32 @@ def build_rollback_dag(spec):
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,
-        default_args={"retries": 2, "retry_delay": timedelta(seconds=15),
-                      "owner": spec.owner or "ml-platform"},
-        tags=["retraining", "mlops", "rollback", f"model:{spec.name}"],
-        doc_md=__doc__ + f"\n\n**This DAG's model**: `{spec.name}` (registered as `{spec.model_name}`).",
-        params={
-            "reason": Param(type="string", minLength=3, maxLength=2000, title="Reason",
-                            description="Why the champion is rolled back (recorded on the versions)."),
-            "target_version": Param(None, type=["null", "string"], pattern="^[0-9]+$", maxLength=12,
-                                    title="Target version",
-                                    description="Model version to restore. Empty: previous_champion."),
+        default_args={
+            "retries": 2,
+            "retry_delay": timedelta(seconds=15),
+            "owner": spec.owner or "ml-platform",
         },
-    )  # fmt: skip
+        tags=["retraining", "mlops", "rollback", f"model:{spec.name}"],
+        doc_md=__doc__
+        + f"\n\n**This DAG's model**: `{spec.name}` (registered as `{spec.model_name}`).",
+        params={
+            "reason": Param(
+                type="string",
+                minLength=3,
+                maxLength=2000,
+                title="Reason",
+                description="Why the champion is rolled back (recorded on the versions).",
+            ),
+            "target_version": Param(
+                None,
+                type=["null", "string"],
+                pattern="^[0-9]+$",
+                maxLength=12,
+                title="Target version",
+                description="Model version to restore. Empty: previous_champion.",
+            ),
+        },
+    )
     def rollback():
         @task(outlets=[champion_asset(spec)])
         def rollback_champion(params=None, dag_run=None):
@@ -68,9 +82,16 @@ def build_rollback_dag(spec):
             who = getattr(dag_run, "triggering_user_name", None) or "unknown"
             try:
                 with use_spec(load_spec(path)):
-                    return rollback_to(params["reason"], target_version=params.get("target_version") or None,
-                                       who=who, run_key=f"{dag_run.dag_id}__{dag_run.run_id}")  # fmt: skip
-            except (PipelineRejection, SpecError) as exc:  # refused or conflicting: retrying cannot help
+                    return rollback_to(
+                        params["reason"],
+                        target_version=params.get("target_version") or None,
+                        who=who,
+                        run_key=f"{dag_run.dag_id}__{dag_run.run_id}",
+                    )
+            except (
+                PipelineRejection,
+                SpecError,
+            ) as exc:  # refused or conflicting: retrying cannot help
                 raise AirflowFailException(str(exc)) from exc
 
         rollback_champion()

@@ -167,8 +167,9 @@ def binned_auc(pos: Histogram, neg: Histogram) -> float | None:
 def auc_se(auc: float, positives: float, negatives: float) -> float:
     """Standard error of a ROC AUC (Hanley & McNeil, 1982)."""
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc)
-           + (negatives - 1) * (q2 - auc * auc)) / (positives * negatives)  # fmt: skip
+    var = (
+        auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)
+    ) / (positives * negatives)
     return math.sqrt(max(var, 0.0))
 
 
@@ -184,8 +185,13 @@ def binomial_sf(k: int, n: int, p: float) -> float:
         return 1.0
 
     def pmf(i: int) -> float:
-        return math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                        + i * math.log(p) + (n - i) * math.log1p(-p))  # fmt: skip
+        return math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + i * math.log(p)
+            + (n - i) * math.log1p(-p)
+        )
 
     if k <= n - k:  # the shorter sum: 1 - P(X < k)
         return max(0.0, 1.0 - math.fsum(pmf(i) for i in range(k)))
@@ -216,15 +222,21 @@ class CanaryThresholds:
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_error_rate_increase < 1:
-            raise ValueError(f"max_error_rate_increase must be in [0, 1), got {self.max_error_rate_increase}")
+            raise ValueError(
+                f"max_error_rate_increase must be in [0, 1), got {self.max_error_rate_increase}"
+            )
         if not 0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
         if self.max_latency_p95_ratio < 1:
-            raise ValueError(f"max_latency_p95_ratio must be >= 1, got {self.max_latency_p95_ratio}")
+            raise ValueError(
+                f"max_latency_p95_ratio must be >= 1, got {self.max_latency_p95_ratio}"
+            )
         if self.latency_slack_ms < 0:
             raise ValueError(f"latency_slack_ms must be >= 0, got {self.latency_slack_ms}")
         if self.max_psi <= 0 or self.psi_bins < 2:
-            raise ValueError(f"max_psi must be > 0 and psi_bins >= 2, got {self.max_psi}, {self.psi_bins}")
+            raise ValueError(
+                f"max_psi must be > 0 and psi_bins >= 2, got {self.max_psi}, {self.psi_bins}"
+            )
         if not 0 <= self.max_metric_drop < 1:
             raise ValueError(f"max_metric_drop must be in [0, 1), got {self.max_metric_drop}")
         if self.metric_z < 0:
@@ -232,8 +244,10 @@ class CanaryThresholds:
         if min(self.min_requests, self.min_scores, self.min_labels_per_class) < 1:
             raise ValueError("min_requests, min_scores and min_labels_per_class must be >= 1")
         if not 1 <= self.min_requests_fail_fast <= self.min_requests:
-            raise ValueError("min_requests_fail_fast must be in [1, min_requests], got "
-                             f"{self.min_requests_fail_fast}")  # fmt: skip
+            raise ValueError(
+                "min_requests_fail_fast must be in [1, min_requests], got "
+                f"{self.min_requests_fail_fast}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,8 +278,12 @@ class CanaryDecision:
         return [c["name"] for c in self.evidence.get("checks", []) if c["passed"] is False]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict.value, "reason": self.reason.value,
-                "message": self.message, "evidence": self.evidence}  # fmt: skip
+        return {
+            "verdict": self.verdict.value,
+            "reason": self.reason.value,
+            "message": self.message,
+            "evidence": self.evidence,
+        }
 
 
 class CanaryAnalysis:
@@ -275,32 +293,48 @@ class CanaryAnalysis:
         self.t = thresholds or CanaryThresholds()
 
     def decide(
-        self, baseline: VersionStats, canary: VersionStats, *,
-        labelled_baseline: VersionStats | None = None, labelled_canary: VersionStats | None = None,
+        self,
+        baseline: VersionStats,
+        canary: VersionStats,
+        *,
+        labelled_baseline: VersionStats | None = None,
+        labelled_canary: VersionStats | None = None,
         baseline_kind: str = "same window",
-    ) -> CanaryDecision:  # fmt: skip
-        checks = [self._errors(baseline, canary), self._latency(baseline, canary),
-                  self._scores(baseline, canary),
-                  self._labelled(labelled_baseline or baseline, labelled_canary or canary)]  # fmt: skip
+    ) -> CanaryDecision:
+        checks = [
+            self._errors(baseline, canary),
+            self._latency(baseline, canary),
+            self._scores(baseline, canary),
+            self._labelled(labelled_baseline or baseline, labelled_canary or canary),
+        ]
         evidence = {
             "canary": {"requests": canary.requests, "errors": canary.errors, "rows": canary.rows},
-            "baseline": {"requests": baseline.requests, "errors": baseline.errors,
-                         "rows": baseline.rows, "kind": baseline_kind},
+            "baseline": {
+                "requests": baseline.requests,
+                "errors": baseline.errors,
+                "rows": baseline.rows,
+                "kind": baseline_kind,
+            },
             "checks": [c.to_dict() for c in checks],
-        }  # fmt: skip
+        }
         failed = [c for c in checks if c.passed is False]
         if failed:
-            return CanaryDecision(Verdict.FAIL, failed[0].name,
-                                  "; ".join(c.detail for c in failed), evidence)  # fmt: skip
+            return CanaryDecision(
+                Verdict.FAIL, failed[0].name, "; ".join(c.detail for c in failed), evidence
+            )
         # The traffic checks must all have been judged; the labelled one joins when it can.
         unjudged = [c for c in checks[:3] if c.passed is None]
         if unjudged:
-            return CanaryDecision(Verdict.INCONCLUSIVE, CanaryReason.TOO_LITTLE_TRAFFIC,
-                                  "too little traffic to judge: "
-                                  + "; ".join(c.detail for c in unjudged), evidence)  # fmt: skip
+            return CanaryDecision(
+                Verdict.INCONCLUSIVE,
+                CanaryReason.TOO_LITTLE_TRAFFIC,
+                "too little traffic to judge: " + "; ".join(c.detail for c in unjudged),
+                evidence,
+            )
         judged = ", ".join(c.name.value for c in checks if c.passed)
-        return CanaryDecision(Verdict.PASS, CanaryReason.HEALTHY, f"canary healthy on {judged}",
-                              evidence)  # fmt: skip
+        return CanaryDecision(
+            Verdict.PASS, CanaryReason.HEALTHY, f"canary healthy on {judged}", evidence
+        )
 
     def _errors(self, b: VersionStats, c: VersionStats) -> Check:
         t = self.t
@@ -311,78 +345,153 @@ class CanaryAnalysis:
         rate = error_rate(c)
         p = binomial_sf(int(round(c.errors)), int(round(c.requests)), bound)
         if c.requests > 0 and p < t.alpha:
-            return Check(CanaryReason.ERROR_RATE, False, rate, base_rate, thr,
-                         f"canary error rate {rate:.3f} ({c.errors:.0f}/{c.requests:.0f}) vs baseline "
-                         f"{base:.3f}: significantly over the bound {bound:.3f} (p={p:.2g})")  # fmt: skip
+            return Check(
+                CanaryReason.ERROR_RATE,
+                False,
+                rate,
+                base_rate,
+                thr,
+                f"canary error rate {rate:.3f} ({c.errors:.0f}/{c.requests:.0f}) vs baseline "
+                f"{base:.3f}: significantly over the bound {bound:.3f} (p={p:.2g})",
+            )
         if c.requests < t.min_requests or b.requests < t.min_requests:
-            return Check(CanaryReason.ERROR_RATE, None, rate, base_rate, thr,
-                         f"error rate needs {t.min_requests} requests a side (canary "
-                         f"{c.requests:.0f}, baseline {b.requests:.0f})")  # fmt: skip
-        return Check(CanaryReason.ERROR_RATE, True, rate, base_rate, thr,
-                     f"canary error rate {rate:.3f} vs baseline {base:.3f} (bound {bound:.3f})")
+            return Check(
+                CanaryReason.ERROR_RATE,
+                None,
+                rate,
+                base_rate,
+                thr,
+                f"error rate needs {t.min_requests} requests a side (canary "
+                f"{c.requests:.0f}, baseline {b.requests:.0f})",
+            )
+        return Check(
+            CanaryReason.ERROR_RATE,
+            True,
+            rate,
+            base_rate,
+            thr,
+            f"canary error rate {rate:.3f} vs baseline {base:.3f} (bound {bound:.3f})",
+        )
 
     def _latency(self, b: VersionStats, c: VersionStats) -> Check:
         t = self.t
-        thr = (f"share of canary requests slower than max({t.max_latency_p95_ratio:g} x baseline "
-               f"p95, baseline p95 + {t.latency_slack_ms:g} ms) not significantly over 5 %")  # fmt: skip
+        thr = (
+            f"share of canary requests slower than max({t.max_latency_p95_ratio:g} x baseline "
+            f"p95, baseline p95 + {t.latency_slack_ms:g} ms) not significantly over 5 %"
+        )
         bp95 = b.latency.quantile(0.95) if b.requests >= t.min_requests else None
         cp95 = c.latency.quantile(0.95)
-        ms = (lambda v: None if v is None else v * 1000)  # noqa: E731
+        ms = lambda v: None if v is None else v * 1000  # noqa: E731
         if bp95 is None:
-            return Check(CanaryReason.LATENCY, None, ms(cp95), None, thr,
-                         f"latency needs {t.min_requests} baseline requests (got {b.requests:.0f})")
+            return Check(
+                CanaryReason.LATENCY,
+                None,
+                ms(cp95),
+                None,
+                thr,
+                f"latency needs {t.min_requests} baseline requests (got {b.requests:.0f})",
+            )
         bound = max(bp95 * t.max_latency_p95_ratio, bp95 + t.latency_slack_ms / 1000)
         n = int(round(c.latency.total))
         slower = int(round(c.latency.count_above(bound)))
         p = binomial_sf(slower, n, 0.05)
         if n >= t.min_requests_fail_fast and p < t.alpha:
-            return Check(CanaryReason.LATENCY, False, ms(cp95), ms(bp95), thr,
-                         f"canary p95 {ms(cp95):.1f} ms vs baseline {bp95 * 1000:.1f} ms: "
-                         f"{slower}/{n} canary requests slower than {bound * 1000:.1f} ms "
-                         f"(p={p:.2g})")  # fmt: skip
+            return Check(
+                CanaryReason.LATENCY,
+                False,
+                ms(cp95),
+                ms(bp95),
+                thr,
+                f"canary p95 {ms(cp95):.1f} ms vs baseline {bp95 * 1000:.1f} ms: "
+                f"{slower}/{n} canary requests slower than {bound * 1000:.1f} ms "
+                f"(p={p:.2g})",
+            )
         if n < t.min_requests or cp95 is None:
-            return Check(CanaryReason.LATENCY, None, ms(cp95), ms(bp95), thr,
-                         f"latency needs {t.min_requests} canary requests (got {n})")
-        return Check(CanaryReason.LATENCY, True, ms(cp95), ms(bp95), thr,
-                     f"canary p95 {cp95 * 1000:.1f} ms vs baseline {bp95 * 1000:.1f} ms; {slower}/{n} "
-                     f"slower than {bound * 1000:.1f} ms")  # fmt: skip
+            return Check(
+                CanaryReason.LATENCY,
+                None,
+                ms(cp95),
+                ms(bp95),
+                thr,
+                f"latency needs {t.min_requests} canary requests (got {n})",
+            )
+        return Check(
+            CanaryReason.LATENCY,
+            True,
+            ms(cp95),
+            ms(bp95),
+            thr,
+            f"canary p95 {cp95 * 1000:.1f} ms vs baseline {bp95 * 1000:.1f} ms; {slower}/{n} "
+            f"slower than {bound * 1000:.1f} ms",
+        )
 
     def _scores(self, b: VersionStats, c: VersionStats) -> Check:
         t = self.t
         thr = f"PSI <= {t.max_psi:g}"
         nb, nc = b.score.total, c.score.total
         if nb < t.min_scores or nc < t.min_scores:
-            return Check(CanaryReason.SCORE_DISTRIBUTION, None, None, None, thr,
-                         f"score PSI needs {t.min_scores} rows a side (canary {nc:.0f}, "
-                         f"baseline {nb:.0f})")  # fmt: skip
+            return Check(
+                CanaryReason.SCORE_DISTRIBUTION,
+                None,
+                None,
+                None,
+                thr,
+                f"score PSI needs {t.min_scores} rows a side (canary {nc:.0f}, baseline {nb:.0f})",
+            )
         raw = psi(b.score, c.score, t.psi_bins)
         assert raw is not None
         noise = psi_noise(b.score, c.score, t.psi_bins)
         value = max(raw - noise, 0.0)
-        return Check(CanaryReason.SCORE_DISTRIBUTION, value <= t.max_psi, value, 0.0, thr,
-                     f"predicted-score PSI {value:.3f} (raw {raw:.3f} less {noise:.3f} expected "
-                     f"from sampling) over {nc:.0f} canary / {nb:.0f} baseline rows "
-                     f"(bound {t.max_psi:g})")  # fmt: skip
+        return Check(
+            CanaryReason.SCORE_DISTRIBUTION,
+            value <= t.max_psi,
+            value,
+            0.0,
+            thr,
+            f"predicted-score PSI {value:.3f} (raw {raw:.3f} less {noise:.3f} expected "
+            f"from sampling) over {nc:.0f} canary / {nb:.0f} baseline rows "
+            f"(bound {t.max_psi:g})",
+        )
 
     def _labelled(self, b: VersionStats, c: VersionStats) -> Check:
         t = self.t
         thr = f"ROC AUC >= baseline - {t.max_metric_drop:g}"
-        counts = [b.labelled_pos.total, b.labelled_neg.total, c.labelled_pos.total, c.labelled_neg.total]
+        counts = [
+            b.labelled_pos.total,
+            b.labelled_neg.total,
+            c.labelled_pos.total,
+            c.labelled_neg.total,
+        ]
         if min(counts) < t.min_labels_per_class:
-            return Check(CanaryReason.LABELLED_METRIC, None, None, None, thr,
-                         f"labelled metric needs {t.min_labels_per_class} labels of each class a "
-                         f"side (baseline {counts[0]:.0f}+/{counts[1]:.0f}-, canary "
-                         f"{counts[2]:.0f}+/{counts[3]:.0f}-)")  # fmt: skip
-        ba, ca = binned_auc(b.labelled_pos, b.labelled_neg), binned_auc(c.labelled_pos, c.labelled_neg)
+            return Check(
+                CanaryReason.LABELLED_METRIC,
+                None,
+                None,
+                None,
+                thr,
+                f"labelled metric needs {t.min_labels_per_class} labels of each class a "
+                f"side (baseline {counts[0]:.0f}+/{counts[1]:.0f}-, canary "
+                f"{counts[2]:.0f}+/{counts[3]:.0f}-)",
+            )
+        ba, ca = (
+            binned_auc(b.labelled_pos, b.labelled_neg),
+            binned_auc(c.labelled_pos, c.labelled_neg),
+        )
         assert ba is not None and ca is not None
         se = math.hypot(auc_se(ba, counts[0], counts[1]), auc_se(ca, counts[2], counts[3]))
         drop = ba - ca
         ok = drop - t.max_metric_drop <= t.metric_z * se
-        return Check(CanaryReason.LABELLED_METRIC, ok, ca, ba, thr,
-                     f"canary ROC AUC {ca:.4f} vs baseline {ba:.4f} (drop {drop:+.4f}, s.e. "
-                     f"{se:.4f}) on {counts[2] + counts[3]:.0f}/{counts[0] + counts[1]:.0f} "
-                     f"labelled rows; fails when the drop exceeds {t.max_metric_drop:g} by more "
-                     f"than {t.metric_z:g} s.e.")  # fmt: skip
+        return Check(
+            CanaryReason.LABELLED_METRIC,
+            ok,
+            ca,
+            ba,
+            thr,
+            f"canary ROC AUC {ca:.4f} vs baseline {ba:.4f} (drop {drop:+.4f}, s.e. "
+            f"{se:.4f}) on {counts[2] + counts[3]:.0f}/{counts[0] + counts[1]:.0f} "
+            f"labelled rows; fails when the drop exceeds {t.max_metric_drop:g} by more "
+            f"than {t.metric_z:g} s.e.",
+        )
 
 
 # -- the run: Argo-style limits ------------------------------------------------------------
@@ -396,7 +505,9 @@ class AnalysisPolicy:
 
     def __post_init__(self) -> None:
         if min(self.failure_limit, self.consecutive_error_limit, self.inconclusive_limit) < 0:
-            raise ValueError("failure_limit, consecutive_error_limit and inconclusive_limit must be >= 0")
+            raise ValueError(
+                "failure_limit, consecutive_error_limit and inconclusive_limit must be >= 0"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -420,8 +531,12 @@ class AnalysisRun:
         """One measurement's decision; ``final``: it judges a whole step."""
         self.measurements += 1
         self.consecutive_errors = 0
-        self.last = {"verdict": decision.verdict.value, "reason": decision.reason.value,
-                     "message": decision.message, "final": final}  # fmt: skip
+        self.last = {
+            "verdict": decision.verdict.value,
+            "reason": decision.reason.value,
+            "message": decision.message,
+            "final": final,
+        }
         if decision.verdict is Verdict.FAIL:
             self.failures += 1
             if self.failures > self.policy.failure_limit:
@@ -448,10 +563,16 @@ class AnalysisRun:
         self.inconclusives = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.to_dict(), "failures": self.failures,
-                "consecutive_errors": self.consecutive_errors, "errors": self.errors,
-                "inconclusives": self.inconclusives, "measurements": self.measurements,
-                "status": self.status.value, "last": self.last}  # fmt: skip
+        return {
+            "policy": self.policy.to_dict(),
+            "failures": self.failures,
+            "consecutive_errors": self.consecutive_errors,
+            "errors": self.errors,
+            "inconclusives": self.inconclusives,
+            "measurements": self.measurements,
+            "status": self.status.value,
+            "last": self.last,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy = AnalysisPolicy(**state["policy"])
@@ -480,8 +601,11 @@ class CanaryPlan:
     policy: AnalysisPolicy = field(default_factory=AnalysisPolicy)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "steps", tuple(
-            s if isinstance(s, CanaryStep) else CanaryStep(*s) for s in self.steps))  # fmt: skip
+        object.__setattr__(
+            self,
+            "steps",
+            tuple(s if isinstance(s, CanaryStep) else CanaryStep(*s) for s in self.steps),
+        )
         if not self.steps:
             raise ValueError("a canary plan needs at least one step")
         weights = [s.weight for s in self.steps]
@@ -494,8 +618,9 @@ class CanaryPlan:
         if self.analysis_interval_s <= 0:
             raise ValueError(f"analysis_interval_s must be > 0, got {self.analysis_interval_s}")
         if any(s.seconds < self.analysis_interval_s for s in self.steps):
-            raise ValueError("each step must last at least one analysis interval "
-                             f"({self.analysis_interval_s}s)")  # fmt: skip
+            raise ValueError(
+                f"each step must last at least one analysis interval ({self.analysis_interval_s}s)"
+            )
         if self.bake_s < 0 or self.load_timeout_s <= 0:
             raise ValueError("bake_s must be >= 0 and load_timeout_s > 0")
 
@@ -506,8 +631,9 @@ class CanaryPlan:
         s = get_settings()
         kw: dict[str, Any] = {
             "steps": tuple(CanaryStep(float(w), s.canary_step_seconds) for w in s.canary_steps),
-            "analysis_interval_s": s.canary_analysis_interval_seconds, "bake_s": s.canary_bake_seconds,
-        }  # fmt: skip
+            "analysis_interval_s": s.canary_analysis_interval_seconds,
+            "bake_s": s.canary_bake_seconds,
+        }
         kw.update(overrides)
         return cls(**kw)
 
@@ -518,29 +644,38 @@ class CanaryPlan:
         from pipeline.settings import get_settings
 
         s, c = get_settings(), spec.canary
-        pick = (lambda v, default: default if v is None else v)  # noqa: E731
+        pick = lambda v, default: default if v is None else v  # noqa: E731
         step_s = float(pick(c.step_seconds, s.canary_step_seconds))
         kw: dict[str, Any] = {
             "steps": tuple(CanaryStep(float(w), step_s) for w in pick(c.steps, s.canary_steps)),
-            "analysis_interval_s": float(pick(c.analysis_interval_seconds,
-                                              s.canary_analysis_interval_seconds)),
+            "analysis_interval_s": float(
+                pick(c.analysis_interval_seconds, s.canary_analysis_interval_seconds)
+            ),
             "bake_s": float(pick(c.bake_seconds, s.canary_bake_seconds)),
-        }  # fmt: skip
+        }
         kw.update(overrides)
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"steps": [asdict(s) for s in self.steps], "analysis_interval_s": self.analysis_interval_s,
-                "bake_s": self.bake_s, "load_timeout_s": self.load_timeout_s,
-                "thresholds": self.thresholds.to_dict(), "policy": self.policy.to_dict()}  # fmt: skip
+        return {
+            "steps": [asdict(s) for s in self.steps],
+            "analysis_interval_s": self.analysis_interval_s,
+            "bake_s": self.bake_s,
+            "load_timeout_s": self.load_timeout_s,
+            "thresholds": self.thresholds.to_dict(),
+            "policy": self.policy.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CanaryPlan:
-        return cls(steps=tuple(CanaryStep(**s) for s in d["steps"]),
-                   analysis_interval_s=d["analysis_interval_s"], bake_s=d["bake_s"],
-                   load_timeout_s=d["load_timeout_s"],
-                   thresholds=CanaryThresholds(**d["thresholds"]),
-                   policy=AnalysisPolicy(**d["policy"]))  # fmt: skip
+        return cls(
+            steps=tuple(CanaryStep(**s) for s in d["steps"]),
+            analysis_interval_s=d["analysis_interval_s"],
+            bake_s=d["bake_s"],
+            load_timeout_s=d["load_timeout_s"],
+            thresholds=CanaryThresholds(**d["thresholds"]),
+            policy=AnalysisPolicy(**d["policy"]),
+        )
 
 
 # -- the rollout (I/O: registry, the service's /metrics) ------------------------------------------
@@ -553,8 +688,9 @@ class _Stop(Exception):  # noqa: N818 - control flow inside the rollout
 
 
 class _Rollout:
-    def __init__(self, version: str, champion: str, plan: CanaryPlan, url: str, run_key: str,
-                 actor: str) -> None:  # fmt: skip
+    def __init__(
+        self, version: str, champion: str, plan: CanaryPlan, url: str, run_key: str, actor: str
+    ) -> None:
         import httpx
 
         from pipeline.spec import active
@@ -578,27 +714,39 @@ class _Rollout:
         from pipeline.serving.metrics import scrape
 
         try:
-            snap = scrape(self.url, client=self.http, timeout=self.http.timeout.read or 10.0,
-                          model=self.model)  # fmt: skip
+            snap = scrape(
+                self.url, client=self.http, timeout=self.http.timeout.read or 10.0, model=self.model
+            )
         except MeasurementError as exc:
             status = self.run.record_error(str(exc))
             self._note("error", message=str(exc))
             log.warning("canary v%s: measurement error: %s", self.version, exc)
             if status is RunStatus.ERROR:
-                raise _Stop("aborted", CanaryReason.MEASUREMENT_ERRORS,
-                            f"{self.run.consecutive_errors} consecutive measurements could not be "
-                            f"taken (limit {self.plan.policy.consecutive_error_limit}); last: {exc}") from None
+                raise _Stop(
+                    "aborted",
+                    CanaryReason.MEASUREMENT_ERRORS,
+                    f"{self.run.consecutive_errors} consecutive measurements could not be "
+                    f"taken (limit {self.plan.policy.consecutive_error_limit}); last: {exc}",
+                ) from None
             return None
         if self.version in snap.refused:
-            raise _Stop("rolled_back", CanaryReason.CANARY_REFUSED,
-                        f"the scoring service refused v{self.version}: its checkpoint failed "
-                        "verification (see /readyz)")  # fmt: skip
+            raise _Stop(
+                "rolled_back",
+                CanaryReason.CANARY_REFUSED,
+                f"the scoring service refused v{self.version}: its checkpoint failed "
+                "verification (see /readyz)",
+            )
         self.last_snapshot = snap
         return snap
 
     def _note(self, kind: str, **kw: Any) -> None:
-        entry = {"t": round(time.monotonic() - self.started, 3), "kind": kind,
-                 "step": self.step_index, "weight": self.weight, **kw}  # fmt: skip
+        entry = {
+            "t": round(time.monotonic() - self.started, 3),
+            "kind": kind,
+            "step": self.step_index,
+            "weight": self.weight,
+            **kw,
+        }
         self.history.append(entry)
         del self.history[:-200]
 
@@ -610,9 +758,12 @@ class _Rollout:
             if snap is not None and ok(snap):
                 return snap
             if time.monotonic() > deadline:
-                raise _Stop("aborted", CanaryReason.MEASUREMENT_ERRORS,
-                            f"the scoring service at {self.url} did not {what} within "
-                            f"{self.plan.load_timeout_s:g}s")  # fmt: skip
+                raise _Stop(
+                    "aborted",
+                    CanaryReason.MEASUREMENT_ERRORS,
+                    f"the scoring service at {self.url} did not {what} within "
+                    f"{self.plan.load_timeout_s:g}s",
+                )
             time.sleep(pause)
 
     def _check_registry(self) -> None:
@@ -620,11 +771,17 @@ class _Rollout:
 
         state = traffic.read_state()
         if state.canary != self.version:
-            raise _Stop("aborted", CanaryReason.ABORTED,
-                        f"alias canary moved to {state.canary!r} outside this rollout")
+            raise _Stop(
+                "aborted",
+                CanaryReason.ABORTED,
+                f"alias canary moved to {state.canary!r} outside this rollout",
+            )
         if state.champion != self.champion:
-            raise _Stop("aborted", CanaryReason.ABORTED,
-                        f"champion moved to v{state.champion} outside this rollout")
+            raise _Stop(
+                "aborted",
+                CanaryReason.ABORTED,
+                f"champion moved to v{state.champion} outside this rollout",
+            )
 
     def _decide(self, snap: Snapshot, since: Snapshot) -> CanaryDecision:
         assert self.phase_start is not None
@@ -633,22 +790,34 @@ class _Rollout:
         if base.requests < self.plan.thresholds.min_requests:
             base, kind = snap.since(self.phase_start, self.champion), "champion since canary start"
         return self.analysis.decide(
-            base, snap.since(since, self.version), baseline_kind=kind,
+            base,
+            snap.since(since, self.version),
+            baseline_kind=kind,
             labelled_baseline=snap.since(self.phase_start, self.champion),
             labelled_canary=snap.since(self.phase_start, self.version),
-        )  # fmt: skip
+        )
 
     def _record(self, d: CanaryDecision, *, final: bool) -> RunStatus:
         status = self.run.record(d, final=final)
-        self._note("step" if final else "interval", verdict=d.verdict.value, reason=d.reason.value,
-                   message=d.message)  # fmt: skip
-        log.info("canary v%s step %d (%g): %s %s — %s", self.version, self.step_index, self.weight,
-                 "step" if final else "interval", d.verdict.value, d.message)  # fmt: skip
+        self._note(
+            "step" if final else "interval",
+            verdict=d.verdict.value,
+            reason=d.reason.value,
+            message=d.message,
+        )
+        log.info(
+            "canary v%s step %d (%g): %s %s — %s",
+            self.version,
+            self.step_index,
+            self.weight,
+            "step" if final else "interval",
+            d.verdict.value,
+            d.message,
+        )
         if status is RunStatus.FAILED:
             raise _Stop("rolled_back", d.reason, d.message)
         if status is RunStatus.PAUSED:
-            raise _Stop("paused", d.reason,
-                        f"paused for a human at {self.weight:.0%}: {d.message}")
+            raise _Stop("paused", d.reason, f"paused for a human at {self.weight:.0%}: {d.message}")
         return status
 
     def steps(self, start: int) -> None:
@@ -658,9 +827,14 @@ class _Rollout:
             step = self.plan.steps[idx]
             self.step_index, self.weight = idx, step.weight
             traffic.set_canary_weight(step.weight)
-            snap = self._wait_for(f"apply weight {step.weight:g}", lambda s, w=step.weight: (
-                s.serving.get("canary") == self.version and s.canary_weight is not None
-                and abs(s.canary_weight - w) < 1e-9))  # fmt: skip
+            snap = self._wait_for(
+                f"apply weight {step.weight:g}",
+                lambda s, w=step.weight: (
+                    s.serving.get("canary") == self.version
+                    and s.canary_weight is not None
+                    and abs(s.canary_weight - w) < 1e-9
+                ),
+            )
             self._note("weight", message=f"weight {step.weight:g} applied")
             step_start = last = snap
             deadline = time.monotonic() + step.seconds
@@ -668,8 +842,10 @@ class _Rollout:
             next_at = time.monotonic() + self.plan.analysis_interval_s
             while True:
                 time.sleep(max(0.0, min(next_at, deadline) - time.monotonic()))
-                next_at = max(next_at + self.plan.analysis_interval_s,
-                              time.monotonic() + self.plan.analysis_interval_s / 4)  # fmt: skip
+                next_at = max(
+                    next_at + self.plan.analysis_interval_s,
+                    time.monotonic() + self.plan.analysis_interval_s / 4,
+                )
                 snap2 = self._scrape()
                 final = time.monotonic() >= deadline - 1e-3
                 if snap2 is None:
@@ -693,7 +869,9 @@ class _Rollout:
                 if whole is not None:
                     break
 
-    def bake(self, baseline: VersionStats, baseline_labelled: VersionStats) -> CanaryDecision | None:
+    def bake(
+        self, baseline: VersionStats, baseline_labelled: VersionStats
+    ) -> CanaryDecision | None:
         """New champion vs the previous champion's recorded canary-phase behaviour."""
         if self.plan.bake_s <= 0:
             return None
@@ -703,19 +881,25 @@ class _Rollout:
         try:
             start = self._scrape() or self.last_snapshot
         except _Stop as stop:
-            return CanaryDecision(Verdict.INCONCLUSIVE, stop.reason, f"bake not judged: {stop.message}")
+            return CanaryDecision(
+                Verdict.INCONCLUSIVE, stop.reason, f"bake not judged: {stop.message}"
+            )
         assert start is not None and self.phase_start is not None
         last, deadline = start, time.monotonic() + self.plan.bake_s
         decision: CanaryDecision | None = None
         next_at = time.monotonic() + self.plan.analysis_interval_s
         while time.monotonic() < deadline - 1e-3:
             time.sleep(max(0.0, min(next_at, deadline) - time.monotonic()))
-            next_at = max(next_at + self.plan.analysis_interval_s,
-                          time.monotonic() + self.plan.analysis_interval_s / 4)  # fmt: skip
+            next_at = max(
+                next_at + self.plan.analysis_interval_s,
+                time.monotonic() + self.plan.analysis_interval_s / 4,
+            )
             try:
                 snap = self._scrape()
             except _Stop as stop:  # measurement errors in the bake: keep the champion, say so
-                return CanaryDecision(Verdict.INCONCLUSIVE, stop.reason, f"bake not judged: {stop.message}")
+                return CanaryDecision(
+                    Verdict.INCONCLUSIVE, stop.reason, f"bake not judged: {stop.message}"
+                )
             if snap is None:
                 continue
             final = time.monotonic() >= deadline - 1e-3
@@ -729,12 +913,21 @@ class _Rollout:
                 last = start = snap
                 continue
             for window, is_final in windows:
-                decision = self.analysis.decide(baseline, window, labelled_baseline=baseline_labelled,
-                                                labelled_canary=labelled,
-                                                baseline_kind="previous champion, recorded in the canary")  # fmt: skip
+                decision = self.analysis.decide(
+                    baseline,
+                    window,
+                    labelled_baseline=baseline_labelled,
+                    labelled_canary=labelled,
+                    baseline_kind="previous champion, recorded in the canary",
+                )
                 run.record(decision, final=is_final)
-                self._note("bake", verdict=decision.verdict.value, reason=decision.reason.value,
-                           message=decision.message, final=is_final)  # fmt: skip
+                self._note(
+                    "bake",
+                    verdict=decision.verdict.value,
+                    reason=decision.reason.value,
+                    message=decision.message,
+                    final=is_final,
+                )
                 if run.status is RunStatus.FAILED:
                     return decision
             last = snap
@@ -742,8 +935,13 @@ class _Rollout:
 
 
 def run_canary_rollout(
-    version: str, expected_champion: str | None, *, plan: CanaryPlan | None = None,
-    service_url: str | None = None, run_key: str = "cli", actor: str | None = None,
+    version: str,
+    expected_champion: str | None,
+    *,
+    plan: CanaryPlan | None = None,
+    service_url: str | None = None,
+    run_key: str = "cli",
+    actor: str | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Canary ``version`` against ``expected_champion`` (the version the gate compared
@@ -764,30 +962,56 @@ def run_canary_rollout(
     mv = registry.client().get_model_version(registry.model_name(), version)
     champ = registry.alias_version(registry.CHAMPION)
     champ_v = str(champ.version) if champ else None
-    base: dict[str, Any] = {"kind": RECORD_KIND, "model_version": version, "champion_version": expected_champion,
-                            "service_url": url, "plan": plan.to_dict(), "run_key": run_key, "actor": actor}  # fmt: skip
+    base: dict[str, Any] = {
+        "kind": RECORD_KIND,
+        "model_version": version,
+        "champion_version": expected_champion,
+        "service_url": url,
+        "plan": plan.to_dict(),
+        "run_key": run_key,
+        "actor": actor,
+    }
     status = mv.tags.get("canary.status")
     if resume and expected_champion is None:
         expected_champion = mv.tags.get("canary.champion_version")
         base["champion_version"] = expected_champion
     if champ_v == version:
-        return {**base, "verdict": "promoted", "reason": status or "already champion",
-                "summary": f"v{version} is already champion", "idempotent": True}  # fmt: skip
+        return {
+            **base,
+            "verdict": "promoted",
+            "reason": status or "already champion",
+            "summary": f"v{version} is already champion",
+            "idempotent": True,
+        }
     if status == "rolled_back" and not resume:
-        return {**base, "verdict": "rolled_back", "reason": mv.tags.get("canary.reason", ""),
-                "summary": mv.tags.get("canary.summary", "rolled back earlier"), "idempotent": True}  # fmt: skip
+        return {
+            **base,
+            "verdict": "rolled_back",
+            "reason": mv.tags.get("canary.reason", ""),
+            "summary": mv.tags.get("canary.summary", "rolled back earlier"),
+            "idempotent": True,
+        }
     if champ_v != (str(expected_champion) if expected_champion is not None else None):
         saw = f"v{expected_champion}" if expected_champion else "no champion"
         raise registry.RegistryConflict(
             f"champion is v{champ_v}, but the gate compared v{version} against {saw}; "
-            "no traffic was moved — re-run the gate against the current champion")
+            "no traffic was moved — re-run the gate against the current champion"
+        )
     if champ_v is None:
         replaced = registry.promote_champion(version, None)
-        rec = {**base, "verdict": "promoted", "reason": CanaryReason.NO_CHAMPION.value,
-               "previous_champion": replaced,
-               "summary": f"no champion to compare against: v{version} promoted directly"}  # fmt: skip
-        _finish(version, mv.run_id, rec, {"canary.status": "promoted",
-                                          "canary.reason": CanaryReason.NO_CHAMPION.value})  # fmt: skip
+        rec = {
+            **base,
+            "verdict": "promoted",
+            "reason": CanaryReason.NO_CHAMPION.value,
+            "previous_champion": replaced,
+            "summary": f"no champion to compare against: v{version} promoted directly",
+        }
+        _finish(
+            version,
+            mv.run_id,
+            rec,
+            {"canary.status": "promoted", "canary.reason": CanaryReason.NO_CHAMPION.value},
+        )
         return rec
 
     ro = _Rollout(version, champ_v, plan, url, run_key, actor)
@@ -797,8 +1021,15 @@ def run_canary_rollout(
         ro.run.load_state_dict(state["run"])
         ro.run.resume()
         start_step = int(state["step"])
-    registry.tag_version(version, {"canary.status": "running", "canary.champion_version": champ_v,
-                                   "canary.started_by": actor, "canary.run_key": run_key})  # fmt: skip
+    registry.tag_version(
+        version,
+        {
+            "canary.status": "running",
+            "canary.champion_version": champ_v,
+            "canary.started_by": actor,
+            "canary.run_key": run_key,
+        },
+    )
     verdict, reason, message = "promoted", CanaryReason.HEALTHY, ""
     previous: str | None = None
     bake: CanaryDecision | None = None
@@ -811,8 +1042,13 @@ def run_canary_rollout(
                 registry.set_alias(traffic.CANARY, version)
             ro.phase_start = ro._wait_for(
                 f"load v{version} as canary",
-                lambda s: s.serving.get("canary") == version and s.serving.get("champion") == champ_v)
-            ro._note("loaded", message=f"service serves canary v{version} beside champion v{champ_v}")
+                lambda s: (
+                    s.serving.get("canary") == version and s.serving.get("champion") == champ_v
+                ),
+            )
+            ro._note(
+                "loaded", message=f"service serves canary v{version} beside champion v{champ_v}"
+            )
             ro.steps(start_step)
         except _Stop as stop:
             verdict, reason, message = stop.verdict, stop.reason, stop.message
@@ -824,29 +1060,41 @@ def run_canary_rollout(
             except MeasurementError:
                 baseline = None
         if verdict == "promoted":
-            message = (f"v{version} passed {len(plan.steps)} steps "
-                       f"({', '.join(f'{s.weight:.0%}' for s in plan.steps)}) against champion "
-                       f"v{champ_v}")  # fmt: skip
+            message = (
+                f"v{version} passed {len(plan.steps)} steps "
+                f"({', '.join(f'{s.weight:.0%}' for s in plan.steps)}) against champion "
+                f"v{champ_v}"
+            )
             try:
                 previous = registry.promote_champion(version, champ_v)
             except registry.RegistryConflict as exc:
                 _out_of_traffic(version)
-                registry.tag_version(version, {"canary.status": "conflict",
-                                               "canary.summary": str(exc)[:4000]})  # fmt: skip
+                registry.tag_version(
+                    version, {"canary.status": "conflict", "canary.summary": str(exc)[:4000]}
+                )
                 raise
             _out_of_traffic(version)
-            registry.tag_version(version, {"promoted_at": _now(), "promoted_by": actor,
-                                           "promoted.previous_champion": previous or "none"})  # fmt: skip
+            registry.tag_version(
+                version,
+                {
+                    "promoted_at": _now(),
+                    "promoted_by": actor,
+                    "promoted.previous_champion": previous or "none",
+                },
+            )
             if baseline is not None:
                 bake = ro.bake(baseline, baseline_labelled or baseline)
                 if bake is not None and bake.verdict is Verdict.FAIL:
                     from pipeline.rollback import rollback_champion
 
                     rolled_back_after_bake = rollback_champion(
-                        f"bake regression of v{version}: {bake.message}", target_version=previous,
-                        who=f"canary-bake ({actor})", expected_champion=version,
-                        run_key=f"{run_key}__bake_rollback", source="canary_bake",
-                    )  # fmt: skip
+                        f"bake regression of v{version}: {bake.message}",
+                        target_version=previous,
+                        who=f"canary-bake ({actor})",
+                        expected_champion=version,
+                        run_key=f"{run_key}__bake_rollback",
+                        source="canary_bake",
+                    )
                     verdict, reason = "rolled_back_after_bake", bake.reason
                     message = f"promoted, then rolled back in the bake: {bake.message}"
         elif verdict == "rolled_back" or verdict == "aborted":
@@ -864,23 +1112,39 @@ def run_canary_rollout(
         ro.http.close()
 
     rec = {
-        **base, "champion_version": champ_v, "verdict": verdict, "reason": reason.value,
-        "summary": message, "step_reached": ro.step_index, "weight_reached": ro.weight,
-        "previous_champion": previous, "analysis_run": ro.run.state_dict(),
+        **base,
+        "champion_version": champ_v,
+        "verdict": verdict,
+        "reason": reason.value,
+        "summary": message,
+        "step_reached": ro.step_index,
+        "weight_reached": ro.weight,
+        "previous_champion": previous,
+        "analysis_run": ro.run.state_dict(),
         "measurements": ro.history,
         "baseline": {"version": champ_v, "stats": baseline.to_dict() if baseline else None},
-        "bake": bake.to_dict() if bake else None, "rollback": rolled_back_after_bake,
+        "bake": bake.to_dict() if bake else None,
+        "rollback": rolled_back_after_bake,
         "seconds": round(time.monotonic() - ro.started, 3),
-    }  # fmt: skip
-    tags: dict[str, Any] = {"canary.status": {"promoted": "promoted", "paused": "paused",
-                                              "aborted": "aborted"}.get(verdict, "rolled_back"),
-                            "canary.reason": reason.value, "canary.summary": message[:4000],
-                            "canary.step": ro.step_index, "canary.weight_reached": ro.weight,
-                            "canary.finished_at": _now()}  # fmt: skip
+    }
+    tags: dict[str, Any] = {
+        "canary.status": {"promoted": "promoted", "paused": "paused", "aborted": "aborted"}.get(
+            verdict, "rolled_back"
+        ),
+        "canary.reason": reason.value,
+        "canary.summary": message[:4000],
+        "canary.step": ro.step_index,
+        "canary.weight_reached": ro.weight,
+        "canary.finished_at": _now(),
+    }
     if verdict == "rolled_back":
-        tags.update({"rolled_back": "true", "rollback_reason": f"canary {reason.value}: {message}"[:4000]})
+        tags.update(
+            {"rolled_back": "true", "rollback_reason": f"canary {reason.value}: {message}"[:4000]}
+        )
     if verdict == "paused":
-        tags["canary.state"] = json.dumps({"step": ro.step_index, "run": ro.run.state_dict()})[:4900]
+        tags["canary.state"] = json.dumps({"step": ro.step_index, "run": ro.run.state_dict()})[
+            :4900
+        ]
     if bake is not None:
         tags.update({"bake.verdict": bake.verdict.value, "bake.reason": bake.reason.value})
     _finish(version, mv.run_id, rec, tags)
@@ -927,18 +1191,32 @@ def abort_canary(version: str, reason: str, who: str = "unknown") -> dict[str, A
 
     if len(reason.strip()) < 3:
         raise PipelineRejection("a reason of at least 3 characters is required")
-    status = registry.client().get_model_version(registry.model_name(), str(version)).tags.get(
-        "canary.status")  # fmt: skip
+    status = (
+        registry.client()
+        .get_model_version(registry.model_name(), str(version))
+        .tags.get("canary.status")
+    )
     if traffic.read_state().canary != str(version) and status not in ("running", "paused"):
-        raise PipelineRejection(f"v{version} is not a running or paused canary (status {status!r}); "
-                                "nothing changed")  # fmt: skip
+        raise PipelineRejection(
+            f"v{version} is not a running or paused canary (status {status!r}); nothing changed"
+        )
     _out_of_traffic(str(version))
-    tags = {"canary.status": "rolled_back", "canary.reason": CanaryReason.ABORTED.value,
-            "canary.summary": f"aborted by {who}: {reason}"[:4000], "rolled_back": "true",
-            "rollback_reason": f"canary aborted by {who}: {reason}"[:4000],
-            "canary.finished_at": _now()}  # fmt: skip
+    tags = {
+        "canary.status": "rolled_back",
+        "canary.reason": CanaryReason.ABORTED.value,
+        "canary.summary": f"aborted by {who}: {reason}"[:4000],
+        "rolled_back": "true",
+        "rollback_reason": f"canary aborted by {who}: {reason}"[:4000],
+        "canary.finished_at": _now(),
+    }
     mv = registry.client().get_model_version(registry.model_name(), str(version))
-    rec = {"kind": RECORD_KIND, "model_version": str(version), "verdict": "rolled_back",
-           "reason": CanaryReason.ABORTED.value, "summary": tags["canary.summary"], "actor": who}  # fmt: skip
+    rec = {
+        "kind": RECORD_KIND,
+        "model_version": str(version),
+        "verdict": "rolled_back",
+        "reason": CanaryReason.ABORTED.value,
+        "summary": tags["canary.summary"],
+        "actor": who,
+    }
     _finish(str(version), mv.run_id, rec, tags)
     return rec

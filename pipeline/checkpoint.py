@@ -67,8 +67,12 @@ from pipeline.train.model import (
 )
 
 WEIGHTS, PROBE, PROBE_ROWS, MANIFEST, SIGNATURE = (
-    "model.safetensors", "probe.safetensors", "probe.parquet", "manifest.json", "manifest.sig",
-)  # fmt: skip
+    "model.safetensors",
+    "probe.safetensors",
+    "probe.parquet",
+    "manifest.json",
+    "manifest.sig",
+)
 OPTIMIZER, OPTIMIZER_STRUCTURE = "optimizer.safetensors", "optimizer.json"
 FORMAT = "retrain-checkpoint/1"
 PARITY_ATOL = 1e-5
@@ -102,7 +106,9 @@ def signing_key() -> tuple[bytes, str]:
         else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32))
-    return path.read_text().strip().encode(), "local-" + hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    return path.read_text().strip().encode(), "local-" + hashlib.sha256(
+        path.read_bytes()
+    ).hexdigest()[:8]
 
 
 def sign(manifest_bytes: bytes) -> str:
@@ -122,8 +128,10 @@ def check_signature(manifest_bytes: bytes, signature: str) -> str | None:
         return f"unsupported signature algorithm {sig.get('alg')!r}"
     expected = hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, str(sig.get("mac", ""))):
-        return (f"signature does not verify with key {key_id} (signed with {sig.get('key_id')!r}): "
-                "manifest edited after signing, or signed by another key")  # fmt: skip
+        return (
+            f"signature does not verify with key {key_id} (signed with {sig.get('key_id')!r}): "
+            "manifest edited after signing, or signed by another key"
+        )
     return None
 
 
@@ -131,8 +139,11 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         return f"{__version__}+g{sha}"
     except (OSError, subprocess.SubprocessError):
         return __version__
@@ -152,9 +163,14 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, dict):
         for k in obj:
             if not isinstance(k, str | int) or isinstance(k, bool):
-                raise CheckpointError(f"optimizer state key {k!r} at {path or '/'} is not str or int")
-        return {"__dict__": [[k, _encode(v, tensors, f"{path}.{k}" if path else str(k))]
-                             for k, v in obj.items()]}  # fmt: skip
+                raise CheckpointError(
+                    f"optimizer state key {k!r} at {path or '/'} is not str or int"
+                )
+        return {
+            "__dict__": [
+                [k, _encode(v, tensors, f"{path}.{k}" if path else str(k))] for k, v in obj.items()
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -175,8 +191,9 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(node, dict):
         if "__tensor__" in node:
             if node["__tensor__"] not in tensors:
-                raise CheckpointError(f"optimizer.json names tensor {node['__tensor__']!r}, "
-                                      f"absent from {OPTIMIZER}")  # fmt: skip
+                raise CheckpointError(
+                    f"optimizer.json names tensor {node['__tensor__']!r}, absent from {OPTIMIZER}"
+                )
             return tensors[node["__tensor__"]]
         if "__dict__" in node:
             return {k: _decode(v, tensors) for k, v in node["__dict__"]}
@@ -194,10 +211,13 @@ def _write_optimizer_state(state: dict[str, Any], into: Path) -> dict[str, Any]:
     save_file(tensors, str(into / OPTIMIZER))
     (into / OPTIMIZER_STRUCTURE).write_text(json.dumps(structure, indent=1, sort_keys=True))
     return {
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                    for k, v in tensors.items()},  # fmt: skip
-        "all_finite": all(bool(torch.isfinite(t).all()) for t in tensors.values()
-                          if t.is_floating_point()),  # fmt: skip
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            for k, v in tensors.items()
+        },
+        "all_finite": all(
+            bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()
+        ),
     }
 
 
@@ -239,8 +259,10 @@ def save_checkpoint(
     if model_ref is None:
         if not isinstance(model, MLP):
             raise CheckpointError("a model that is not the built-in MLP needs its model_ref")
-        model_ref = ModelRef("pipeline.train.model:mlp",
-                             {"hidden": list(model.config.hidden), "dropout": model.config.dropout})  # fmt: skip
+        model_ref = ModelRef(
+            "pipeline.train.model:mlp",
+            {"hidden": list(model.config.hidden), "dropout": model.config.dropout},
+        )
     if (model_ref.code_sha256 is None) != (code_file is None):
         raise CheckpointError("model_ref.code_sha256 and code_file go together")
     if directory.exists():
@@ -271,12 +293,20 @@ def save_checkpoint(
             names += [OPTIMIZER, OPTIMIZER_STRUCTURE]
         manifest = {
             "format": FORMAT,
-            "files": {name: {"sha256": storage.sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-                      for name in names},  # fmt: skip
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                        for k, v in state.items()},  # fmt: skip
+            "files": {
+                name: {
+                    "sha256": storage.sha256_file(tmp / name),
+                    "size": (tmp / name).stat().st_size,
+                }
+                for name in names
+            },
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in state.items()
+            },
             "all_finite": all_finite,
-            "stop_reason": stop_reason if stop_reason is not None
+            "stop_reason": stop_reason
+            if stop_reason is not None
             else str(training.get("stop_reason", "unknown")),
             "optimizer": optimizer_meta,
             "model": model_ref.to_dict(),
@@ -284,7 +314,7 @@ def save_checkpoint(
             "data_snapshot": data_snapshot,
             "training": training,
             "code_version": code_version(),
-        }  # fmt: skip
+        }
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         (tmp / MANIFEST).write_bytes(manifest_bytes)
         (tmp / SIGNATURE).write_text(sign(manifest_bytes))
@@ -362,7 +392,9 @@ def verify_checkpoint(directory: Path) -> Verification:
     manifest_bytes = (directory / MANIFEST).read_bytes()
     v.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     if SIGNATURE in present:
-        problem = check_signature(manifest_bytes, (directory / SIGNATURE).read_text(errors="replace"))
+        problem = check_signature(
+            manifest_bytes, (directory / SIGNATURE).read_text(errors="replace")
+        )
         if problem:
             v.problem(problem)
     try:
@@ -371,8 +403,10 @@ def verify_checkpoint(directory: Path) -> Verification:
         v.problem(f"manifest.json is not valid JSON: {exc}")
         return v
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        v.problem(f"manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
-                  f" is not {FORMAT!r}")  # fmt: skip
+        v.problem(
+            f"manifest format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+            f" is not {FORMAT!r}"
+        )
         return v
     v.manifest = manifest
     files = manifest.get("files", {})
@@ -407,33 +441,44 @@ def verify_checkpoint(directory: Path) -> Verification:
     return v
 
 
-def load_verified_model(directory: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module, FeatureSpec]:
+def load_verified_model(
+    directory: Path, manifest: dict[str, Any]
+) -> tuple[torch.nn.Module, FeatureSpec]:
     """Load weights with safetensors and check them against the manifest and the model the
     factory builds. Call only on a verified directory: a spec-local factory's code is
     imported from it."""
     state = load_file(str(directory / WEIGHTS))
     tensors = manifest["tensors"]
     if set(state) != set(tensors):
-        raise CheckpointError(f"tensor names differ from manifest: {sorted(set(state) ^ set(tensors))}")
+        raise CheckpointError(
+            f"tensor names differ from manifest: {sorted(set(state) ^ set(tensors))}"
+        )
     features = FeatureSpec.from_dict(manifest["features"])
     if "model" in manifest:
         ref = ModelRef.from_dict(manifest["model"])
-        if ref.code_sha256 is not None and manifest["files"].get(CODE_FILE, {}).get("sha256") != ref.code_sha256:
+        if (
+            ref.code_sha256 is not None
+            and manifest["files"].get(CODE_FILE, {}).get("sha256") != ref.code_sha256
+        ):
             raise CheckpointError(f"{CODE_FILE} is not the code the manifest's model names")
         model = _rebuild(ref, features, directory)
     else:  # checkpoints from before model factories: the built-in MLP's config
         model = MLP(ModelConfig.from_dict(manifest["model_config"]))
     expected = model.state_dict()
     if set(state) != set(expected):
-        raise CheckpointError("tensor names differ from the model config's layers: "
-                              f"{sorted(set(state) ^ set(expected))}")  # fmt: skip
+        raise CheckpointError(
+            "tensor names differ from the model config's layers: "
+            f"{sorted(set(state) ^ set(expected))}"
+        )
     for name, t in state.items():
         meta = tensors[name]
         if list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
             raise CheckpointError(f"tensor {name}: {list(t.shape)}/{t.dtype} != manifest {meta}")
         if t.shape != expected[name].shape:
-            raise CheckpointError(f"tensor {name} has shape {list(t.shape)} but the model config "
-                                  f"expects {list(expected[name].shape)}")  # fmt: skip
+            raise CheckpointError(
+                f"tensor {name} has shape {list(t.shape)} but the model config "
+                f"expects {list(expected[name].shape)}"
+            )
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"tensor {name} has non-finite values")
     model.load_state_dict(state, strict=True)
@@ -462,7 +507,9 @@ def load_local_for_inference(directory: Path) -> tuple[torch.nn.Module, FeatureS
     every problem. This is what the registered MLflow model calls when it loads."""
     v = verify_checkpoint(directory)
     if not v.intact:
-        raise CheckpointError(f"checkpoint {directory} failed verification: " + "; ".join(v.problems))
+        raise CheckpointError(
+            f"checkpoint {directory} failed verification: " + "; ".join(v.problems)
+        )
     model, spec = load_verified_model(directory, v.manifest)
     return model, spec, v
 

@@ -42,12 +42,17 @@ def _use_spec(args: argparse.Namespace) -> Any:
     return s
 
 
-_POLICY_FLAGS = {"floor": "gate_floor", "margin": "gate_margin",
-                 "non_inferiority_margin": "gate_non_inferiority_margin", "slices": "gate_slices",
-                 "max_checkpoint_mb": "gate_max_checkpoint_mb",
-                 "max_latency_p95_ms": "gate_max_latency_p95_ms",
-                 "require_approval": "require_approval", "decay_margin": "decay_margin",
-                 "eval_uri": "eval_uri"}  # fmt: skip
+_POLICY_FLAGS = {
+    "floor": "gate_floor",
+    "margin": "gate_margin",
+    "non_inferiority_margin": "gate_non_inferiority_margin",
+    "slices": "gate_slices",
+    "max_checkpoint_mb": "gate_max_checkpoint_mb",
+    "max_latency_p95_ms": "gate_max_latency_p95_ms",
+    "require_approval": "require_approval",
+    "decay_margin": "decay_margin",
+    "eval_uri": "eval_uri",
+}
 
 
 def _policy(args: argparse.Namespace) -> Any:
@@ -71,14 +76,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline import storage
     from pipeline.data.generate import WorldSpec, generate, positive_rate, to_parquet_bytes
 
-    spec = WorldSpec(rows=args.rows, seed=args.seed, start=args.start,
-                     covariate_shift=args.covariate_shift, label_prior=args.label_prior,
-                     concept_drift=args.concept_drift, label_poison=args.label_poison,
-                     schema_fault=args.schema_fault)  # fmt: skip
+    spec = WorldSpec(
+        rows=args.rows,
+        seed=args.seed,
+        start=args.start,
+        covariate_shift=args.covariate_shift,
+        label_prior=args.label_prior,
+        concept_drift=args.concept_drift,
+        label_poison=args.label_poison,
+        schema_fault=args.schema_fault,
+    )
     df = generate(spec)
     obj = storage.write_bytes(args.out, to_parquet_bytes(df))
-    _print({"uri": obj.uri, "sha256": obj.sha256, "rows": len(df),
-            "positive_rate": positive_rate(df)})  # fmt: skip
+    _print(
+        {"uri": obj.uri, "sha256": obj.sha256, "rows": len(df), "positive_rate": positive_rate(df)}
+    )
     return 0
 
 
@@ -90,8 +102,9 @@ def cmd_land(args: argparse.Namespace) -> int:
     if args.as_eval:
         rec = land_eval(spec, args.file)
     else:
-        rec = land_batch(spec, args.file, name=args.name, emit=not args.no_event,
-                         airflow_url=args.airflow_url)  # fmt: skip
+        rec = land_batch(
+            spec, args.file, name=args.name, emit=not args.no_event, airflow_url=args.airflow_url
+        )
     _print(rec)
     return 0
 
@@ -110,7 +123,9 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
                 found.append((p, exc))
     else:
         d = specs.discover()
-        found = [(str(s.path), s) for s in d.specs] + [(str(p), specs.SpecError(m)) for p, m in d.errors]
+        found = [(str(s.path), s) for s in d.specs] + [
+            (str(p), specs.SpecError(m)) for p, m in d.errors
+        ]
     failed = 0
     for path, s in found:
         if isinstance(s, Exception):
@@ -124,9 +139,11 @@ def cmd_spec_check(args: argparse.Namespace) -> int:
             failed += 1
             continue
         params = sum(p.numel() for p in model.parameters())
-        print(f"OK {s.name}: registered as {s.model_name}, task {s.task.type}, metric "
-              f"{s.primary_metric}, factory {s.model.factory} ({params} parameters), "
-              f"landing {s.landing_prefix}, trusted set {s.eval_location}")  # fmt: skip
+        print(
+            f"OK {s.name}: registered as {s.model_name}, task {s.task.type}, metric "
+            f"{s.primary_metric}, factory {s.model.factory} ({params} parameters), "
+            f"landing {s.landing_prefix}, trusted set {s.eval_location}"
+        )
     return 1 if failed else 0
 
 
@@ -177,10 +194,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
         rec = steps.decide_retrain(ctx, ins[0], force=args.force, policy=policy)
     elif stage == "train":
         try:
-            rec = steps.train_model(ctx, *ins, max_epochs=args.max_epochs,
-                                    learning_rate=args.learning_rate, seed=args.seed,
-                                    batch_size=args.batch_size, optimizer=args.optimizer,
-                                    state_every=args.state_every)  # fmt: skip
+            rec = steps.train_model(
+                ctx,
+                *ins,
+                max_epochs=args.max_epochs,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                optimizer=args.optimizer,
+                state_every=args.state_every,
+            )
         except PipelineRejection as exc:
             _record_out(args, {"rejected": str(exc)})
             raise
@@ -193,8 +216,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         rec = steps.gate_promotion(ctx, *ins, policy=policy)
     elif stage == "promote":
         if policy.require_approval:
-            raise PolicyViolation("this model's policy requires a human approval before promotion; "
-                                  "approve it in Airflow (approve_promotion), which records who did")  # fmt: skip
+            raise PolicyViolation(
+                "this model's policy requires a human approval before promotion; "
+                "approve it in Airflow (approve_promotion), which records who did"
+            )
         rec = steps.promote_champion(ctx, *ins)
     elif stage == "summary":
         rec = steps.publish_summary(ctx)
@@ -219,17 +244,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         drifted = steps.detect_drift(ctx, ing)
         decision = steps.decide_retrain(ctx, drifted, force=args.force, policy=policy)
         if decision["verdict"] == "train":
-            trained = steps.train_model(ctx, ing, max_epochs=args.max_epochs,
-                                        learning_rate=args.learning_rate, seed=args.seed)  # fmt: skip
+            trained = steps.train_model(
+                ctx,
+                ing,
+                max_epochs=args.max_epochs,
+                learning_rate=args.learning_rate,
+                seed=args.seed,
+            )
             verified = steps.verify_checkpoint(ctx, trained)
             reg = steps.register_challenger(ctx, ing, trained, verified)
             gated = steps.gate_promotion(ctx, reg, policy=policy)
             if policy.require_approval and gated["verdict"] == "promote":
                 # the CLI has no one to ask: the version waits as challenger for a human
                 name = _use_spec(args).name
-                log.warning("v%s passed the gate; model %s requires approval: it stays challenger "
-                            "until approved (approve_promotion in Airflow's retrain_%s)",
-                            gated["model_version"], name, name)  # fmt: skip
+                log.warning(
+                    "v%s passed the gate; model %s requires approval: it stays challenger "
+                    "until approved (approve_promotion in Airflow's retrain_%s)",
+                    gated["model_version"],
+                    name,
+                    name,
+                )
             elif policy.canary:
                 steps.canary_rollout(ctx, gated)
             else:
@@ -251,10 +285,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.serving.replay import ReplayConfig, replay_batch
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one log line per request
-    cfg = ReplayConfig(url=args.url, rate=args.rate, duration_s=args.duration,
-                       labels_after_s=args.labels_after, rows_per_request=args.rows_per_request,
-                       max_requests=args.max_requests, concurrency=args.concurrency,
-                       key_column=args.key_column)  # fmt: skip
+    cfg = ReplayConfig(
+        url=args.url,
+        rate=args.rate,
+        duration_s=args.duration,
+        labels_after_s=args.labels_after,
+        rows_per_request=args.rows_per_request,
+        max_requests=args.max_requests,
+        concurrency=args.concurrency,
+        key_column=args.key_column,
+    )
     report = replay_batch(cfg, args.batch)
     _print(report.to_dict())
     return 0 if report.sent and report.answered_2xx == report.sent else 1
@@ -269,10 +309,16 @@ def cmd_canary(args: argparse.Namespace) -> int:
     plan = canary.CanaryPlan.from_settings(
         **({"analysis_interval_s": args.analysis_interval} if args.analysis_interval else {}),
         **({"bake_s": args.bake} if args.bake is not None else {}),
-    )  # fmt: skip
-    rec = canary.run_canary_rollout(args.version, args.expected_champion or None, plan=plan,
-                                    service_url=args.url or None, run_key=args.run_key,
-                                    actor=args.who, resume=args.resume)  # fmt: skip
+    )
+    rec = canary.run_canary_rollout(
+        args.version,
+        args.expected_champion or None,
+        plan=plan,
+        service_url=args.url or None,
+        run_key=args.run_key,
+        actor=args.who,
+        resume=args.resume,
+    )
     _print(rec)
     return 0 if rec["verdict"] == "promoted" else 3
 
@@ -280,18 +326,30 @@ def cmd_canary(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pipeline.rollback import rollback_champion
 
-    _print(rollback_champion(args.reason, target_version=args.target_version, who=args.who,
-                             run_key=args.run_key, source="cli"))  # fmt: skip
+    _print(
+        rollback_champion(
+            args.reason,
+            target_version=args.target_version,
+            who=args.who,
+            run_key=args.run_key,
+            source="cli",
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="reference data").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="reference data").add_subparsers(
+        dest="data_cmd", required=True
+    )
     g = data.add_parser("generate", help="write a seeded batch of card transactions as Parquet")
     g.add_argument("--out", required=True, help="file:// or s3:// URI to write")
     g.add_argument("--rows", type=int, default=20_000)
@@ -304,34 +362,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--schema-fault", default="none")
     g.set_defaults(func=cmd_generate)
 
-    ld = data.add_parser("land", help="copy a batch into a model's landing prefix and emit its "
-                         "asset event through Airflow's REST API")  # fmt: skip
+    ld = data.add_parser(
+        "land",
+        help="copy a batch into a model's landing prefix and emit its "
+        "asset event through Airflow's REST API",
+    )
     ld.add_argument("--model", required=True, help="model name (models/<name>/model.yaml)")
     ld.add_argument("--file", required=True, help="local Parquet file (or file:// / s3:// URI)")
-    ld.add_argument("--name", default=None, help="object name in the landing prefix (default: "
-                    "<date>/<sha256 prefix>-<file name>)")
+    ld.add_argument(
+        "--name",
+        default=None,
+        help="object name in the landing prefix (default: <date>/<sha256 prefix>-<file name>)",
+    )
     ld.add_argument("--no-event", action="store_true", help="copy only; emit no asset event")
-    ld.add_argument("--as-eval", action="store_true", help="put the file at the spec's trusted "
-                    "evaluation location instead (never a landing batch; no event)")  # fmt: skip
+    ld.add_argument(
+        "--as-eval",
+        action="store_true",
+        help="put the file at the spec's trusted "
+        "evaluation location instead (never a landing batch; no event)",
+    )
     ld.add_argument("--airflow-url", default=None, help="default: PIPELINE_AIRFLOW_API_URL")
     ld.set_defaults(func=cmd_land)
 
-    sc = sub.add_parser("spec", help="model spec tools").add_subparsers(dest="spec_cmd", required=True)
-    chk = sc.add_parser("check", help="validate model specs and build their factories (for a "
-                        "model team's CI); exit 0 when every one is usable")  # fmt: skip
+    sc = sub.add_parser("spec", help="model spec tools").add_subparsers(
+        dest="spec_cmd", required=True
+    )
+    chk = sc.add_parser(
+        "check",
+        help="validate model specs and build their factories (for a "
+        "model team's CI); exit 0 when every one is usable",
+    )
     chk.add_argument("paths", nargs="*", help="spec files (default: every models/*/model.yaml)")
     chk.set_defaults(func=cmd_spec_check)
 
-    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="ck_cmd", required=True)
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
+        dest="ck_cmd", required=True
+    )
     v = ck.add_parser("verify", help="verify a checkpoint; exit 0 when intact")
     v.add_argument("path", help="local directory, file:// or s3:// prefix")
     v.set_defaults(func=cmd_verify)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         which = sp.add_mutually_exclusive_group()
-        which.add_argument("--spec", default=None, help="the model's spec file (models/<name>/model.yaml)")
-        which.add_argument("--model", default=None, help="a model name under PIPELINE_MODELS_ROOT "
-                           "(default: PIPELINE_MODEL, card_fraud)")  # fmt: skip
+        which.add_argument(
+            "--spec", default=None, help="the model's spec file (models/<name>/model.yaml)"
+        )
+        which.add_argument(
+            "--model",
+            default=None,
+            help="a model name under PIPELINE_MODELS_ROOT (default: PIPELINE_MODEL, card_fraud)",
+        )
 
     def common(sp: argparse.ArgumentParser) -> None:
         # Policy and training flags default to the spec's values (None); a flag may only
@@ -341,24 +421,50 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--run-id", default="manual", help="same id = same MLflow run (idempotent)")
         sp.add_argument("--run-after", default=None, help="ISO time used as 'now' for checks")
         sp.add_argument("--force", action="store_true", help="retrain even without drift")
-        sp.add_argument("--decay-margin", type=float, default=None, help="default: the spec's (only smaller)")
-        sp.add_argument("--max-epochs", type=int, default=None, help="default: the spec's budget (only fewer)")
+        sp.add_argument(
+            "--decay-margin", type=float, default=None, help="default: the spec's (only smaller)"
+        )
+        sp.add_argument(
+            "--max-epochs", type=int, default=None, help="default: the spec's budget (only fewer)"
+        )
         sp.add_argument("--learning-rate", type=float, default=None, help="default: the spec's")
         sp.add_argument("--seed", type=int, default=None, help="default: the spec's")
         sp.add_argument("--margin", type=float, default=None, help="gate margin (only larger)")
         sp.add_argument("--floor", type=float, default=None, help="gate floor (only stricter)")
-        sp.add_argument("--non-inferiority-margin", type=float, default=None,
-                        help="also accept a challenger whose CI lower bound is above -MARGIN "
-                        "(only where the spec allows gate.non_inferiority_margin)")
-        sp.add_argument("--slices", nargs="*", default=None,
-                        help="categorical columns whose values must not regress (added to the spec's)")
+        sp.add_argument(
+            "--non-inferiority-margin",
+            type=float,
+            default=None,
+            help="also accept a challenger whose CI lower bound is above -MARGIN "
+            "(only where the spec allows gate.non_inferiority_margin)",
+        )
+        sp.add_argument(
+            "--slices",
+            nargs="*",
+            default=None,
+            help="categorical columns whose values must not regress (added to the spec's)",
+        )
         sp.add_argument("--max-checkpoint-mb", type=float, default=None, help="only smaller")
         sp.add_argument("--max-latency-p95-ms", type=float, default=None, help="only smaller")
-        sp.add_argument("--require-approval", action="store_true", help="recorded; the CLI never waits")
-        sp.add_argument("--eval-uri", default=None, help="another trusted set (only if the spec allows)")
+        sp.add_argument(
+            "--require-approval", action="store_true", help="recorded; the CLI never waits"
+        )
+        sp.add_argument(
+            "--eval-uri", default=None, help="another trusted set (only if the spec allows)"
+        )
 
-    stages = ["ingest", "validate", "drift", "decide", "train", "verify", "register", "gate",
-              "promote", "summary"]  # fmt: skip
+    stages = [
+        "ingest",
+        "validate",
+        "drift",
+        "decide",
+        "train",
+        "verify",
+        "register",
+        "gate",
+        "promote",
+        "summary",
+    ]
     for name in stages:
         sp = sub.add_parser(name, help=f"run the {name} stage")
         common(sp)
@@ -366,13 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--batch", required=True)
         if name == "train":
             sp.add_argument("--batch-size", type=int, default=None, help="default: the spec's")
-            sp.add_argument("--optimizer", choices=["adamw", "sgd"], default=None, help="default: the spec's")
-            sp.add_argument("--state-every", type=int, default=None,
-                            help="steps between training-state checkpoints (resume after a crash)")
-            sp.add_argument("--record-out", default=None,
-                            help="also write the record to this file (rank 0 under torchrun)")
-        sp.add_argument("--in", dest="inputs", action="append",
-                        help="upstream record JSON file ('-' for stdin); repeat in order")  # fmt: skip
+            sp.add_argument(
+                "--optimizer", choices=["adamw", "sgd"], default=None, help="default: the spec's"
+            )
+            sp.add_argument(
+                "--state-every",
+                type=int,
+                default=None,
+                help="steps between training-state checkpoints (resume after a crash)",
+            )
+            sp.add_argument(
+                "--record-out",
+                default=None,
+                help="also write the record to this file (rank 0 under torchrun)",
+            )
+        sp.add_argument(
+            "--in",
+            dest="inputs",
+            action="append",
+            help="upstream record JSON file ('-' for stdin); repeat in order",
+        )
         sp.set_defaults(func=cmd_stage, stage=name)
     r = sub.add_parser("run", help="all stages in order, without Airflow")
     common(r)
@@ -391,8 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--batch", required=True, help="file:// or s3:// Parquet batch")
     rp.add_argument("--rate", type=float, required=True, help="requests per second")
     rp.add_argument("--duration", type=float, required=True, help="seconds")
-    rp.add_argument("--labels-after", type=float, default=None,
-                    help="post each request's labels to /feedback this many seconds later")
+    rp.add_argument(
+        "--labels-after",
+        type=float,
+        default=None,
+        help="post each request's labels to /feedback this many seconds later",
+    )
     rp.add_argument("--rows-per-request", type=int, default=1)
     rp.add_argument("--max-requests", type=int, default=None)
     rp.add_argument("--concurrency", type=int, default=16)
@@ -401,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     cn = sub.add_parser("canary", help="canary a version against the champion (or resume/abort)")
     model_args(cn)
     cn.add_argument("--version", required=True)
-    cn.add_argument("--expected-champion", default="", help="the champion the gate compared against")
+    cn.add_argument(
+        "--expected-champion", default="", help="the champion the gate compared against"
+    )
     cn.add_argument("--url", default="", help="scoring service URL (default: settings)")
     cn.add_argument("--analysis-interval", type=float, default=None)
     cn.add_argument("--bake", type=float, default=None, help="bake seconds (default: settings)")
@@ -439,9 +564,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line (``PIPELINE_LOG_FORMAT=json``): for log shippers."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
-               "logger": record.name, "run_key": getattr(record, "run_key", ""),
-               "message": record.getMessage()}  # fmt: skip
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "run_key": getattr(record, "run_key", ""),
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -487,8 +616,9 @@ def setup_logging(args: argparse.Namespace, stream: Any = None) -> logging.Handl
     if os.environ.get("PIPELINE_LOG_FORMAT", "").lower() == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-7s run=%(run_key)s %(name)s: %(message)s"))  # fmt: skip
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s run=%(run_key)s %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, ProgressHandler)]:
         root.removeHandler(old)

@@ -103,7 +103,9 @@ def load_contract(path: str | Path) -> DataContract:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ContractError(f"data contract not found at {path}; check the model spec's contract field") from None
+        raise ContractError(
+            f"data contract not found at {path}; check the model spec's contract field"
+        ) from None
     try:
         columns = tuple(
             Column(
@@ -148,10 +150,16 @@ def load_contract(path: str | Path) -> DataContract:
     except ContractError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ContractError(f"{path}: malformed data contract, missing or bad field {exc}") from None
+        raise ContractError(
+            f"{path}: malformed data contract, missing or bad field {exc}"
+        ) from None
     names = contract.column_names
-    if contract.id_column is not None and (not isinstance(contract.id_column, str) or not contract.id_column):
-        raise ContractError(f"{path}: id_column must name a column or be left out, got {contract.id_column!r}")
+    if contract.id_column is not None and (
+        not isinstance(contract.id_column, str) or not contract.id_column
+    ):
+        raise ContractError(
+            f"{path}: id_column must name a column or be left out, got {contract.id_column!r}"
+        )
     if contract.time_column is not None and (
         not isinstance(contract.time_column, str) or not contract.time_column
     ):
@@ -161,7 +169,10 @@ def load_contract(path: str | Path) -> DataContract:
     for required in (contract.id_column, contract.time_column, contract.target):
         if required is not None and required not in names:
             raise ContractError(f"{path}: column {required!r} is named but not declared")
-    if contract.time_column is not None and contract.column(contract.time_column).type != "timestamp":
+    if (
+        contract.time_column is not None
+        and contract.column(contract.time_column).type != "timestamp"
+    ):
         raise ContractError(
             f"{path}: time_column {contract.time_column!r} must be declared with type timestamp, "
             f"got {contract.column(contract.time_column).type!r}"

@@ -44,7 +44,11 @@ class RetrainEvidence:
     def __post_init__(self) -> None:
         if self.drift_share is not None and not 0.0 <= self.drift_share <= 1.0:
             raise ValueError(f"drift_share must be in [0, 1], got {self.drift_share}")
-        for name in ("champion_metric_at_promotion", "champion_metric_on_batch", "champion_age_days"):
+        for name in (
+            "champion_metric_at_promotion",
+            "champion_metric_on_batch",
+            "champion_age_days",
+        ):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"{name} must be finite or None, got {v}")
@@ -81,18 +85,27 @@ class RetrainDecision:
     def to_dict(self) -> dict[str, Any]:
         evidence = asdict(self.evidence)
         evidence["drifted_columns"] = list(self.evidence.drifted_columns)
-        return {"verdict": self.verdict, "reason": self.reason.value,
-                "reasons": [r.value for r in self.reasons], "message": self.message(),
-                "evidence": evidence, "policy": self.policy}  # fmt: skip
+        return {
+            "verdict": self.verdict,
+            "reason": self.reason.value,
+            "reasons": [r.value for r in self.reasons],
+            "message": self.message(),
+            "evidence": evidence,
+            "policy": self.policy,
+        }
 
     def summary(self) -> str:
-        return f"{self.verdict}: " + ", ".join(r.value for r in self.reasons) + f" — {self.message()}"
+        return (
+            f"{self.verdict}: " + ", ".join(r.value for r in self.reasons) + f" — {self.message()}"
+        )
 
 
 def _explain(reason: RetrainReason, e: RetrainEvidence, policy: dict[str, Any]) -> str:
     m, margin, max_age = e.metric, policy.get("decay_margin"), policy.get("max_model_age_days")
     share = f"{e.drift_share:.2f}" if e.drift_share is not None else "n/a"
-    limit = f"{e.drift_share_threshold:.2f}" if e.drift_share_threshold is not None else "the threshold"
+    limit = (
+        f"{e.drift_share_threshold:.2f}" if e.drift_share_threshold is not None else "the threshold"
+    )
     if reason is RetrainReason.FORCED:
         return "forced by the trigger"
     if reason is RetrainReason.NO_CHAMPION:
@@ -103,19 +116,28 @@ def _explain(reason: RetrainReason, e: RetrainEvidence, policy: dict[str, Any]) 
     if reason is RetrainReason.LABEL_SHIFT:
         return "the label prior shifted"
     if reason is RetrainReason.PERFORMANCE_DECAY:
-        return (f"champion {m} {e.champion_metric_at_promotion:.4f} at promotion -> "
-                f"{e.champion_metric_on_batch:.4f} on this batch, drop {e.metric_drop:.4f} > "
-                f"margin {margin}")  # fmt: skip
+        return (
+            f"champion {m} {e.champion_metric_at_promotion:.4f} at promotion -> "
+            f"{e.champion_metric_on_batch:.4f} on this batch, drop {e.metric_drop:.4f} > "
+            f"margin {margin}"
+        )
     if reason is RetrainReason.MODEL_TOO_OLD:
         return f"champion is {e.champion_age_days:.1f} days old > {max_age} days"
-    parts = [f"no dataset drift (share {share} < {limit})" if e.dataset_drift is not None
-             else "drift not measured"]  # fmt: skip
+    parts = [
+        f"no dataset drift (share {share} < {limit})"
+        if e.dataset_drift is not None
+        else "drift not measured"
+    ]
     if e.label_drifted is not None:
-        parts.append("label prior stable" if not e.label_drifted else "label shift ignored by policy")
+        parts.append(
+            "label prior stable" if not e.label_drifted else "label shift ignored by policy"
+        )
     drop = e.metric_drop
     if drop is not None:
-        parts.append(f"champion {m} {e.champion_metric_at_promotion:.4f} -> "
-                     f"{e.champion_metric_on_batch:.4f} (drop {drop:.4f} <= margin {margin})")  # fmt: skip
+        parts.append(
+            f"champion {m} {e.champion_metric_at_promotion:.4f} -> "
+            f"{e.champion_metric_on_batch:.4f} (drop {drop:.4f} <= margin {margin})"
+        )
     else:
         parts.append(f"champion {m} on this batch not measurable")
     if e.champion_age_days is not None:
@@ -154,6 +176,4 @@ class RetrainPolicy:
         if e.champion_age_days is not None and e.champion_age_days > self.max_model_age_days:
             reasons.append(RetrainReason.MODEL_TOO_OLD)
         retrain = bool(reasons)
-        return RetrainDecision(
-            retrain, reasons or [RetrainReason.NOTHING_CHANGED], e, asdict(self)
-        )
+        return RetrainDecision(retrain, reasons or [RetrainReason.NOTHING_CHANGED], e, asdict(self))

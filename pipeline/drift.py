@@ -63,8 +63,14 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 _VALUE_DRIFT = "evidently:metric_v2:ValueDrift"
-DEFAULT_THRESHOLDS = {"wasserstein": 0.1, "jensenshannon": 0.1, "psi": 0.1,
-                      "ks": 0.05, "chisquare": 0.05, "z": 0.05}  # fmt: skip
+DEFAULT_THRESHOLDS = {
+    "wasserstein": 0.1,
+    "jensenshannon": 0.1,
+    "psi": 0.1,
+    "ks": 0.05,
+    "chisquare": 0.05,
+    "z": 0.05,
+}
 P_VALUE_METHODS = ("ks", "chisquare", "z")
 SMALL_REFERENCE = 1000  # Evidently: reference rows above this use distances
 FEW_VALUES = 5  # numeric columns with at most this many values are treated by value counts
@@ -97,7 +103,9 @@ class DriftReport:
     reference_positive_rate: float
     current_positive_rate: float
     target: str = ""
-    rate_label: str = "positive rate"  # multiclass: "share of class <c>" (the contract's positive label)
+    rate_label: str = (
+        "positive rate"  # multiclass: "share of class <c>" (the contract's positive label)
+    )
 
     def drifted_columns(self) -> list[str]:
         return [c.column for c in self.columns if c.drifted]
@@ -159,7 +167,9 @@ def positive_rate(df: pd.DataFrame, contract: DataContract) -> float:
 # Each mirrors the Evidently 0.7 function named in its docstring, on plain arrays/counts.
 
 
-def _percents(ref: dict[Any, int], cur: dict[Any, int], feel_zeroes: bool) -> tuple[np.ndarray, np.ndarray]:
+def _percents(
+    ref: dict[Any, int], cur: dict[Any, int], feel_zeroes: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """``get_binned_data``'s value-count branch."""
     keys = list(set(ref) | set(cur))
     n_ref, n_cur = sum(ref.values()), sum(cur.values())
@@ -336,7 +346,10 @@ class _NumericCurrent:
         self.m += len(x)
         if self.values is not None:
             probe = np.unique(x[:2048])
-            if len(probe) > _TRACK_VALUES or len(self.values.keys() | set(probe.tolist())) > _TRACK_VALUES:
+            if (
+                len(probe) > _TRACK_VALUES
+                or len(self.values.keys() | set(probe.tolist())) > _TRACK_VALUES
+            ):
                 self.values = None
             else:
                 self.values.update(_value_counts(x))
@@ -372,7 +385,11 @@ class _NumericCurrent:
         est = np.where(same, h * np.abs(f0 + f1) / 2, h * (f0**2 + f1**2) / (2 * denom))
         tails = (self.below + self.above) / m
         norm = max(ref.std, 0.001)
-        low, mid, high = (tails + lo.sum()) / norm, (tails + est.sum()) / norm, (tails + hi.sum()) / norm
+        low, mid, high = (
+            (tails + lo.sum()) / norm,
+            (tails + est.sum()) / norm,
+            (tails + hi.sum()) / norm,
+        )
         return low, min(max(mid, low), high), high
 
 
@@ -443,7 +460,9 @@ def detect_drift_sources(
                 try:
                     cur_num[col].update(_finite_values(arr))
                 except ValueError as exc:
-                    raise ValueError(f"current column {col}: {exc}; validate the batch first") from None
+                    raise ValueError(
+                        f"current column {col}: {exc}; validate the batch first"
+                    ) from None
             else:
                 _counts(arr, cur_cat[col])
 
@@ -466,7 +485,9 @@ def detect_drift_sources(
         reference_positive_rate=_rate(ref_cat[plan.target], contract.positive_label),
         current_positive_rate=_rate(cur_cat[plan.target], contract.positive_label),
         target=plan.target,
-        rate_label="positive rate" if contract.num_classes == 2 else f"share of class {contract.positive_label}",
+        rate_label="positive rate"
+        if contract.num_classes == 2
+        else f"share of class {contract.positive_label}",
     )
     page = ""
     if html:
@@ -485,7 +506,9 @@ def _rate(counts: Counter, positive: Any) -> float:
     return counts.get(positive, 0) / total if total else math.nan
 
 
-def _method(col: str, contract: DataContract, n_ref: int, n_values: int, numeric: bool) -> tuple[str, float]:
+def _method(
+    col: str, contract: DataContract, n_ref: int, n_values: int, numeric: bool
+) -> tuple[str, float]:
     spec = contract.column(col)
     if spec.drift_method:
         method = spec.drift_method
@@ -498,44 +521,69 @@ def _method(col: str, contract: DataContract, n_ref: int, n_values: int, numeric
         method = "wasserstein"
     else:
         method = "jensenshannon"
-    threshold = spec.drift_threshold if spec.drift_threshold is not None else DEFAULT_THRESHOLDS[method]
+    threshold = (
+        spec.drift_threshold if spec.drift_threshold is not None else DEFAULT_THRESHOLDS[method]
+    )
     return method, threshold
 
 
 def _numeric_drift(
-    col: str, contract: DataContract, ref: _NumericReference, cur: _NumericCurrent,
-    reference: TableSource, current: TableSource,
+    col: str,
+    contract: DataContract,
+    ref: _NumericReference,
+    cur: _NumericCurrent,
+    reference: TableSource,
+    current: TableSource,
 ) -> ColumnDrift:
     if ref.n == 0 or cur.m == 0:
         side = "reference" if ref.n == 0 else "current"
-        raise ValueError(f"an empty column '{col}' was provided for drift calculation in the {side} batch")
+        raise ValueError(
+            f"an empty column '{col}' was provided for drift calculation in the {side} batch"
+        )
     counts_known = ref.values is not None and cur.values is not None
     n_values = len(set(ref.values) | set(cur.values)) if counts_known else _TRACK_VALUES + 1  # type: ignore[arg-type]
     method, threshold = _method(col, contract, ref.n, n_values, numeric=True)
     if method == "wasserstein":
         low, estimate, high = cur.wasserstein_bounds(ref)
         if low >= threshold or high < threshold:
-            return ColumnDrift(col, method, float(estimate), float(threshold), bool(low >= threshold),
-                               bool(low == high), float(low), float(high))  # fmt: skip
+            return ColumnDrift(
+                col,
+                method,
+                float(estimate),
+                float(threshold),
+                bool(low >= threshold),
+                bool(low == high),
+                float(low),
+                float(high),
+            )
     elif counts_known and method in ("chisquare", "z", "jensenshannon", "psi"):
         score = _from_counts(method, ref.values, cur.values)  # type: ignore[arg-type]
-        return ColumnDrift(col, method, score, threshold, _is_drift(method, score, threshold), True,
-                           score, score)  # fmt: skip
+        return ColumnDrift(
+            col, method, score, threshold, _is_drift(method, score, threshold), True, score, score
+        )
     # Exact on the full columns, one at a time.
-    score = _from_arrays(method, _finite_values(reference.column(col)), _finite_values(current.column(col)))
-    return ColumnDrift(col, method, score, threshold, _is_drift(method, score, threshold), True, score, score)
+    score = _from_arrays(
+        method, _finite_values(reference.column(col)), _finite_values(current.column(col))
+    )
+    return ColumnDrift(
+        col, method, score, threshold, _is_drift(method, score, threshold), True, score, score
+    )
 
 
 def _categorical_drift(col: str, contract: DataContract, ref: Counter, cur: Counter) -> ColumnDrift:
     n_ref = sum(ref.values())
     if n_ref == 0 or not cur:
         side = "reference" if n_ref == 0 else "current"
-        raise ValueError(f"an empty column '{col}' was provided for drift calculation in the {side} batch")
+        raise ValueError(
+            f"an empty column '{col}' was provided for drift calculation in the {side} batch"
+        )
     method, threshold = _method(col, contract, n_ref, len(set(ref) | set(cur)), numeric=False)
     if method in ("wasserstein", "ks"):
         raise ValueError(f"drift method {method} needs a numeric column; {col} is categorical")
     score = _from_counts(method, dict(ref), dict(cur))
-    return ColumnDrift(col, method, score, threshold, _is_drift(method, score, threshold), True, score, score)
+    return ColumnDrift(
+        col, method, score, threshold, _is_drift(method, score, threshold), True, score, score
+    )
 
 
 # --------------------------------------------------------------------------- entry points
@@ -567,8 +615,15 @@ def detect_drift(
         if missing:
             raise ValueError(f"{name} frame lacks contract columns {missing}")
         sources.append(TableSource.from_frame(frame[columns])[0])
-    return detect_drift_sources(sources[0], sources[1], contract, share_threshold=share_threshold,
-                                sample_rows=sample_rows, seed=seed, html=html)  # fmt: skip
+    return detect_drift_sources(
+        sources[0],
+        sources[1],
+        contract,
+        share_threshold=share_threshold,
+        sample_rows=sample_rows,
+        seed=seed,
+        html=html,
+    )
 
 
 def detect_drift_uris(
@@ -583,16 +638,25 @@ def detect_drift_uris(
 ) -> tuple[DriftReport, str]:
     """:func:`detect_drift` on two Parquet objects, streaming (never a whole frame)."""
     cats = contract.categorical_features
-    return detect_drift_sources(open_source(reference_uri, cats), open_source(current_uri, cats), contract,
-                                share_threshold=share_threshold, sample_rows=sample_rows,
-                                seed=seed, html=html)  # fmt: skip
+    return detect_drift_sources(
+        open_source(reference_uri, cats),
+        open_source(current_uri, cats),
+        contract,
+        share_threshold=share_threshold,
+        sample_rows=sample_rows,
+        seed=seed,
+        html=html,
+    )
 
 
 # --------------------------------------------------------------------------- Evidently
 
 
 def evidently_html(
-    reference: pd.DataFrame, current: pd.DataFrame, contract: DataContract, *,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    contract: DataContract,
+    *,
     share_threshold: float | None = None,
 ) -> str:
     """Evidently's DataDriftPreset page for two (sampled) frames, for people to read."""
@@ -600,16 +664,23 @@ def evidently_html(
 
 
 def evidently_verdicts(
-    reference: pd.DataFrame, current: pd.DataFrame, contract: DataContract, *,
-    share_threshold: float | None = None, html: bool = False,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    contract: DataContract,
+    *,
+    share_threshold: float | None = None,
+    html: bool = False,
 ) -> tuple[dict[str, ColumnDrift], str]:
     """Evidently's own per-column results (method, score, threshold, drifted) and HTML."""
     return _evidently(reference, current, contract, share_threshold, html=html)
 
 
 def _evidently(
-    reference: pd.DataFrame, current: pd.DataFrame, contract: DataContract,
-    share_threshold: float | None, html: bool = True,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    contract: DataContract,
+    share_threshold: float | None,
+    html: bool = True,
 ) -> tuple[dict[str, ColumnDrift], str]:
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
@@ -618,14 +689,24 @@ def _evidently(
     columns = plan.columns
     share = contract.drift_share if share_threshold is None else share_threshold
     per_column = {c.name: c.drift_method for c in contract.columns if c.drift_method}
-    thresholds = {c.name: c.drift_threshold for c in contract.columns if c.drift_threshold is not None}
+    thresholds = {
+        c.name: c.drift_threshold for c in contract.columns if c.drift_threshold is not None
+    }
     # class labels are categorical whatever their dtype
-    definition = DataDefinition(numerical_columns=plan.numeric, categorical_columns=plan.categorical)
+    definition = DataDefinition(
+        numerical_columns=plan.numeric, categorical_columns=plan.categorical
+    )
     report = Report(
-        [DataDriftPreset(columns=columns, drift_share=share, per_column_method=per_column or None,
-                         per_column_threshold=thresholds or None)],
+        [
+            DataDriftPreset(
+                columns=columns,
+                drift_share=share,
+                per_column_method=per_column or None,
+                per_column_threshold=thresholds or None,
+            )
+        ],
         include_tests=True,  # the per-column pass/fail (drift detected) lives in the tests
-    )  # fmt: skip
+    )
     snapshot = report.run(
         Dataset.from_pandas(current[columns].reset_index(drop=True), data_definition=definition),
         Dataset.from_pandas(reference[columns].reset_index(drop=True), data_definition=definition),
@@ -642,6 +723,11 @@ def _evidently(
         if config.get("type") != _VALUE_DRIFT:
             continue
         name = config["column"]
-        drifts[name] = ColumnDrift(name, str(config.get("method")), float(metric["value"]),
-                                   float(config.get("threshold")), detected[name])  # fmt: skip
+        drifts[name] = ColumnDrift(
+            name,
+            str(config.get("method")),
+            float(metric["value"]),
+            float(config.get("threshold")),
+            detected[name],
+        )
     return drifts, snapshot.get_html_str(as_iframe=False) if html else ""

@@ -49,8 +49,13 @@ class LatencyReport:
 
 
 def measure_latency(
-    model: nn.Module, spec: FeatureSpec, df: pd.DataFrame, *, batch_size: int = 256,
-    batches: int = 40, warmup: int = 3,
+    model: nn.Module,
+    spec: FeatureSpec,
+    df: pd.DataFrame,
+    *,
+    batch_size: int = 256,
+    batches: int = 40,
+    warmup: int = 3,
 ) -> LatencyReport:
     """Wall time per batch of ``batch_size`` raw rows (features + forward pass), on CPU,
     one thread pool as configured; ``warmup`` batches are run first and not counted."""
@@ -66,5 +71,10 @@ def measure_latency(
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1000)
     arr = np.asarray(times)
-    return LatencyReport(batch_size, len(arr), float(np.percentile(arr, 50)),
-                         float(np.percentile(arr, 95)), float(arr.max()))  # fmt: skip
+    return LatencyReport(
+        batch_size,
+        len(arr),
+        float(np.percentile(arr, 50)),
+        float(np.percentile(arr, 95)),
+        float(arr.max()),
+    )

@@ -82,14 +82,20 @@ class GateInputs:
         object.__setattr__(self, "challenger_proba", _matrix(self.challenger_proba))
         if self.champion_proba is not None:
             object.__setattr__(self, "champion_proba", _matrix(self.champion_proba))
-        object.__setattr__(self, "slices", {str(k): np.asarray(v, dtype=str)
-                                            for k, v in self.slices.items()})  # fmt: skip
+        object.__setattr__(
+            self, "slices", {str(k): np.asarray(v, dtype=str) for k, v in self.slices.items()}
+        )
         n = len(self.labels)
         if self.challenger_proba.shape[0] != n:
             raise ValueError(f"challenger has {self.challenger_proba.shape[0]} rows, labels {n}")
-        if self.champion_proba is not None and self.champion_proba.shape != self.challenger_proba.shape:
-            raise ValueError(f"champion predictions {self.champion_proba.shape} do not match the "
-                             f"challenger's {self.challenger_proba.shape}: not the same rows/classes")  # fmt: skip
+        if (
+            self.champion_proba is not None
+            and self.champion_proba.shape != self.challenger_proba.shape
+        ):
+            raise ValueError(
+                f"champion predictions {self.champion_proba.shape} do not match the "
+                f"challenger's {self.challenger_proba.shape}: not the same rows/classes"
+            )
         if self.champion_proba is not None and self.champion_version is None:
             raise ValueError("champion predictions given without the champion's version")
         for col, values in self.slices.items():
@@ -112,12 +118,16 @@ class GateInputs:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateInputs:
         return cls(
-            labels=np.asarray(d["labels"]), challenger_proba=np.asarray(d["challenger_proba"]),
-            champion_proba=None if d.get("champion_proba") is None else np.asarray(d["champion_proba"]),
+            labels=np.asarray(d["labels"]),
+            challenger_proba=np.asarray(d["challenger_proba"]),
+            champion_proba=None
+            if d.get("champion_proba") is None
+            else np.asarray(d["champion_proba"]),
             champion_version=d.get("champion_version"),
             slices={k: np.asarray(v) for k, v in (d.get("slices") or {}).items()},
-            checkpoint_bytes=d.get("checkpoint_bytes"), latency_p95_ms=d.get("latency_p95_ms"),
-        )  # fmt: skip
+            checkpoint_bytes=d.get("checkpoint_bytes"),
+            latency_p95_ms=d.get("latency_p95_ms"),
+        )
 
 
 def _matrix(a: Any) -> np.ndarray:
@@ -174,14 +184,20 @@ class GateDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "verdict": self.verdict, "promote": self.promote, "reason": self.reason.value,
-            "reasons": [r.value for r in self.reasons], "metric": self.metric,
-            "challenger": self.challenger, "champion": self.champion,
+            "verdict": self.verdict,
+            "promote": self.promote,
+            "reason": self.reason.value,
+            "reasons": [r.value for r in self.reasons],
+            "metric": self.metric,
+            "challenger": self.challenger,
+            "champion": self.champion,
             "champion_version": self.champion_version,
             "checks": [c.to_dict() for c in self.checks],
             "challenger_metrics": self.challenger_metrics,
-            "champion_metrics": self.champion_metrics, "gate": self.gate, "message": self.message,
-        }  # fmt: skip
+            "champion_metrics": self.champion_metrics,
+            "gate": self.gate,
+            "message": self.message,
+        }
 
 
 @dataclass(frozen=True)
@@ -209,12 +225,18 @@ class PromotionGate:
             if not math.isfinite(v):
                 raise ValueError(f"floor for {m} must be finite, got {v}")
         if not 0 <= self.min_improvement < 1:
-            raise ValueError(f"gate min_improvement (margin) must be in [0, 1), got {self.min_improvement}")
+            raise ValueError(
+                f"gate min_improvement (margin) must be in [0, 1), got {self.min_improvement}"
+            )
         if self.improvement not in ("absolute", "relative"):
-            raise ValueError(f"improvement must be 'absolute' or 'relative', got {self.improvement!r}")
+            raise ValueError(
+                f"improvement must be 'absolute' or 'relative', got {self.improvement!r}"
+            )
         if self.non_inferiority_margin is not None and not 0 <= self.non_inferiority_margin < 1:
-            raise ValueError("non_inferiority_margin must be None or in [0, 1), got "
-                             f"{self.non_inferiority_margin}")  # fmt: skip
+            raise ValueError(
+                "non_inferiority_margin must be None or in [0, 1), got "
+                f"{self.non_inferiority_margin}"
+            )
         if self.slice_tolerance < 0 or self.min_slice_rows < 1:
             raise ValueError("slice_tolerance must be >= 0 and min_slice_rows >= 1")
         if self.max_checkpoint_bytes is not None and self.max_checkpoint_bytes <= 0:
@@ -250,34 +272,76 @@ class PromotionGate:
             value = chal.get(fm)
             op = ">=" if DIRECTION[fm] > 0 else "<="
             if value is None or not math.isfinite(value):
-                checks.append(Check("floor", fm, None, threshold=f"{op} {floor:.4f}", passed=False,
-                                    reason=GateReason.METRIC_MISSING,
-                                    detail=f"challenger has no {fm} on the evaluation set"))  # fmt: skip
+                checks.append(
+                    Check(
+                        "floor",
+                        fm,
+                        None,
+                        threshold=f"{op} {floor:.4f}",
+                        passed=False,
+                        reason=GateReason.METRIC_MISSING,
+                        detail=f"challenger has no {fm} on the evaluation set",
+                    )
+                )
                 continue
             ok = DIRECTION[fm] * (value - floor) >= 0
-            checks.append(Check("floor", fm, value, champ.get(fm) if champ else None,
-                                threshold=f"{op} {floor:.4f} (floor)", passed=ok,
-                                reason=None if ok else GateReason.BELOW_FLOOR,
-                                detail="" if ok else f"challenger {fm}={value:.4f} is below the "
-                                f"floor {floor:.4f}"))  # fmt: skip
+            checks.append(
+                Check(
+                    "floor",
+                    fm,
+                    value,
+                    champ.get(fm) if champ else None,
+                    threshold=f"{op} {floor:.4f} (floor)",
+                    passed=ok,
+                    reason=None if ok else GateReason.BELOW_FLOOR,
+                    detail=""
+                    if ok
+                    else f"challenger {fm}={value:.4f} is below the floor {floor:.4f}",
+                )
+            )
 
         checks += self._budgets(inputs)
 
         if champ_p is not None:
             counts = bootstrap_counts(len(y), self.resamples, self.seed)
-            checks.append(self._versus_champion(y, chal_p, champ_p, counts, inputs.champion_version))
+            checks.append(
+                self._versus_champion(y, chal_p, champ_p, counts, inputs.champion_version)
+            )
             for info in BOOTSTRAP_METRICS:
                 if info != m:
-                    bs = paired_bootstrap(info, y, chal_p, champ_p, counts=counts,
-                                          confidence=self.confidence, seed=self.seed)  # fmt: skip
-                    checks.append(Check("info", info, bs["a"], bs["b"], bs["diff"], bs["ci_low"],
-                                        bs["ci_high"], threshold="(reported, not gated)"))  # fmt: skip
+                    bs = paired_bootstrap(
+                        info,
+                        y,
+                        chal_p,
+                        champ_p,
+                        counts=counts,
+                        confidence=self.confidence,
+                        seed=self.seed,
+                    )
+                    checks.append(
+                        Check(
+                            "info",
+                            info,
+                            bs["a"],
+                            bs["b"],
+                            bs["diff"],
+                            bs["ci_low"],
+                            bs["ci_high"],
+                            threshold="(reported, not gated)",
+                        )
+                    )
             for col in self.slices:
                 checks += self._slice_checks(col, inputs)
         elif self.slices:
-            checks.append(Check("slice", f"{m} [{', '.join(self.slices)}]", None,
-                                threshold="no regression per slice",
-                                detail="no champion: nothing to regress against"))  # fmt: skip
+            checks.append(
+                Check(
+                    "slice",
+                    f"{m} [{', '.join(self.slices)}]",
+                    None,
+                    threshold="no regression per slice",
+                    detail="no champion: nothing to regress against",
+                )
+            )
 
         failed = [c for c in checks if c.passed is False]
         if failed:
@@ -290,96 +354,188 @@ class PromotionGate:
         promote = not failed
         cv = inputs.champion_version
         if promote and champ_p is None:
-            msg = ("no champion; challenger clears every floor ("
-                   + ", ".join(f"{c.metric}={c.challenger:.4f}" for c in checks if c.kind == "floor")
-                   + ") and every budget set")  # fmt: skip
+            msg = (
+                "no champion; challenger clears every floor ("
+                + ", ".join(f"{c.metric}={c.challenger:.4f}" for c in checks if c.kind == "floor")
+                + ") and every budget set"
+            )
         elif promote:
             msg = next(c.detail for c in checks if c.kind == "champion")
         else:
             msg = "; ".join(c.detail for c in failed) + (
-                f"; champion v{cv} stays" if cv else "; no champion, nothing promoted")
+                f"; champion v{cv} stays" if cv else "; no champion, nothing promoted"
+            )
         return GateDecision(
-            promote=promote, reason=reasons[0], reasons=reasons, metric=m,
-            challenger=chal.get(m), champion=champ.get(m) if champ else None,
-            champion_version=cv, checks=checks, challenger_metrics=chal,
-            champion_metrics=champ, gate=self.to_dict(), message=msg,
-        )  # fmt: skip
+            promote=promote,
+            reason=reasons[0],
+            reasons=reasons,
+            metric=m,
+            challenger=chal.get(m),
+            champion=champ.get(m) if champ else None,
+            champion_version=cv,
+            checks=checks,
+            challenger_metrics=chal,
+            champion_metrics=champ,
+            gate=self.to_dict(),
+            message=msg,
+        )
 
-    def _versus_champion(self, y: np.ndarray, chal_p: np.ndarray, champ_p: np.ndarray,
-                         counts: np.ndarray, champion_version: str | None) -> Check:  # fmt: skip
+    def _versus_champion(
+        self,
+        y: np.ndarray,
+        chal_p: np.ndarray,
+        champ_p: np.ndarray,
+        counts: np.ndarray,
+        champion_version: str | None,
+    ) -> Check:
         m, sign, pct = self.metric, DIRECTION[self.metric], f"{self.confidence:.0%}"
-        bs = paired_bootstrap(m, y, chal_p, champ_p, counts=counts, confidence=self.confidence,
-                              seed=self.seed)  # fmt: skip
+        bs = paired_bootstrap(
+            m, y, chal_p, champ_p, counts=counts, confidence=self.confidence, seed=self.seed
+        )
         base: dict[str, Any] = {
-            "kind": "champion", "metric": m, "challenger": bs["a"], "champion": bs["b"],
-            "difference": bs["diff"], "ci_low": bs["ci_low"], "ci_high": bs["ci_high"],
-        }  # fmt: skip
+            "kind": "champion",
+            "metric": m,
+            "challenger": bs["a"],
+            "champion": bs["b"],
+            "difference": bs["diff"],
+            "ci_low": bs["ci_low"],
+            "ci_high": bs["ci_high"],
+        }
         if not all(math.isfinite(bs[k]) for k in ("a", "b", "ci_low", "ci_high")):
-            return Check(**base, threshold="defined on the evaluation set", passed=False,
-                         reason=GateReason.METRIC_MISSING,
-                         detail=f"{m} is undefined for challenger or champion on the evaluation set")  # fmt: skip
+            return Check(
+                **base,
+                threshold="defined on the evaluation set",
+                passed=False,
+                reason=GateReason.METRIC_MISSING,
+                detail=f"{m} is undefined for challenger or champion on the evaluation set",
+            )
         # improvement oriented so that positive is better
         lo = sign * (bs["ci_low"] if sign > 0 else bs["ci_high"])
         required = self.min_improvement * (abs(bs["b"]) if self.improvement == "relative" else 1.0)
         ci = f"{pct} CI [{bs['ci_low']:+.4f}, {bs['ci_high']:+.4f}]"
-        vs = (f"challenger {m}={bs['a']:.4f} vs champion v{champion_version} {bs['b']:.4f}: "
-              f"{bs['diff']:+.4f}, {ci}")  # fmt: skip
+        vs = (
+            f"challenger {m}={bs['a']:.4f} vs champion v{champion_version} {bs['b']:.4f}: "
+            f"{bs['diff']:+.4f}, {ci}"
+        )
         word = "gain" if sign > 0 else "reduction"
-        threshold = (f"CI lower bound of the {word} >= {required:.4f}"
-                     + (f" ({self.min_improvement:.2%} relative)" if self.improvement == "relative" else "")
-                     + (f", or > -{self.non_inferiority_margin:.4f} (non-inferiority)"
-                        if self.non_inferiority_margin is not None else ""))  # fmt: skip
+        threshold = (
+            f"CI lower bound of the {word} >= {required:.4f}"
+            + (f" ({self.min_improvement:.2%} relative)" if self.improvement == "relative" else "")
+            + (
+                f", or > -{self.non_inferiority_margin:.4f} (non-inferiority)"
+                if self.non_inferiority_margin is not None
+                else ""
+            )
+        )
         if lo >= required:
-            return Check(**base, threshold=threshold, passed=True,
-                         reason=GateReason.IMPROVES_ON_CHAMPION,
-                         detail=f"{vs}: the whole interval clears the required {word} {required:.4f}")  # fmt: skip
+            return Check(
+                **base,
+                threshold=threshold,
+                passed=True,
+                reason=GateReason.IMPROVES_ON_CHAMPION,
+                detail=f"{vs}: the whole interval clears the required {word} {required:.4f}",
+            )
         if self.non_inferiority_margin is not None and lo > -self.non_inferiority_margin:
-            return Check(**base, threshold=threshold, passed=True,
-                         reason=GateReason.NON_INFERIOR_TO_CHAMPION,
-                         detail=f"{vs}: non-inferior within margin {self.non_inferiority_margin:.4f}")  # fmt: skip
-        why = "the interval straddles zero (a tie within noise)" if lo < 0 < sign * (
-            bs["ci_high"] if sign > 0 else bs["ci_low"]) else "not better by the margin"  # fmt: skip
-        return Check(**base, threshold=threshold, passed=False,
-                     reason=GateReason.NOT_BETTER_THAN_CHAMPION,
-                     detail=f"{vs}: {why}; needs the CI lower bound >= {required:.4f}"
-                     + (f" or > -{self.non_inferiority_margin:.4f}"
-                        if self.non_inferiority_margin is not None else ""))  # fmt: skip
+            return Check(
+                **base,
+                threshold=threshold,
+                passed=True,
+                reason=GateReason.NON_INFERIOR_TO_CHAMPION,
+                detail=f"{vs}: non-inferior within margin {self.non_inferiority_margin:.4f}",
+            )
+        why = (
+            "the interval straddles zero (a tie within noise)"
+            if lo < 0 < sign * (bs["ci_high"] if sign > 0 else bs["ci_low"])
+            else "not better by the margin"
+        )
+        return Check(
+            **base,
+            threshold=threshold,
+            passed=False,
+            reason=GateReason.NOT_BETTER_THAN_CHAMPION,
+            detail=f"{vs}: {why}; needs the CI lower bound >= {required:.4f}"
+            + (
+                f" or > -{self.non_inferiority_margin:.4f}"
+                if self.non_inferiority_margin is not None
+                else ""
+            ),
+        )
 
     def _budgets(self, inputs: GateInputs) -> list[Check]:
         out = []
         if self.max_checkpoint_bytes is not None:
             b, cap = inputs.checkpoint_bytes, self.max_checkpoint_bytes
             if b is None:
-                out.append(Check("size", "checkpoint_bytes", None, threshold=f"<= {cap:,} bytes",
-                                 passed=False, reason=GateReason.METRIC_MISSING,
-                                 detail="checkpoint size not measured"))  # fmt: skip
+                out.append(
+                    Check(
+                        "size",
+                        "checkpoint_bytes",
+                        None,
+                        threshold=f"<= {cap:,} bytes",
+                        passed=False,
+                        reason=GateReason.METRIC_MISSING,
+                        detail="checkpoint size not measured",
+                    )
+                )
             else:
                 ok = b <= cap
-                out.append(Check("size", "checkpoint_bytes", float(b), threshold=f"<= {cap:,} bytes",
-                                 passed=ok, reason=None if ok else GateReason.OVER_SIZE_BUDGET,
-                                 detail="" if ok else f"checkpoint is {b} bytes, over the "
-                                 f"budget of {cap}"))  # fmt: skip
+                out.append(
+                    Check(
+                        "size",
+                        "checkpoint_bytes",
+                        float(b),
+                        threshold=f"<= {cap:,} bytes",
+                        passed=ok,
+                        reason=None if ok else GateReason.OVER_SIZE_BUDGET,
+                        detail="" if ok else f"checkpoint is {b} bytes, over the budget of {cap}",
+                    )
+                )
         if self.max_latency_p95_ms is not None:
             t, cap_ms = inputs.latency_p95_ms, self.max_latency_p95_ms
             if t is None:
-                out.append(Check("latency", "latency_p95_ms", None, threshold=f"<= {cap_ms:g} ms",
-                                 passed=False, reason=GateReason.METRIC_MISSING,
-                                 detail="prediction latency not measured"))  # fmt: skip
+                out.append(
+                    Check(
+                        "latency",
+                        "latency_p95_ms",
+                        None,
+                        threshold=f"<= {cap_ms:g} ms",
+                        passed=False,
+                        reason=GateReason.METRIC_MISSING,
+                        detail="prediction latency not measured",
+                    )
+                )
             else:
                 ok = t <= cap_ms
-                out.append(Check("latency", "latency_p95_ms", float(t),
-                                 threshold=f"<= {cap_ms:g} ms", passed=ok,
-                                 reason=None if ok else GateReason.OVER_LATENCY_BUDGET,
-                                 detail="" if ok else f"p95 latency {t:.1f} ms per batch is over "
-                                 f"the budget of {cap_ms:g} ms"))  # fmt: skip
+                out.append(
+                    Check(
+                        "latency",
+                        "latency_p95_ms",
+                        float(t),
+                        threshold=f"<= {cap_ms:g} ms",
+                        passed=ok,
+                        reason=None if ok else GateReason.OVER_LATENCY_BUDGET,
+                        detail=""
+                        if ok
+                        else f"p95 latency {t:.1f} ms per batch is over "
+                        f"the budget of {cap_ms:g} ms",
+                    )
+                )
         return out
 
     def _slice_checks(self, col: str, inputs: GateInputs) -> list[Check]:
         m, sign = self.metric, DIRECTION[self.metric]
         if col not in inputs.slices:
-            return [Check("slice", m, None, threshold="no regression per slice", passed=False,
-                          reason=GateReason.METRIC_MISSING,
-                          detail=f"slice column {col!r} is not in the evaluation inputs")]  # fmt: skip
+            return [
+                Check(
+                    "slice",
+                    m,
+                    None,
+                    threshold="no regression per slice",
+                    passed=False,
+                    reason=GateReason.METRIC_MISSING,
+                    detail=f"slice column {col!r} is not in the evaluation inputs",
+                )
+            ]
         values = inputs.slices[col]
         y = inputs.labels
         assert inputs.champion_proba is not None
@@ -391,35 +547,71 @@ class PromotionGate:
             n = int(mask.sum())
             classes = len(np.unique(y[mask]))
             if n < self.min_slice_rows or (m == "roc_auc" and classes < 2):
-                out.append(Check("slice", name, None, threshold=threshold,
-                                 detail=f"not judged: {n} rows, {classes} class(es) "
-                                 f"(needs >= {self.min_slice_rows} rows and both classes)"))  # fmt: skip
+                out.append(
+                    Check(
+                        "slice",
+                        name,
+                        None,
+                        threshold=threshold,
+                        detail=f"not judged: {n} rows, {classes} class(es) "
+                        f"(needs >= {self.min_slice_rows} rows and both classes)",
+                    )
+                )
                 continue
-            bs = paired_bootstrap(m, y[mask], inputs.challenger_proba[mask],
-                                  inputs.champion_proba[mask], resamples=self.resamples,
-                                  seed=self.seed + 1 + i, confidence=self.confidence)  # fmt: skip
+            bs = paired_bootstrap(
+                m,
+                y[mask],
+                inputs.challenger_proba[mask],
+                inputs.champion_proba[mask],
+                resamples=self.resamples,
+                seed=self.seed + 1 + i,
+                confidence=self.confidence,
+            )
             improvement_hi = sign * (bs["ci_high"] if sign > 0 else bs["ci_low"])
             regressed = sign * bs["diff"] < -self.slice_tolerance and improvement_hi < 0
-            out.append(Check(
-                "slice", name, bs["a"], bs["b"], bs["diff"], bs["ci_low"], bs["ci_high"],
-                threshold=threshold, passed=not regressed,
-                reason=GateReason.SLICE_REGRESSION if regressed else None,
-                detail=(f"slice {col}={value} ({n} rows) regresses: {m} {bs['a']:.4f} vs "
+            out.append(
+                Check(
+                    "slice",
+                    name,
+                    bs["a"],
+                    bs["b"],
+                    bs["diff"],
+                    bs["ci_low"],
+                    bs["ci_high"],
+                    threshold=threshold,
+                    passed=not regressed,
+                    reason=GateReason.SLICE_REGRESSION if regressed else None,
+                    detail=(
+                        f"slice {col}={value} ({n} rows) regresses: {m} {bs['a']:.4f} vs "
                         f"champion {bs['b']:.4f} ({bs['diff']:+.4f}, CI [{bs['ci_low']:+.4f}, "
-                        f"{bs['ci_high']:+.4f}])") if regressed else f"{n} rows",
-            ))  # fmt: skip
+                        f"{bs['ci_high']:+.4f}])"
+                    )
+                    if regressed
+                    else f"{n} rows",
+                )
+            )
         return out
 
 
 # -- the record, replay, and the report ------------------------------------------------------
 
 
-def decision_record(gate: PromotionGate, inputs: GateInputs, decision: GateDecision,
-                    context: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def decision_record(
+    gate: PromotionGate,
+    inputs: GateInputs,
+    decision: GateDecision,
+    context: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Everything needed to audit and replay the decision (logged as an MLflow artifact)."""
-    return {"kind": RECORD_KIND, "record_version": RECORD_VERSION, "gate": gate.to_dict(),
-            "champion_version": inputs.champion_version, "context": context or {},
-            "decision": decision.to_dict(), "inputs": inputs.to_dict()}  # fmt: skip
+    return {
+        "kind": RECORD_KIND,
+        "record_version": RECORD_VERSION,
+        "gate": gate.to_dict(),
+        "champion_version": inputs.champion_version,
+        "context": context or {},
+        "decision": decision.to_dict(),
+        "inputs": inputs.to_dict(),
+    }
 
 
 def replay(record: dict[str, Any]) -> GateDecision:
@@ -443,28 +635,45 @@ def report_table(decision: GateDecision) -> str:
     """Markdown table: metric, champion, challenger, difference, CI, threshold, pass/fail."""
     cv = decision.champion_version
     pct = f"{decision.gate.get('confidence', 0.95):.0%}"
-    head = (f"| metric | champion {'v' + cv if cv else '(none)'} | challenger | difference "
-            f"| {pct} CI | threshold | result |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    head = (
+        f"| metric | champion {'v' + cv if cv else '(none)'} | challenger | difference "
+        f"| {pct} CI | threshold | result |\n|---|---|---|---|---|---|---|"
+    )
     rows = []
     for c in decision.checks:
-        ci = (f"[{_f(c.ci_low, True)}, {_f(c.ci_high, True)}]"
-              if c.ci_low is not None and c.ci_high is not None else "—")  # fmt: skip
+        ci = (
+            f"[{_f(c.ci_low, True)}, {_f(c.ci_high, True)}]"
+            if c.ci_low is not None and c.ci_high is not None
+            else "—"
+        )
         if c.kind in ("size", "latency"):
             unit = " bytes" if c.kind == "size" else " ms"
-            value = "—" if c.challenger is None else (
-                f"{c.challenger:,.0f}{unit}" if c.kind == "size" else f"{c.challenger:.2f}{unit}")
-            rows.append(f"| {c.metric} | — | {value} | — | — | {c.threshold} | "
-                        f"{'pass' if c.passed else '**FAIL**'} |")  # fmt: skip
+            value = (
+                "—"
+                if c.challenger is None
+                else (
+                    f"{c.challenger:,.0f}{unit}"
+                    if c.kind == "size"
+                    else f"{c.challenger:.2f}{unit}"
+                )
+            )
+            rows.append(
+                f"| {c.metric} | — | {value} | — | — | {c.threshold} | "
+                f"{'pass' if c.passed else '**FAIL**'} |"
+            )
             continue
         result = {True: "pass", False: "**FAIL**", None: "—"}[c.passed]
         if c.passed is None and c.detail:
             result = c.detail
-        rows.append(f"| {c.metric} | {_f(c.champion)} | {_f(c.challenger)} | "
-                    f"{_f(c.difference, True)} | {ci} | {c.threshold} | {result} |")  # fmt: skip
+        rows.append(
+            f"| {c.metric} | {_f(c.champion)} | {_f(c.challenger)} | "
+            f"{_f(c.difference, True)} | {ci} | {c.threshold} | {result} |"
+        )
     return head + "\n" + "\n".join(rows)
 
 
 def human_rejection_reason(responded_by: str | None, comment: str = "") -> str:
     who = responded_by or "an approver"
     return f"{GateReason.HUMAN_REJECTED.value}: rejected by {who} in human review" + (
-        f" ({comment})" if comment else "")
+        f" ({comment})" if comment else ""
+    )

@@ -73,12 +73,16 @@ def _open(uri: str, dictionary_columns: Sequence[str] = ()) -> pq.ParquetFile:
     # Low-cardinality string columns decode to Arrow dictionaries: counting them is then a
     # bincount of small integers instead of hashing every string.
     schema = pf.schema_arrow
-    wanted = [c for c in dictionary_columns
-              if schema.get_field_index(c) >= 0 and pa.types.is_string(schema.field(c).type)]  # fmt: skip
+    wanted = [
+        c
+        for c in dictionary_columns
+        if schema.get_field_index(c) >= 0 and pa.types.is_string(schema.field(c).type)
+    ]
     if not wanted:
         return pf
-    return pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=False,
-                          read_dictionary=wanted)  # fmt: skip
+    return pq.ParquetFile(
+        source, page_checksum_verification=True, pre_buffer=False, read_dictionary=wanted
+    )
 
 
 class TableSource:
@@ -125,7 +129,9 @@ class TableSource:
     def column_names(self) -> list[str]:
         return list(self.schema.names)
 
-    def batches(self, columns: Sequence[str], batch_size: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    def batches(
+        self, columns: Sequence[str], batch_size: int = BATCH_ROWS
+    ) -> Iterator[pa.RecordBatch]:
         """Record batches of ``columns`` (names present exactly once in the schema)."""
         columns = list(columns)
         if self._pf is not None:
@@ -133,7 +139,9 @@ class TableSource:
                 for rg in range(self._pf.num_row_groups):  # row counts only
                     yield _empty_batch(self._pf.metadata.row_group(rg).num_rows)
                 return
-            yield from self._pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=True)
+            yield from self._pf.iter_batches(
+                batch_size=batch_size, columns=columns, use_threads=True
+            )
         else:
             t = self._table
             if not columns:
@@ -168,7 +176,9 @@ class TableSource:
                     parts.append(batch.take(pa.array(picks[lo:hi] - offset)))
             offset += size
         if not parts:
-            return pa.Table.from_batches([], schema=pa.schema([self.schema.field(c) for c in columns]))
+            return pa.Table.from_batches(
+                [], schema=pa.schema([self.schema.field(c) for c in columns])
+            )
         return pa.Table.from_batches(parts)
 
 
@@ -194,7 +204,9 @@ def read_frame(uri: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     return pf.read(columns=list(columns) if columns is not None else None).to_pandas()
 
 
-def read_sample(uri: str, rows: int, seed: int = 0, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_sample(
+    uri: str, rows: int, seed: int = 0, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
     """At most ``rows`` seeded rows of the object as a frame (all rows when fewer)."""
     src = open_source(uri)
     names = list(columns) if columns is not None else src.column_names

@@ -65,8 +65,9 @@ def _parquet_rows(data: bytes, where: str) -> int:
     try:
         return int(pq.ParquetFile(io.BytesIO(data)).metadata.num_rows)
     except Exception as exc:  # noqa: BLE001 - any footer error means "not Parquet"
-        raise LandingRejected(f"{where} is not a readable Parquet file ({exc}); nothing was "
-                              "landed") from None  # fmt: skip
+        raise LandingRejected(
+            f"{where} is not a readable Parquet file ({exc}); nothing was landed"
+        ) from None
 
 
 def _read_parquet(file: str | Path) -> tuple[str, bytes, int]:
@@ -79,8 +80,14 @@ def _read_parquet(file: str | Path) -> tuple[str, bytes, int]:
     return src, data, _parquet_rows(data, str(file))
 
 
-def land_batch(spec: ModelSpec, file: str | Path, *, name: str | None = None, emit: bool = True,
-               airflow_url: str | None = None) -> dict[str, Any]:  # fmt: skip
+def land_batch(
+    spec: ModelSpec,
+    file: str | Path,
+    *,
+    name: str | None = None,
+    emit: bool = True,
+    airflow_url: str | None = None,
+) -> dict[str, Any]:
     """Copy ``file`` into ``spec``'s landing prefix and (``emit``) create its asset event.
 
     Returns ``{"model", "uri", "sha256", "rows", "event"}``; ``event`` is
@@ -95,8 +102,9 @@ def land_batch(spec: ModelSpec, file: str | Path, *, name: str | None = None, em
         uri = storage.join(prefix, name)
         obj = storage.write_bytes(uri, data)
     except storage.UnsafePathError as exc:
-        raise LandingRejected(f"--name {name!r}: {exc}; give a relative key under the landing "
-                              f"prefix {prefix}") from None  # fmt: skip
+        raise LandingRejected(
+            f"--name {name!r}: {exc}; give a relative key under the landing prefix {prefix}"
+        ) from None
     except storage.ObjectExistsError as exc:
         raise LandingRejected(f"{exc}; nothing was landed") from None
     event = None
@@ -104,12 +112,20 @@ def land_batch(spec: ModelSpec, file: str | Path, *, name: str | None = None, em
         try:
             event = emit_batch_event(spec, obj.uri, obj.sha256, airflow_url=airflow_url)
         except AirflowAPIError as exc:
-            raise AirflowAPIError(f"the batch is landed at {obj.uri}, but no asset event was "
-                                  f"created: {exc}. Re-run the same command to send it (landing "
-                                  "the same bytes again is a no-op)") from exc  # fmt: skip
+            raise AirflowAPIError(
+                f"the batch is landed at {obj.uri}, but no asset event was "
+                f"created: {exc}. Re-run the same command to send it (landing "
+                "the same bytes again is a no-op)"
+            ) from exc
     rec = {"model": spec.name, "uri": obj.uri, "sha256": obj.sha256, "rows": rows, "event": event}
-    log.info("landed %s (%d rows, sha256 %s) for model %s; asset event %s", obj.uri, rows,
-             obj.sha256[:12], spec.name, event["id"] if event else "not emitted")  # fmt: skip
+    log.info(
+        "landed %s (%d rows, sha256 %s) for model %s; asset event %s",
+        obj.uri,
+        rows,
+        obj.sha256[:12],
+        spec.name,
+        event["id"] if event else "not emitted",
+    )
     return rec
 
 
@@ -122,18 +138,27 @@ def land_eval(spec: ModelSpec, file: str | Path) -> dict[str, Any]:
     try:
         obj = storage.write_bytes(uri, data)
     except storage.ObjectExistsError:
-        raise LandingRejected(f"model {spec.name!r} already has a trusted set at {uri} with other "
-                              "bytes; it is never overwritten: put the new set under a new name and "
-                              f"point evaluation.uri at it in {spec.path}") from None  # fmt: skip
-    log.info("trusted set for model %s at %s (%d rows, sha256 %s)", spec.name, obj.uri, rows, obj.sha256[:12])
+        raise LandingRejected(
+            f"model {spec.name!r} already has a trusted set at {uri} with other "
+            "bytes; it is never overwritten: put the new set under a new name and "
+            f"point evaluation.uri at it in {spec.path}"
+        ) from None
+    log.info(
+        "trusted set for model %s at %s (%d rows, sha256 %s)",
+        spec.name,
+        obj.uri,
+        rows,
+        obj.sha256[:12],
+    )
     return {"model": spec.name, "uri": obj.uri, "sha256": obj.sha256, "rows": rows, "event": None}
 
 
 # -- Airflow's REST API ----------------------------------------------------------------------
 
 
-def _request(client: httpx.Client, method: str, url: str, *, retry_timeouts: bool = True,
-             **kwargs: Any) -> httpx.Response:  # fmt: skip
+def _request(
+    client: httpx.Client, method: str, url: str, *, retry_timeouts: bool = True, **kwargs: Any
+) -> httpx.Response:
     """One call with up to TRIES tries on connection errors and 5xx; the last answer (a
     4xx at once) is returned, a transport error after the last try raises AirflowAPIError.
     ``retry_timeouts=False``: a request that may have reached the server (a read timeout)
@@ -147,12 +172,16 @@ def _request(client: httpx.Client, method: str, url: str, *, retry_timeouts: boo
             resp = client.request(method, url, **kwargs)
         except retryable as exc:
             if attempt == TRIES:
-                raise AirflowAPIError(f"{method} {url}: {type(exc).__name__}: {exc} "
-                                      f"(after {TRIES} tries); is the Airflow API server up?") from None  # fmt: skip
+                raise AirflowAPIError(
+                    f"{method} {url}: {type(exc).__name__}: {exc} "
+                    f"(after {TRIES} tries); is the Airflow API server up?"
+                ) from None
         except httpx.TransportError as exc:
-            raise AirflowAPIError(f"{method} {url}: {type(exc).__name__}: {exc}; not retried (the "
-                                  "request may have reached Airflow: check the asset's events "
-                                  "before landing again)") from None  # fmt: skip
+            raise AirflowAPIError(
+                f"{method} {url}: {type(exc).__name__}: {exc}; not retried (the "
+                "request may have reached Airflow: check the asset's events "
+                "before landing again)"
+            ) from None
         else:
             if resp.status_code < 500 or attempt == TRIES:
                 return resp
@@ -162,18 +191,22 @@ def _request(client: httpx.Client, method: str, url: str, *, retry_timeouts: boo
     raise AssertionError("unreachable")
 
 
-def _fail(resp: httpx.Response, what: str, hint: Callable[[int], str | None] = lambda _s: None) -> None:
+def _fail(
+    resp: httpx.Response, what: str, hint: Callable[[int], str | None] = lambda _s: None
+) -> None:
     if resp.is_success:
         return
     status = resp.status_code
     detail = resp.text.strip().replace("\n", " ")[:300]
     meaning = hint(status) or {
         401: "not authenticated: check PIPELINE_AIRFLOW_USERNAME/PIPELINE_AIRFLOW_PASSWORD "
-             "(or PIPELINE_AIRFLOW_TOKEN: expired?)",
+        "(or PIPELINE_AIRFLOW_TOKEN: expired?)",
         403: "forbidden: the Airflow user may not read assets or create asset events",
-    }.get(status, "server error" if status >= 500 else "request refused")  # fmt: skip
-    raise AirflowAPIError(f"{what}: {resp.request.method} {resp.request.url} answered HTTP {status}: "
-                          f"{meaning} ({detail})")  # fmt: skip
+    }.get(status, "server error" if status >= 500 else "request refused")
+    raise AirflowAPIError(
+        f"{what}: {resp.request.method} {resp.request.url} answered HTTP {status}: "
+        f"{meaning} ({detail})"
+    )
 
 
 def _token(client: httpx.Client, url: str) -> str:
@@ -181,41 +214,79 @@ def _token(client: httpx.Client, url: str) -> str:
     if s.airflow_token is not None and s.airflow_token.get_secret_value():
         return s.airflow_token.get_secret_value()
     if not s.airflow_username or s.airflow_password is None:
-        raise AirflowAPIError(f"no credentials for the Airflow API at {url}: set "
-                              "PIPELINE_AIRFLOW_USERNAME and PIPELINE_AIRFLOW_PASSWORD, or "
-                              "PIPELINE_AIRFLOW_TOKEN (or pass --no-event)")  # fmt: skip
-    resp = _request(client, "POST", f"{url}/auth/token",
-                    json={"username": s.airflow_username,
-                          "password": s.airflow_password.get_secret_value()})  # fmt: skip
-    _fail(resp, "getting an Airflow access token", lambda st: (
-        f"credentials refused for user {s.airflow_username!r}: check PIPELINE_AIRFLOW_USERNAME/"
-        "PIPELINE_AIRFLOW_PASSWORD" if st in (400, 401, 403) else None))  # fmt: skip
+        raise AirflowAPIError(
+            f"no credentials for the Airflow API at {url}: set "
+            "PIPELINE_AIRFLOW_USERNAME and PIPELINE_AIRFLOW_PASSWORD, or "
+            "PIPELINE_AIRFLOW_TOKEN (or pass --no-event)"
+        )
+    resp = _request(
+        client,
+        "POST",
+        f"{url}/auth/token",
+        json={"username": s.airflow_username, "password": s.airflow_password.get_secret_value()},
+    )
+    _fail(
+        resp,
+        "getting an Airflow access token",
+        lambda st: (
+            f"credentials refused for user {s.airflow_username!r}: check PIPELINE_AIRFLOW_USERNAME/"
+            "PIPELINE_AIRFLOW_PASSWORD"
+            if st in (400, 401, 403)
+            else None
+        ),
+    )
     token = resp.json().get("access_token")
     if not isinstance(token, str) or not token:
-        raise AirflowAPIError(f"POST {url}/auth/token answered HTTP {resp.status_code} without an access_token")
+        raise AirflowAPIError(
+            f"POST {url}/auth/token answered HTTP {resp.status_code} without an access_token"
+        )
     return token
 
 
-def emit_batch_event(spec: ModelSpec, batch_uri: str, sha256: str, *,
-                     airflow_url: str | None = None) -> dict[str, Any]:  # fmt: skip
+def emit_batch_event(
+    spec: ModelSpec, batch_uri: str, sha256: str, *, airflow_url: str | None = None
+) -> dict[str, Any]:
     """Create the event on ``spec``'s batch asset; return ``{"asset_id", "id", "timestamp"}``."""
     url = (airflow_url or get_settings().airflow_api_url).rstrip("/")
-    not_parsed = (f"no asset {spec.asset_uri} in Airflow at {url}: is the DAG {spec.retrain_dag_id} "
-                  f"for model {spec.name!r} parsed (Airflow's DAG list, import errors), and does "
-                  f"{spec.path} keep schedule.asset on?")  # fmt: skip
+    not_parsed = (
+        f"no asset {spec.asset_uri} in Airflow at {url}: is the DAG {spec.retrain_dag_id} "
+        f"for model {spec.name!r} parsed (Airflow's DAG list, import errors), and does "
+        f"{spec.path} keep schedule.asset on?"
+    )
     with httpx.Client(timeout=TIMEOUT_S) as client:
         headers = {"Authorization": f"Bearer {_token(client, url)}"}
-        resp = _request(client, "GET", f"{url}/api/v2/assets", headers=headers,
-                        params={"uri_pattern": spec.asset_uri, "limit": 100})  # fmt: skip
+        resp = _request(
+            client,
+            "GET",
+            f"{url}/api/v2/assets",
+            headers=headers,
+            params={"uri_pattern": spec.asset_uri, "limit": 100},
+        )
         _fail(resp, f"looking up asset {spec.asset_uri}")
         # uri_pattern is a substring match (ILIKE, '_' a wildcard): keep the exact uri only
         ids = [a["id"] for a in resp.json().get("assets", []) if a.get("uri") == spec.asset_uri]
         if not ids:
             raise AirflowAPIError(not_parsed)
-        body = {"asset_id": ids[0], "extra": {"batch_uri": batch_uri, "model": spec.name, "sha256": sha256}}
-        resp = _request(client, "POST", f"{url}/api/v2/assets/events", headers=headers, json=body,
-                        retry_timeouts=False)  # fmt: skip
-        _fail(resp, f"creating an event on asset {spec.asset_uri}",
-              lambda st: not_parsed if st == 404 else None)  # fmt: skip
+        body = {
+            "asset_id": ids[0],
+            "extra": {"batch_uri": batch_uri, "model": spec.name, "sha256": sha256},
+        }
+        resp = _request(
+            client,
+            "POST",
+            f"{url}/api/v2/assets/events",
+            headers=headers,
+            json=body,
+            retry_timeouts=False,
+        )
+        _fail(
+            resp,
+            f"creating an event on asset {spec.asset_uri}",
+            lambda st: not_parsed if st == 404 else None,
+        )
         out = resp.json()
-    return {"asset_id": out.get("asset_id", ids[0]), "id": out.get("id"), "timestamp": out.get("timestamp")}
+    return {
+        "asset_id": out.get("asset_id", ids[0]),
+        "id": out.get("id"),
+        "timestamp": out.get("timestamp"),
+    }

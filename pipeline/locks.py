@@ -63,12 +63,22 @@ def _read(uri: str) -> tuple[bytes, dict] | None:
 
 @contextmanager
 def storage_lock(
-    uri: str, *, purpose: str = "", stale_after: float = DEFAULT_STALE_AFTER_S,
-    timeout: float = DEFAULT_ACQUIRE_TIMEOUT_S, poll: float = 0.05,
+    uri: str,
+    *,
+    purpose: str = "",
+    stale_after: float = DEFAULT_STALE_AFTER_S,
+    timeout: float = DEFAULT_ACQUIRE_TIMEOUT_S,
+    poll: float = 0.05,
 ) -> Iterator[dict]:
     """Hold the lock at ``uri`` for the ``with`` body; yields the owner record."""
-    owner = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-             "purpose": purpose, "acquired_at": time.time(), "stale_after_s": stale_after}  # fmt: skip
+    owner = {
+        "owner": uuid.uuid4().hex,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "purpose": purpose,
+        "acquired_at": time.time(),
+        "stale_after_s": stale_after,
+    }
     token = json.dumps(owner, sort_keys=True).encode()
     deadline = time.monotonic() + timeout
     while True:
@@ -88,8 +98,10 @@ def storage_lock(
                 continue
         if time.monotonic() > deadline:
             who = held[1] if held else {}
-            raise LockTimeout(f"lock {uri} still held after {timeout:.0f}s by "
-                              f"{who.get('host')}:{who.get('pid')} ({who.get('purpose')})")  # fmt: skip
+            raise LockTimeout(
+                f"lock {uri} still held after {timeout:.0f}s by "
+                f"{who.get('host')}:{who.get('pid')} ({who.get('purpose')})"
+            )
         time.sleep(poll * (0.5 + random.random()))
     try:
         yield owner
@@ -103,8 +115,12 @@ def _break_stale(uri: str, raw: bytes) -> None:
     """Delete a stale lock object — only the one waiter that wins the break token does."""
     digest = storage.sha256_bytes(raw)
     try:
-        storage.write_bytes(f"{uri}.broken-{digest[:24]}", json.dumps(
-            {"broken_by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()}).encode())
+        storage.write_bytes(
+            f"{uri}.broken-{digest[:24]}",
+            json.dumps(
+                {"broken_by": f"{socket.gethostname()}:{os.getpid()}", "at": time.time()}
+            ).encode(),
+        )
     except storage.ObjectExistsError:
         return  # another waiter is breaking it
     held = _read(uri)

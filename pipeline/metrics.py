@@ -115,12 +115,20 @@ def bootstrap_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
     flat = idx + (np.arange(resamples) * n)[:, None]
-    return np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+    return (
+        np.bincount(flat.ravel(), minlength=resamples * n).reshape(resamples, n).astype(np.float32)
+    )
 
 
 def paired_bootstrap(
-    metric: str, y: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, *,
-    resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+    metric: str,
+    y: np.ndarray,
+    proba_a: np.ndarray,
+    proba_b: np.ndarray,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
     counts: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Point values and a percentile CI of ``metric(a) - metric(b)`` on the same rows.
@@ -138,6 +146,14 @@ def paired_bootstrap(
     b = float(weighted_metric(metric, y, proba_b, ones)[0])
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(ok, [alpha, 1 - alpha]) if len(ok) else (np.nan, np.nan)
-    return {"a": a, "b": b, "diff": a - b, "ci_low": float(lo), "ci_high": float(hi),
-            "resamples": int(w.shape[0]), "undefined_resamples": int(w.shape[0] - len(ok)),
-            "confidence": confidence, "seed": int(seed)}  # fmt: skip
+    return {
+        "a": a,
+        "b": b,
+        "diff": a - b,
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "resamples": int(w.shape[0]),
+        "undefined_resamples": int(w.shape[0] - len(ok)),
+        "confidence": confidence,
+        "seed": int(seed),
+    }

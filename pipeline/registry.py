@@ -88,7 +88,11 @@ def get_or_create_run(run_key: str, tags: dict[str, str] | None = None) -> str:
     found = c.search_runs([exp], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = c.create_run(exp, tags={RUN_KEY_TAG: run_key, **(tags or {})}, run_name=(tags or {}).get("airflow.run_id", run_key)[:60])
+    run = c.create_run(
+        exp,
+        tags={RUN_KEY_TAG: run_key, **(tags or {})},
+        run_name=(tags or {}).get("airflow.run_id", run_key)[:60],
+    )
     return run.info.run_id
 
 
@@ -107,8 +111,11 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: 
     from mlflow.entities import Metric
 
     ts = 0
-    batch = [Metric(prefix + k, float(v), ts, step) for k, v in metrics.items()
-             if isinstance(v, int | float) and math.isfinite(float(v))]  # fmt: skip
+    batch = [
+        Metric(prefix + k, float(v), ts, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
     if batch:
         client().log_batch(run_id, metrics=batch)
 
@@ -116,7 +123,9 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: 
 _BATCH = 100  # MLflow's per-request limit for params and for tags in log_batch
 
 
-def _log_batch(run_id: str, *, tags: list[Any] | None = None, params: list[Any] | None = None) -> None:
+def _log_batch(
+    run_id: str, *, tags: list[Any] | None = None, params: list[Any] | None = None
+) -> None:
     """Tags and params in one request per 100 of each: one round trip, one auth check."""
     tags, params = tags or [], params or []
     for i in range(0, max(len(tags), len(params)), _BATCH):
@@ -167,7 +176,11 @@ def find_version(run_id: str, run_key: str) -> str | None:
 
 
 def register_version(
-    run_id: str, run_key: str, source: str, tags: dict[str, Any], description: str,
+    run_id: str,
+    run_key: str,
+    source: str,
+    tags: dict[str, Any],
+    description: str,
     model_id: str | None = None,
 ) -> str:
     """Register ``source`` as a new version (or return the one this run_key already made).
@@ -179,7 +192,8 @@ def register_version(
     name = model_name()
     try:
         c.create_registered_model(
-            name, description=f"Retrained by the {experiment_name()} DAG; aliases say who serves.",
+            name,
+            description=f"Retrained by the {experiment_name()} DAG; aliases say who serves.",
             tags={"pipeline.model": _active_name()},
         )
     except MlflowException:
@@ -188,15 +202,26 @@ def register_version(
     if existing is not None:
         return existing
     mv = c.create_model_version(
-        name, source=source, run_id=run_id,
+        name,
+        source=source,
+        run_id=run_id,
         tags={RUN_KEY_TAG: run_key, **{k: str(v) for k, v in tags.items()}},
-        description=description, model_id=model_id,
-    )  # fmt: skip
+        description=description,
+        model_id=model_id,
+    )
     return str(mv.version)
 
 
-SERVING_REQUIREMENTS = ("mlflow", "torch", "safetensors", "pandas", "pyarrow", "numpy",
-                        "pydantic-settings", "pyyaml")  # fmt: skip
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "safetensors",
+    "pandas",
+    "pyarrow",
+    "numpy",
+    "pydantic-settings",
+    "pyyaml",
+)
 
 
 def _pinned(names: tuple[str, ...]) -> list[str]:
@@ -245,14 +270,18 @@ def _log_from_code(run_id: str, checkpoint_dir: Path, signature: Any, example: A
     from mlflow.models import Model
 
     return Model.log(
-        artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
         python_model=str(PACKAGE_DIR / "serving_model.py"),
         artifacts={"checkpoint": str(checkpoint_dir)},
         code_paths=[str(PACKAGE_DIR)],
-        signature=signature, input_example=example,
+        signature=signature,
+        input_example=example,
         pip_requirements=_pinned(SERVING_REQUIREMENTS),
         flavor_name="pyfunc.ModelFromCode",
-    )  # fmt: skip
+    )
 
 
 def tag_version(version: str, tags: dict[str, Any]) -> None:
@@ -328,8 +357,9 @@ def reject_version(version: str, reasons: list[str], tags: dict[str, Any] | None
 
     It loses the ``challenger`` alias if it holds it; ``champion``/``canary`` never
     pointed at it (a rejected version is never promoted)."""
-    tag_version(version, {"rejected": "true", "rejection_reason": "; ".join(reasons)[:4000],
-                          **(tags or {})})  # fmt: skip
+    tag_version(
+        version, {"rejected": "true", "rejection_reason": "; ".join(reasons)[:4000], **(tags or {})}
+    )
     held = alias_version(CHALLENGER)
     if held is not None and str(held.version) == str(version):
         delete_alias(CHALLENGER)

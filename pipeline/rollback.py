@@ -54,8 +54,13 @@ def _check_args(reason: str, target_version: str | None) -> tuple[str, str | Non
 
 
 def rollback_champion(
-    reason: str, *, target_version: str | None = None, who: str = "unknown",
-    expected_champion: str | None = None, run_key: str | None = None, source: str = "rollback_dag",
+    reason: str,
+    *,
+    target_version: str | None = None,
+    who: str = "unknown",
+    expected_champion: str | None = None,
+    run_key: str | None = None,
+    source: str = "rollback_dag",
 ) -> dict[str, Any]:
     """Move ``champion`` back; returns the rollback record (also logged to MLflow).
 
@@ -86,22 +91,36 @@ def rollback_champion(
     if planned.get("rollback.to"):
         p_from, p_to = planned["rollback.from"], planned["rollback.to"]
         if current_v == p_to:
-            return _record(run_id, p_from, p_to, reason, who, source, run_key, target_version,
-                           stopped_canary=planned.get("rollback.stopped_canary") or None,
-                           current_run_id=None, retried=True)  # fmt: skip
+            return _record(
+                run_id,
+                p_from,
+                p_to,
+                reason,
+                who,
+                source,
+                run_key,
+                target_version,
+                stopped_canary=planned.get("rollback.stopped_canary") or None,
+                current_run_id=None,
+                retried=True,
+            )
         if current_v != p_from:
             raise registry.RegistryConflict(
                 f"this rollback ({run_key}) planned v{p_from} -> v{p_to}, but champion is now "
-                f"v{current_v}; nothing changed")  # fmt: skip
+                f"v{current_v}; nothing changed"
+            )
         target = p_to
     if expected_champion is not None and current_v != str(expected_champion):
         raise registry.RegistryConflict(
-            f"champion is v{current_v}, not v{expected_champion} as expected; nothing changed")
+            f"champion is v{current_v}, not v{expected_champion} as expected; nothing changed"
+        )
     if target is None:
         prev = registry.alias_version(registry.PREVIOUS)
         if prev is None:
-            raise RollbackRefused(f"champion v{current_v} has no previous_champion and no "
-                                  "target_version was given; nothing changed")  # fmt: skip
+            raise RollbackRefused(
+                f"champion v{current_v} has no previous_champion and no "
+                "target_version was given; nothing changed"
+            )
         target = str(prev.version)
     if target == current_v:
         raise RollbackRefused(f"v{target} is already champion; nothing to roll back")
@@ -110,15 +129,19 @@ def rollback_champion(
     except MlflowException:
         raise RollbackRefused(f"target v{target} does not exist in {name}") from None
     if tv.tags.get("rejected") == "true":
-        raise RollbackRefused(f"target v{target} was rejected by the gate "
-                              f"({tv.tags.get('rejection_reason', '')}); not restoring it")  # fmt: skip
+        raise RollbackRefused(
+            f"target v{target} was rejected by the gate "
+            f"({tv.tags.get('rejection_reason', '')}); not restoring it"
+        )
     uri = tv.tags.get("checkpoint.uri")
     if not uri:
         raise RollbackRefused(f"target v{target} has no checkpoint.uri tag")
     try:
         checkpoint.load_for_inference(uri)
     except checkpoint.CheckpointError as exc:
-        raise RollbackRefused(f"target v{target} fails its integrity check, not restored: {exc}") from None
+        raise RollbackRefused(
+            f"target v{target} fails its integrity check, not restored: {exc}"
+        ) from None
 
     registry.set_tags(run_id, {"rollback.from": current_v, "rollback.to": target})
     state = traffic.read_state()
@@ -129,48 +152,111 @@ def rollback_champion(
         stopped_canary = state.canary
         if state.canary is not None:
             registry.set_tags(run_id, {"rollback.stopped_canary": state.canary})
-            registry.tag_version(state.canary, {
-                "canary.status": "aborted", "canary.reason": "aborted",
-                "canary.summary": f"stopped by a rollback of v{current_v} ({who}: {reason})"[:4000]})  # fmt: skip
+            registry.tag_version(
+                state.canary,
+                {
+                    "canary.status": "aborted",
+                    "canary.reason": "aborted",
+                    "canary.summary": f"stopped by a rollback of v{current_v} ({who}: {reason})"[
+                        :4000
+                    ],
+                },
+            )
 
     registry.promote_champion(target, current_v)
     predecessor = tv.tags.get("promoted.previous_champion")
     with locks.storage_lock(registry.champion_lock_uri(), purpose=f"rollback to v{target}"):
         now_champ = registry.alias_version(registry.CHAMPION)
         if now_champ is not None and str(now_champ.version) == target:
-            if predecessor and predecessor not in ("none", current_v, target) and not _rolled_back(predecessor):
+            if (
+                predecessor
+                and predecessor not in ("none", current_v, target)
+                and not _rolled_back(predecessor)
+            ):
                 registry.set_alias(registry.PREVIOUS, predecessor)
             else:
                 registry.delete_alias(registry.PREVIOUS)
-    return _record(run_id, current_v, target, reason, who, source, run_key, target_version,
-                   stopped_canary=stopped_canary, current_run_id=current.run_id, retried=False)  # fmt: skip
+    return _record(
+        run_id,
+        current_v,
+        target,
+        reason,
+        who,
+        source,
+        run_key,
+        target_version,
+        stopped_canary=stopped_canary,
+        current_run_id=current.run_id,
+        retried=False,
+    )
 
 
-def _record(run_id: str, from_v: str, to_v: str, reason: str, who: str, source: str, run_key: str,
-            target_version: str | None, *, stopped_canary: str | None,
-            current_run_id: str | None, retried: bool) -> dict[str, Any]:  # fmt: skip
+def _record(
+    run_id: str,
+    from_v: str,
+    to_v: str,
+    reason: str,
+    who: str,
+    source: str,
+    run_key: str,
+    target_version: str | None,
+    *,
+    stopped_canary: str | None,
+    current_run_id: str | None,
+    retried: bool,
+) -> dict[str, Any]:
     """Tags on both versions and the JSON records (idempotent: a retry writes the same)."""
     from pipeline import registry
 
     prev_after = registry.alias_version(registry.PREVIOUS)
     at = datetime.now(UTC).isoformat(timespec="seconds")
-    registry.tag_version(from_v, {
-        "rolled_back": "true", "rollback_reason": reason[:4000], "rollback.reason": reason[:4000],
-        "rollback.by": who, "rollback.at": at, "rollback.to": to_v, "rollback.source": source,
-    })  # fmt: skip
-    registry.tag_version(to_v, {"restored.at": at, "restored.by": who,
-                                "restored.reason": reason[:4000], "restored.from": from_v})  # fmt: skip
+    registry.tag_version(
+        from_v,
+        {
+            "rolled_back": "true",
+            "rollback_reason": reason[:4000],
+            "rollback.reason": reason[:4000],
+            "rollback.by": who,
+            "rollback.at": at,
+            "rollback.to": to_v,
+            "rollback.source": source,
+        },
+    )
+    registry.tag_version(
+        to_v,
+        {
+            "restored.at": at,
+            "restored.by": who,
+            "restored.reason": reason[:4000],
+            "restored.from": from_v,
+        },
+    )
     summary = f"champion v{from_v} -> v{to_v} by {who}: {reason}"
     rec: dict[str, Any] = {
-        "kind": "rollback", "verdict": "rolled_back", "from_version": from_v, "to_version": to_v,
-        "reason": reason, "who": who, "at": at, "source": source,
+        "kind": "rollback",
+        "verdict": "rolled_back",
+        "from_version": from_v,
+        "to_version": to_v,
+        "reason": reason,
+        "who": who,
+        "at": at,
+        "source": source,
         "target_was": "named" if target_version else "previous_champion",
         "previous_champion_now": str(prev_after.version) if prev_after else None,
-        "stopped_canary": stopped_canary, "run_key": run_key, "mlflow_run_id": run_id,
-        "retried": retried, "summary": summary,
-    }  # fmt: skip
-    registry.set_tags(run_id, {"stage.rollback.verdict": "rolled_back",
-                               "stage.rollback.summary": summary[:4000], "rollback.by": who})  # fmt: skip
+        "stopped_canary": stopped_canary,
+        "run_key": run_key,
+        "mlflow_run_id": run_id,
+        "retried": retried,
+        "summary": summary,
+    }
+    registry.set_tags(
+        run_id,
+        {
+            "stage.rollback.verdict": "rolled_back",
+            "stage.rollback.summary": summary[:4000],
+            "rollback.by": who,
+        },
+    )
     registry.log_record(run_id, "rollback", rec)
     if current_run_id:
         try:

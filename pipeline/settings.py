@@ -41,16 +41,21 @@ class Settings(BaseSettings):
     signing_key_id: str = "local"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
     train_processes: int = Field(
-        default=1, ge=1, le=64, description="train_model processes: >1 launches torchrun "
+        default=1,
+        ge=1,
+        le=64,
+        description="train_model processes: >1 launches torchrun "
         "(DistributedDataParallel; one GPU each on CUDA, e.g. the pod's nvidia.com/gpu count)",
     )
     # -- where train_model runs (read at DAG-parse time by dags/placement.py) --
     execution_mode: Literal["auto", "inprocess", "celery", "kubernetes"] = Field(
-        default="auto", description="auto: queue `gpu` only under Celery | inprocess | celery | "
+        default="auto",
+        description="auto: queue `gpu` only under Celery | inprocess | celery | "
         "kubernetes (GPU pod via executor_config)",
     )
     k8s_pod_template_file: str = Field(
-        default="", description="Pod template for kubernetes mode "
+        default="",
+        description="Pod template for kubernetes mode "
         "(default: infra/k8s/training-pod-template.yaml)",
     )
     mlflow_ui_url: str = Field(
@@ -71,7 +76,9 @@ class Settings(BaseSettings):
         description="Base URL of the scoring service; the canary analysis reads its /metrics.",
     )
     serving_poll_seconds: float = Field(
-        default=2.0, gt=0, description="How often the service re-reads aliases and the canary weight."
+        default=2.0,
+        gt=0,
+        description="How often the service re-reads aliases and the canary weight.",
     )
     serving_admin_enabled: bool = Field(
         default=True, description="Loopback-only /admin/faults chaos switch (false disables it)."
@@ -84,7 +91,9 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Time between canary measurements."
     )
     canary_bake_seconds: float = Field(
-        default=600.0, ge=0, description="After full promotion, how long the new champion is "
+        default=600.0,
+        ge=0,
+        description="After full promotion, how long the new champion is "
         "compared with the previous one's recorded behaviour (0: no bake).",
     )
 

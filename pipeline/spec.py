@@ -77,8 +77,10 @@ class FactorySpec(_Strict):
     The module is a file next to the spec (``net:build`` is ``models/<name>/net.py``) or an
     importable module (``pipeline.train.model:mlp``, the built-in MLP)."""
 
-    factory: str = Field(default="pipeline.train.model:mlp",
-                         pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")  # fmt: skip
+    factory: str = Field(
+        default="pipeline.train.model:mlp",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -93,7 +95,9 @@ class TrainingSpec(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     learning_rate: float = Field(default=3e-3, gt=0, le=1)
     batch_size: int = Field(default=512, ge=2, le=1_000_000)
-    max_epochs: int = Field(default=30, ge=1, le=10_000, description="the budget: a run may ask fewer")
+    max_epochs: int = Field(
+        default=30, ge=1, le=10_000, description="the budget: a run may ask fewer"
+    )
     weight_decay: float = Field(default=1e-4, ge=0, le=1)
     val_fraction: float = Field(default=0.2, gt=0, lt=0.9)
     seed: int = 0
@@ -113,15 +117,17 @@ class MetricsSpec(_Strict):
 
 
 class RetrainSpec(_Strict):
-    drift_share: float | None = Field(default=None, gt=0, le=1,
-                                      description="None: the contract's drift.share")  # fmt: skip
+    drift_share: float | None = Field(
+        default=None, gt=0, le=1, description="None: the contract's drift.share"
+    )
     decay_margin: float = Field(default=0.03, ge=0, le=1)
     max_model_age_days: float = Field(default=30.0, gt=0)
 
 
 class GateSpec(_Strict):
-    floors: dict[str, float] = Field(default_factory=dict,
-                                     description="per metric; empty: the primary metric's default floor")  # fmt: skip
+    floors: dict[str, float] = Field(
+        default_factory=dict, description="per metric; empty: the primary metric's default floor"
+    )
     margin: float = Field(default=0.005, ge=0, le=1)
     improvement: Literal["absolute", "relative"] = "absolute"
     non_inferiority_margin: float | None = Field(default=None, ge=0, le=0.5)
@@ -157,7 +163,9 @@ class ScheduleSpec(_Strict):
 
 
 class LandingSpec(_Strict):
-    prefix: str | None = Field(default=None, description="under the storage root; None: landing/<name>")
+    prefix: str | None = Field(
+        default=None, description="under the storage root; None: landing/<name>"
+    )
     allowed_sources: list[str] = Field(
         default_factory=list,
         description="URI prefixes outside the landing prefix a run may read a batch from "
@@ -166,13 +174,25 @@ class LandingSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    uri: str | None = Field(default=None, description="trusted labelled set; relative to the "
-                            "storage root or a URI; None: trusted/<name>/eval.parquet")  # fmt: skip
+    uri: str | None = Field(
+        default=None,
+        description="trusted labelled set; relative to the "
+        "storage root or a URI; None: trusted/<name>/eval.parquet",
+    )
 
 
-LOOSENABLE = ("gate.floors", "gate.margin", "gate.non_inferiority_margin", "gate.slices",
-              "gate.max_checkpoint_mb", "gate.max_latency_p95_ms", "gate.require_approval",
-              "retrain.decay_margin", "canary.enabled", "evaluation.uri")  # fmt: skip
+LOOSENABLE = (
+    "gate.floors",
+    "gate.margin",
+    "gate.non_inferiority_margin",
+    "gate.slices",
+    "gate.max_checkpoint_mb",
+    "gate.max_latency_p95_ms",
+    "gate.require_approval",
+    "retrain.decay_margin",
+    "canary.enabled",
+    "evaluation.uri",
+)
 
 
 class OverridesSpec(_Strict):
@@ -183,7 +203,9 @@ class OverridesSpec(_Strict):
 
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="default: the folder name")
-    registered_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    registered_model: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+    )
     description: str = ""
     owner: str = ""
     contract: Path
@@ -208,16 +230,22 @@ class ModelSpec(_Strict):
     @model_validator(mode="after")
     def _metrics_fit_task(self) -> ModelSpec:
         allowed = TASK_METRICS[self.task.type]
-        for where, names in (("metrics.primary", [self.primary_metric]),
-                             ("metrics.report", self.metrics.report),
-                             ("gate.floors", list(self.gate.floors))):  # fmt: skip
+        for where, names in (
+            ("metrics.primary", [self.primary_metric]),
+            ("metrics.report", self.metrics.report),
+            ("gate.floors", list(self.gate.floors)),
+        ):
             for m in names:
                 if m not in allowed:
-                    raise ValueError(f"{where}: metric {m!r} is not supported for task "
-                                     f"{self.task.type!r}; allowed: {list(allowed)}")  # fmt: skip
+                    raise ValueError(
+                        f"{where}: metric {m!r} is not supported for task "
+                        f"{self.task.type!r}; allowed: {list(allowed)}"
+                    )
         if self.primary_metric not in GATE_METRICS:
-            raise ValueError(f"metrics.primary: {self.primary_metric!r} cannot be compared by the "
-                             f"gate's paired bootstrap; allowed: {list(GATE_METRICS)}")  # fmt: skip
+            raise ValueError(
+                f"metrics.primary: {self.primary_metric!r} cannot be compared by the "
+                f"gate's paired bootstrap; allowed: {list(GATE_METRICS)}"
+            )
         return self
 
     # -- derived ---------------------------------------------------------------------------
@@ -258,8 +286,14 @@ class ModelSpec(_Strict):
     @property
     def report_metrics(self) -> list[str]:
         out = [self.primary_metric] + [m for m in self.metrics.report if m != self.primary_metric]
-        return out if self.metrics.report else [self.primary_metric, *(
-            m for m in ("accuracy", "log_loss") if m != self.primary_metric)]  # fmt: skip
+        return (
+            out
+            if self.metrics.report
+            else [
+                self.primary_metric,
+                *(m for m in ("accuracy", "log_loss") if m != self.primary_metric),
+            ]
+        )
 
     @property
     def floors(self) -> dict[str, float]:
@@ -309,8 +343,10 @@ def _format_error(path: Path, err: dict[str, Any]) -> str:
 
         close = difflib.get_close_matches(str(err.get("loc", ("",))[-1]), known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        return (f"{path}: unknown field {loc!r}: {hint}fields allowed here: {known} "
-                "(README, 'Model specs'; the schema is pipeline/spec.py)")
+        return (
+            f"{path}: unknown field {loc!r}: {hint}fields allowed here: {known} "
+            "(README, 'Model specs'; the schema is pipeline/spec.py)"
+        )
     if kind == "missing":
         return f"{path}: field {loc!r} is required"
     got = err.get("input")
@@ -349,8 +385,10 @@ def load_spec(path: str | Path) -> ModelSpec:
     contract_path = spec.contract if spec.contract.is_absolute() else (path.parent / spec.contract)
     contract_path = contract_path.resolve()
     if not contract_path.is_file():
-        raise SpecError(f"{path}: field 'contract' = {str(spec.contract)!r}: no file at "
-                        f"{contract_path} (a path relative to the spec file)")  # fmt: skip
+        raise SpecError(
+            f"{path}: field 'contract' = {str(spec.contract)!r}: no file at "
+            f"{contract_path} (a path relative to the spec file)"
+        )
     spec = spec.model_copy(update={"contract": contract_path})
     _check_against_contract(spec)
     _check_factory_reference(spec)
@@ -366,17 +404,23 @@ def _check_against_contract(spec: ModelSpec) -> None:
         raise SpecError(f"{spec.path}: field 'contract': {exc}") from None
     k = contract.num_classes
     if spec.task.type == "binary" and k != 2:
-        raise SpecError(f"{spec.path}: field 'task' = 'binary', but the contract's target "
-                        f"{contract.target!r} has {k} values {list(contract.target_values)}; "
-                        "use task: multiclass")  # fmt: skip
+        raise SpecError(
+            f"{spec.path}: field 'task' = 'binary', but the contract's target "
+            f"{contract.target!r} has {k} values {list(contract.target_values)}; "
+            "use task: multiclass"
+        )
     if spec.task.type == "multiclass" and k < 3:
-        raise SpecError(f"{spec.path}: field 'task' = 'multiclass', but the contract's target "
-                        f"{contract.target!r} has {k} values; use task: binary")  # fmt: skip
+        raise SpecError(
+            f"{spec.path}: field 'task' = 'multiclass', but the contract's target "
+            f"{contract.target!r} has {k} values; use task: binary"
+        )
     categorical = contract.categorical_features
     for s in spec.gate.slices:
         if s not in categorical:
-            raise SpecError(f"{spec.path}: field 'gate.slices' names {s!r}, which is not a "
-                            f"categorical feature of the contract; allowed: {categorical}")  # fmt: skip
+            raise SpecError(
+                f"{spec.path}: field 'gate.slices' names {s!r}, which is not a "
+                f"categorical feature of the contract; allowed: {categorical}"
+            )
 
 
 def _check_factory_reference(spec: ModelSpec) -> None:
@@ -391,9 +435,11 @@ def _check_factory_reference(spec: ModelSpec) -> None:
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise SpecError(f"{spec.path}: field 'model.factory' = {spec.model.factory!r}: module "
-                            f"{module!r} is neither a file next to the spec "
-                            f"({spec.folder / (module + '.py')}) nor importable")  # fmt: skip
+            raise SpecError(
+                f"{spec.path}: field 'model.factory' = {spec.model.factory!r}: module "
+                f"{module!r} is neither a file next to the spec "
+                f"({spec.folder / (module + '.py')}) nor importable"
+            )
 
 
 def models_root() -> Path:
@@ -420,7 +466,9 @@ def discover(root: Path | None = None) -> Discovered:
             errors.append((path, str(exc)))
             continue
         if spec.name in names:
-            errors.append((path, f"{path}: field 'name' = {spec.name!r} is already used by another spec"))
+            errors.append(
+                (path, f"{path}: field 'name' = {spec.name!r} is already used by another spec")
+            )
             continue
         names.add(spec.name)
         specs.append(spec)
@@ -441,17 +489,23 @@ def get_spec(name_or_path: str | Path) -> ModelSpec:
     if p.suffix in (".yaml", ".yml") or p.is_file():
         return load_spec(p)
     if not re.match(NAME_PATTERN, str(name_or_path)):
-        raise SpecError(f"model {str(name_or_path)!r}: not a model name ({NAME_PATTERN}) nor a spec file")
+        raise SpecError(
+            f"model {str(name_or_path)!r}: not a model name ({NAME_PATTERN}) nor a spec file"
+        )
     path = models_root() / str(name_or_path) / SPEC_FILE
     if not path.is_file():
         known = [s.name for s in discover().specs]
-        raise SpecError(f"no model {str(name_or_path)!r}: {path} does not exist; known models: {known}")
+        raise SpecError(
+            f"no model {str(name_or_path)!r}: {path} does not exist; known models: {known}"
+        )
     return load_spec(path)
 
 
 # -- the active spec (set once at each entry point: a DAG task, a CLI command) --------------------
 
-_ACTIVE: contextvars.ContextVar[ModelSpec | None] = contextvars.ContextVar("pipeline_spec", default=None)
+_ACTIVE: contextvars.ContextVar[ModelSpec | None] = contextvars.ContextVar(
+    "pipeline_spec", default=None
+)
 
 
 @contextmanager
@@ -537,19 +591,29 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
-        return cls(**{**d, "slices": tuple(d.get("slices") or ()),
-                      "overrides": tuple(d.get("overrides") or ())})  # fmt: skip
+        return cls(
+            **{
+                **d,
+                "slices": tuple(d.get("slices") or ()),
+                "overrides": tuple(d.get("overrides") or ()),
+            }
+        )
 
 
 def spec_value(spec: ModelSpec, knob: Knob) -> Any:
     g = spec.gate
     return {
-        "gate.floors": spec.floors[spec.primary_metric], "gate.margin": g.margin,
-        "gate.non_inferiority_margin": g.non_inferiority_margin, "gate.slices": list(g.slices),
-        "gate.max_checkpoint_mb": g.max_checkpoint_mb, "gate.max_latency_p95_ms": g.max_latency_p95_ms,
-        "gate.require_approval": g.require_approval, "retrain.decay_margin": spec.retrain.decay_margin,
-        "canary.enabled": spec.canary.enabled, "evaluation.uri": spec.eval_location,
-    }[knob.field]  # fmt: skip
+        "gate.floors": spec.floors[spec.primary_metric],
+        "gate.margin": g.margin,
+        "gate.non_inferiority_margin": g.non_inferiority_margin,
+        "gate.slices": list(g.slices),
+        "gate.max_checkpoint_mb": g.max_checkpoint_mb,
+        "gate.max_latency_p95_ms": g.max_latency_p95_ms,
+        "gate.require_approval": g.require_approval,
+        "retrain.decay_margin": spec.retrain.decay_margin,
+        "canary.enabled": spec.canary.enabled,
+        "evaluation.uri": spec.eval_location,
+    }[knob.field]
 
 
 def _is_tighter(knob: Knob, spec_v: Any, run_v: Any, direction: int) -> bool:
@@ -578,7 +642,9 @@ def resolve_policy(spec: ModelSpec, requested: dict[str, Any] | None = None) -> 
     requested = dict(requested or {})
     unknown = sorted(set(requested) - {k.param for k in KNOBS})
     if unknown:
-        raise PolicyViolation(f"unknown policy override(s) {unknown}; known: {[k.param for k in KNOBS]}")
+        raise PolicyViolation(
+            f"unknown policy override(s) {unknown}; known: {[k.param for k in KNOBS]}"
+        )
     values: dict[str, Any] = {}
     used: list[dict[str, Any]] = []
     for knob in KNOBS:
@@ -594,9 +660,11 @@ def resolve_policy(spec: ModelSpec, requested: dict[str, Any] | None = None) -> 
             run_v = list(run_v or [])
             bad = [s for s in run_v if s not in spec.contract_obj().categorical_features]
             if bad:
-                raise PolicyViolation(f"gate_slices {bad}: not categorical features of model "
-                                      f"{spec.name}'s contract; allowed: "
-                                      f"{spec.contract_obj().categorical_features}")  # fmt: skip
+                raise PolicyViolation(
+                    f"gate_slices {bad}: not categorical features of model "
+                    f"{spec.name}'s contract; allowed: "
+                    f"{spec.contract_obj().categorical_features}"
+                )
         if knob.param == "eval_uri" and run_v in ("", None):
             values[knob.field] = spec_v
             continue
@@ -605,29 +673,45 @@ def resolve_policy(spec: ModelSpec, requested: dict[str, Any] | None = None) -> 
             continue
         tighter = _is_tighter(knob, spec_v, run_v, spec.direction)
         if not tighter and knob.field not in spec.overrides.allow:
-            what = ("points the gate at another evaluation set" if knob.param == "eval_uri"
-                    else "loosens the policy")  # fmt: skip
+            what = (
+                "points the gate at another evaluation set"
+                if knob.param == "eval_uri"
+                else "loosens the policy"
+            )
             raise PolicyViolation(
                 f"{knob.param}={run_v!r} {what} of model {spec.name!r} ({knob.field} is "
                 f"{spec_v!r} in {spec.path}); a run may only tighten it. To allow this, the "
                 f"model's owner adds {knob.field!r} to overrides.allow in the spec"
             )
         values[knob.field] = run_v
-        used.append({"param": knob.param, "field": knob.field, "spec": spec_v, "run": run_v,
-                     "kind": "tighten" if tighter else "loosen_allowed"})  # fmt: skip
+        used.append(
+            {
+                "param": knob.param,
+                "field": knob.field,
+                "spec": spec_v,
+                "run": run_v,
+                "kind": "tighten" if tighter else "loosen_allowed",
+            }
+        )
     floors = dict(spec.floors)
     floors[spec.primary_metric] = float(values["gate.floors"])
     return Policy(
-        floor=float(values["gate.floors"]), floors=floors, margin=float(values["gate.margin"]),
+        floor=float(values["gate.floors"]),
+        floors=floors,
+        margin=float(values["gate.margin"]),
         improvement=spec.gate.improvement,
         non_inferiority_margin=values["gate.non_inferiority_margin"],
-        slices=tuple(values["gate.slices"]), max_checkpoint_mb=values["gate.max_checkpoint_mb"],
+        slices=tuple(values["gate.slices"]),
+        max_checkpoint_mb=values["gate.max_checkpoint_mb"],
         max_latency_p95_ms=values["gate.max_latency_p95_ms"],
         require_approval=bool(values["gate.require_approval"]),
         decay_margin=float(values["retrain.decay_margin"]),
-        max_model_age_days=spec.retrain.max_model_age_days, canary=bool(values["canary.enabled"]),
-        eval_uri=values["evaluation.uri"], resamples=spec.gate.resamples, overrides=tuple(used),
-    )  # fmt: skip
+        max_model_age_days=spec.retrain.max_model_age_days,
+        canary=bool(values["canary.enabled"]),
+        eval_uri=values["evaluation.uri"],
+        resamples=spec.gate.resamples,
+        overrides=tuple(used),
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -640,11 +724,15 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def check_training_budget(spec: ModelSpec, max_epochs: int | None, learning_rate: float | None) -> None:
+def check_training_budget(
+    spec: ModelSpec, max_epochs: int | None, learning_rate: float | None
+) -> None:
     """Training knobs a run may set: fewer epochs than the spec's budget, any sane rate."""
     if max_epochs is not None and not 1 <= int(max_epochs) <= spec.training.max_epochs:
-        raise PolicyViolation(f"max_epochs={max_epochs} is outside model {spec.name!r}'s budget "
-                              f"1..{spec.training.max_epochs} (training.max_epochs in {spec.path})")  # fmt: skip
+        raise PolicyViolation(
+            f"max_epochs={max_epochs} is outside model {spec.name!r}'s budget "
+            f"1..{spec.training.max_epochs} (training.max_epochs in {spec.path})"
+        )
     if learning_rate is not None and not 0 < float(learning_rate) <= 100:
         raise PolicyViolation(f"learning_rate={learning_rate} must be in (0, 100]")
 
@@ -669,66 +757,130 @@ def param_schema(spec: ModelSpec) -> dict[str, dict[str, Any]]:
     floor_bounds.setdefault("maximum" if d > 0 else "minimum", 1.0 if d > 0 else 0.0)
     budget = lambda v, f: {} if loose(f) or v is None else {"maximum": v}  # noqa: E731
     out: dict[str, dict[str, Any]] = {
-        "force_retrain": {"default": False, "type": "boolean", "title": "Force retrain",
-                          "description": "Train even if there is no drift or decay."},
-        "max_epochs": {"default": spec.training.max_epochs, "type": "integer", "minimum": 1,
-                       "maximum": spec.training.max_epochs, "title": "Max epochs",
-                       "description": f"Upper bound on training epochs (1-{spec.training.max_epochs}, "
-                       "the spec's budget); training usually stops earlier, on a plateau."},
-        "learning_rate": {"default": spec.training.learning_rate, "type": "number",
-                          "exclusiveMinimum": 0, "maximum": 1, "title": "Learning rate",
-                          "description": f"{spec.training.optimizer} learning rate."},
-        "gate_floor": {"default": floor, "type": "number", **floor_bounds,
-                       "title": f"Gate floor ({metric})",
-                       "description": f"{'Minimum' if d > 0 else 'Maximum'} {metric} for any promotion; "
-                       f"the spec's is {floor}, a run may only make it stricter."},
-        "gate_margin": {"default": g.margin, "type": "number",
-                        **({} if loose("gate.margin") else {"minimum": g.margin}), "maximum": 1,
-                        "title": f"Gate margin ({metric})",
-                        "description": f"{g.improvement.capitalize()} {metric} improvement the challenger "
-                        f"must show over the champion (spec: {g.margin}; only larger)."},
+        "force_retrain": {
+            "default": False,
+            "type": "boolean",
+            "title": "Force retrain",
+            "description": "Train even if there is no drift or decay.",
+        },
+        "max_epochs": {
+            "default": spec.training.max_epochs,
+            "type": "integer",
+            "minimum": 1,
+            "maximum": spec.training.max_epochs,
+            "title": "Max epochs",
+            "description": f"Upper bound on training epochs (1-{spec.training.max_epochs}, "
+            "the spec's budget); training usually stops earlier, on a plateau.",
+        },
+        "learning_rate": {
+            "default": spec.training.learning_rate,
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "title": "Learning rate",
+            "description": f"{spec.training.optimizer} learning rate.",
+        },
+        "gate_floor": {
+            "default": floor,
+            "type": "number",
+            **floor_bounds,
+            "title": f"Gate floor ({metric})",
+            "description": f"{'Minimum' if d > 0 else 'Maximum'} {metric} for any promotion; "
+            f"the spec's is {floor}, a run may only make it stricter.",
+        },
+        "gate_margin": {
+            "default": g.margin,
+            "type": "number",
+            **({} if loose("gate.margin") else {"minimum": g.margin}),
+            "maximum": 1,
+            "title": f"Gate margin ({metric})",
+            "description": f"{g.improvement.capitalize()} {metric} improvement the challenger "
+            f"must show over the champion (spec: {g.margin}; only larger).",
+        },
         "gate_non_inferiority_margin": {
-            "default": g.non_inferiority_margin, "type": ["null", "number"], "minimum": 0,
-            **({"maximum": g.non_inferiority_margin} if g.non_inferiority_margin is not None
-               and not loose("gate.non_inferiority_margin") else {"maximum": 0.5}),
+            "default": g.non_inferiority_margin,
+            "type": ["null", "number"],
+            "minimum": 0,
+            **(
+                {"maximum": g.non_inferiority_margin}
+                if g.non_inferiority_margin is not None and not loose("gate.non_inferiority_margin")
+                else {"maximum": 0.5}
+            ),
             "title": "Non-inferiority margin",
             "description": "Empty: the challenger must improve. Set: also promote a challenger whose "
             f"95% CI lower bound of the {metric} difference is above -margin"
-            + ("" if loose("gate.non_inferiority_margin") or g.non_inferiority_margin is not None
-               else " (this model's spec does not allow setting it)") + "."},
-        "gate_slices": {"default": list(g.slices), "type": "array", "maxItems": 20, "uniqueItems": True,
-                        **({"allOf": [{"contains": {"const": c}} for c in g.slices]}
-                           if g.slices and not loose("gate.slices") else {}),
-                        "items": {"type": "string", "enum": spec.contract_obj().categorical_features}
-                        if spec.contract_obj().categorical_features else {"type": "string"},
-                        "title": "Gate slices",
-                        "description": "Categorical columns whose every value must not regress; "
-                        "a run may add columns to the spec's, not remove them."},
-        "gate_max_checkpoint_mb": {"default": g.max_checkpoint_mb, "type": ["null", "number"],
-                                   "exclusiveMinimum": 0, **budget(g.max_checkpoint_mb, "gate.max_checkpoint_mb"),
-                                   "title": "Checkpoint size budget (MB)",
-                                   "description": "A larger challenger is rejected (only smaller)."},
-        "gate_max_latency_p95_ms": {"default": g.max_latency_p95_ms, "type": ["null", "number"],
-                                    "exclusiveMinimum": 0,
-                                    **budget(g.max_latency_p95_ms, "gate.max_latency_p95_ms"),
-                                    "title": "Latency budget (p95 ms per 256-row batch)",
-                                    "description": "A slower challenger is rejected (only smaller)."},
-        "require_approval": {"default": g.require_approval, "type": "boolean",
-                             **({"const": True} if g.require_approval and not loose("gate.require_approval") else {}),
-                             "title": "Require approval",
-                             "description": "Wait for a human to approve a promotion the gate passed."},
-        "decay_margin": {"default": spec.retrain.decay_margin, "type": "number", "minimum": 0,
-                         "maximum": 1 if loose("retrain.decay_margin") else spec.retrain.decay_margin,
-                         "title": f"Decay margin ({metric})",
-                         "description": f"Champion {metric} drop on new labels that retrains (only smaller)."},
-        "canary": {"default": spec.canary.enabled, "type": "boolean",
-                   **({"const": True} if spec.canary.enabled and not loose("canary.enabled") else {}),
-                   "title": "Canary rollout",
-                   "description": "Promote through a canary on the scoring service, then promote or roll back."},
-        "eval_uri": {"default": None, "type": ["null", "string"], "maxLength": 2048,
-                     **({} if loose("evaluation.uri") else {"maxLength": 0}),
-                     "title": "Evaluation set URI",
-                     "description": f"Empty: the spec's trusted set ({spec.eval_location})."
-                     + ("" if loose("evaluation.uri") else " This model's spec does not allow another.")},
-    }  # fmt: skip
+            + (
+                ""
+                if loose("gate.non_inferiority_margin") or g.non_inferiority_margin is not None
+                else " (this model's spec does not allow setting it)"
+            )
+            + ".",
+        },
+        "gate_slices": {
+            "default": list(g.slices),
+            "type": "array",
+            "maxItems": 20,
+            "uniqueItems": True,
+            **(
+                {"allOf": [{"contains": {"const": c}} for c in g.slices]}
+                if g.slices and not loose("gate.slices")
+                else {}
+            ),
+            "items": {"type": "string", "enum": spec.contract_obj().categorical_features}
+            if spec.contract_obj().categorical_features
+            else {"type": "string"},
+            "title": "Gate slices",
+            "description": "Categorical columns whose every value must not regress; "
+            "a run may add columns to the spec's, not remove them.",
+        },
+        "gate_max_checkpoint_mb": {
+            "default": g.max_checkpoint_mb,
+            "type": ["null", "number"],
+            "exclusiveMinimum": 0,
+            **budget(g.max_checkpoint_mb, "gate.max_checkpoint_mb"),
+            "title": "Checkpoint size budget (MB)",
+            "description": "A larger challenger is rejected (only smaller).",
+        },
+        "gate_max_latency_p95_ms": {
+            "default": g.max_latency_p95_ms,
+            "type": ["null", "number"],
+            "exclusiveMinimum": 0,
+            **budget(g.max_latency_p95_ms, "gate.max_latency_p95_ms"),
+            "title": "Latency budget (p95 ms per 256-row batch)",
+            "description": "A slower challenger is rejected (only smaller).",
+        },
+        "require_approval": {
+            "default": g.require_approval,
+            "type": "boolean",
+            **(
+                {"const": True} if g.require_approval and not loose("gate.require_approval") else {}
+            ),
+            "title": "Require approval",
+            "description": "Wait for a human to approve a promotion the gate passed.",
+        },
+        "decay_margin": {
+            "default": spec.retrain.decay_margin,
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1 if loose("retrain.decay_margin") else spec.retrain.decay_margin,
+            "title": f"Decay margin ({metric})",
+            "description": f"Champion {metric} drop on new labels that retrains (only smaller).",
+        },
+        "canary": {
+            "default": spec.canary.enabled,
+            "type": "boolean",
+            **({"const": True} if spec.canary.enabled and not loose("canary.enabled") else {}),
+            "title": "Canary rollout",
+            "description": "Promote through a canary on the scoring service, then promote or roll back.",
+        },
+        "eval_uri": {
+            "default": None,
+            "type": ["null", "string"],
+            "maxLength": 2048,
+            **({} if loose("evaluation.uri") else {"maxLength": 0}),
+            "title": "Evaluation set URI",
+            "description": f"Empty: the spec's trusted set ({spec.eval_location})."
+            + ("" if loose("evaluation.uri") else " This model's spec does not allow another."),
+        },
+    }
     return out

@@ -87,7 +87,9 @@ def norm(uri: str) -> str:
     if parsed.scheme == "s3":
         return uri
     if parsed.scheme not in ("file", ""):
-        raise StorageError(f"unsupported storage scheme {parsed.scheme!r} in {uri}; use file:// or s3://")
+        raise StorageError(
+            f"unsupported storage scheme {parsed.scheme!r} in {uri}; use file:// or s3://"
+        )
     path = parsed.path if parsed.scheme else uri
     if not path.startswith("/"):
         raise UnsafePathError(f"location {uri!r} is not absolute")

@@ -88,8 +88,20 @@ _TYPE_CHECK = "expect_column_values_to_be_in_type_list"
 # a failed page checksum or a short read an OSError.
 _READ_ERRORS = (OSError, ValueError, EOFError)
 
-_INTS = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-         "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype"]  # fmt: skip
+_INTS = [
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "Int8Dtype",
+    "Int16Dtype",
+    "Int32Dtype",
+    "Int64Dtype",
+]
 _GX_TYPES: dict[str, list[str]] = {
     "int": _INTS,
     "float": ["float16", "float32", "float64", "Float32Dtype", "Float64Dtype", *_INTS],
@@ -221,16 +233,21 @@ def contract_checks(contract: DataContract, now: pd.Timestamp) -> list[Check]:
     """Every check ``contract`` implies, in report order; ``now`` bounds event times."""
     checks = [
         # never below 1: map expectations pass vacuously on an empty batch
-        Check("expect_table_row_count_to_be_between", None,
-              {"min_value": max(1, contract.min_rows), "max_value": contract.max_rows}),
+        Check(
+            "expect_table_row_count_to_be_between",
+            None,
+            {"min_value": max(1, contract.min_rows), "max_value": contract.max_rows},
+        ),
         Check(SAFE_NAMES, None, {"max_chars": MAX_NAME_CHARS}, gx=False),
-    ]  # fmt: skip
+    ]
     features = {c.name for c in contract.features}
     for col in contract.columns:
         name = col.name
         checks.append(Check("expect_column_to_exist", name, {}))
         checks.append(
-            Check("expect_column_values_to_be_in_type_list", name, {"type_list": _GX_TYPES[col.type]})
+            Check(
+                "expect_column_values_to_be_in_type_list", name, {"type_list": _GX_TYPES[col.type]}
+            )
         )
         if col.max_null_fraction > 0:
             mostly = round(1.0 - col.max_null_fraction, 10)
@@ -238,25 +255,47 @@ def contract_checks(contract: DataContract, now: pd.Timestamp) -> list[Check]:
         elif not col.nullable:
             checks.append(Check("expect_column_values_to_not_be_null", name, {}))
         if col.is_numeric and (col.min is not None or col.max is not None):
-            checks.append(Check("expect_column_values_to_be_between", name,
-                                {"min_value": col.min, "max_value": col.max}))  # fmt: skip
+            checks.append(
+                Check(
+                    "expect_column_values_to_be_between",
+                    name,
+                    {"min_value": col.min, "max_value": col.max},
+                )
+            )
         if col.is_categorical:
             checks.append(
-                Check("expect_column_values_to_be_in_set", name, {"value_set": list(col.categories)})
+                Check(
+                    "expect_column_values_to_be_in_set", name, {"value_set": list(col.categories)}
+                )
             )
         if col.unique:
             checks.append(Check("expect_column_values_to_be_unique", name, {}))
         if name in features:
-            checks.append(Check("expect_column_unique_value_count_to_be_between", name, {"min_value": 2}))
-    checks.append(Check("expect_column_values_to_be_in_set", contract.target,
-                        {"value_set": list(contract.target_values)}))  # fmt: skip
+            checks.append(
+                Check("expect_column_unique_value_count_to_be_between", name, {"min_value": 2})
+            )
+    checks.append(
+        Check(
+            "expect_column_values_to_be_in_set",
+            contract.target,
+            {"value_set": list(contract.target_values)},
+        )
+    )
     if contract.time_column is not None:  # else no time checks (the report says so)
-        checks.append(Check("expect_column_values_to_be_between", contract.time_column,
-                            {"max_value": pd.Timestamp(now)}))  # fmt: skip
-    leakage = {"target": contract.target, "max_auc": contract.leakage_max_auc,
-               "min_rows": contract.leakage_min_rows,
-               "reference_auc": contract.leakage_reference_auc,
-               "max_rise": contract.leakage_max_rise}  # fmt: skip
+        checks.append(
+            Check(
+                "expect_column_values_to_be_between",
+                contract.time_column,
+                {"max_value": pd.Timestamp(now)},
+            )
+        )
+    leakage = {
+        "target": contract.target,
+        "max_auc": contract.leakage_max_auc,
+        "min_rows": contract.leakage_min_rows,
+        "reference_auc": contract.leakage_reference_auc,
+        "max_rise": contract.leakage_max_rise,
+    }
     for col in contract.features:
         if col.is_numeric or col.is_categorical:
             checks.append(Check(NO_LEAKAGE, col.name, dict(leakage), gx=False))
@@ -313,22 +352,35 @@ def build_suite(contract: DataContract, now: pd.Timestamp) -> ExpectationSuite:
 
 
 def validate_frame(
-    df: pd.DataFrame, contract: DataContract, now: pd.Timestamp, *, sample_rows: int = SAMPLE_ROWS,
-    seed: int = 0, reference: pd.DataFrame | None = None,
+    df: pd.DataFrame,
+    contract: DataContract,
+    now: pd.Timestamp,
+    *,
+    sample_rows: int = SAMPLE_ROWS,
+    seed: int = 0,
+    reference: pd.DataFrame | None = None,
 ) -> ValidationReport:
     """Validate ``df`` against ``contract``; never raises on bad data, only reports it.
 
     ``reference``: the champion's training data (same contract), for the leakage check;
     a seeded sample of at most ``sample_rows`` of its rows is used."""
     source, untyped = TableSource.from_frame(df)
-    ref = None if reference is None else _reference_from_frame(reference, contract, sample_rows, seed)
-    return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed,
-                           untyped=untyped, reference=ref)  # fmt: skip
+    ref = (
+        None if reference is None else _reference_from_frame(reference, contract, sample_rows, seed)
+    )
+    return validate_source(
+        source, contract, now, sample_rows=sample_rows, seed=seed, untyped=untyped, reference=ref
+    )
 
 
 def validate_uri(
-    uri: str, contract: DataContract, now: pd.Timestamp, *, sample_rows: int = SAMPLE_ROWS,
-    seed: int = 0, reference_uri: str | None = None,
+    uri: str,
+    contract: DataContract,
+    now: pd.Timestamp,
+    *,
+    sample_rows: int = SAMPLE_ROWS,
+    seed: int = 0,
+    reference_uri: str | None = None,
 ) -> ValidationReport:
     """Validate the Parquet object at ``uri``, streaming; an unreadable file is a report.
 
@@ -340,13 +392,22 @@ def validate_uri(
         source = open_source(uri, dictionary_columns=contract.categorical_features)
     except _READ_ERRORS as exc:
         return _unreadable(exc, contract, now)
-    ref = None if reference_uri is None else _reference_from_uri(reference_uri, contract, sample_rows, seed)
+    ref = (
+        None
+        if reference_uri is None
+        else _reference_from_uri(reference_uri, contract, sample_rows, seed)
+    )
     return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed, reference=ref)
 
 
 def validate_source(
-    source: TableSource, contract: DataContract, now: pd.Timestamp, *,
-    sample_rows: int = SAMPLE_ROWS, seed: int = 0, untyped: dict[str, str] | None = None,
+    source: TableSource,
+    contract: DataContract,
+    now: pd.Timestamp,
+    *,
+    sample_rows: int = SAMPLE_ROWS,
+    seed: int = 0,
+    untyped: dict[str, str] | None = None,
     reference: Reference | None = None,
 ) -> ValidationReport:
     now = _utc(now)
@@ -399,20 +460,28 @@ def _notes(
         notes.append(NO_TIME_COLUMN_NOTE)
     leak = [r for r in results if r.expectation == NO_LEAKAGE and isinstance(r.observed, dict)]
     if reference is not None and reference.error is not None:
-        notes.append(f"leakage reference not used ({reference.error}): features judged on the "
-                     "batch alone")  # fmt: skip
+        notes.append(
+            f"leakage reference not used ({reference.error}): features judged on the batch alone"
+        )
     skipped = [r for r in leak if r.observed.get("too_few_rows")]
     if skipped:
-        notes.append(f"leakage check skipped for {len(skipped)} features: "
-                     f"{skipped[0].observed['skipped']}")  # fmt: skip
-    near = sorted((r for r in leak if r.observed.get("near")),
-                  key=lambda r: -(r.observed.get("observed_value") or 0.0))  # fmt: skip
+        notes.append(
+            f"leakage check skipped for {len(skipped)} features: {skipped[0].observed['skipped']}"
+        )
+    near = sorted(
+        (r for r in leak if r.observed.get("near")),
+        key=lambda r: -(r.observed.get("observed_value") or 0.0),
+    )
     if near:
-        shown = ", ".join(f"{display_name(r.column or '')} {_leak_text(r.observed)}"
-                          for r in near[:_SET_PREVIEW])  # fmt: skip
+        shown = ", ".join(
+            f"{display_name(r.column or '')} {_leak_text(r.observed)}" for r in near[:_SET_PREVIEW]
+        )
         more = len(near) - _SET_PREVIEW
-        notes.append("strong features, came close to the leakage bar (passed): " + shown
-                     + (f" and {more} more" if more > 0 else ""))  # fmt: skip
+        notes.append(
+            "strong features, came close to the leakage bar (passed): "
+            + shown
+            + (f" and {more} more" if more > 0 else "")
+        )
     return notes
 
 
@@ -603,17 +672,25 @@ def hash_values(arr: pa.Array) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     _, off_buf, data_buf = arr.buffers()
     off_type = np.int32 if pa.types.is_string(t) else np.int64
-    offsets = np.frombuffer(off_buf, dtype=off_type, count=n + 1, offset=arr.offset * np.dtype(off_type).itemsize)
+    offsets = np.frombuffer(
+        off_buf, dtype=off_type, count=n + 1, offset=arr.offset * np.dtype(off_type).itemsize
+    )
     offsets = offsets.astype(np.int64)
     base, end = int(offsets[0]), int(offsets[-1])
-    seg = np.frombuffer(data_buf, dtype=np.uint8)[base:end] if data_buf is not None else np.zeros(0, np.uint8)
+    seg = (
+        np.frombuffer(data_buf, dtype=np.uint8)[base:end]
+        if data_buf is not None
+        else np.zeros(0, np.uint8)
+    )
     lengths = np.diff(offsets)
     longest = int(lengths.max())
     powers = _powers(longest)
     if longest == 0:
         h = np.zeros(n, dtype=np.uint64)
     elif (lengths == longest).all():  # fixed width: the common case for ids
-        h = (seg.reshape(n, longest).astype(np.uint64) * powers[:longest]).sum(axis=1, dtype=np.uint64)
+        h = (seg.reshape(n, longest).astype(np.uint64) * powers[:longest]).sum(
+            axis=1, dtype=np.uint64
+        )
     else:
         starts = offsets[:-1] - base
         pos = np.arange(len(seg), dtype=np.int64) - np.repeat(starts, lengths)
@@ -652,8 +729,14 @@ class _Scan:
     """The streaming pass: every exact statistic in one read, plus the GX/leakage sample."""
 
     def __init__(
-        self, source: TableSource, contract: DataContract, now: pd.Timestamp,
-        untyped: dict[str, str], sample_rows: int, seed: int, reference: Reference | None = None,
+        self,
+        source: TableSource,
+        contract: DataContract,
+        now: pd.Timestamp,
+        untyped: dict[str, str],
+        sample_rows: int,
+        seed: int,
+        reference: Reference | None = None,
     ) -> None:
         self.source, self.contract, self.now, self.untyped = source, contract, now, untyped
         self.reference = reference
@@ -678,9 +761,12 @@ class _Scan:
         self.sample_rows = sample_rows
         self.sample_is_everything = source.num_rows <= sample_rows
         self._picks = (
-            None if self.sample_is_everything
-            else np.sort(np.random.default_rng(seed).choice(source.num_rows, sample_rows, replace=False))
-        )  # fmt: skip
+            None
+            if self.sample_is_everything
+            else np.sort(
+                np.random.default_rng(seed).choice(source.num_rows, sample_rows, replace=False)
+            )
+        )
         self._sample_parts: list[pa.RecordBatch] = []
 
     # -- the pass
@@ -749,7 +835,9 @@ class _Scan:
         elif spec.type == "timestamp":
             col.nulls += arr.null_count
             unit = arr.type.unit
-            limit = np.datetime64(self.now.tz_convert("UTC").tz_localize(None).to_datetime64(), unit)
+            limit = np.datetime64(
+                self.now.tz_convert("UTC").tz_localize(None).to_datetime64(), unit
+            )
             vals = arr.cast(pa.timestamp(unit)).to_numpy(zero_copy_only=False)
             future = vals > limit  # NaT compares False
             k = int(future.sum())
@@ -757,8 +845,9 @@ class _Scan:
                 col.future += k
                 need = PARTIAL_UNEXPECTED - len(col.future_examples)
                 if need > 0:
-                    col.future_examples += [pd.Timestamp(v, tz="UTC").isoformat()
-                                            for v in vals[future][:need]]  # fmt: skip
+                    col.future_examples += [
+                        pd.Timestamp(v, tz="UTC").isoformat() for v in vals[future][:need]
+                    ]
         else:
             col.nulls += arr.null_count
             if is_target:
@@ -801,10 +890,14 @@ class _Scan:
             unknown = unknown or v not in allowed_set
         if unknown and len(col.unknown_examples) < PARTIAL_UNEXPECTED:
             plain = _decode(arr)
-            mask = pc.and_(pc.invert(pc.is_in(plain, value_set=pa.array(allowed, type=plain.type))),
-                           pc.is_valid(plain))  # fmt: skip
+            mask = pc.and_(
+                pc.invert(pc.is_in(plain, value_set=pa.array(allowed, type=plain.type))),
+                pc.is_valid(plain),
+            )
             bad = plain.filter(mask)
-            col.unknown_examples += bad.slice(0, PARTIAL_UNEXPECTED - len(col.unknown_examples)).to_pylist()
+            col.unknown_examples += bad.slice(
+                0, PARTIAL_UNEXPECTED - len(col.unknown_examples)
+            ).to_pylist()
 
     def _resolve_duplicates(self, col: _Col) -> None:
         """Exact duplicate count: equal hashes, then equal values (a second pass over the ids
@@ -868,8 +961,14 @@ class _Scan:
             else:
                 success, observed = self._exact(check)
             expected = {k: v for k, v in check.kwargs.items() if v is not None}
-            out[i] = ExpectationResult(check.expectation, check.column, success,
-                                       _jsonable(observed), _jsonable(expected), "exact")  # fmt: skip
+            out[i] = ExpectationResult(
+                check.expectation,
+                check.column,
+                success,
+                _jsonable(observed),
+                _jsonable(expected),
+                "exact",
+            )
         return out
 
     def _exact(self, check: Check) -> tuple[bool, dict[str, Any]]:
@@ -880,9 +979,14 @@ class _Scan:
             return ok, {"observed_value": rows}
         if e == SAFE_NAMES:
             bad = [{"column": display_name(n), "problem": p} for n, p in self.unsafe.items()]
-            bad += [{"column": display_name(n), "problem": "appears more than once"}
-                    for n in self.duplicated]  # fmt: skip
-            return not bad, {"unsafe_columns": bad[:PARTIAL_UNEXPECTED], "unexpected_count": len(bad)}
+            bad += [
+                {"column": display_name(n), "problem": "appears more than once"}
+                for n in self.duplicated
+            ]
+            return not bad, {
+                "unsafe_columns": bad[:PARTIAL_UNEXPECTED],
+                "unexpected_count": len(bad),
+            }
         col = self.cols[check.column]  # type: ignore[index]
         if e == "expect_column_to_exist":
             return col.present >= 1, {"exists": col.present >= 1}
@@ -892,27 +996,38 @@ class _Scan:
             return False, {"error": f'column "{col.name}" appears {col.present} times in the batch'}
         if e == "expect_column_values_to_not_be_null":
             mostly = kw.get("mostly")
-            ok = col.nulls == 0 if mostly is None else rows == 0 or (rows - col.nulls) / rows >= mostly
-            return ok, {"element_count": rows, "unexpected_count": col.nulls,
-                        "unexpected_percent": _pct(col.nulls, rows)}  # fmt: skip
+            ok = (
+                col.nulls == 0
+                if mostly is None
+                else rows == 0 or (rows - col.nulls) / rows >= mostly
+            )
+            return ok, {
+                "element_count": rows,
+                "unexpected_count": col.nulls,
+                "unexpected_percent": _pct(col.nulls, rows),
+            }
         if e == "expect_column_values_to_be_in_type_list":
             return col.type_ok, {"observed_value": col.arrow_type, "contract_type": col.type}
         if not col.type_ok:
-            return False, {"error": f"column {col.name} has type {col.arrow_type}, the contract "
-                                    f"says {col.type}: values not checked"}  # fmt: skip
+            return False, {
+                "error": f"column {col.name} has type {col.arrow_type}, the contract "
+                f"says {col.type}: values not checked"
+            }
         nonnull = rows - col.nulls
         if e == "expect_column_values_to_be_between" and col.type == "timestamp":
             return col.future == 0, self._map(nonnull, col.nulls, col.future, col.future_examples)
         if e == "expect_column_values_to_be_between":
-            return col.out_of_range == 0, self._map(nonnull, col.nulls, col.out_of_range,
-                                                    col.range_examples)  # fmt: skip
+            return col.out_of_range == 0, self._map(
+                nonnull, col.nulls, col.out_of_range, col.range_examples
+            )
         if e == "expect_column_values_to_be_in_set":
             allowed = set(kw["value_set"])
             unknown = sum(k for v, k in col.counts.items() if v not in allowed)
             return unknown == 0, self._map(nonnull, col.nulls, unknown, col.unknown_examples)
         if e == "expect_column_values_to_be_unique":
-            return col.duplicates == 0, self._map(nonnull, col.nulls, col.duplicates,
-                                                  col.duplicate_examples)  # fmt: skip
+            return col.duplicates == 0, self._map(
+                nonnull, col.nulls, col.duplicates, col.duplicate_examples
+            )
         if e == "expect_column_unique_value_count_to_be_between":
             if col.counts:
                 distinct: Any = len(col.counts)
@@ -931,15 +1046,21 @@ class _Scan:
 
     @staticmethod
     def _map(nonnull: int, nulls: int, unexpected: int, examples: list[Any]) -> dict[str, Any]:
-        return {"element_count": nonnull + nulls, "missing_count": nulls,
-                "unexpected_count": unexpected, "unexpected_percent": _pct(unexpected, nonnull),
-                "partial_unexpected_list": examples[:PARTIAL_UNEXPECTED]}  # fmt: skip
+        return {
+            "element_count": nonnull + nulls,
+            "missing_count": nulls,
+            "unexpected_count": unexpected,
+            "unexpected_percent": _pct(unexpected, nonnull),
+            "partial_unexpected_list": examples[:PARTIAL_UNEXPECTED],
+        }
 
     def _leakage(self, check: Check, sample: pd.DataFrame) -> tuple[bool, dict[str, Any]]:
         col = self.cols[check.column]  # type: ignore[index]
         target, kw = self.contract.target, check.kwargs
         if col.present != 1 or not col.type_ok:
-            return False, {"error": f"column {col.name} is missing or mistyped: leakage not checked"}
+            return False, {
+                "error": f"column {col.name} is missing or mistyped: leakage not checked"
+            }
         if not self.cols[target].type_ok or target not in sample or col.name not in sample:
             return True, {"skipped": "no typed label column to check against"}
         classes = _leak_classes(self.contract)
@@ -970,14 +1091,23 @@ class _Scan:
             focus = best
             success = aucs[focus][0] < bar or rows < kw["min_rows"]
             if rows < kw["min_rows"]:
-                obs["skipped"] = (f"{rows} rows < leakage.min_rows {kw['min_rows']} and no "
-                                  "reference to compare with")  # fmt: skip
+                obs["skipped"] = (
+                    f"{rows} rows < leakage.min_rows {kw['min_rows']} and no "
+                    "reference to compare with"
+                )
                 obs["too_few_rows"] = True
         score, pos = aucs[focus]
         bound = math.sqrt(math.log(2 / (1 - _LEAKAGE_CONFIDENCE)) / (2 * min(pos, rows - pos)))
-        obs.update({"observed_value": round(score, 6), "rows": rows, "positives": pos,
-                    "error_bound_99": round(bound, 4), "sampled": not self.sample_is_everything,
-                    "bar": bar})  # fmt: skip
+        obs.update(
+            {
+                "observed_value": round(score, 6),
+                "rows": rows,
+                "positives": pos,
+                "error_bound_99": round(bound, 4),
+                "sampled": not self.sample_is_everything,
+                "bar": bar,
+            }
+        )
         if len(classes) > 1:
             obs["class"] = focus
         if success and score >= min(_NEAR_AUC, bar - _NEAR_MARGIN):
@@ -1013,7 +1143,8 @@ def _run_gx(
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     gx_checks = [
-        Check(c.expectation, c.column, _gx_kwargs(c, now), c.gx, c.exact) if c.gx else c for c in checks
+        Check(c.expectation, c.column, _gx_kwargs(c, now), c.gx, c.exact) if c.gx else c
+        for c in checks
     ]
     out: dict[int, ExpectationResult] = {}
     try:
@@ -1023,13 +1154,16 @@ def _run_gx(
         batch = asset.add_batch_definition_whole_dataframe("whole").get_batch(
             batch_parameters={"dataframe": sample}
         )
-        for exact, result_format in ((True, {"result_format": "BOOLEAN_ONLY"}),
-                                     (False, {"result_format": "SUMMARY",
-                                              "partial_unexpected_count": PARTIAL_UNEXPECTED})):  # fmt: skip
+        for exact, result_format in (
+            (True, {"result_format": "BOOLEAN_ONLY"}),
+            (False, {"result_format": "SUMMARY", "partial_unexpected_count": PARTIAL_UNEXPECTED}),
+        ):
             part = [c if c.exact == exact else dataclasses.replace(c, gx=False) for c in gx_checks]
             if not any(c.gx for c in part):
                 continue
-            gx_result = batch.validate(_suite(part, f"{name}_contract"), result_format=result_format)
+            gx_result = batch.validate(
+                _suite(part, f"{name}_contract"), result_format=result_format
+            )
             for r in gx_result.results:
                 i = ((r.expectation_config and r.expectation_config.meta) or {}).get("check")
                 if i is not None:
@@ -1037,9 +1171,13 @@ def _run_gx(
                     out[int(i)] = _with(_convert(r), expected=_jsonable(expected))
     except Exception as exc:  # noqa: BLE001 - reported, never raised
         message = f"Great Expectations failed: {type(exc).__name__}: {exc}"
-        return {i: ExpectationResult(c.expectation, c.column, False, {"error": message},
-                                     _jsonable(c.kwargs), "gx")
-                for i, c in enumerate(checks) if c.gx}  # fmt: skip
+        return {
+            i: ExpectationResult(
+                c.expectation, c.column, False, {"error": message}, _jsonable(c.kwargs), "gx"
+            )
+            for i, c in enumerate(checks)
+            if c.gx
+        }
     return out
 
 
@@ -1130,19 +1268,27 @@ def _describe_expected(r: ExpectationResult) -> str:
     if e == READABLE:
         return "batch is a readable Parquet file"
     if e == SAFE_NAMES:
-        return (f"column names printable, unique, at most {kw.get('max_chars')} characters, "
-                "without path characters")  # fmt: skip
+        return (
+            f"column names printable, unique, at most {kw.get('max_chars')} characters, "
+            "without path characters"
+        )
     if e == NO_LEAKAGE:
         obs = r.observed if isinstance(r.observed, dict) else {}
         if obs.get("mode") == "reference":
-            return (f"{col} gains no new power to predict {kw.get('target')} alone (univariate AUC "
-                    f"< {_fmt(kw.get('reference_auc'))}, or at most {_fmt(kw.get('max_rise'))} "
-                    "above the reference)")  # fmt: skip
-        return (f"{col} does not predict {kw.get('target')} alone (univariate AUC < "
-                f"{_fmt(kw.get('max_auc'))} on at least {kw.get('min_rows')} rows)")  # fmt: skip
+            return (
+                f"{col} gains no new power to predict {kw.get('target')} alone (univariate AUC "
+                f"< {_fmt(kw.get('reference_auc'))}, or at most {_fmt(kw.get('max_rise'))} "
+                "above the reference)"
+            )
+        return (
+            f"{col} does not predict {kw.get('target')} alone (univariate AUC < "
+            f"{_fmt(kw.get('max_auc'))} on at least {kw.get('min_rows')} rows)"
+        )
     if e == "expect_column_values_to_be_in_type_list":
         obs = r.observed if isinstance(r.observed, dict) else {}
-        return f"{col} of contract type {obs.get('contract_type', 'in ' + str(kw.get('type_list')))}"
+        return (
+            f"{col} of contract type {obs.get('contract_type', 'in ' + str(kw.get('type_list')))}"
+        )
     if e == "expect_column_unique_value_count_to_be_between":
         return f"{col} not constant (at least {_fmt(kw.get('min_value'))} distinct values)"
     if e == "expect_column_values_to_not_be_null":
@@ -1223,7 +1369,9 @@ def render_html(report: ValidationReport, title: str) -> str:
     verdict = "PASSED" if report.success else "FAILED"
     extra = ""
     if report.extra_columns:
-        extra = "<p>Extra columns (allowed, not used): " + esc(", ".join(report.extra_columns)) + "</p>"
+        extra = (
+            "<p>Extra columns (allowed, not used): " + esc(", ".join(report.extra_columns)) + "</p>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -1258,4 +1406,3 @@ every row; "gx-sample": Great Expectations on a seeded sample of {report.sample_
 </body>
 </html>
 """
-

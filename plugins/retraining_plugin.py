@@ -79,8 +79,13 @@ from retraining_urls import (  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RetrainingPlugin", "mlflow_artifact_url", "mlflow_run_url", "mlflow_ui_url",
-           "model_version_url"]  # fmt: skip
+__all__ = [
+    "RetrainingPlugin",
+    "mlflow_artifact_url",
+    "mlflow_run_url",
+    "mlflow_ui_url",
+    "model_version_url",
+]
 
 RETURN_VALUE_KEY = "return_value"
 RUN_SOURCE_TASK = "ingest_batch"  # creates the DAG run's MLflow run; every later task shares it
@@ -177,7 +182,7 @@ def model_of_dag(dag_id: Any) -> str | None:
         return None
     for prefix in DAG_PREFIXES:
         if dag_id.startswith(prefix) and len(dag_id) > len(prefix):
-            return dag_id[len(prefix):]
+            return dag_id[len(prefix) :]
     return None
 
 

@@ -50,12 +50,43 @@ RUN_COLUMNS = 11
 
 # Verdict words written by pipeline/steps.py and pipeline/canary.py, grouped by how a reader
 # should feel about them.
-GOOD = {"pass", "ok", "no_drift", "trained", "intact", "registered", "promote", "promoted",
-        "success", "skip", "no_reference"}  # fmt: skip
-BAD = {"reject", "rejected", "quarantined", "unreadable", "diverged", "failed", "conflict",
-       "rolled_back", "rolled_back_after_bake", "rollback", "upstream_failed"}  # fmt: skip
-WARN = {"drift", "train", "not_promoted", "running", "queued", "up_for_retry", "deferred",
-        "paused", "aborted"}  # fmt: skip
+GOOD = {
+    "pass",
+    "ok",
+    "no_drift",
+    "trained",
+    "intact",
+    "registered",
+    "promote",
+    "promoted",
+    "success",
+    "skip",
+    "no_reference",
+}
+BAD = {
+    "reject",
+    "rejected",
+    "quarantined",
+    "unreadable",
+    "diverged",
+    "failed",
+    "conflict",
+    "rolled_back",
+    "rolled_back_after_bake",
+    "rollback",
+    "upstream_failed",
+}
+WARN = {
+    "drift",
+    "train",
+    "not_promoted",
+    "running",
+    "queued",
+    "up_for_retry",
+    "deferred",
+    "paused",
+    "aborted",
+}
 
 
 # -- what the page shows -----------------------------------------------------------------
@@ -87,14 +118,24 @@ class ModelInfo:
 def model_info(spec: Any) -> ModelInfo:
     g = spec.gate
     return ModelInfo(
-        name=spec.name, model_name=spec.model_name, dag_id=spec.retrain_dag_id,
-        rollback_dag_id=spec.rollback_dag_id, experiment_name=spec.experiment_name,
-        task=spec.task.type, primary_metric=spec.primary_metric, direction=spec.direction,
-        margin=g.margin, improvement=g.improvement, floor=spec.floors.get(spec.primary_metric),
-        non_inferiority_margin=g.non_inferiority_margin, require_approval=g.require_approval,
-        canary=spec.canary.enabled, allowed_overrides=tuple(spec.overrides.allow),
-        description=spec.description, owner=spec.owner,
-    )  # fmt: skip
+        name=spec.name,
+        model_name=spec.model_name,
+        dag_id=spec.retrain_dag_id,
+        rollback_dag_id=spec.rollback_dag_id,
+        experiment_name=spec.experiment_name,
+        task=spec.task.type,
+        primary_metric=spec.primary_metric,
+        direction=spec.direction,
+        margin=g.margin,
+        improvement=g.improvement,
+        floor=spec.floors.get(spec.primary_metric),
+        non_inferiority_margin=g.non_inferiority_margin,
+        require_approval=g.require_approval,
+        canary=spec.canary.enabled,
+        allowed_overrides=tuple(spec.overrides.allow),
+        description=spec.description,
+        owner=spec.owner,
+    )
 
 
 @dataclass
@@ -202,12 +243,20 @@ def airflow_runs(dag_id: str, limit: int) -> list[dict[str, Any]]:
 
     with create_session() as session:
         rows = session.scalars(
-            select(DagRun).where(DagRun.dag_id == dag_id)
-            .order_by(DagRun.run_after.desc()).limit(limit)
-        ).all()  # fmt: skip
-        return [{"run_id": r.run_id, "state": str(r.state or ""),
-                 "run_after": r.run_after.isoformat(timespec="minutes") if r.run_after else "",
-                 "run_type": str(r.run_type or "")} for r in rows]  # fmt: skip
+            select(DagRun)
+            .where(DagRun.dag_id == dag_id)
+            .order_by(DagRun.run_after.desc())
+            .limit(limit)
+        ).all()
+        return [
+            {
+                "run_id": r.run_id,
+                "state": str(r.state or ""),
+                "run_after": r.run_after.isoformat(timespec="minutes") if r.run_after else "",
+                "run_type": str(r.run_type or ""),
+            }
+            for r in rows
+        ]
 
 
 def _num(text: Any) -> float | None:
@@ -234,17 +283,25 @@ def gate_detail(tags: Mapping[str, str], metric: str = "metric") -> list[str]:
     metric = tags.get("gate.metric") or metric
     lines = []
     if diff and champion and champion != "none":
-        lines.append(f"{metric} {_fmt(diff, signed=True)} vs v{champion}"
-                     + (f" (needs +{_fmt(margin)})" if margin else ""))  # fmt: skip
-        ci = [_fmt(x.strip(), signed=True) for x in tags.get("gate.ci", "").strip("[]").split(",") if x.strip()]
+        lines.append(
+            f"{metric} {_fmt(diff, signed=True)} vs v{champion}"
+            + (f" (needs +{_fmt(margin)})" if margin else "")
+        )
+        ci = [
+            _fmt(x.strip(), signed=True)
+            for x in tags.get("gate.ci", "").strip("[]").split(",")
+            if x.strip()
+        ]
         if len(ci) == 2:
             lines.append(f"95% CI [{ci[0]}, {ci[1]}]")
     elif champion == "none":
         value = tags.get(f"eval.{metric}")
         lines.append("no champion: floors only")
         if value:
-            lines.append(f"{metric} {_fmt(value)}" + (f" (floor {_fmt(tags['gate.floor'])})"
-                                                      if tags.get("gate.floor") else ""))  # fmt: skip
+            lines.append(
+                f"{metric} {_fmt(value)}"
+                + (f" (floor {_fmt(tags['gate.floor'])})" if tags.get("gate.floor") else "")
+            )
     if tags.get("gate.reason"):
         lines.append(tags["gate.reason"])
     return lines
@@ -267,7 +324,8 @@ def overrides_text(raw: str | None) -> list[str]:
             out.append(str(o)[:200])
             continue
         kind = {"tighten": "tighter", "loosen_allowed": "loosened, the spec allows it"}.get(
-            str(o.get("kind", "")), str(o.get("kind", "")))  # fmt: skip
+            str(o.get("kind", "")), str(o.get("kind", ""))
+        )
         what = o.get("field") or o.get("param") or "?"
         out.append(f"{what} {o.get('spec')} → {o.get('run')}" + (f" ({kind})" if kind else ""))
     return out
@@ -294,8 +352,11 @@ def promotion_view(tags: Mapping[str, str], vtags: Mapping[str, str]) -> tuple[s
     if canary:
         step, weight = vtags.get("canary.step"), _num(vtags.get("canary.weight_reached"))
         if weight is not None and weight > 0:
-            notes.insert(0, f"reached {weight:.0%}" + (f" (step {int(float(step)) + 1})"
-                                                       if _num(step) is not None else ""))  # fmt: skip
+            notes.insert(
+                0,
+                f"reached {weight:.0%}"
+                + (f" (step {int(float(step)) + 1})" if _num(step) is not None else ""),
+            )
         if vtags.get("canary.reason"):
             notes.append(vtags["canary.reason"])
         if vtags.get("bake.verdict"):
@@ -303,7 +364,9 @@ def promotion_view(tags: Mapping[str, str], vtags: Mapping[str, str]) -> tuple[s
     return verdict, summary, canary, " · ".join(notes)
 
 
-def mlflow_state(info: ModelInfo, airflow_run_ids: Iterable[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def mlflow_state(
+    info: ModelInfo, airflow_run_ids: Iterable[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """For one model: per Airflow run id, the MLflow run's tags/ids, its grad-norm history and
     its version's tags; also the experiment id, the alias -> version table and canary weight."""
     from mlflow.exceptions import MlflowException
@@ -317,22 +380,29 @@ def mlflow_state(info: ModelInfo, airflow_run_ids: Iterable[str]) -> tuple[dict[
     found: dict[str, dict[str, Any]] = {}
     if exp is not None and wanted:
         meta["experiment_id"] = exp.experiment_id
-        runs = c.search_runs([exp.experiment_id],
-                             filter_string=f"tags.`airflow.dag_id` = '{info.dag_id}'",
-                             order_by=["attributes.start_time DESC"],
-                             max_results=max(len(wanted) * 2, 50))  # fmt: skip
+        runs = c.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`airflow.dag_id` = '{info.dag_id}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=max(len(wanted) * 2, 50),
+        )
         for r in runs:
             rid = r.data.tags.get("airflow.run_id")
             if rid in wanted and rid not in found:
-                found[rid] = {"mlflow_run_id": r.info.run_id,
-                              "mlflow_experiment_id": r.info.experiment_id,
-                              "tags": dict(r.data.tags), "grad_norms": [],
-                              "has_grad_norm": "train.grad_norm" in (r.data.metrics or {})}  # fmt: skip
+                found[rid] = {
+                    "mlflow_run_id": r.info.run_id,
+                    "mlflow_experiment_id": r.info.experiment_id,
+                    "tags": dict(r.data.tags),
+                    "grad_norms": [],
+                    "has_grad_norm": "train.grad_norm" in (r.data.metrics or {}),
+                }
         for rec in found.values():
             if not rec.pop("has_grad_norm"):
                 continue
             history = c.get_metric_history(rec["mlflow_run_id"], "train.grad_norm")
-            rec["grad_norms"] = [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+            rec["grad_norms"] = [
+                m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))
+            ]
     elif exp is not None:
         meta["experiment_id"] = exp.experiment_id
     try:
@@ -355,10 +425,16 @@ def mlflow_state(info: ModelInfo, airflow_run_ids: Iterable[str]) -> tuple[dict[
     return found, meta
 
 
-def build_section(info: ModelInfo, runs: Sequence[Mapping[str, Any]],
-                  found: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any], *,
-                  airflow_base: str = "", mlflow_ui: str | None = None,
-                  problems: Sequence[str] = ()) -> ModelSection:  # fmt: skip
+def build_section(
+    info: ModelInfo,
+    runs: Sequence[Mapping[str, Any]],
+    found: Mapping[str, Mapping[str, Any]],
+    meta: Mapping[str, Any],
+    *,
+    airflow_base: str = "",
+    mlflow_ui: str | None = None,
+    problems: Sequence[str] = (),
+) -> ModelSection:
     """Join one model's Airflow runs with their MLflow records into what the page shows. Pure."""
     ui = urls.mlflow_ui_url() if mlflow_ui is None else mlflow_ui.rstrip("/")
     metric = info.primary_metric or "metric"
@@ -371,35 +447,50 @@ def build_section(info: ModelInfo, runs: Sequence[Mapping[str, Any]],
         tags: Mapping[str, str] = rec.get("tags") or {}
         vtags: Mapping[str, str] = rec.get("version_tags") or {}
         version = tags.get("model.version", "")
-        ref = {"mlflow_run_id": rec.get("mlflow_run_id"),
-               "mlflow_experiment_id": rec.get("mlflow_experiment_id"),
-               "model_name": info.model_name, "model_version": version}  # fmt: skip
+        ref = {
+            "mlflow_run_id": rec.get("mlflow_run_id"),
+            "mlflow_experiment_id": rec.get("mlflow_experiment_id"),
+            "model_name": info.model_name,
+            "model_version": version,
+        }
         promotion, promotion_summary, canary, canary_detail = promotion_view(tags, vtags)
-        views.append(RunView(
-            run_id=r["run_id"], state=r.get("state", ""), run_after=r.get("run_after", ""),
-            run_type=r.get("run_type", ""),
-            airflow_url=urls.airflow_run_path(info.dag_id, r["run_id"], airflow_base),
-            mlflow_url=urls.mlflow_run_url(ref, ui), batch_uri=tags.get("data.batch_uri", ""),
-            validation=tags.get("stage.validate_batch.verdict", "")
-            or ("quarantined" if tags.get("stage.ingest_batch.verdict") == "quarantined" else ""),
-            validation_summary=tags.get("stage.validate_batch.summary", ""),
-            drift=tags.get("stage.detect_drift.verdict", ""),
-            drift_summary=tags.get("stage.detect_drift.summary", ""),
-            decision=tags.get("stage.decide_retrain.verdict", ""),
-            decision_summary=tags.get("stage.decide_retrain.summary", ""),
-            stop_reason=tags.get("train.stop_reason", "")
-            or ("diverged" if tags.get("stage.train_model.verdict") == "diverged" else ""),
-            train_summary=tags.get("stage.train_model.summary", ""),
-            grad_norms=[float(v) for v in rec.get("grad_norms") or []],
-            gate=vtags.get("gate.verdict") or tags.get("stage.gate_promotion.verdict", ""),
-            gate_detail=gate_detail(vtags, metric) if vtags else [],
-            gate_summary=tags.get("stage.gate_promotion.summary", ""),
-            overrides=overrides_text(vtags.get("policy.overrides") or tags.get("policy.overrides")),
-            promotion=promotion, promotion_summary=promotion_summary, canary=canary,
-            canary_detail=canary_detail,
-            model_version=version, model_url=urls.model_version_url(ref, ui) if version else "",
-            aliases=sorted(alias_by_version.get(version, [])) if version else [],
-        ))  # fmt: skip
+        views.append(
+            RunView(
+                run_id=r["run_id"],
+                state=r.get("state", ""),
+                run_after=r.get("run_after", ""),
+                run_type=r.get("run_type", ""),
+                airflow_url=urls.airflow_run_path(info.dag_id, r["run_id"], airflow_base),
+                mlflow_url=urls.mlflow_run_url(ref, ui),
+                batch_uri=tags.get("data.batch_uri", ""),
+                validation=tags.get("stage.validate_batch.verdict", "")
+                or (
+                    "quarantined" if tags.get("stage.ingest_batch.verdict") == "quarantined" else ""
+                ),
+                validation_summary=tags.get("stage.validate_batch.summary", ""),
+                drift=tags.get("stage.detect_drift.verdict", ""),
+                drift_summary=tags.get("stage.detect_drift.summary", ""),
+                decision=tags.get("stage.decide_retrain.verdict", ""),
+                decision_summary=tags.get("stage.decide_retrain.summary", ""),
+                stop_reason=tags.get("train.stop_reason", "")
+                or ("diverged" if tags.get("stage.train_model.verdict") == "diverged" else ""),
+                train_summary=tags.get("stage.train_model.summary", ""),
+                grad_norms=[float(v) for v in rec.get("grad_norms") or []],
+                gate=vtags.get("gate.verdict") or tags.get("stage.gate_promotion.verdict", ""),
+                gate_detail=gate_detail(vtags, metric) if vtags else [],
+                gate_summary=tags.get("stage.gate_promotion.summary", ""),
+                overrides=overrides_text(
+                    vtags.get("policy.overrides") or tags.get("policy.overrides")
+                ),
+                promotion=promotion,
+                promotion_summary=promotion_summary,
+                canary=canary,
+                canary_detail=canary_detail,
+                model_version=version,
+                model_url=urls.model_version_url(ref, ui) if version else "",
+                aliases=sorted(alias_by_version.get(version, [])) if version else [],
+            )
+        )
     alias_views = []
     for alias in ALIASES:
         a = (meta.get("aliases") or {}).get(alias)
@@ -409,28 +500,48 @@ def build_section(info: ModelInfo, runs: Sequence[Mapping[str, Any]],
         t = a.get("tags") or {}
         m = t.get("gate.metric") or metric
         over = overrides_text(t.get("policy.overrides"))
-        detail = " · ".join(x for x in (
-            f"gate {t['gate.verdict']}" if t.get("gate.verdict") else "",
-            f"{m} {_fmt(t[f'eval.{m}'])}" if t.get(f"eval.{m}") else "",
-            f"canary {t['canary.status']}" if alias == "canary" and t.get("canary.status") else "",
-            f"{len(over)} override(s)" if over else "",
-        ) if x)  # fmt: skip
-        alias_views.append(AliasView(alias, a["version"], urls.model_version_url(
-            {"model_name": info.model_name, "model_version": a["version"]}, ui), detail,
-            run_id=t.get("airflow.run_id", "")))  # fmt: skip
+        detail = " · ".join(
+            x
+            for x in (
+                f"gate {t['gate.verdict']}" if t.get("gate.verdict") else "",
+                f"{m} {_fmt(t[f'eval.{m}'])}" if t.get(f"eval.{m}") else "",
+                f"canary {t['canary.status']}"
+                if alias == "canary" and t.get("canary.status")
+                else "",
+                f"{len(over)} override(s)" if over else "",
+            )
+            if x
+        )
+        alias_views.append(
+            AliasView(
+                alias,
+                a["version"],
+                urls.model_version_url(
+                    {"model_name": info.model_name, "model_version": a["version"]}, ui
+                ),
+                detail,
+                run_id=t.get("airflow.run_id", ""),
+            )
+        )
     exp = meta.get("experiment_id")
     return ModelSection(
-        info=info, runs=views, aliases=alias_views,
+        info=info,
+        runs=views,
+        aliases=alias_views,
         airflow_url=f"{airflow_base}/dags/{quote(info.dag_id, safe='')}",
-        rollback_url=f"{airflow_base}/dags/{quote(info.rollback_dag_id, safe='')}" if info.rollback_dag_id else "",
+        rollback_url=f"{airflow_base}/dags/{quote(info.rollback_dag_id, safe='')}"
+        if info.rollback_dag_id
+        else "",
         experiment_url=f"{ui}/#/experiments/{quote(str(exp), safe='')}" if exp else "",
         model_url=f"{ui}/#/models/{quote(info.model_name, safe='')}" if info.model_name else "",
-        canary_weight=meta.get("canary_weight"), problems=list(problems),
-    )  # fmt: skip
+        canary_weight=meta.get("canary_weight"),
+        problems=list(problems),
+    )
 
 
-def collect(limit: int, airflow_base: str = "",
-            may_read: Callable[[str], bool] | None = None) -> PageData:  # fmt: skip
+def collect(
+    limit: int, airflow_base: str = "", may_read: Callable[[str], bool] | None = None
+) -> PageData:
     """Read everything the page needs, model by model. A failing source becomes a problem line
     (of the page, or of one model's section), never a 500; a broken spec is listed with its
     error and the others are still shown. ``may_read(dag_id)``: whether the user may read that
@@ -448,7 +559,9 @@ def collect(limit: int, airflow_base: str = "",
         try:
             info = model_info(spec)
         except Exception as exc:  # noqa: BLE001
-            page.broken.append(BrokenSpec(str(getattr(spec, "path", "?")), f"{type(exc).__name__}: {exc}"))
+            page.broken.append(
+                BrokenSpec(str(getattr(spec, "path", "?")), f"{type(exc).__name__}: {exc}")
+            )
             continue
         if may_read is not None and not may_read(info.dag_id):
             page.hidden.append(info.name)
@@ -460,15 +573,20 @@ def collect(limit: int, airflow_base: str = "",
         try:
             runs = airflow_runs(info.dag_id, limit)
         except Exception as exc:  # noqa: BLE001 - show it on the page
-            log.warning("Retraining view: Airflow runs of %s unavailable", info.dag_id, exc_info=True)
+            log.warning(
+                "Retraining view: Airflow runs of %s unavailable", info.dag_id, exc_info=True
+            )
             problems.append(f"Airflow metadata DB: {type(exc).__name__}: {exc}")
         try:
             found, meta = mlflow_state(info, [r["run_id"] for r in runs])
         except Exception as exc:  # noqa: BLE001
             log.warning("Retraining view: MLflow unavailable for %s", info.name, exc_info=True)
             problems.append(f"MLflow ({ui}): {type(exc).__name__}: {exc}")
-        page.models.append(build_section(info, runs, found, meta, airflow_base=airflow_base,
-                                         mlflow_ui=ui, problems=problems))  # fmt: skip
+        page.models.append(
+            build_section(
+                info, runs, found, meta, airflow_base=airflow_base, mlflow_ui=ui, problems=problems
+            )
+        )
     page.seconds = time.perf_counter() - t0
     return page
 
@@ -515,16 +633,23 @@ def sparkline(values: Sequence[float], width: int = 120, height: int = 28) -> st
     lo, hi = min(vals), max(vals)
     span = (hi - lo) or 1.0
     step = (width - 2 * pad) / max(len(vals) - 1, 1)
-    pts = [(pad + i * step, pad + (height - 2 * pad) * (1 - (v - lo) / span)) for i, v in enumerate(vals)]
+    pts = [
+        (pad + i * step, pad + (height - 2 * pad) * (1 - (v - lo) / span))
+        for i, v in enumerate(vals)
+    ]
     poly = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
     lx, ly = pts[-1]
-    title = (f"train.grad_norm over {len(vals)} epoch(s): first {vals[0]:.4g}, last {vals[-1]:.4g}, "
-             f"min {lo:.4g}, max {hi:.4g}")  # fmt: skip
-    return (f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>'
-            f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{poly}"/>'
-            f'<circle cx="{lx:.1f}" cy="{ly:.1f}" r="2.2" fill="#1e3a8a"/></svg>'
-            f'<span class="num">{vals[-1]:.3g}</span>')  # fmt: skip
+    title = (
+        f"train.grad_norm over {len(vals)} epoch(s): first {vals[0]:.4g}, last {vals[-1]:.4g}, "
+        f"min {lo:.4g}, max {hi:.4g}"
+    )
+    return (
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{esc(title)}"><title>{esc(title)}</title>'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{poly}"/>'
+        f'<circle cx="{lx:.1f}" cy="{ly:.1f}" r="2.2" fill="#1e3a8a"/></svg>'
+        f'<span class="num">{vals[-1]:.3g}</span>'
+    )
 
 
 CSS = """
@@ -579,15 +704,23 @@ def _policy_line(info: ModelInfo) -> str:
         parts.append(f"non-inferiority within {esc(_fmt(info.non_inferiority_margin))}")
     parts.append("approval required" if info.require_approval else "no approval step")
     parts.append("canary on" if info.canary else "canary off")
-    parts.append("run overrides allowed: " + (", ".join(f"<code>{esc(o)}</code>" for o in info.allowed_overrides)
-                                              if info.allowed_overrides else "none"))  # fmt: skip
+    parts.append(
+        "run overrides allowed: "
+        + (
+            ", ".join(f"<code>{esc(o)}</code>" for o in info.allowed_overrides)
+            if info.allowed_overrides
+            else "none"
+        )
+    )
     return " · ".join(parts)
 
 
 def _run_row(r: RunView) -> str:
     version = ""
     if r.model_version:
-        version = link(r.model_url, f"v{r.model_version}", new_tab=True, title="MLflow model version")
+        version = link(
+            r.model_url, f"v{r.model_version}", new_tab=True, title="MLflow model version"
+        )
         if r.aliases:
             version += "<div class='small muted'>" + esc(", ".join(r.aliases)) + "</div>"
     gate = badge(r.gate, r.gate_summary)
@@ -596,8 +729,11 @@ def _run_row(r: RunView) -> str:
         gate += f'<div class="detail">{"<br>".join(esc(x) for x in detail)}</div>'
     promotion = badge(r.promotion, r.promotion_summary)
     if r.canary:
-        promotion += ('<div class="detail">canary' + (f" · {esc(r.canary_detail)}" if r.canary_detail else "")
-                      + "</div>")  # fmt: skip
+        promotion += (
+            '<div class="detail">canary'
+            + (f" · {esc(r.canary_detail)}" if r.canary_detail else "")
+            + "</div>"
+        )
     when = r.run_after.replace("T", " ").replace("+00:00", " UTC") or r.run_id
     batch = r.batch_uri.rstrip("/").rsplit("/", 1)[-1]
     return (
@@ -608,14 +744,14 @@ def _run_row(r: RunView) -> str:
         f"<td>{badge(r.validation, r.validation_summary)}</td>"
         f"<td>{badge(r.drift, r.drift_summary)}</td>"
         f"<td>{badge(r.decision, r.decision_summary)}</td>"
-        f'<td>{badge(r.stop_reason, r.train_summary) if r.stop_reason else badge("")}</td>'
+        f"<td>{badge(r.stop_reason, r.train_summary) if r.stop_reason else badge('')}</td>"
         f'<td class="nowrap">{sparkline(r.grad_norms)}</td>'
         f'<td data-col="gate">{gate}</td>'
         f'<td data-col="promotion">{promotion}</td>'
-        f'<td>{version or badge("")}</td>'
-        f'<td>{link(r.mlflow_url, "MLflow run", new_tab=True) if r.mlflow_url else badge("")}</td>'
+        f"<td>{version or badge('')}</td>"
+        f"<td>{link(r.mlflow_url, 'MLflow run', new_tab=True) if r.mlflow_url else badge('')}</td>"
         "</tr>"
-    )  # fmt: skip
+    )
 
 
 def render_section(m: ModelSection) -> str:
@@ -625,20 +761,32 @@ def render_section(m: ModelSection) -> str:
         f'<div class="ver">{link(a.url, "v" + a.version, new_tab=True) if a.version else "—"}</div>'
         f'<div class="small muted" title="{esc(a.run_id)}">{esc(a.detail) if a.version else "not set"}</div></div>'
         for a in m.aliases
-    )  # fmt: skip
+    )
     rows = [_run_row(r) for r in m.runs]
     if not rows:
-        rows.append(f'<tr><td colspan="{RUN_COLUMNS}" class="muted">No runs of {esc(info.dag_id)} yet: '
-                    f'trigger it from {link(m.airflow_url, "the DAG page")}.</td></tr>')  # fmt: skip
+        rows.append(
+            f'<tr><td colspan="{RUN_COLUMNS}" class="muted">No runs of {esc(info.dag_id)} yet: '
+            f"trigger it from {link(m.airflow_url, 'the DAG page')}.</td></tr>"
+        )
     problems = "".join(f'<div class="problem">{esc(p)}</div>' for p in m.problems)
-    weight = (f' · traffic to canary {m.canary_weight:.0%}' if m.canary_weight else "")
-    links = " · ".join(x for x in (
-        link(m.airflow_url, f"{info.dag_id} in Airflow"),
-        link(m.rollback_url, info.rollback_dag_id) if m.rollback_url else "",
-        link(m.experiment_url, "MLflow experiment", new_tab=True) if m.experiment_url else "",
-        ("registered model " + link(m.model_url, info.model_name, new_tab=True)) if m.model_url else "",
-    ) if x)  # fmt: skip
-    about = " · ".join(esc(x) for x in (info.task, info.description, f"owner {info.owner}" if info.owner else "") if x)
+    weight = f" · traffic to canary {m.canary_weight:.0%}" if m.canary_weight else ""
+    links = " · ".join(
+        x
+        for x in (
+            link(m.airflow_url, f"{info.dag_id} in Airflow"),
+            link(m.rollback_url, info.rollback_dag_id) if m.rollback_url else "",
+            link(m.experiment_url, "MLflow experiment", new_tab=True) if m.experiment_url else "",
+            ("registered model " + link(m.model_url, info.model_name, new_tab=True))
+            if m.model_url
+            else "",
+        )
+        if x
+    )
+    about = " · ".join(
+        esc(x)
+        for x in (info.task, info.description, f"owner {info.owner}" if info.owner else "")
+        if x
+    )
     return f"""<section class="model" id="model-{esc(info.name)}" data-model="{esc(info.name)}"
  data-registered-model="{esc(info.model_name)}" data-primary-metric="{esc(info.primary_metric)}">
 <div class="model-head"><h2>{esc(info.name)}</h2><span>{links}</span></div>
@@ -666,9 +814,13 @@ def render_page(page: PageData, *, airflow_base: str = "", limit: int = DEFAULT_
         f'<code title="{esc(b.path)}">{esc(b.name)}</code>: not shown; its DAGs do not load until '
         f"it is fixed<pre>{esc(b.error)}</pre></div>"
         for b in page.broken
-    )  # fmt: skip
-    hidden = (f'<div class="small muted">Not shown (you may not read their runs): '
-              f'{esc(", ".join(page.hidden))}</div>' if page.hidden else "")  # fmt: skip
+    )
+    hidden = (
+        f'<div class="small muted">Not shown (you may not read their runs): '
+        f"{esc(', '.join(page.hidden))}</div>"
+        if page.hidden
+        else ""
+    )
     nav = " ".join(f'<a href="#model-{esc(m.name)}">{esc(m.name)}</a>' for m in page.models)
     sections = "".join(render_section(m) for m in page.models)
     if not page.models and not page.broken and not page.problems:
@@ -722,15 +874,23 @@ async def authorize(request: Request) -> Response | Callable[[str], bool]:
         user = await resolve_user_from_token(token)
     except HTTPException as exc:
         if exc.status_code != 401 and token:
-            return HTMLResponse(f"<p>Not allowed: {esc(exc.detail)}</p>", status_code=exc.status_code)
+            return HTMLResponse(
+                f"<p>Not allowed: {esc(exc.detail)}</p>", status_code=exc.status_code
+            )
         base = request.scope.get("root_path", "")
         login = get_auth_manager().get_url_login(next_url=f"{base}/")
         return RedirectResponse(login, status_code=303)
     manager = get_auth_manager()
 
     def may_read(dag_id: str) -> bool:
-        return bool(manager.is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN,
-                                              details=DagDetails(id=dag_id), user=user))  # fmt: skip
+        return bool(
+            manager.is_authorized_dag(
+                method="GET",
+                access_entity=DagAccessEntity.RUN,
+                details=DagDetails(id=dag_id),
+                user=user,
+            )
+        )
 
     return may_read
 
@@ -748,13 +908,16 @@ def create_app() -> FastAPI:
         limit = min(max(limit, 1), MAX_LIMIT)
         airflow_base = request.scope.get("root_path", "").removesuffix(URL_PREFIX)
         page = await run_in_threadpool(collect, limit, airflow_base, access)
-        return HTMLResponse(render_page(page, airflow_base=airflow_base, limit=limit),
-                            headers={"Cache-Control": "no-store"})  # fmt: skip
+        return HTMLResponse(
+            render_page(page, airflow_base=airflow_base, limit=limit),
+            headers={"Cache-Control": "no-store"},
+        )
 
     @app.get("/icon.svg")
     async def icon() -> Response:
-        return Response(ICON_SVG, media_type="image/svg+xml",
-                        headers={"Cache-Control": "max-age=86400"})  # fmt: skip
+        return Response(
+            ICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
+        )
 
     return app
 

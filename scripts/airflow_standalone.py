@@ -30,7 +30,9 @@ def env() -> dict[str, str]:
     e.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
     e.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(ROOT / "plugins"))
     e.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    e.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow' / 'airflow.db'}")
+    e.setdefault(
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow' / 'airflow.db'}"
+    )
     e.setdefault("AIRFLOW__API__HOST", "127.0.0.1")
     e.setdefault("AIRFLOW__API__PORT", "8080")
     e.setdefault("AIRFLOW__API__WORKERS", "1")
@@ -96,9 +98,13 @@ def main(argv: list[str]) -> int:
     url = f"http://{e['AIRFLOW__API__HOST']}:{e['AIRFLOW__API__PORT']}"
     log_path = Path(e["AIRFLOW_HOME"]) / "standalone.log"
     with log_path.open("a") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("airflow")), "standalone"],
-                                env=e, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("airflow")), "standalone"],
+            env=e,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -106,8 +112,10 @@ def main(argv: list[str]) -> int:
         if not wait_healthy(url, proc):
             print(f"Airflow did not become healthy; see {log_path}", file=sys.stderr)
             return 1
-        print(f"Airflow UI: {url}   login: {login(e)}   (Ctrl-C stops it and all its children)",
-              flush=True)  # fmt: skip
+        print(
+            f"Airflow UI: {url}   login: {login(e)}   (Ctrl-C stops it and all its children)",
+            flush=True,
+        )
         if "--probe" in argv:
             return 0
         while proc.poll() is None:

@@ -43,20 +43,52 @@ STATE = ("storage", "mlflow", "airflow", "keys", "demo")
 
 STORY = [
     # (title, batch name, generator knobs, run date, eval set)
-    ("first batch makes the first champion", "batch-001",
-     {"seed": 1, "start": "2026-02-27T00:00:00Z"}, "2026-03-01", "eval-world-a"),
-    ("drifted batch: retrain, challenger promoted", "batch-002",
-     {"seed": 2, "start": "2026-03-01T00:00:00Z", "covariate_shift": 0.6, "concept_drift": 1.0},
-     "2026-03-02", "eval-world-b"),
-    ("poisoned labels: retrained, gate rejects, champion stays", "batch-003",
-     {"seed": 3, "start": "2026-03-02T00:00:00Z", "covariate_shift": 0.6, "concept_drift": 1.0,
-      "label_poison": 0.8}, "2026-03-03", "eval-world-b"),
-    ("contract broken: batch quarantined, run fails", "batch-004",
-     {"seed": 4, "rows": 5000, "start": "2026-03-03T00:00:00Z", "covariate_shift": 0.6,
-      "concept_drift": 1.0, "schema_fault": "unknown_category"}, "2026-03-04", "eval-world-b"),
-]  # fmt: skip
-CANARY_BATCH = ("batch-005", {"seed": 5, "start": "2026-03-04T00:00:00Z",
-                              "covariate_shift": 0.6, "concept_drift": 1.0})
+    (
+        "first batch makes the first champion",
+        "batch-001",
+        {"seed": 1, "start": "2026-02-27T00:00:00Z"},
+        "2026-03-01",
+        "eval-world-a",
+    ),
+    (
+        "drifted batch: retrain, challenger promoted",
+        "batch-002",
+        {"seed": 2, "start": "2026-03-01T00:00:00Z", "covariate_shift": 0.6, "concept_drift": 1.0},
+        "2026-03-02",
+        "eval-world-b",
+    ),
+    (
+        "poisoned labels: retrained, gate rejects, champion stays",
+        "batch-003",
+        {
+            "seed": 3,
+            "start": "2026-03-02T00:00:00Z",
+            "covariate_shift": 0.6,
+            "concept_drift": 1.0,
+            "label_poison": 0.8,
+        },
+        "2026-03-03",
+        "eval-world-b",
+    ),
+    (
+        "contract broken: batch quarantined, run fails",
+        "batch-004",
+        {
+            "seed": 4,
+            "rows": 5000,
+            "start": "2026-03-03T00:00:00Z",
+            "covariate_shift": 0.6,
+            "concept_drift": 1.0,
+            "schema_fault": "unknown_category",
+        },
+        "2026-03-04",
+        "eval-world-b",
+    ),
+]
+CANARY_BATCH = (
+    "batch-005",
+    {"seed": 5, "start": "2026-03-04T00:00:00Z", "covariate_shift": 0.6, "concept_drift": 1.0},
+)
 CANARY_ENV = {  # short steps so the demo takes a minute, not hours
     "PIPELINE_SERVING_POLL_SECONDS": "0.5",
     "PIPELINE_CANARY_STEPS": "[0.25, 0.5, 1.0]",
@@ -90,16 +122,20 @@ def land_data() -> dict[str, str]:
     uris = {}
     for name, knobs in EVAL_SETS.items():
         uris[name] = storage.write_bytes(
-            storage.join(root, "trusted", f"{name}.parquet"), to_parquet_bytes(generate(WorldSpec(**knobs)))
+            storage.join(root, "trusted", f"{name}.parquet"),
+            to_parquet_bytes(generate(WorldSpec(**knobs))),
         ).uri
     # the spec's own trusted set is the world as the story leaves it, so a run triggered
     # later from the Airflow UI (no eval_uri) is judged on it
     card = spec_obj("card_fraud")
-    storage.write_bytes(storage.join(root, card.eval_location), storage.read_bytes(uris["eval-world-b"]))
+    storage.write_bytes(
+        storage.join(root, card.eval_location), storage.read_bytes(uris["eval-world-b"])
+    )
     for _, batch, knobs, _, _ in [*STORY, ("", *CANARY_BATCH, "", "")]:
         spec = WorldSpec(**{"rows": 20_000, **knobs})
         uris[batch] = storage.write_bytes(
-            storage.join(root, "landing", "card_fraud", f"{batch}.parquet"), to_parquet_bytes(generate(spec))
+            storage.join(root, "landing", "card_fraud", f"{batch}.parquet"),
+            to_parquet_bytes(generate(spec)),
         ).uri
     return uris
 
@@ -113,14 +149,18 @@ def spec_obj(name: str):
     return get_spec(name)
 
 
-def run_dag(date: str, conf: dict, log_path: Path, env: dict | None = None,
-            dag_id: str = CARD_DAG) -> tuple[int, float]:  # fmt: skip
+def run_dag(
+    date: str, conf: dict, log_path: Path, env: dict | None = None, dag_id: str = CARD_DAG
+) -> tuple[int, float]:
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         rc = subprocess.call(
             [AIRFLOW, "dags", "test", dag_id, date, "--conf", json.dumps(conf)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
     return rc, time.perf_counter() - t0
 
 
@@ -156,9 +196,14 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **CANARY_ENV, "PIPELINE_SERVING_URL": url}
     py = sys.executable
-    serve = subprocess.Popen([py, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                             env=env, stdout=(logs / "serve.log").open("w"), stderr=subprocess.STDOUT,
-                             cwd=ROOT, start_new_session=True)  # fmt: skip
+    serve = subprocess.Popen(
+        [py, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=(logs / "serve.log").open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     replay = None
     try:
         deadline = time.time() + 90
@@ -171,11 +216,30 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
                 time.sleep(0.5)
         print(f"    scoring service ready on {url} (champion loaded from the registry)", flush=True)
         replay = subprocess.Popen(
-            [py, "-m", "pipeline", "replay", "--url", url, "--batch", uris["eval-world-b"],
-             "--rate", "40", "--duration", "240", "--rows-per-request", "16", "--labels-after", "1"],
-            env=env, stdout=(logs / "replay.log").open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+            [
+                py,
+                "-m",
+                "pipeline",
+                "replay",
+                "--url",
+                url,
+                "--batch",
+                uris["eval-world-b"],
+                "--rate",
+                "40",
+                "--duration",
+                "240",
+                "--rows-per-request",
+                "16",
+                "--labels-after",
+                "1",
+            ],
+            env=env,
+            stdout=(logs / "replay.log").open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         before = registry.alias_version(registry.CHAMPION)
         injected: dict = {}
 
@@ -185,18 +249,29 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
                 canary = registry.alias_version("canary")
                 if canary is not None and (before is None or canary.version != before.version):
                     body = json.dumps({"version": str(canary.version), "error_rate": 0.5}).encode()
-                    req = urllib.request.Request(f"{url}/admin/faults", data=body, method="POST",
-                                                 headers={"Content-Type": "application/json"})  # fmt: skip
+                    req = urllib.request.Request(
+                        f"{url}/admin/faults",
+                        data=body,
+                        method="POST",
+                        headers={"Content-Type": "application/json"},
+                    )
                     urllib.request.urlopen(req, timeout=5).close()
                     injected["version"] = str(canary.version)
-                    print(f"    fault injected into canary v{canary.version}: 50% errors", flush=True)
+                    print(
+                        f"    fault injected into canary v{canary.version}: 50% errors", flush=True
+                    )
                     return
                 time.sleep(0.5)
 
         thread = threading.Thread(target=inject_when_canary_is_live, daemon=True)
         thread.start()
-        conf = {"batch_uri": uris[CANARY_BATCH[0]], "eval_uri": uris["eval-world-b"],
-                "force_retrain": True, "canary": True, "gate_non_inferiority_margin": 0.05}  # fmt: skip
+        conf = {
+            "batch_uri": uris[CANARY_BATCH[0]],
+            "eval_uri": uris["eval-world-b"],
+            "force_retrain": True,
+            "canary": True,
+            "gate_non_inferiority_margin": 0.05,
+        }
         rc, secs = run_dag("2026-03-05", conf, logs / "run-5.log", env=env)
         thread.join(timeout=1)
         return rc, secs, injected
@@ -213,11 +288,16 @@ def main() -> int:
     logs = HOME / "demo"
     logs.mkdir(parents=True, exist_ok=True)
     print("initialising Airflow metadata DB (SQLite) ...", flush=True)
-    subprocess.run([AIRFLOW, "db", "migrate"], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [AIRFLOW, "db", "migrate"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # train_model runs in pool "gpu": `dags test` ignores pools, a scheduler (make airflow) does not
-    subprocess.run([AIRFLOW, "pools", "set", "gpu", "1", "GPU training"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [AIRFLOW, "pools", "set", "gpu", "1", "GPU training"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     print("landing reference data ...", flush=True)
     uris = land_data()
 
@@ -236,7 +316,9 @@ def main() -> int:
         state = "succeeded" if rc == 0 else f"failed (exit {rc})"
         print(f"    DAG run {state} in {secs:.0f}s; log: {logs / f'run-{i}.log'}")
         if summary:
-            print("\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:]))
+            print(
+                "\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:])
+            )
 
     title = "canary under a fault: rolled back, champion stays"
     print(f"\n[5/7] {title}: scoring service + replayed traffic + airflow dags test", flush=True)
@@ -244,8 +326,10 @@ def main() -> int:
     ctx = _run_context(uris[CANARY_BATCH[0]])
     summary = steps.publish_summary(ctx) if ctx else None
     results.append((title, rc, secs, summary))
-    print(f"    DAG run {'succeeded' if rc == 0 else f'failed (exit {rc})'} in {secs:.0f}s; "
-          f"log: {logs / 'run-5.log'}")  # fmt: skip
+    print(
+        f"    DAG run {'succeeded' if rc == 0 else f'failed (exit {rc})'} in {secs:.0f}s; "
+        f"log: {logs / 'run-5.log'}"
+    )
     if summary:
         print("\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:]))
     canary_rolled_back = bool(
@@ -257,7 +341,10 @@ def main() -> int:
     digits_champ = print_registry("digits")
 
     expected = [0, 0, 0, "fail", 0, 0, 0]
-    ok = all((rc == 0) if e == 0 else (rc != 0) for (_, rc, _, _), e in zip(results, expected, strict=True))
+    ok = all(
+        (rc == 0) if e == 0 else (rc != 0)
+        for (_, rc, _, _), e in zip(results, expected, strict=True)
+    )
     ok = ok and card_champ == "2" and canary_rolled_back
     ok = ok and digits["first"] is not None and digits_champ == str(int(digits["first"]) + 1)
     print(f"""
@@ -283,20 +370,47 @@ def digits_story(logs: Path, results: list) -> dict:
     out: dict = {"first": None}
     with tempfile.TemporaryDirectory() as tmp:  # the data team's files, outside our storage
         files = data.write_batches(tmp, seed=0)
-        storage.write_bytes(storage.join(root, digits.eval_location), storage.read_bytes(files["eval"]))
+        storage.write_bytes(
+            storage.join(root, digits.eval_location), storage.read_bytes(files["eval"])
+        )
         landed = {}
         for name in ("batch-1", "batch-2"):
-            rec = subprocess.run([sys.executable, "-m", "pipeline", "data", "land", "--model", "digits",
-                                  "--file", storage.local_path(files[name]).as_posix(), "--no-event",
-                                  "--name", f"{name}.parquet"],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+            rec = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "data",
+                    "land",
+                    "--model",
+                    "digits",
+                    "--file",
+                    storage.local_path(files[name]).as_posix(),
+                    "--no-event",
+                    "--name",
+                    f"{name}.parquet",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             landed[name] = json.loads(rec.stdout)["uri"]
-    steps_ = [("digits: a small first batch makes its first champion", "batch-1", {}, "2026-03-06"),
-              ("digits: a larger batch, retrained on, beats it and is promoted", "batch-2",
-               {"force_retrain": True}, "2026-03-07")]  # fmt: skip
+    steps_ = [
+        ("digits: a small first batch makes its first champion", "batch-1", {}, "2026-03-06"),
+        (
+            "digits: a larger batch, retrained on, beats it and is promoted",
+            "batch-2",
+            {"force_retrain": True},
+            "2026-03-07",
+        ),
+    ]
     for i, (title, name, extra, date) in enumerate(steps_, 6):
-        print(f"\n[{i}/7] {title}: python -m pipeline data land --model digits; "
-              f"airflow dags test {DIGITS_DAG} {date}", flush=True)
+        print(
+            f"\n[{i}/7] {title}: python -m pipeline data land --model digits; "
+            f"airflow dags test {DIGITS_DAG} {date}",
+            flush=True,
+        )
         conf = {"batch_uri": landed[name], **extra}
         rc, secs = run_dag(date, conf, logs / f"run-{i}.log", dag_id=DIGITS_DAG)
         with spec.use_spec(digits):
@@ -306,10 +420,14 @@ def digits_story(logs: Path, results: list) -> dict:
         if i == 6 and champ is not None:
             out["first"] = str(champ.version)
         results.append((title, rc, secs, summary))
-        print(f"    DAG run {'succeeded' if rc == 0 else f'failed (exit {rc})'} in {secs:.0f}s; "
-              f"log: {logs / f'run-{i}.log'}")  # fmt: skip
+        print(
+            f"    DAG run {'succeeded' if rc == 0 else f'failed (exit {rc})'} in {secs:.0f}s; "
+            f"log: {logs / f'run-{i}.log'}"
+        )
         if summary:
-            print("\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:]))
+            print(
+                "\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:])
+            )
     return out
 
 
@@ -320,17 +438,28 @@ def print_registry(model: str) -> str | None:
         c = registry.client()
         name = registry.model_name()
         print(f"\n== registry: model {name} (spec models/{model}/model.yaml)")
-        for found in sorted(c.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):
+        for found in sorted(
+            c.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)
+        ):
             mv = c.get_model_version(name, found.version)  # search results carry no aliases
             aliases = ",".join(mv.aliases) or "-"
             note = mv.tags.get("rejection_reason", "")
-            if mv.tags.get("rolled_back") == "true" or mv.tags.get("canary.verdict") == "rolled_back":
+            if (
+                mv.tags.get("rolled_back") == "true"
+                or mv.tags.get("canary.verdict") == "rolled_back"
+            ):
                 note = "canary rolled back: " + mv.tags.get("canary.reason", "")
             metric = mv.tags.get("gate.metric", "")
-            score = f"{metric}={float(mv.tags[f'eval.{metric}']):.4f}" if f"eval.{metric}" in mv.tags else ""
+            score = (
+                f"{metric}={float(mv.tags[f'eval.{metric}']):.4f}"
+                if f"eval.{metric}" in mv.tags
+                else ""
+            )
             note = note if len(note) <= 90 else note[:89] + "…"
-            print(f"  v{mv.version:<3} aliases={aliases:<22} gate={mv.tags.get('gate.verdict', '-'):<8} "
-                  f"{score:<18} {note}")  # fmt: skip
+            print(
+                f"  v{mv.version:<3} aliases={aliases:<22} gate={mv.tags.get('gate.verdict', '-'):<8} "
+                f"{score:<18} {note}"
+            )
         champ = registry.alias_version(registry.CHAMPION)
         print(f"  champion: v{champ.version if champ else '-'}")
         return str(champ.version) if champ else None
@@ -341,9 +470,11 @@ def _run_context(batch_uri: str):
     from pipeline import registry, steps
 
     found = registry.client().search_runs(
-        [registry.experiment_id()], filter_string=f"tags.`data.batch_uri` = '{batch_uri}'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )  # fmt: skip
+        [registry.experiment_id()],
+        filter_string=f"tags.`data.batch_uri` = '{batch_uri}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not found:
         return None
     tags = found[0].data.tags

@@ -24,8 +24,13 @@ def pipeline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     """An empty embedded default: storage, MLflow (SQLite) and keys under tmp_path."""
     home = tmp_path / "home"
     monkeypatch.setenv("PIPELINE_HOME", str(home))
-    for var in ("PIPELINE_STORAGE_URI", "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_SIGNING_KEY",
-                "PIPELINE_EVAL_URI", "PIPELINE_S3_ENDPOINT_URL"):  # fmt: skip
+    for var in (
+        "PIPELINE_STORAGE_URI",
+        "PIPELINE_MLFLOW_TRACKING_URI",
+        "PIPELINE_SIGNING_KEY",
+        "PIPELINE_EVAL_URI",
+        "PIPELINE_S3_ENDPOINT_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     _reset_caches()
     yield home

@@ -43,9 +43,22 @@ SIDE = 8
 ALL_PIXELS = tuple(f"px_r{r}_c{c}" for r in range(SIDE) for c in range(SIDE))
 MIN_INKED_SHARE = 0.05
 #: the pixels inked in fewer than MIN_INKED_SHARE of the images (three of them in none)
-DROPPED_PIXELS = ("px_r0_c0", "px_r0_c7", "px_r1_c0", "px_r1_c7", "px_r2_c0", "px_r2_c7",
-                  "px_r3_c0", "px_r3_c7", "px_r4_c0", "px_r4_c7", "px_r5_c0", "px_r5_c7",
-                  "px_r6_c0", "px_r7_c0")  # fmt: skip
+DROPPED_PIXELS = (
+    "px_r0_c0",
+    "px_r0_c7",
+    "px_r1_c0",
+    "px_r1_c7",
+    "px_r2_c0",
+    "px_r2_c7",
+    "px_r3_c0",
+    "px_r3_c7",
+    "px_r4_c0",
+    "px_r4_c7",
+    "px_r5_c0",
+    "px_r5_c7",
+    "px_r6_c0",
+    "px_r7_c0",
+)
 #: the pixel columns of the contract, in row-major order
 PIXELS = tuple(p for p in ALL_PIXELS if p not in DROPPED_PIXELS)
 #: rows of the trusted set and of the first batch; the second batch takes the rest
@@ -113,8 +126,10 @@ def split(seed: int = 0) -> dict[str, pd.DataFrame]:
             taken[c] += n
     for c in classes:
         parts["batch-2"].append(per_class[c][taken[c] :])
-    return {name: df.iloc[np.sort(np.concatenate(idx))].reset_index(drop=True)
-            for name, idx in parts.items()}  # fmt: skip
+    return {
+        name: df.iloc[np.sort(np.concatenate(idx))].reset_index(drop=True)
+        for name, idx in parts.items()
+    }
 
 
 def write_batches(out: str | Path, seed: int = 0) -> dict[str, str]:

@@ -41,8 +41,9 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-    def __init__(self, input_width: int, num_classes: int, width: int, blocks: int,
-                 dropout: float) -> None:  # fmt: skip
+    def __init__(
+        self, input_width: int, num_classes: int, width: int, blocks: int, dropout: float
+    ) -> None:
         super().__init__()
         self.stem = nn.Linear(input_width, width)
         self.blocks = nn.Sequential(*(ResidualBlock(width, dropout) for _ in range(blocks)))

@@ -24,15 +24,29 @@ import numpy as np
 import pandas as pd
 
 MERCHANTS = [
-    "grocery", "fuel", "restaurant", "travel", "electronics",
-    "fashion", "gaming", "pharmacy", "digital_goods", "cash_withdrawal",
-]  # fmt: skip
+    "grocery",
+    "fuel",
+    "restaurant",
+    "travel",
+    "electronics",
+    "fashion",
+    "gaming",
+    "pharmacy",
+    "digital_goods",
+    "cash_withdrawal",
+]
 CHANNELS = ["pos", "online", "atm", "contactless"]
 COUNTRIES = ["home", "neighbour", "far"]
 SCHEMA_FAULTS = (
-    "none", "missing_column", "renamed_column", "null_storm",
-    "out_of_range", "unknown_category", "duplicate_ids", "future_time",
-)  # fmt: skip
+    "none",
+    "missing_column",
+    "renamed_column",
+    "null_storm",
+    "out_of_range",
+    "unknown_category",
+    "duplicate_ids",
+    "future_time",
+)
 
 
 LABEL = "is_fraud"  # the reference data's label column
@@ -64,7 +78,9 @@ class WorldSpec:
         if self.label_prior <= 0:
             raise ValueError(f"label_prior must be > 0, got {self.label_prior}")
         if self.schema_fault not in SCHEMA_FAULTS:
-            raise ValueError(f"schema_fault must be one of {SCHEMA_FAULTS}, got {self.schema_fault!r}")
+            raise ValueError(
+                f"schema_fault must be one of {SCHEMA_FAULTS}, got {self.schema_fault!r}"
+            )
 
 
 def _probs(base: list[float], shifted: list[float], s: float) -> np.ndarray:
@@ -77,17 +93,21 @@ def generate(spec: WorldSpec) -> pd.DataFrame:
     n, s, c = spec.rows, spec.covariate_shift, spec.concept_drift
 
     merchant = rng.choice(
-        len(MERCHANTS), n,
-        p=_probs([.22, .12, .15, .05, .07, .09, .05, .08, .07, .10],
-                 [.12, .08, .10, .06, .12, .08, .10, .04, .20, .10], s),
-    )  # fmt: skip
-    channel = rng.choice(4, n, p=_probs([.45, .25, .08, .22], [.25, .45, .12, .18], s))
-    country = rng.choice(3, n, p=_probs([.85, .11, .04], [.70, .18, .12], s))
+        len(MERCHANTS),
+        n,
+        p=_probs(
+            [0.22, 0.12, 0.15, 0.05, 0.07, 0.09, 0.05, 0.08, 0.07, 0.10],
+            [0.12, 0.08, 0.10, 0.06, 0.12, 0.08, 0.10, 0.04, 0.20, 0.10],
+            s,
+        ),
+    )
+    channel = rng.choice(4, n, p=_probs([0.45, 0.25, 0.08, 0.22], [0.25, 0.45, 0.12, 0.18], s))
+    country = rng.choice(3, n, p=_probs([0.85, 0.11, 0.04], [0.70, 0.18, 0.12], s))
     amount = np.round(rng.lognormal(3.4 + 0.7 * s, 1.0, n), 2)
     amount = np.clip(amount, 0.5, 99_000)
     card_age = rng.gamma(2.0, 400.0 * (1 - 0.4 * s), n).astype(int).clip(0, 19_999)
     hour_p = _probs(
-        [1, .6, .4, .3, .3, .5, 1, 2, 3, 4, 4, 5, 6, 5, 5, 5, 5, 6, 6, 5, 4, 3, 2, 1.5],
+        [1, 0.6, 0.4, 0.3, 0.3, 0.5, 1, 2, 3, 4, 4, 5, 6, 5, 5, 5, 5, 6, 6, 5, 4, 3, 2, 1.5],
         [3, 3, 3, 2.5, 2, 1.5, 1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 3.5, 3.5],
         s,
     )
@@ -103,12 +123,22 @@ def generate(spec: WorldSpec) -> pd.DataFrame:
     risky_merchant = np.isin(merchant, [4, 6, 8])
     log_amt = np.log1p(amount)
     score_a = (
-        1.6 * online + 0.9 * risky_merchant + 0.55 * (log_amt - 3.4) + 1.1 * (country == 2)
-        - 0.0012 * card_age + 0.25 * txn_count + 3.0 * merchant_risk
+        1.6 * online
+        + 0.9 * risky_merchant
+        + 0.55 * (log_amt - 3.4)
+        + 1.1 * (country == 2)
+        - 0.0012 * card_age
+        + 0.25 * txn_count
+        + 3.0 * merchant_risk
     )
     score_b = (
-        1.8 * (channel == 2) + 1.6 * (merchant == 9) + 1.3 * night
-        + 0.45 * np.log1p(distance) - 0.4 * (log_amt - 3.4) - 0.8 * online + 0.6 * (country == 1)
+        1.8 * (channel == 2)
+        + 1.6 * (merchant == 9)
+        + 1.3 * night
+        + 0.45 * np.log1p(distance)
+        - 0.4 * (log_amt - 3.4)
+        - 0.8 * online
+        + 0.6 * (country == 1)
     )
     score = (1 - c) * score_a + c * score_b + rng.normal(0, 0.3, n)
     target_rate = min(0.5, spec.base_fraud_rate * spec.label_prior)

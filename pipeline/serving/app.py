@@ -123,8 +123,7 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
         finally:
             service.stop()
 
-    app = FastAPI(title="retrain-pipeline scoring service", lifespan=lifespan,
-                  description=__doc__)  # fmt: skip
+    app = FastAPI(title="retrain-pipeline scoring service", lifespan=lifespan, description=__doc__)
     app.state.service = service
     m = service.metrics
 
@@ -139,8 +138,14 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
             raise unknown(name)
         return served
 
-    async def score(served: ServedModel, rows: list[Any], key: str | None, request_id: str | None,
-                    t0: float, version: str | None = None) -> _Scored:  # fmt: skip
+    async def score(
+        served: ServedModel,
+        rows: list[Any],
+        key: str | None,
+        request_id: str | None,
+        t0: float,
+        version: str | None = None,
+    ) -> _Scored:
         """Validate, route, score, record: the one path every scoring route takes."""
         try:
             served.validator.check(rows)
@@ -151,15 +156,21 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
             slot = _version_of(served, version)
             if slot is None:
                 m.rejected.labels(served.name, "404").inc()
-                serving = [s.model.version for s in (served.table.champion, served.table.canary) if s]
-                raise _Refused(404, f"model {served.name!r} does not serve v{version}; serving "
-                                    f"{serving}", versions=serving)  # fmt: skip
+                serving = [
+                    s.model.version for s in (served.table.champion, served.table.canary) if s
+                ]
+                raise _Refused(
+                    404,
+                    f"model {served.name!r} does not serve v{version}; serving {serving}",
+                    versions=serving,
+                )
         else:
             slot = served.table.pick(key)
         if slot is None:
             m.rejected.labels(served.name, "503").inc()
-            raise _Refused(503, f"no verified champion of model {served.name!r} is loaded yet; "
-                                "see /readyz")  # fmt: skip
+            raise _Refused(
+                503, f"no verified champion of model {served.name!r} is loaded yet; see /readyz"
+            )
         sm, model = slot.metrics, slot.model
         fault = service.faults.get(served.name, model.version)
         try:
@@ -179,8 +190,12 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
             sm.errors.inc()
             sm.latency.observe(perf_counter() - t0)
             log.warning("%s v%s failed: %s", served.name, model.version, exc)
-            raise _Refused(500, f"model {served.name} v{model.version} failed: {exc}",
-                           alias=slot.alias, version=model.version) from None
+            raise _Refused(
+                500,
+                f"model {served.name} v{model.version} failed: {exc}",
+                alias=slot.alias,
+                version=model.version,
+            ) from None
         request_id = request_id or uuid.uuid4().hex
         kept = served.scores_of(model, proba)
         served.feedback.remember(request_id, slot.alias, model.version, kept)
@@ -226,13 +241,22 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
         if key is None and isinstance(body, dict):
             key = body.get("routing_key")
         try:
-            out = await score(served, rows, None if key is None else str(key),
-                              request.headers.get("x-request-id"), t0)  # fmt: skip
+            out = await score(
+                served,
+                rows,
+                None if key is None else str(key),
+                request.headers.get("x-request-id"),
+                t0,
+            )
         except _Refused as r:
             return legacy_error(r)
         model = out.slot.model
-        payload: dict[str, Any] = {"request_id": out.request_id, "model": served.name,
-                                   "alias": out.slot.alias, "version": model.version}  # fmt: skip
+        payload: dict[str, Any] = {
+            "request_id": out.request_id,
+            "model": served.name,
+            "alias": out.slot.alias,
+            "version": model.version,
+        }
         if served.multiclass:
             payload["classes"] = model.classes
             payload["scores"] = out.proba.tolist()
@@ -255,8 +279,10 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
                     raise ValueError(f"item {i}: labels must be an array")
                 pairs.append((str(it["request_id"]), labels))
         except (BadRequest, TypeError, KeyError, AttributeError, ValueError) as exc:
-            msg = (f"feedback must be {{'feedback': [{{'request_id', 'labels'}}]}}: "
-                   f"{type(exc).__name__}: {exc}")  # fmt: skip
+            msg = (
+                f"feedback must be {{'feedback': [{{'request_id', 'labels'}}]}}: "
+                f"{type(exc).__name__}: {exc}"
+            )
             return _json(400, {"detail": msg, "error": msg})
         served = service.model(name)
         if served is None:
@@ -287,8 +313,10 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
 
     @app.get("/v2")
     async def server_metadata() -> Response:
-        return _json(200, {"name": "retrain-pipeline-scoring", "version": _package_version(),
-                           "extensions": []})  # fmt: skip
+        return _json(
+            200,
+            {"name": "retrain-pipeline-scoring", "version": _package_version(), "extensions": []},
+        )
 
     @app.get("/v2/health/live")
     async def live() -> Response:
@@ -298,15 +326,29 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
     @app.get("/v2/health/ready")
     async def server_ready() -> Response:
         ready = service.ready
-        return _json(200 if ready else 503, {"ready": ready,
-                                             "models": {n: mdl.ready for n, mdl in sorted(service.models.items())}})  # fmt: skip
+        return _json(
+            200 if ready else 503,
+            {"ready": ready, "models": {n: mdl.ready for n, mdl in sorted(service.models.items())}},
+        )
 
     @app.get("/v2/models")
     async def list_models() -> Response:
-        return _json(200, {"models": [{"name": mdl.name, "registered_model": mdl.registered_model,
-                                       "task": mdl.task, "ready": mdl.ready}
-                                      for _, mdl in sorted(service.models.items())],
-                           "default_model": service.default, "broken_specs": dict(service.broken)})  # fmt: skip
+        return _json(
+            200,
+            {
+                "models": [
+                    {
+                        "name": mdl.name,
+                        "registered_model": mdl.registered_model,
+                        "task": mdl.task,
+                        "ready": mdl.ready,
+                    }
+                    for _, mdl in sorted(service.models.items())
+                ],
+                "default_model": service.default,
+                "broken_specs": dict(service.broken),
+            },
+        )
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> Response:
@@ -377,13 +419,22 @@ def _infer_response(served: ServedModel, req: InferRequest, out: _Scored) -> dic
     model = out.slot.model
     n = int(out.proba.shape[0])
     wanted = set(req.outputs)
-    outputs = [{"name": output_name(c), "datatype": "FP32", "shape": [n],
-                "data": out.proba[:, i].tolist()}
-               for i, c in enumerate(model.classes) if not wanted or output_name(c) in wanted]  # fmt: skip
-    return {"model_name": served.name, "model_version": model.version, "id": out.request_id,
-            "parameters": {"alias": out.slot.alias, "request_id": out.request_id,
-                           "registered_model": served.registered_model},
-            "outputs": outputs}  # fmt: skip
+    outputs = [
+        {"name": output_name(c), "datatype": "FP32", "shape": [n], "data": out.proba[:, i].tolist()}
+        for i, c in enumerate(model.classes)
+        if not wanted or output_name(c) in wanted
+    ]
+    return {
+        "model_name": served.name,
+        "model_version": model.version,
+        "id": out.request_id,
+        "parameters": {
+            "alias": out.slot.alias,
+            "request_id": out.request_id,
+            "registered_model": served.registered_model,
+        },
+        "outputs": outputs,
+    }
 
 
 def _metadata(served: ServedModel) -> dict[str, Any]:
@@ -405,18 +456,35 @@ def _metadata(served: ServedModel) -> dict[str, Any]:
                 params["min"] = col.min
             if col.max is not None:
                 params["max"] = col.max
-        inputs.append({"name": name, "datatype": OIP_DATATYPE.get(col.type if col else "float", "FP64"),
-                       "shape": [-1], "parameters": params})  # fmt: skip
-    outputs = [{"name": output_name(c), "datatype": "FP32", "shape": [-1],
-                "parameters": {"class": c}} for c in served.classes]  # fmt: skip
+        inputs.append(
+            {
+                "name": name,
+                "datatype": OIP_DATATYPE.get(col.type if col else "float", "FP64"),
+                "shape": [-1],
+                "parameters": params,
+            }
+        )
+    outputs = [
+        {"name": output_name(c), "datatype": "FP32", "shape": [-1], "parameters": {"class": c}}
+        for c in served.classes
+    ]
     versions = [s.model.version for s in (t.champion, t.canary) if s is not None]
-    return {"name": served.name, "versions": versions, "platform": PLATFORM, "inputs": inputs,
-            "outputs": outputs,
-            "parameters": {"registered_model": served.registered_model, "task": served.task,
-                           "classes": served.classes, "ready": served.ready,
-                           "champion": champ.version if champ else None,
-                           "canary": t.canary.model.version if t.canary else None,
-                           "canary_weight": t.weight}}  # fmt: skip
+    return {
+        "name": served.name,
+        "versions": versions,
+        "platform": PLATFORM,
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": {
+            "registered_model": served.registered_model,
+            "task": served.task,
+            "classes": served.classes,
+            "ready": served.ready,
+            "champion": champ.version if champ else None,
+            "canary": t.canary.model.version if t.canary else None,
+            "canary_weight": t.weight,
+        },
+    }
 
 
 def _loopback_only(request: Request) -> None:
@@ -437,8 +505,13 @@ def _admin_routes(app: FastAPI, service: ScoringService) -> None:
     def resolve(name: str | None) -> ServedModel | Response:
         served = service.model(name)
         if served is None:
-            return _json(404, {"error": f"unknown model {name!r}; known models: {service.names}",
-                               "known_models": service.names})  # fmt: skip
+            return _json(
+                404,
+                {
+                    "error": f"unknown model {name!r}; known models: {service.names}",
+                    "known_models": service.names,
+                },
+            )
         return served
 
     @app.get("/admin/faults", dependencies=guard)
@@ -495,12 +568,19 @@ def build_service(poll_seconds: float | None = None, root: Any = None) -> Scorin
             broken[str(spec.path)] = f"{type(exc).__name__}: {exc}"
             log.exception("model %s is not served", spec.name)
     log.info("serving models %s (default %s)", [mdl.name for mdl in models], s.model)
-    return ScoringService(models, default=s.model, poll_seconds=poll_seconds or s.serving_poll_seconds,
-                          broken=broken)  # fmt: skip
+    return ScoringService(
+        models, default=s.model, poll_seconds=poll_seconds or s.serving_poll_seconds, broken=broken
+    )
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, *, poll_seconds: float | None = None,
-          torch_threads: int = 1, log_level: str = "info") -> None:  # fmt: skip
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    poll_seconds: float | None = None,
+    torch_threads: int = 1,
+    log_level: str = "info",
+) -> None:
     """Run the service until interrupted. Binds loopback unless a host is given
     explicitly (``--host 0.0.0.0`` in a container)."""
     import torch

@@ -42,8 +42,11 @@ class FaultSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]{0,47}$",
-                              description="Model spec name; None: the service's default model.")  # fmt: skip
+    model: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_]{0,47}$",
+        description="Model spec name; None: the service's default model.",
+    )
     version: str = Field(pattern=r"^[0-9]+$", description="Model version the fault applies to.")
     latency_ms: float = Field(default=0.0, ge=0, le=60_000)
     error_rate: float = Field(default=0.0, ge=0, le=1)
@@ -79,6 +82,7 @@ class FaultSwitch:
 
     def clear(self, model: str | None = None, version: str | None = None) -> list[tuple[str, str]]:
         """Every fault (no arguments), a model's, or one version's of a model."""
+
         def hit(k: tuple[str, str]) -> bool:
             return (model is None or k[0] == model) and (version is None or k[1] == version)
 

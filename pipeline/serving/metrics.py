@@ -44,13 +44,58 @@ from typing import Any
 
 # Positive-class probability: resolved at both tails, where fraud scores live.
 SCORE_BUCKETS: tuple[float, ...] = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-    0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0,
-)  # fmt: skip
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.85,
+    0.9,
+    0.95,
+    0.98,
+    0.99,
+    0.995,
+    0.999,
+    1.0,
+)
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
-    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 PREFIX = "scoring_"
 
 
@@ -74,37 +119,67 @@ class ServiceMetrics:
         self.requests = Counter("scoring_requests", "Requests answered by a model.", av, registry=r)
         self.errors = Counter("scoring_errors", "Requests a model failed (5xx).", av, registry=r)
         self.rows = Counter("scoring_rows", "Rows scored.", av, registry=r)
-        self.latency = Histogram("scoring_request_latency_seconds", "Handler latency.", av,
-                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.score = Histogram("scoring_predicted_score",
-                               "Predicted probability per row (binary: positive class; "
-                               "multiclass: every class).", av, buckets=SCORE_BUCKETS,
-                               registry=r)  # fmt: skip
-        self.labelled = Histogram("scoring_labelled_score", "Predicted score of labelled rows.",
-                                  [*av, "label"], buckets=SCORE_BUCKETS, registry=r)  # fmt: skip
-        self.auc = Gauge("scoring_labelled_roc_auc", "ROC AUC over the most recent labels.", av,
-                         registry=r)  # fmt: skip
-        self.info = Gauge("scoring_model_info", "1 for each slot now serving.",
-                          [*av, "manifest_sha256"], registry=r)  # fmt: skip
-        self.weight = Gauge("scoring_canary_weight", "Canary traffic weight applied.", ["model"],
-                            registry=r)  # fmt: skip
-        self.refused = Gauge("scoring_model_refused", "1 per version refused by verification.",
-                             mv, registry=r)  # fmt: skip
-        self.fault = Gauge("scoring_fault_active", "1 per version with an injected fault.",
-                           mv, registry=r)  # fmt: skip
-        self.rejected = Counter("scoring_rejected_requests", "Requests refused as bad input.",
-                                ["model", "status"], registry=r)  # fmt: skip
-        self.polls = Counter("scoring_registry_polls", "Registry polls.", ["model", "result"],
-                             registry=r)  # fmt: skip
-        self.feedback = Counter("scoring_feedback", "Feedback rows.", ["model", "result"],
-                                registry=r)  # fmt: skip
+        self.latency = Histogram(
+            "scoring_request_latency_seconds",
+            "Handler latency.",
+            av,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.score = Histogram(
+            "scoring_predicted_score",
+            "Predicted probability per row (binary: positive class; multiclass: every class).",
+            av,
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.labelled = Histogram(
+            "scoring_labelled_score",
+            "Predicted score of labelled rows.",
+            [*av, "label"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.auc = Gauge(
+            "scoring_labelled_roc_auc", "ROC AUC over the most recent labels.", av, registry=r
+        )
+        self.info = Gauge(
+            "scoring_model_info",
+            "1 for each slot now serving.",
+            [*av, "manifest_sha256"],
+            registry=r,
+        )
+        self.weight = Gauge(
+            "scoring_canary_weight", "Canary traffic weight applied.", ["model"], registry=r
+        )
+        self.refused = Gauge(
+            "scoring_model_refused", "1 per version refused by verification.", mv, registry=r
+        )
+        self.fault = Gauge(
+            "scoring_fault_active", "1 per version with an injected fault.", mv, registry=r
+        )
+        self.rejected = Counter(
+            "scoring_rejected_requests",
+            "Requests refused as bad input.",
+            ["model", "status"],
+            registry=r,
+        )
+        self.polls = Counter(
+            "scoring_registry_polls", "Registry polls.", ["model", "result"], registry=r
+        )
+        self.feedback = Counter(
+            "scoring_feedback", "Feedback rows.", ["model", "result"], registry=r
+        )
 
     def slot(self, model: str, alias: str, version: str) -> SlotMetrics:
         k = (model, alias, version)
         return SlotMetrics(
-            self.requests.labels(*k), self.errors.labels(*k), self.rows.labels(*k),
-            self.latency.labels(*k), self.score.labels(*k),
-        )  # fmt: skip
+            self.requests.labels(*k),
+            self.errors.labels(*k),
+            self.rows.labels(*k),
+            self.latency.labels(*k),
+            self.score.labels(*k),
+        )
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -146,7 +221,9 @@ class Histogram:
 
     def __add__(self, other: Histogram) -> Histogram:
         self._same(other)
-        return Histogram(self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)))
+        return Histogram(
+            self.bounds, tuple(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        )
 
     def __sub__(self, other: Histogram) -> Histogram:
         self._same(other)
@@ -184,13 +261,17 @@ class Histogram:
         return lower
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bounds": [b if math.isfinite(b) else "+Inf" for b in self.bounds],
-                "counts": list(self.counts)}  # fmt: skip
+        return {
+            "bounds": [b if math.isfinite(b) else "+Inf" for b in self.bounds],
+            "counts": list(self.counts),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Histogram:
-        return cls(tuple(math.inf if b == "+Inf" else float(b) for b in d["bounds"]),
-                   tuple(float(c) for c in d["counts"]))  # fmt: skip
+        return cls(
+            tuple(math.inf if b == "+Inf" else float(b) for b in d["bounds"]),
+            tuple(float(c) for c in d["counts"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -206,28 +287,55 @@ class VersionStats:
     labelled_neg: Histogram = field(default_factory=lambda: Histogram.empty(SCORE_BUCKETS))
 
     def __add__(self, o: VersionStats) -> VersionStats:
-        return VersionStats(self.requests + o.requests, self.errors + o.errors, self.rows + o.rows,
-                            self.latency + o.latency, self.score + o.score,
-                            self.labelled_pos + o.labelled_pos, self.labelled_neg + o.labelled_neg)  # fmt: skip
+        return VersionStats(
+            self.requests + o.requests,
+            self.errors + o.errors,
+            self.rows + o.rows,
+            self.latency + o.latency,
+            self.score + o.score,
+            self.labelled_pos + o.labelled_pos,
+            self.labelled_neg + o.labelled_neg,
+        )
 
     def __sub__(self, o: VersionStats) -> VersionStats:
-        if self.requests < o.requests - 1e-9 or self.errors < o.errors - 1e-9 or self.rows < o.rows - 1e-9:
+        if (
+            self.requests < o.requests - 1e-9
+            or self.errors < o.errors - 1e-9
+            or self.rows < o.rows - 1e-9
+        ):
             raise MeasurementError("a counter went backwards: the service restarted")
-        return VersionStats(self.requests - o.requests, self.errors - o.errors, self.rows - o.rows,
-                            self.latency - o.latency, self.score - o.score,
-                            self.labelled_pos - o.labelled_pos, self.labelled_neg - o.labelled_neg)  # fmt: skip
+        return VersionStats(
+            self.requests - o.requests,
+            self.errors - o.errors,
+            self.rows - o.rows,
+            self.latency - o.latency,
+            self.score - o.score,
+            self.labelled_pos - o.labelled_pos,
+            self.labelled_neg - o.labelled_neg,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors, "rows": self.rows,
-                "latency": self.latency.to_dict(), "score": self.score.to_dict(),
-                "labelled_pos": self.labelled_pos.to_dict(),
-                "labelled_neg": self.labelled_neg.to_dict()}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "rows": self.rows,
+            "latency": self.latency.to_dict(),
+            "score": self.score.to_dict(),
+            "labelled_pos": self.labelled_pos.to_dict(),
+            "labelled_neg": self.labelled_neg.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VersionStats:
-        return cls(float(d["requests"]), float(d["errors"]), float(d["rows"]),
-                   Histogram.from_dict(d["latency"]), Histogram.from_dict(d["score"]),
-                   Histogram.from_dict(d["labelled_pos"]), Histogram.from_dict(d["labelled_neg"]))  # fmt: skip
+        return cls(
+            float(d["requests"]),
+            float(d["errors"]),
+            float(d["rows"]),
+            Histogram.from_dict(d["latency"]),
+            Histogram.from_dict(d["score"]),
+            Histogram.from_dict(d["labelled_pos"]),
+            Histogram.from_dict(d["labelled_neg"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -280,14 +388,16 @@ def parse_snapshot(text: str, model: str | None = None) -> Snapshot:
                 continue
             if model is not None and labels.get("model", model) != model:
                 continue
-            short = name[len(PREFIX):]
+            short = name[len(PREFIX) :]
             v = labels.get("version", "")
             if short in ("requests_total", "errors_total", "rows_total"):
                 scalars.setdefault(v, {})
                 scalars[v][short] = scalars[v].get(short, 0.0) + value
             elif short.endswith("_bucket") and short[: -len("_bucket")] in (
-                "request_latency_seconds", "predicted_score", "labelled_score"
-            ):  # fmt: skip
+                "request_latency_seconds",
+                "predicted_score",
+                "labelled_score",
+            ):
                 base = short[: -len("_bucket")]
                 if base == "labelled_score":
                     base = "labelled_pos" if labels.get("label") == "1" else "labelled_neg"
@@ -306,17 +416,26 @@ def parse_snapshot(text: str, model: str | None = None) -> Snapshot:
     for v in set(scalars) | {k[0] for k in hists}:
         sc = scalars.get(v, {})
         kw: dict[str, Any] = {}
-        for base, key in (("request_latency_seconds", "latency"), ("predicted_score", "score"),
-                          ("labelled_pos", "labelled_pos"), ("labelled_neg", "labelled_neg")):  # fmt: skip
+        for base, key in (
+            ("request_latency_seconds", "latency"),
+            ("predicted_score", "score"),
+            ("labelled_pos", "labelled_pos"),
+            ("labelled_neg", "labelled_neg"),
+        ):
             if (v, base) in hists:
                 kw[key] = _cumulative_to_hist(hists[(v, base)])
-        versions[v] = VersionStats(sc.get("requests_total", 0.0), sc.get("errors_total", 0.0),
-                                   sc.get("rows_total", 0.0), **kw)  # fmt: skip
+        versions[v] = VersionStats(
+            sc.get("requests_total", 0.0),
+            sc.get("errors_total", 0.0),
+            sc.get("rows_total", 0.0),
+            **kw,
+        )
     return Snapshot(versions, serving, weight, frozenset(refused), frozenset(faults))
 
 
-def scrape(base_url: str, *, timeout: float = 5.0, client: Any = None,
-           model: str | None = None) -> Snapshot:  # fmt: skip
+def scrape(
+    base_url: str, *, timeout: float = 5.0, client: Any = None, model: str | None = None
+) -> Snapshot:
     """GET ``<base_url>/metrics`` and parse it (``model``: that model's series only); any
     failure is a MeasurementError."""
     import httpx

@@ -95,8 +95,14 @@ class Traffic:
     keys: list[str | None]
 
 
-def prepare(df: Any, rows_per_request: int, key_column: str | None = None,
-            limit: int | None = None, contract: Any = None, oip: bool = False) -> Traffic:  # fmt: skip
+def prepare(
+    df: Any,
+    rows_per_request: int,
+    key_column: str | None = None,
+    limit: int | None = None,
+    contract: Any = None,
+    oip: bool = False,
+) -> Traffic:
     """Bodies of ``rows_per_request`` contract feature rows each (NaN -> null); ``oip``:
     as ``{"inputs": [rows]}`` (the OIP route). ``contract``: default the active spec's."""
     if contract is None:
@@ -127,13 +133,18 @@ def prepare(df: Any, rows_per_request: int, key_column: str | None = None,
             bodies.append(json.dumps({"inputs": chunk}).encode())
         else:
             bodies.append(json.dumps(chunk[0] if rows_per_request == 1 else chunk).encode())
-        label_lists.append([int(v) if isinstance(v, int | np.integer) else v for v in labels[lo:hi]]
-                           if labels else [])  # fmt: skip
+        label_lists.append(
+            [int(v) if isinstance(v, int | np.integer) else v for v in labels[lo:hi]]
+            if labels
+            else []
+        )
         key_list.append(keys[lo] if keys else None)
     return Traffic(bodies, label_lists, key_list)
 
 
-def replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event | None = None) -> ReplayReport:
+def replay(
+    cfg: ReplayConfig, traffic: Traffic, stop: threading.Event | None = None
+) -> ReplayReport:
     """Send the traffic as configured; returns when done (bounded in count and time)."""
     return asyncio.run(_replay(cfg, traffic, stop or threading.Event()))
 
@@ -152,8 +163,12 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
     score_path = f"/v2/models/{cfg.model}/infer" if cfg.model else "/predict"
     feedback_path = f"/v2/models/{cfg.model}/feedback" if cfg.model else "/feedback"
     n = cfg.total_requests
-    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    hard_deadline = time.monotonic() + cfg.duration_s + cfg.timeout_s + (cfg.labels_after_s or 0) + 5
+    limits = httpx.Limits(
+        max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
+    )
+    hard_deadline = (
+        time.monotonic() + cfg.duration_s + cfg.timeout_s + (cfg.labels_after_s or 0) + 5
+    )
 
     async with httpx.AsyncClient(timeout=cfg.timeout_s, limits=limits) as client:
 
@@ -164,7 +179,9 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
                 headers["x-routing-key"] = str(traffic.keys[k])
             try:
                 t0 = time.perf_counter()
-                resp = await client.post(base + score_path, content=traffic.bodies[k], headers=headers)
+                resp = await client.post(
+                    base + score_path, content=traffic.bodies[k], headers=headers
+                )
                 latencies.append((time.perf_counter() - t0) * 1000)
             except httpx.HTTPError:
                 report.transport_errors += 1
@@ -177,8 +194,13 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
                 body = resp.json()
                 versions[str(body.get("version", body.get("model_version")))] += 1
                 if cfg.labels_after_s is not None and traffic.labels[k]:
-                    pending.append((time.monotonic() + cfg.labels_after_s,
-                                    body.get("request_id") or body["id"], traffic.labels[k]))  # fmt: skip
+                    pending.append(
+                        (
+                            time.monotonic() + cfg.labels_after_s,
+                            body.get("request_id") or body["id"],
+                            traffic.labels[k],
+                        )
+                    )
 
         async def flush(force: bool = False) -> None:
             now = time.monotonic()
@@ -223,7 +245,9 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
             await flush()
             if pending:
                 # wait for the next label to fall due (at least 50 ms: labels go in batches)
-                await asyncio.sleep(min(0.2, max(0.05, min(p[0] for p in pending) - time.monotonic())))
+                await asyncio.sleep(
+                    min(0.2, max(0.05, min(p[0] for p in pending) - time.monotonic()))
+                )
         if pending:
             await flush(force=True)
         report.seconds = round(time.monotonic() - t0, 3)
@@ -235,7 +259,9 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
     return report
 
 
-def replay_batch(cfg: ReplayConfig, batch_uri: str, stop: threading.Event | None = None) -> ReplayReport:
+def replay_batch(
+    cfg: ReplayConfig, batch_uri: str, stop: threading.Event | None = None
+) -> ReplayReport:
     """Read the batch (checksums verified) and replay it."""
     from pipeline.ingest import read_frame
 
@@ -245,5 +271,15 @@ def replay_batch(cfg: ReplayConfig, batch_uri: str, stop: threading.Event | None
         from pipeline.spec import get_spec
 
         contract = get_spec(cfg.model).contract_obj()
-    return replay(cfg, prepare(df, cfg.rows_per_request, cfg.key_column, limit=cfg.total_requests,
-                               contract=contract, oip=bool(cfg.model)), stop)  # fmt: skip
+    return replay(
+        cfg,
+        prepare(
+            df,
+            cfg.rows_per_request,
+            cfg.key_column,
+            limit=cfg.total_requests,
+            contract=contract,
+            oip=bool(cfg.model),
+        ),
+        stop,
+    )

@@ -60,8 +60,9 @@ def rows_of(body: Any, max_rows: int) -> list[Any]:
     elif isinstance(body, dict):
         rows = [body]
     else:
-        raise BadRequest("body must be a JSON object (one row), an array of objects, or "
-                         '{"rows": [...]}')  # fmt: skip
+        raise BadRequest(
+            'body must be a JSON object (one row), an array of objects, or {"rows": [...]}'
+        )
     if not rows:
         raise BadRequest("no rows to score")
     if len(rows) > max_rows:
@@ -70,14 +71,35 @@ def rows_of(body: Any, max_rows: int) -> list[Any]:
 
 
 #: Open Inference Protocol tensor datatypes, and the contract column types each may carry.
-OIP_NUMERIC = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-               "FP16", "FP32", "FP64")  # fmt: skip
+OIP_NUMERIC = (
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+)
 OIP_FITS: dict[str, tuple[str, ...]] = {
-    "float": (*OIP_NUMERIC,), "int": (*OIP_NUMERIC,), "bool": ("BOOL", *OIP_NUMERIC),
-    "category": ("BYTES",), "string": ("BYTES",), "timestamp": ("BYTES", "INT64"),
-}  # fmt: skip
-OIP_DATATYPE = {"float": "FP64", "int": "INT64", "bool": "BOOL", "category": "BYTES",
-                "string": "BYTES", "timestamp": "BYTES"}  # fmt: skip
+    "float": (*OIP_NUMERIC,),
+    "int": (*OIP_NUMERIC,),
+    "bool": ("BOOL", *OIP_NUMERIC),
+    "category": ("BYTES",),
+    "string": ("BYTES",),
+    "timestamp": ("BYTES", "INT64"),
+}
+OIP_DATATYPE = {
+    "float": "FP64",
+    "int": "INT64",
+    "bool": "BOOL",
+    "category": "BYTES",
+    "string": "BYTES",
+    "timestamp": "BYTES",
+}
 
 
 @dataclass(frozen=True)
@@ -104,16 +126,20 @@ def _is_tensor(item: Any) -> bool:
     return isinstance(item, dict) and isinstance(item.get("name"), str) and "data" in item
 
 
-def infer_request(body: Any, max_rows: int, contract_types: dict[str, str] | None = None) -> InferRequest:
+def infer_request(
+    body: Any, max_rows: int, contract_types: dict[str, str] | None = None
+) -> InferRequest:
     """The rows of an OIP request: one input per column (each of shape ``[N]`` or
     ``[N, 1]``, the same N), or ``{"inputs": [row objects]}``. BadRequest (400) names the
     input when the tensors are malformed (shape, length, datatype); ``contract_types``
     (column -> contract type) checks that each known column's datatype can carry it.
     Inputs that are not contract features are ignored, as extra fields of a row are."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
-        raise BadRequest('an inference request is {"inputs": [{"name", "datatype", "shape", '
-                         '"data"}, ...]} (one input per feature column) or {"inputs": [row '
-                         "objects]}")  # fmt: skip
+        raise BadRequest(
+            'an inference request is {"inputs": [{"name", "datatype", "shape", '
+            '"data"}, ...]} (one input per feature column) or {"inputs": [row '
+            "objects]}"
+        )
     inputs = body["inputs"]
     if not inputs:
         raise BadRequest("'inputs' is empty: no rows to score")
@@ -121,15 +147,18 @@ def infer_request(body: Any, max_rows: int, contract_types: dict[str, str] | Non
     if not isinstance(params, dict):
         raise BadRequest("'parameters' must be a JSON object")
     wanted = body.get("outputs") or []
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                               for o in wanted):  # fmt: skip
+    if not isinstance(wanted, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted
+    ):
         raise BadRequest("'outputs' must be an array of {\"name\": ...} objects")
     rid = body.get("id")
     rid = None if rid is None else str(rid)
     outputs = tuple(str(o["name"]) for o in wanted)
     if not all(_is_tensor(i) for i in inputs):
         if any(_is_tensor(i) for i in inputs):
-            raise BadRequest("'inputs' mixes tensors ({name, datatype, shape, data}) and row objects")
+            raise BadRequest(
+                "'inputs' mixes tensors ({name, datatype, shape, data}) and row objects"
+            )
         if len(inputs) > max_rows:
             raise BadRequest(f"{len(inputs)} rows in one request; at most {max_rows}")
         return InferRequest(inputs, rid, params, outputs)
@@ -142,12 +171,14 @@ def infer_request(body: Any, max_rows: int, contract_types: dict[str, str] | Non
         data = _flatten(t["data"])
         shape = t.get("shape")
         if shape is not None:
-            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                                      and d >= 0 for d in shape):  # fmt: skip
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
                 raise BadRequest(f"input {name!r}: shape must be an array of non-negative integers")
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-                raise BadRequest(f"input {name!r}: shape {shape}: one input per column has shape "
-                                 "[N] or [N, 1]")  # fmt: skip
+                raise BadRequest(
+                    f"input {name!r}: shape {shape}: one input per column has shape [N] or [N, 1]"
+                )
             if shape[0] != len(data):
                 raise BadRequest(f"input {name!r}: shape {shape} but {len(data)} values in data")
         dtype = t.get("datatype")
@@ -156,13 +187,17 @@ def infer_request(body: Any, max_rows: int, contract_types: dict[str, str] | Non
                 raise BadRequest(f"input {name!r}: unknown datatype {dtype!r}")
             ctype = (contract_types or {}).get(name)
             if ctype is not None and dtype not in OIP_FITS.get(ctype, (dtype,)):
-                raise BadRequest(f"input {name!r}: datatype {dtype} cannot carry the contract's "
-                                 f"{ctype} column; use {OIP_DATATYPE[ctype]}")  # fmt: skip
+                raise BadRequest(
+                    f"input {name!r}: datatype {dtype} cannot carry the contract's "
+                    f"{ctype} column; use {OIP_DATATYPE[ctype]}"
+                )
         if n is None:
             n = len(data)
         elif len(data) != n:
-            raise BadRequest(f"input {name!r} has {len(data)} values, the others {n}: every "
-                             "input is one column of the same rows")  # fmt: skip
+            raise BadRequest(
+                f"input {name!r} has {len(data)} values, the others {n}: every "
+                "input is one column of the same rows"
+            )
         columns[name] = data
     assert n is not None
     if n == 0:
@@ -242,5 +277,11 @@ class RowValidator:
 def _kind(v: Any) -> str:
     if v is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: f"the string {v!r}",
-            list: "an array", dict: "an object"}.get(type(v), type(v).__name__)  # fmt: skip
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: f"the string {v!r}",
+        list: "an array",
+        dict: "an object",
+    }.get(type(v), type(v).__name__)

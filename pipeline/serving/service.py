@@ -69,8 +69,11 @@ class LoadedModel:
         return self.proba(rows)[:, self.positive_index]
 
     def describe(self) -> dict[str, str]:
-        return {"version": self.version, "checkpoint_uri": self.checkpoint_uri,
-                "manifest_sha256": self.manifest_sha256}  # fmt: skip
+        return {
+            "version": self.version,
+            "checkpoint_uri": self.checkpoint_uri,
+            "manifest_sha256": self.manifest_sha256,
+        }
 
 
 def warm_up(model: LoadedModel, rounds: int = 3) -> None:
@@ -148,7 +151,9 @@ class FeedbackStore:
         with self._lock:
             return self._pending.pop(request_id, None)
 
-    def add_labels(self, alias: str, version: str, scores: list[float], positive: list[int]) -> None:
+    def add_labels(
+        self, alias: str, version: str, scores: list[float], positive: list[int]
+    ) -> None:
         with self._lock:
             d = self._labelled.setdefault((alias, version), deque(maxlen=self.auc_window))
             d.extend(zip(scores, positive, strict=True))
@@ -185,11 +190,22 @@ class ServedModel:
     table, refusals and feedback. ``name`` is the spec's name (the URL's ``{name}`` and
     the metrics' ``model`` label), ``registered_model`` the MLflow registered model."""
 
-    def __init__(self, name: str, *, validator: RowValidator, loader: Callable[[str], LoadedModel],
-                 read_state: Callable[[], traffic.ServingState], registered_model: str | None = None,
-                 task: str = BINARY, classes: Iterable[Any] = (0, 1), positive_label: Any = 1,
-                 feedback_capacity: int = 100_000, metrics: ServiceMetrics | None = None,
-                 faults: FaultSwitch | None = None, spec: ModelSpec | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        *,
+        validator: RowValidator,
+        loader: Callable[[str], LoadedModel],
+        read_state: Callable[[], traffic.ServingState],
+        registered_model: str | None = None,
+        task: str = BINARY,
+        classes: Iterable[Any] = (0, 1),
+        positive_label: Any = 1,
+        feedback_capacity: int = 100_000,
+        metrics: ServiceMetrics | None = None,
+        faults: FaultSwitch | None = None,
+        spec: ModelSpec | None = None,
+    ) -> None:
         if task not in (BINARY, MULTICLASS):
             raise ValueError(f"task must be {BINARY!r} or {MULTICLASS!r}, got {task!r}")
         self.name, self.registered_model = name, registered_model or name.replace("_", "-")
@@ -211,11 +227,20 @@ class ServedModel:
     def from_spec(cls, spec: ModelSpec, **kw: Any) -> ServedModel:
         """The model of ``spec``: registry calls name ``spec.model_name`` explicitly."""
         contract = spec.contract_obj()
-        kw.setdefault("loader", partial(load_version, spec.model_name, positive_label=contract.positive_label))
+        kw.setdefault(
+            "loader", partial(load_version, spec.model_name, positive_label=contract.positive_label)
+        )
         kw.setdefault("read_state", partial(traffic.read_state, spec.model_name))
-        return cls(spec.name, validator=RowValidator(contract), registered_model=spec.model_name,
-                   task=spec.task.type, classes=contract.target_values,
-                   positive_label=contract.positive_label, spec=spec, **kw)  # fmt: skip
+        return cls(
+            spec.name,
+            validator=RowValidator(contract),
+            registered_model=spec.model_name,
+            task=spec.task.type,
+            classes=contract.target_values,
+            positive_label=contract.positive_label,
+            spec=spec,
+            **kw,
+        )
 
     @property
     def multiclass(self) -> bool:
@@ -260,8 +285,13 @@ class ServedModel:
                 state = self.read_state()
             except Exception as exc:  # noqa: BLE001 - registry down: keep serving
                 m.polls.labels(self.name, "error").inc()
-                self.status = PollStatus(False, time.time(), f"{type(exc).__name__}: {exc}",
-                                         self.status.desired, self.status.polls + 1)  # fmt: skip
+                self.status = PollStatus(
+                    False,
+                    time.time(),
+                    f"{type(exc).__name__}: {exc}",
+                    self.status.desired,
+                    self.status.polls + 1,
+                )
                 log.warning("registry poll for %s failed: %s", self.name, exc)
                 return self.table
             errors: list[str] = []
@@ -278,8 +308,9 @@ class ServedModel:
             self._models = {v: mdl for v, mdl in self._models.items() if v in keep}
             self._slots = {k: s for k, s in self._slots.items() if k[1] in keep}
             m.polls.labels(self.name, "ok" if not errors else "load_error").inc()
-            self.status = PollStatus(not errors, time.time(), "; ".join(errors) or None, state,
-                                     self.status.polls + 1)  # fmt: skip
+            self.status = PollStatus(
+                not errors, time.time(), "; ".join(errors) or None, state, self.status.polls + 1
+            )
             return new
 
     def _refuse(self, version: str, why: str) -> None:
@@ -305,8 +336,9 @@ class ServedModel:
             return None
         k = len(loaded.classes)
         if (k > 2) != self.multiclass:
-            self._refuse(version, f"the checkpoint has {k} classes but model {self.name!r} is "
-                                  f"{self.task}")  # fmt: skip
+            self._refuse(
+                version, f"the checkpoint has {k} classes but model {self.name!r} is {self.task}"
+            )
             return None
         try:
             warm_up(loaded)
@@ -320,7 +352,9 @@ class ServedModel:
     def _slot(self, alias: str, model: LoadedModel) -> Slot:
         key = (alias, model.version)
         if key not in self._slots or self._slots[key].model is not model:
-            self._slots[key] = Slot(alias, model, self.metrics.slot(self.name, alias, model.version))
+            self._slots[key] = Slot(
+                alias, model, self.metrics.slot(self.name, alias, model.version)
+            )
         return self._slots[key]
 
     def _publish(self, old: RoutingTable, new: RoutingTable) -> None:
@@ -335,9 +369,13 @@ class ServedModel:
             if s is not None:
                 info.labels(self.name, s.alias, s.model.version, s.model.manifest_sha256).set(1)
         self.metrics.weight.labels(self.name).set(new.weight)
-        log.info("%s: serving champion=%s canary=%s weight=%g", self.name,
-                 new.champion and new.champion.model.version,
-                 new.canary and new.canary.model.version, new.weight)  # fmt: skip
+        log.info(
+            "%s: serving champion=%s canary=%s weight=%g",
+            self.name,
+            new.champion and new.champion.model.version,
+            new.canary and new.canary.model.version,
+            new.weight,
+        )
 
     # -- feedback ---------------------------------------------------------------------
 
@@ -398,30 +436,56 @@ class ServedModel:
         t, st = self.table, self.status
         desired = st.desired
         out: dict[str, Any] = {
-            "model": self.name, "registered_model": self.registered_model, "task": self.task,
+            "model": self.name,
+            "registered_model": self.registered_model,
+            "task": self.task,
             "ready": t.champion is not None,
             "champion": t.champion.model.describe() if t.champion else None,
             "canary": t.canary.model.describe() if t.canary else None,
             "canary_weight": t.weight,
-            "registry": {"champion": desired.champion, "canary": desired.canary,
-                         "canary_weight": desired.weight} if desired else None,
+            "registry": {
+                "champion": desired.champion,
+                "canary": desired.canary,
+                "canary_weight": desired.weight,
+            }
+            if desired
+            else None,
             "refused": dict(self.refused),
-            "last_poll": {"ok": st.ok, "age_s": None if st.at is None else round(time.time() - st.at, 3),
-                          "error": st.error, "polls": st.polls},
+            "last_poll": {
+                "ok": st.ok,
+                "age_s": None if st.at is None else round(time.time() - st.at, 3),
+                "error": st.error,
+                "polls": st.polls,
+            },
             "faults": self.faults.for_model(self.name),
-        }  # fmt: skip
+        }
         notes = []
-        if desired and desired.champion and t.champion and desired.champion != t.champion.model.version:
+        if (
+            desired
+            and desired.champion
+            and t.champion
+            and desired.champion != t.champion.model.version
+        ):
             why = self.refused.get(desired.champion, "not loaded yet")
-            notes.append(f"registry champion v{desired.champion} is not served ({why}); "
-                         f"serving the last good champion v{t.champion.model.version}")  # fmt: skip
-        if desired and desired.canary and (t.canary is None or t.canary.model.version != desired.canary):
+            notes.append(
+                f"registry champion v{desired.champion} is not served ({why}); "
+                f"serving the last good champion v{t.champion.model.version}"
+            )
+        if (
+            desired
+            and desired.canary
+            and (t.canary is None or t.canary.model.version != desired.canary)
+        ):
             why = self.refused.get(desired.canary, "not loaded yet")
-            notes.append(f"registry canary v{desired.canary} is not served ({why}); "
-                         "all traffic goes to the champion")  # fmt: skip
+            notes.append(
+                f"registry canary v{desired.canary} is not served ({why}); "
+                "all traffic goes to the champion"
+            )
         if t.champion is None:
             if desired is not None and desired.champion is None:
-                notes.append(f"registered model {self.registered_model!r} has no champion: not ready")
+                notes.append(
+                    f"registered model {self.registered_model!r} has no champion: not ready"
+                )
             else:
                 notes.append("no verified champion loaded: not ready")
         out["notes"] = notes
@@ -444,10 +508,17 @@ class ScoringService:
     the model ``/predict`` and ``/feedback`` serve (``PIPELINE_MODEL``; None: the first);
     ``broken``: spec files that could not be used (path -> error), reported by ``/readyz``."""
 
-    def __init__(self, models: Iterable[ServedModel], *, default: str | None = None,
-                 poll_seconds: float = 2.0, max_rows: int = 10_000,
-                 metrics: ServiceMetrics | None = None, faults: FaultSwitch | None = None,
-                 broken: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        models: Iterable[ServedModel],
+        *,
+        default: str | None = None,
+        poll_seconds: float = 2.0,
+        max_rows: int = 10_000,
+        metrics: ServiceMetrics | None = None,
+        faults: FaultSwitch | None = None,
+        broken: dict[str, str] | None = None,
+    ) -> None:
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self.poll_seconds, self.max_rows = poll_seconds, max_rows
@@ -530,14 +601,30 @@ class ScoringService:
         if default is not None:
             out = default.readiness()
         else:
-            out = {"model": self.default, "ready": False, "champion": None, "canary": None,
-                   "canary_weight": 0.0, "registry": None, "refused": {}, "last_poll": None,
-                   "faults": {}, "notes": [f"the default model {self.default!r} is not served; "
-                                           f"served: {self.names}"]}  # fmt: skip
+            out = {
+                "model": self.default,
+                "ready": False,
+                "champion": None,
+                "canary": None,
+                "canary_weight": 0.0,
+                "registry": None,
+                "refused": {},
+                "last_poll": None,
+                "faults": {},
+                "notes": [
+                    f"the default model {self.default!r} is not served; served: {self.names}"
+                ],
+            }
         out["default_model"] = self.default
-        out["models"] = {n: {"ready": m.ready, "champion": m.table.champion and m.table.champion.model.version,
-                             "canary": m.table.canary and m.table.canary.model.version,
-                             "canary_weight": m.table.weight} for n, m in sorted(self.models.items())}  # fmt: skip
+        out["models"] = {
+            n: {
+                "ready": m.ready,
+                "champion": m.table.champion and m.table.champion.model.version,
+                "canary": m.table.canary and m.table.canary.model.version,
+                "canary_weight": m.table.weight,
+            }
+            for n, m in sorted(self.models.items())
+        }
         out["server_ready"] = self.ready
         out["broken_specs"] = dict(self.broken)
         return out

@@ -62,7 +62,9 @@ def read_state(model_name: str | None = None) -> ServingState:
             return ServingState(None, None, 0.0)
         raise
     aliases = {str(k): str(v) for k, v in (rm.aliases or {}).items()}
-    return ServingState(aliases.get(CHAMPION), aliases.get(CANARY), parse_weight(rm.tags.get(WEIGHT_TAG)))
+    return ServingState(
+        aliases.get(CHAMPION), aliases.get(CANARY), parse_weight(rm.tags.get(WEIGHT_TAG))
+    )
 
 
 def set_canary_weight(weight: float, model_name: str | None = None) -> None:

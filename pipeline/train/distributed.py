@@ -62,7 +62,12 @@ def ranks() -> Ranks:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         atexit.register(_leave)
-        log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+        log.info(
+            "joined process group: rank %d of %d (%s)",
+            dist.get_rank(),
+            dist.get_world_size(),
+            backend,
+        )
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -88,7 +93,9 @@ def wrap(model: torch.nn.Module, device: torch.device, r: Ranks) -> torch.nn.Mod
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def shard(idx: torch.Tensor, r: Ranks) -> torch.Tensor:

@@ -60,8 +60,15 @@ def fit_features(df: pd.DataFrame, contract: DataContract) -> FeatureSpec:
         means.append(m)
         scales.append(sd if sd > 1e-12 else 1.0)
     categorical = [(c, list(contract.column(c).categories)) for c in contract.categorical_features]
-    return FeatureSpec(numeric, means, scales, log_scaled, categorical, contract.target,
-                       list(contract.target_values))  # fmt: skip
+    return FeatureSpec(
+        numeric,
+        means,
+        scales,
+        log_scaled,
+        categorical,
+        contract.target,
+        list(contract.target_values),
+    )
 
 
 _LOG_SCALE_MIN_RANGE = 1000.0
@@ -69,7 +76,12 @@ _LOG_SCALE_MIN_RANGE = 1000.0
 
 def _skewed(contract: DataContract, col: str) -> bool:
     c = contract.column(col)
-    return c.min is not None and c.min >= 0 and c.max is not None and c.max - c.min >= _LOG_SCALE_MIN_RANGE
+    return (
+        c.min is not None
+        and c.min >= 0
+        and c.max is not None
+        and c.max - c.min >= _LOG_SCALE_MIN_RANGE
+    )
 
 
 def _numeric(s: pd.Series) -> np.ndarray:

@@ -67,8 +67,18 @@ from pipeline.train.stopping import (
 )
 from pipeline.train.telemetry import GradientTelemetry, TelemetrySink
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "split_by_id", "holdout_mask", "train", "iter_train",
-           "default_stopper", "val_patience_stopper", "no_stopper"]  # fmt: skip
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "split_by_id",
+    "holdout_mask",
+    "train",
+    "iter_train",
+    "default_stopper",
+    "val_patience_stopper",
+    "no_stopper",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +86,31 @@ log = logging.getLogger(__name__)
 def default_stopper() -> dict[str, Any]:
     """Our stopper: EB criterion or log-norm plateau (confirmed), and a relative
     val-loss plateau, after a short warmup."""
-    return {"eb": True, "eb_window": 4, "eb_threshold": 0.0, "eb_hysteresis": 0.05,
-            "norm_plateau": True, "norm_window": 6, "norm_tol": 0.5, "val_mode": "rel",
-            "val_min_delta": 1e-3, "patience": 3, "warmup_steps": 100, "confirm": 3}  # fmt: skip
+    return {
+        "eb": True,
+        "eb_window": 4,
+        "eb_threshold": 0.0,
+        "eb_hysteresis": 0.05,
+        "norm_plateau": True,
+        "norm_window": 6,
+        "norm_tol": 0.5,
+        "val_mode": "rel",
+        "val_min_delta": 1e-3,
+        "patience": 3,
+        "warmup_steps": 100,
+        "confirm": 3,
+    }
 
 
 def val_patience_stopper(patience: int = 5, min_delta: float = 1e-4) -> dict[str, Any]:
     """The classic rule: validation loss patience (absolute ``min_delta``), nothing else."""
-    return {"eb": False, "norm_plateau": False, "val_mode": "abs", "val_min_delta": min_delta,
-            "patience": patience}  # fmt: skip
+    return {
+        "eb": False,
+        "norm_plateau": False,
+        "val_mode": "abs",
+        "val_min_delta": min_delta,
+        "patience": patience,
+    }
 
 
 def no_stopper() -> dict[str, Any]:
@@ -99,7 +125,9 @@ class TrainConfig:
     batch_size: int = 512
     weight_decay: float = 1e-4
     factory: str = BUILTIN_MLP  # the model factory (pipeline.train.model: the factory contract)
-    factory_kwargs: dict[str, Any] = field(default_factory=lambda: {"hidden": [64, 32], "dropout": 0.1})
+    factory_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"hidden": [64, 32], "dropout": 0.1}
+    )
     seed: int = 0
     val_fraction: float = 0.2
     device: str = "auto"
@@ -117,7 +145,9 @@ class TrainConfig:
     stopper: dict[str, Any] = field(default_factory=default_stopper)
     check_every: int = 32  # stopper checks (gradient-norm evidence is accumulated every step)
     eb_every: int = 64  # per-sample variance for EB: every eb_every // check_every-th check
-    snapshot_every: int = 500  # gradient telemetry snapshots (one log_batch each; + one at the stop)
+    snapshot_every: int = (
+        500  # gradient telemetry snapshots (one log_batch each; + one at the stop)
+    )
     state_every: int = 500  # training-state checkpoints; 0: none
     telemetry: bool = True
 
@@ -140,8 +170,13 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if min(self.check_every, self.snapshot_every, self.lr_step_every) < 1 or self.state_every < 0:
-            raise ValueError("check_every, snapshot_every, lr_step_every must be >= 1; state_every >= 0")
+        if (
+            min(self.check_every, self.snapshot_every, self.lr_step_every) < 1
+            or self.state_every < 0
+        ):
+            raise ValueError(
+                "check_every, snapshot_every, lr_step_every must be >= 1; state_every >= 0"
+            )
         if self.eb_every < 1:
             raise ValueError(f"eb_every must be >= 1, got {self.eb_every}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.lr_gamma <= 1:
@@ -154,8 +189,11 @@ class TrainConfig:
     def flat(self) -> dict[str, Any]:
         """One level, for run parameters: ``stopper.<key>``."""
         d = {k: v for k, v in self.to_dict().items() if k not in ("stopper", "factory_kwargs")}
-        return (d | {f"stopper.{k}": v for k, v in sorted(self.stopper.items())}
-                | {f"model.{k}": v for k, v in sorted(self.factory_kwargs.items())})  # fmt: skip
+        return (
+            d
+            | {f"stopper.{k}": v for k, v in sorted(self.stopper.items())}
+            | {f"model.{k}": v for k, v in sorted(self.factory_kwargs.items())}
+        )
 
 
 @dataclass
@@ -209,20 +247,33 @@ _OPERATIONAL = ("device", "state_every", "snapshot_every", "telemetry")
 def _fingerprint(config: TrainConfig, *arrays: np.ndarray) -> str:
     """What a training state must match to be resumed: config (minus operational knobs)
     and the exact training/validation tensors."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in config.to_dict().items()
-                                   if k not in _OPERATIONAL}, sort_keys=True).encode())  # fmt: skip
+    h = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in config.to_dict().items() if k not in _OPERATIONAL}, sort_keys=True
+        ).encode()
+    )
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
-def _make_optimizer(config: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(
+    config: TrainConfig, model: nn.Module, device: torch.device
+) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0,
-                               weight_decay=config.weight_decay)  # fmt: skip
-    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                             weight_decay=config.weight_decay, fused=device.type == "cuda")  # fmt: skip
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        fused=device.type == "cuda",
+    )
 
 
 class _Accumulator:
@@ -245,7 +296,9 @@ class _Accumulator:
             self.check = torch.tensor([0.0] * 6 + [math.inf], device=self.device)
 
     def reset_epoch(self) -> None:
-        self.epoch: Any = [0.0, 0.0, 0.0] if self.host else torch.zeros(3, device=self.device)  # loss*rows, norm, steps
+        self.epoch: Any = (
+            [0.0, 0.0, 0.0] if self.host else torch.zeros(3, device=self.device)
+        )  # loss*rows, norm, steps
 
     def add(self, loss: torch.Tensor, norm: torch.Tensor, rows: int) -> tuple[float, float] | None:
         if self.host:
@@ -267,12 +320,22 @@ class _Accumulator:
         lt, nt = loss.detach().float(), norm.detach().float()
         ok = torch.isfinite(lt) & torch.isfinite(nt)
         z = torch.zeros((), device=self.device)
-        self.check += torch.stack([torch.where(ok, lt, z), torch.where(ok, nt, z),
-                                   torch.where(ok, torch.log(nt.clamp_min(1e-30)), z), z,
-                                   (~ok).float(), torch.ones((), device=self.device), z])  # fmt: skip
+        self.check += torch.stack(
+            [
+                torch.where(ok, lt, z),
+                torch.where(ok, nt, z),
+                torch.where(ok, torch.log(nt.clamp_min(1e-30)), z),
+                z,
+                (~ok).float(),
+                torch.ones((), device=self.device),
+                z,
+            ]
+        )
         self.check[3] = torch.maximum(self.check[3], torch.where(ok, nt, z))
         self.check[6] = torch.minimum(self.check[6], torch.where(ok, nt, self.check[6]))
-        self.epoch += torch.stack([torch.where(ok, lt * rows, z), torch.where(ok, nt, z), ok.float()])
+        self.epoch += torch.stack(
+            [torch.where(ok, lt * rows, z), torch.where(ok, nt, z), ok.float()]
+        )
         return None
 
     def device_part(self) -> list[torch.Tensor]:
@@ -281,9 +344,14 @@ class _Accumulator:
     def evidence(self, host_check: np.ndarray | None) -> dict[str, Any]:
         c = self.check if self.host else [float(v) for v in host_check]  # type: ignore[union-attr]
         ok = c[5] - c[4]
-        return {"loss": c[0] / ok if ok else None, "grad_norm": c[1] / ok if ok else None,
-                "log_grad_norm": c[2] / ok if ok else None, "max_grad_norm": c[3] if ok else None,
-                "min_grad_norm": c[6] if ok else None, "nonfinite": c[4] > 0}  # fmt: skip
+        return {
+            "loss": c[0] / ok if ok else None,
+            "grad_norm": c[1] / ok if ok else None,
+            "log_grad_norm": c[2] / ok if ok else None,
+            "max_grad_norm": c[3] if ok else None,
+            "min_grad_norm": c[6] if ok else None,
+            "nonfinite": c[4] > 0,
+        }
 
     def epoch_values(self) -> list[float]:
         return list(self.epoch) if self.host else [float(v) for v in self.epoch.cpu()]
@@ -295,17 +363,28 @@ class _Accumulator:
 
     def load(self, st: dict[str, Any]) -> None:
         if self.host:
-            self.check = [float(v) for v in (st["check"].tolist() if torch.is_tensor(st["check"]) else st["check"])]
-            self.epoch = [float(v) for v in (st["epoch"].tolist() if torch.is_tensor(st["epoch"]) else st["epoch"])]
+            self.check = [
+                float(v)
+                for v in (st["check"].tolist() if torch.is_tensor(st["check"]) else st["check"])
+            ]
+            self.epoch = [
+                float(v)
+                for v in (st["epoch"].tolist() if torch.is_tensor(st["epoch"]) else st["epoch"])
+            ]
         else:
             self.check = torch.as_tensor(st["check"], dtype=torch.float32).to(self.device)
             self.epoch = torch.as_tensor(st["epoch"], dtype=torch.float32).to(self.device)
 
 
 def train(
-    df: pd.DataFrame, contract: DataContract, config: TrainConfig, *,
-    sink: TelemetrySink | None = None, state_dir: Path | None = None, code_file: Path | None = None,
-) -> TrainResult:  # fmt: skip
+    df: pd.DataFrame,
+    contract: DataContract,
+    config: TrainConfig,
+    *,
+    sink: TelemetrySink | None = None,
+    state_dir: Path | None = None,
+    code_file: Path | None = None,
+) -> TrainResult:
     """Train the spec's model (``config.factory``; ``code_file`` when the factory is a
     spec-local module) on ``df`` as the contract describes it.
 
@@ -323,9 +402,14 @@ def train(
 
 
 def iter_train(
-    df: pd.DataFrame, contract: DataContract, config: TrainConfig, *,
-    sink: TelemetrySink | None = None, state_dir: Path | None = None, code_file: Path | None = None,
-) -> Generator[dict[str, float], None, TrainResult]:  # fmt: skip
+    df: pd.DataFrame,
+    contract: DataContract,
+    config: TrainConfig,
+    *,
+    sink: TelemetrySink | None = None,
+    state_dir: Path | None = None,
+    code_file: Path | None = None,
+) -> Generator[dict[str, float], None, TrainResult]:
     """``train`` one epoch at a time: yields each epoch's history row, returns the
     TrainResult. Lets a caller interleave trainings (the overhead benchmark does)."""
     torch.manual_seed(config.seed)
@@ -347,8 +431,9 @@ def iter_train(
     x_va = torch.from_numpy(xva_np).to(device)
 
     ref = model_ref_for(config.factory, config.factory_kwargs, code_file)
-    inputs = ModelInputs(x_tr.shape[1], len(spec.classes), spec,
-                         "binary" if len(spec.classes) == 2 else "multiclass")  # fmt: skip
+    inputs = ModelInputs(
+        x_tr.shape[1], len(spec.classes), spec, "binary" if len(spec.classes) == 2 else "multiclass"
+    )
     model = build_model(ref, inputs, code_file).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(config, model, device)
@@ -356,14 +441,27 @@ def iter_train(
     n, bs = len(x_tr), config.batch_size
     steps_per_epoch = distributed.steps_per_epoch(n, bs, ranks)  # = ceil(n / bs) in one process
     total_steps = config.max_epochs * steps_per_epoch
-    schedule = LRSchedule(config.learning_rate, total_steps, min(config.warmup_steps, total_steps),
-                          config.lr_schedule, config.min_lr_ratio, config.lr_step_every,
-                          config.lr_gamma)  # fmt: skip
+    schedule = LRSchedule(
+        config.learning_rate,
+        total_steps,
+        min(config.warmup_steps, total_steps),
+        config.lr_schedule,
+        config.min_lr_ratio,
+        config.lr_step_every,
+        config.lr_gamma,
+    )
     stopper = GradientPlateauStopper(**config.stopper)
     eb_stats = PerSampleGradStats(model) if stopper.eb else None
-    telemetry = (GradientTelemetry(list(model.named_parameters()), snapshot_every=config.snapshot_every,
-                                   sink=sink, spill_dir=state_dir)
-                 if config.telemetry and ranks.main else None)  # fmt: skip
+    telemetry = (
+        GradientTelemetry(
+            list(model.named_parameters()),
+            snapshot_every=config.snapshot_every,
+            sink=sink,
+            spill_dir=state_dir,
+        )
+        if config.telemetry and ranks.main
+        else None
+    )
     store = TrainingStateStore(state_dir) if state_dir is not None and config.state_every else None
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -372,12 +470,29 @@ def iter_train(
     acc = _Accumulator(device)
     eb_checks = max(1, config.eb_every // config.check_every)
 
-    result = TrainResult(model, spec, ref, config, device=str(device), precision=precision,
-                         train_rows=len(train_df), val_rows=len(val_df), world_size=ranks.world,
-                         rank=ranks.rank)  # fmt: skip
-    loop: dict[str, Any] = {"step": 0, "epoch": 1, "pos": 0, "best_loss": math.inf, "stopped": False,
-                            "finished": False, "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0,
-                            "tel_cpu_mark": 0.0}  # fmt: skip
+    result = TrainResult(
+        model,
+        spec,
+        ref,
+        config,
+        device=str(device),
+        precision=precision,
+        train_rows=len(train_df),
+        val_rows=len(val_df),
+        world_size=ranks.world,
+        rank=ranks.rank,
+    )
+    loop: dict[str, Any] = {
+        "step": 0,
+        "epoch": 1,
+        "pos": 0,
+        "best_loss": math.inf,
+        "stopped": False,
+        "finished": False,
+        "epoch_seconds": 0.0,
+        "epoch_cpu_seconds": 0.0,
+        "tel_cpu_mark": 0.0,
+    }
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     perm: torch.Tensor | None = None
 
@@ -386,16 +501,21 @@ def iter_train(
             return
         tensors: dict[str, torch.Tensor] = {}
         state = {
-            "fingerprint": fingerprint, "config": config.to_dict(), "loop": dict(loop),
-            "history": result.history, "best_epoch": result.best_epoch,
-            "val_metrics": result.val_metrics, "stop_reason": result.stop_reason,
-            "schedule": schedule.state_dict(), "stopper": stopper.state_dict(),
+            "fingerprint": fingerprint,
+            "config": config.to_dict(),
+            "loop": dict(loop),
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "val_metrics": result.val_metrics,
+            "stop_reason": result.stop_reason,
+            "schedule": schedule.state_dict(),
+            "stopper": stopper.state_dict(),
             "optimizer": encode(opt.state_dict(), tensors, "optim"),
             "model": encode(model.state_dict(), tensors, "model"),
             "best": encode(best_state, tensors, "best"),
             "acc": encode(acc.state(), tensors, "acc"),
             "telemetry_taken": telemetry.taken if telemetry else 0,
-        }  # fmt: skip
+        }
         tensors.update(rng_tensors(gen))
         tensors["perm"] = perm if perm is not None else torch.zeros(0, dtype=torch.int64)
         if telemetry:
@@ -406,7 +526,9 @@ def iter_train(
     if store is not None:
         loaded = store.load_latest()
         if loaded is not None and loaded.state.get("fingerprint") != fingerprint:
-            log.warning("training state in %s is for another config or data; starting over", store.root)
+            log.warning(
+                "training state in %s is for another config or data; starting over", store.root
+            )
             if ranks.main:
                 store.clear()
             loaded = None
@@ -426,18 +548,34 @@ def iter_train(
             result.val_metrics, result.stop_reason = st["val_metrics"], st["stop_reason"]
             if telemetry:
                 telemetry.load_state_tensors(t, st["telemetry_taken"])
-            result.resumed_from = {"step": loaded.step, "path": str(loaded.path),
-                                   "manifest_sha256": loaded.manifest_sha256,
-                                   "epoch": loop["epoch"], "position_in_epoch": loop["pos"]}  # fmt: skip
-            log.info("resumed from training state %s (step %d, epoch %d, batch %d of %d; "
-                     "manifest sha256 %s)", loaded.path.name, loaded.step, loop["epoch"],
-                     loop["pos"], steps_per_epoch, loaded.manifest_sha256[:12])  # fmt: skip
+            result.resumed_from = {
+                "step": loaded.step,
+                "path": str(loaded.path),
+                "manifest_sha256": loaded.manifest_sha256,
+                "epoch": loop["epoch"],
+                "position_in_epoch": loop["pos"],
+            }
+            log.info(
+                "resumed from training state %s (step %d, epoch %d, batch %d of %d; "
+                "manifest sha256 %s)",
+                loaded.path.name,
+                loaded.step,
+                loop["epoch"],
+                loop["pos"],
+                steps_per_epoch,
+                loaded.manifest_sha256[:12],
+            )
 
     if sink is not None:
-        _safe(sink.set_tags, {"train.device": str(device), "train.precision": precision,
-                              "train.optimizer": config.optimizer,
-                              **({"train.resumed_from_step": str(loop["step"])}
-                                 if result.resumed_from else {})})  # fmt: skip
+        _safe(
+            sink.set_tags,
+            {
+                "train.device": str(device),
+                "train.precision": precision,
+                "train.optimizer": config.optimizer,
+                **({"train.resumed_from_step": str(loop["step"])} if result.resumed_from else {}),
+            },
+        )
 
     if loop["finished"]:  # the state of a completed run (best weights restored): nothing left to do
         model.eval()
@@ -454,14 +592,24 @@ def iter_train(
             keep.mkdir(parents=True, exist_ok=True)
             (keep / "decision_trace.json").write_text(trace)
             result.telemetry["decision_trace_file"] = str(keep / "decision_trace.json")
-            log.warning("decision trace not logged to the run; kept at %s", keep / "decision_trace.json")
+            log.warning(
+                "decision trace not logged to the run; kept at %s", keep / "decision_trace.json"
+            )
         if telemetry:
-            telemetry.write_artifacts(tag, {"step": loop["step"], "epoch": loop["epoch"],
-                                            **({"decision": decision.to_dict()} if decision else {})})  # fmt: skip
+            telemetry.write_artifacts(
+                tag,
+                {
+                    "step": loop["step"],
+                    "epoch": loop["epoch"],
+                    **({"decision": decision.to_dict()} if decision else {}),
+                },
+            )
 
     def diverge(d: StopDecision) -> None:
         if telemetry:
-            telemetry.snapshot_now(loop["step"])  # the offending gradient, non-finite counts included
+            telemetry.snapshot_now(
+                loop["step"]
+            )  # the offending gradient, non-finite counts included
         event(f"diverged-step-{d.step}", d)
         if telemetry:
             result.telemetry = {**telemetry.close(), **result.telemetry}
@@ -479,7 +627,9 @@ def iter_train(
             diverge(d)
         elif d.verdict is Verdict.REDUCE_LR:
             schedule.scale *= stopper.reduce_lr_factor or 1.0
-            log.info("step %d: %s — learning rate scale now %.3g", d.step, d.reason.value, schedule.scale)
+            log.info(
+                "step %d: %s — learning rate scale now %.3g", d.step, d.reason.value, schedule.scale
+            )
             event(f"reduce_lr-step-{d.step}", d)
         elif d.verdict is Verdict.STOP:
             loop["stopped"] = True
@@ -499,26 +649,44 @@ def iter_train(
     def end_epoch(partial: bool) -> None:
         proba = predict_proba(model, x_va).float().cpu().numpy()
         if not np.isfinite(proba).all():  # weights overflowed in the last step(s)
-            diverge(stopper.update(StopEvidence(step=loop["step"], epoch=loop["epoch"],
-                                                val_loss=float("nan"))))  # fmt: skip
+            diverge(
+                stopper.update(
+                    StopEvidence(step=loop["step"], epoch=loop["epoch"], val_loss=float("nan"))
+                )
+            )
         metrics = classification_metrics(y_va, proba)
         ep_loss, ep_norm, ep_steps = acc.epoch_values()
         tel_cpu = telemetry.sender_cpu_s if telemetry else 0.0  # the sender thread, this epoch
         seen = min(loop["pos"] * bs, n) // ranks.world  # this process's rows (rank 0's share)
-        row = {"epoch": loop["epoch"], "step": loop["step"], "train_loss": ep_loss / max(seen, 1),
-               "grad_norm": ep_norm / max(ep_steps, 1), "lr": schedule.lr(max(loop["step"], 1)),
-               "seconds": loop["epoch_seconds"], "cpu_seconds": loop["epoch_cpu_seconds"],
-               "telemetry_cpu_seconds": tel_cpu - loop["tel_cpu_mark"],
-               **({"partial": 1.0} if partial else {}),
-               **{f"val_{k}": v for k, v in metrics.items()}}  # fmt: skip
+        row = {
+            "epoch": loop["epoch"],
+            "step": loop["step"],
+            "train_loss": ep_loss / max(seen, 1),
+            "grad_norm": ep_norm / max(ep_steps, 1),
+            "lr": schedule.lr(max(loop["step"], 1)),
+            "seconds": loop["epoch_seconds"],
+            "cpu_seconds": loop["epoch_cpu_seconds"],
+            "telemetry_cpu_seconds": tel_cpu - loop["tel_cpu_mark"],
+            **({"partial": 1.0} if partial else {}),
+            **{f"val_{k}": v for k, v in metrics.items()},
+        }
         result.history.append(row)
         done = [h["seconds"] for h in result.history if not h.get("partial")]
         eta = (config.max_epochs - loop["epoch"]) * sum(done) / max(len(done), 1)  # upper bound
-        log.info("epoch %d/%d step %d train_loss=%.4f val_loss=%.4f val_roc_auc=%.4f grad_norm=%.4f "
-                 "rows/s=%.0f eta<=%.0fs", loop["epoch"], config.max_epochs, loop["step"],
-                 row["train_loss"], metrics["log_loss"], metrics.get("roc_auc", float("nan")),
-                 row["grad_norm"], seen / max(row["seconds"], 1e-9), eta,
-                 extra={"progress": True})  # fmt: skip
+        log.info(
+            "epoch %d/%d step %d train_loss=%.4f val_loss=%.4f val_roc_auc=%.4f grad_norm=%.4f "
+            "rows/s=%.0f eta<=%.0fs",
+            loop["epoch"],
+            config.max_epochs,
+            loop["step"],
+            row["train_loss"],
+            metrics["log_loss"],
+            metrics.get("roc_auc", float("nan")),
+            row["grad_norm"],
+            seen / max(row["seconds"], 1e-9),
+            eta,
+            extra={"progress": True},
+        )
         if metrics["log_loss"] < loop["best_loss"]:
             loop["best_loss"] = metrics["log_loss"]
             best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -527,8 +695,13 @@ def iter_train(
         loop["epoch_seconds"] = loop["epoch_cpu_seconds"] = 0.0
         loop["tel_cpu_mark"] = tel_cpu
         if not partial and not loop["stopped"]:
-            handle(stopper.update(StopEvidence(step=loop["step"], epoch=loop["epoch"],
-                                               val_loss=metrics["log_loss"])))  # fmt: skip
+            handle(
+                stopper.update(
+                    StopEvidence(
+                        step=loop["step"], epoch=loop["epoch"], val_loss=metrics["log_loss"]
+                    )
+                )
+            )
 
     try:
         while loop["epoch"] <= config.max_epochs and not loop["stopped"]:
@@ -543,7 +716,9 @@ def iter_train(
                 lr = schedule.apply(opt, step)
                 idx = distributed.shard(perm_dev[loop["pos"] * bs : (loop["pos"] + 1) * bs], ranks)
                 check = step % config.check_every == 0
-                eb_due = check and eb_stats is not None and (step // config.check_every) % eb_checks == 0
+                eb_due = (
+                    check and eb_stats is not None and (step // config.check_every) % eb_checks == 0
+                )
                 snap = telemetry is not None and telemetry.due(step)
                 if eb_due:
                     eb_stats.arm()  # type: ignore[union-attr]
@@ -560,14 +735,26 @@ def iter_train(
                     telemetry.capture_grads()  # type: ignore[union-attr]
                 norm = torch.nn.utils.clip_grad_norm_(params, clip)
                 host_vals = acc.add(loss, norm, len(idx))
-                if host_vals is not None and not (math.isfinite(host_vals[0]) and math.isfinite(host_vals[1])):
+                if host_vals is not None and not (
+                    math.isfinite(host_vals[0]) and math.isfinite(host_vals[1])
+                ):
                     _lap(t0)
-                    ev = StopEvidence(step=step, epoch=loop["epoch"], loss=host_vals[0],
-                                      grad_norm=host_vals[1], max_grad_norm=host_vals[1], nonfinite=True)  # fmt: skip
+                    ev = StopEvidence(
+                        step=step,
+                        epoch=loop["epoch"],
+                        loss=host_vals[0],
+                        grad_norm=host_vals[1],
+                        max_grad_norm=host_vals[1],
+                        nonfinite=True,
+                    )
                     diverge(stopper.update(ev))
                 if host_vals is not None and host_vals[1] > stopper.divergence_limit(acc.check[6]):
                     _lap(t0)  # exploding between checks: decide now, on this window so far
-                    handle(stopper.update(StopEvidence(step=step, epoch=loop["epoch"], **acc.evidence(None))))
+                    handle(
+                        stopper.update(
+                            StopEvidence(step=step, epoch=loop["epoch"], **acc.evidence(None))
+                        )
+                    )
                 opt.step()
                 loop["pos"] += 1
                 if snap:
@@ -577,14 +764,32 @@ def iter_train(
                     parts["acc"] = acc.check
                 host = _to_host(parts)
                 if snap:
-                    telemetry.ingest(step, host["snap"], {"loss": float(host["scalars"][0]), "lr": lr,  # type: ignore[union-attr]
-                                                          "grad_norm": float(host["scalars"][1])})  # fmt: skip
+                    telemetry.ingest(
+                        step,
+                        host["snap"],
+                        {
+                            "loss": float(host["scalars"][0]),
+                            "lr": lr,  # type: ignore[union-attr]
+                            "grad_norm": float(host["scalars"][1]),
+                        },
+                    )
                 if check:
                     ev_acc = acc.evidence(host.get("acc"))
-                    eb_part: dict[str, Any] = ({"eb_sum": float(host["eb"][0]), "eb_dims": int(host["eb"][1]),
-                                                "batch_size": batch} if eb_due else {})  # fmt: skip
+                    eb_part: dict[str, Any] = (
+                        {
+                            "eb_sum": float(host["eb"][0]),
+                            "eb_dims": int(host["eb"][1]),
+                            "batch_size": batch,
+                        }
+                        if eb_due
+                        else {}
+                    )
                     acc.reset_check()
-                    handle(stopper.update(StopEvidence(step=step, epoch=loop["epoch"], **ev_acc, **eb_part)))
+                    handle(
+                        stopper.update(
+                            StopEvidence(step=step, epoch=loop["epoch"], **ev_acc, **eb_part)
+                        )
+                    )
                 if store is not None and step % config.state_every == 0 and not loop["stopped"]:
                     t0 = _lap(t0)
                     snapshot_state()
@@ -604,8 +809,14 @@ def iter_train(
         if config.restore_best:
             model.load_state_dict(best_state)
         else:  # the last weights: report their validation metrics
-            result.best_epoch, result.val_metrics = int(result.history[-1]["epoch"]), {
-                k.removeprefix("val_"): v for k, v in result.history[-1].items() if k.startswith("val_")}
+            result.best_epoch, result.val_metrics = (
+                int(result.history[-1]["epoch"]),
+                {
+                    k.removeprefix("val_"): v
+                    for k, v in result.history[-1].items()
+                    if k.startswith("val_")
+                },
+            )
         model.eval()
         loop["finished"] = True
         result.decision_trace = stopper.trace

@@ -85,8 +85,11 @@ class ModelRef:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelRef:
-        return cls(factory=str(d["factory"]), kwargs=dict(d.get("kwargs") or {}),
-                   code_sha256=d.get("code_sha256"))  # fmt: skip
+        return cls(
+            factory=str(d["factory"]),
+            kwargs=dict(d.get("kwargs") or {}),
+            code_sha256=d.get("code_sha256"),
+        )
 
 
 # -- the built-in factory ------------------------------------------------------------------------
@@ -128,7 +131,9 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def mlp(inputs: ModelInputs, hidden: list[int] | tuple[int, ...] = (64, 32), dropout: float = 0.1) -> MLP:
+def mlp(
+    inputs: ModelInputs, hidden: list[int] | tuple[int, ...] = (64, 32), dropout: float = 0.1
+) -> MLP:
     """The built-in factory: ReLU MLP with dropout."""
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise FactoryError(f"model.kwargs.hidden must be positive integers, got {list(hidden)}")
@@ -175,8 +180,10 @@ def resolve_factory(factory: str, code_file: Path | None = None) -> Callable[...
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # noqa: BLE001 - any import failure is the same user error
-            raise FactoryError(f"model.factory {factory!r}: cannot import {module_name!r}: "
-                               f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+            raise FactoryError(
+                f"model.factory {factory!r}: cannot import {module_name!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise FactoryError(f"model.factory {factory!r}: {module_name!r} has no callable {attr!r}")
@@ -188,22 +195,29 @@ def build_model(ref: ModelRef, inputs: ModelInputs, code_file: Path | None = Non
     whose output on a float batch of ``input_width`` is ``(rows, num_classes)`` logits)."""
     if ref.code_sha256 is not None:
         if code_file is None:
-            raise FactoryError(f"model.factory {ref.factory!r} needs its module file (sha256 "
-                               f"{ref.code_sha256[:12]}), and none was given")  # fmt: skip
+            raise FactoryError(
+                f"model.factory {ref.factory!r} needs its module file (sha256 "
+                f"{ref.code_sha256[:12]}), and none was given"
+            )
         got = file_sha256(code_file)
         if got != ref.code_sha256:
-            raise FactoryError(f"{code_file}: sha256 {got[:12]} is not the recorded "
-                               f"{ref.code_sha256[:12]}: the model's code changed")  # fmt: skip
+            raise FactoryError(
+                f"{code_file}: sha256 {got[:12]} is not the recorded "
+                f"{ref.code_sha256[:12]}: the model's code changed"
+            )
     fn = resolve_factory(ref.factory, code_file)
     try:
         model = fn(inputs, **ref.kwargs)
     except FactoryError:
         raise
     except TypeError as exc:
-        raise FactoryError(f"model.factory {ref.factory!r} with kwargs {ref.kwargs}: {exc}") from exc
+        raise FactoryError(
+            f"model.factory {ref.factory!r} with kwargs {ref.kwargs}: {exc}"
+        ) from exc
     if not isinstance(model, nn.Module):
-        raise FactoryError(f"model.factory {ref.factory!r} returned {type(model).__name__}, "
-                           "not a torch.nn.Module")  # fmt: skip
+        raise FactoryError(
+            f"model.factory {ref.factory!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     check_output(model, inputs, ref.factory)
     return model
 
@@ -215,18 +229,24 @@ def check_output(model: nn.Module, inputs: ModelInputs, factory: str = "the fact
         with torch.no_grad():
             out = model(torch.zeros(2, inputs.input_width))
     except Exception as exc:  # noqa: BLE001 - the user's forward failed: say so
-        raise FactoryError(f"{factory}: forward on a (2, {inputs.input_width}) float batch failed: "
-                           f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+        raise FactoryError(
+            f"{factory}: forward on a (2, {inputs.input_width}) float batch failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, inputs.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise FactoryError(f"{factory}: output {shape} for a (2, {inputs.input_width}) batch; the "
-                           f"contract is (rows, num_classes) = (2, {inputs.num_classes}) logits")  # fmt: skip
+        raise FactoryError(
+            f"{factory}: output {shape} for a (2, {inputs.input_width}) batch; the "
+            f"contract is (rows, num_classes) = (2, {inputs.num_classes}) logits"
+        )
 
 
 def model_ref_for(factory: str, kwargs: dict[str, Any], code_file: Path | None) -> ModelRef:
-    return ModelRef(factory, dict(kwargs), file_sha256(code_file) if code_file is not None else None)
+    return ModelRef(
+        factory, dict(kwargs), file_sha256(code_file) if code_file is not None else None
+    )
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -243,7 +263,10 @@ def pick_device(preference: str = "auto") -> torch.device:
 @torch.no_grad()
 def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 65_536) -> torch.Tensor:
     model.eval()
-    outs = [torch.softmax(model(x[i : i + batch_size]).float(), dim=1) for i in range(0, len(x), batch_size)]
+    outs = [
+        torch.softmax(model(x[i : i + batch_size]).float(), dim=1)
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
@@ -255,12 +278,20 @@ def check_factory(spec: Any) -> nn.Module:
 
     contract = spec.contract_obj()
     numeric = contract.numeric_features
-    features = FeatureSpec(numeric, [0.0] * len(numeric), [1.0] * len(numeric), [],
-                           [(c, list(contract.column(c).categories)) for c in contract.categorical_features],
-                           contract.target, list(contract.target_values))  # fmt: skip
+    features = FeatureSpec(
+        numeric,
+        [0.0] * len(numeric),
+        [1.0] * len(numeric),
+        [],
+        [(c, list(contract.column(c).categories)) for c in contract.categorical_features],
+        contract.target,
+        list(contract.target_values),
+    )
     code_file = spec.factory_module_file
     inputs = ModelInputs(features.width, len(features.classes), features, spec.task.type)
     try:
-        return build_model(model_ref_for(spec.model.factory, spec.model.kwargs, code_file), inputs, code_file)
+        return build_model(
+            model_ref_for(spec.model.factory, spec.model.kwargs, code_file), inputs, code_file
+        )
     except FactoryError as exc:
         raise FactoryError(f"{spec.path}: field 'model': {exc}") from None

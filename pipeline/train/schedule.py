@@ -30,11 +30,15 @@ class LRSchedule:
         if self.kind not in KINDS:
             raise ValueError(f"lr schedule must be one of {KINDS}, got {self.kind!r}")
         if self.base_lr <= 0 or self.total_steps < 1 or self.warmup_steps < 0:
-            raise ValueError(f"bad schedule: base_lr={self.base_lr} total_steps={self.total_steps} "
-                             f"warmup_steps={self.warmup_steps}")  # fmt: skip
+            raise ValueError(
+                f"bad schedule: base_lr={self.base_lr} total_steps={self.total_steps} "
+                f"warmup_steps={self.warmup_steps}"
+            )
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.gamma <= 1 or self.step_every < 1:
-            raise ValueError(f"bad schedule: min_lr_ratio={self.min_lr_ratio} gamma={self.gamma} "
-                             f"step_every={self.step_every}")  # fmt: skip
+            raise ValueError(
+                f"bad schedule: min_lr_ratio={self.min_lr_ratio} gamma={self.gamma} "
+                f"step_every={self.step_every}"
+            )
 
     def factor(self, step: int) -> float:
         """Multiplier of ``base_lr`` for optimizer step ``step`` (1-based)."""

@@ -112,18 +112,31 @@ class TrainingStateStore:
                 out.append((int(m.group(1)), bool(m.group(2)), p))
         return sorted(out, key=lambda t: (t[0], t[1]))
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
-             final: bool = False) -> Path:  # fmt: skip
+    def save(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        state: dict[str, Any],
+        final: bool = False,
+    ) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         dest = self.root / (f"step-{step:012d}" + ("-final" if final else ""))
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                      str(tmp / TENSORS))  # fmt: skip
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                str(tmp / TENSORS),
+            )
             (tmp / STATE).write_text(json.dumps(state, sort_keys=True, allow_nan=True))
-            manifest = {"format": FORMAT, "step": step, "final": final,
-                        "files": {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
-                                  for n in (TENSORS, STATE)}}  # fmt: skip
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                "final": final,
+                "files": {
+                    n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
+                    for n in (TENSORS, STATE)
+                },
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
             for p in tmp.iterdir():
                 fsync_path(p)
@@ -197,7 +210,9 @@ def rng_tensors(shuffle: torch.Generator) -> dict[str, torch.Tensor]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     t["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.uint8).copy())
     t["rng.numpy_meta"] = torch.tensor(
-        np.frombuffer(json.dumps([kind, int(pos), int(has_gauss), float(cached)]).encode(), np.uint8)
+        np.frombuffer(
+            json.dumps([kind, int(pos), int(has_gauss), float(cached)]).encode(), np.uint8
+        )
     )
     return t
 

@@ -131,16 +131,24 @@ class StopDecision:
     def message(self) -> str:
         e = self.evidence
         if self.reason is StopReason.NONFINITE:
-            return (f"non-finite {e.get('nonfinite_what', 'loss/gradient')} at step {self.step} "
-                    f"(loss={e.get('loss')}, grad_norm={e.get('max_grad_norm')})")  # fmt: skip
+            return (
+                f"non-finite {e.get('nonfinite_what', 'loss/gradient')} at step {self.step} "
+                f"(loss={e.get('loss')}, grad_norm={e.get('max_grad_norm')})"
+            )
         if self.reason is StopReason.DIVERGED:
-            return (f"gradient norm {e['max_grad_norm']:.4g} exceeded {e['divergence_ratio']:g} x "
-                    f"the lowest norm seen, {e['best_norm']:.4g}, at step {self.step}")  # fmt: skip
+            return (
+                f"gradient norm {e['max_grad_norm']:.4g} exceeded {e['divergence_ratio']:g} x "
+                f"the lowest norm seen, {e['best_norm']:.4g}, at step {self.step}"
+            )
         return f"{self.verdict.value}: {self.reason.value} at step {self.step}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "verdict": self.verdict.value, "reason": self.reason.value,
-                "evidence": self.evidence}  # fmt: skip
+        return {
+            "step": self.step,
+            "verdict": self.verdict.value,
+            "reason": self.reason.value,
+            "evidence": self.evidence,
+        }
 
 
 def _finite(x: float | None) -> bool:
@@ -158,26 +166,49 @@ class GradientPlateauStopper:
     """EB criterion + log-gradient-norm plateau + optional val-loss plateau, with guards."""
 
     def __init__(
-        self, *, eb: bool = True, eb_window: int = 4, eb_threshold: float = 0.0,
-        eb_hysteresis: float = 0.05, norm_plateau: bool = True, norm_window: int = 8,
-        norm_tol: float = 0.5, norm_hysteresis: float = 0.5, val_mode: str = "off", val_min_delta: float = 1e-3,
-        patience: int = 3, warmup_steps: int = 0, min_steps: int = 0,
-        max_steps: int | None = None, confirm: int = 3, require: str = "any",
-        reduce_lr_factor: float | None = None, max_lr_reductions: int = 1,
-        cooldown_checks: int = 4, divergence_ratio: float = 1e3,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        eb: bool = True,
+        eb_window: int = 4,
+        eb_threshold: float = 0.0,
+        eb_hysteresis: float = 0.05,
+        norm_plateau: bool = True,
+        norm_window: int = 8,
+        norm_tol: float = 0.5,
+        norm_hysteresis: float = 0.5,
+        val_mode: str = "off",
+        val_min_delta: float = 1e-3,
+        patience: int = 3,
+        warmup_steps: int = 0,
+        min_steps: int = 0,
+        max_steps: int | None = None,
+        confirm: int = 3,
+        require: str = "any",
+        reduce_lr_factor: float | None = None,
+        max_lr_reductions: int = 1,
+        cooldown_checks: int = 4,
+        divergence_ratio: float = 1e3,
+    ) -> None:
         if eb_window < 1 or norm_window < 3:
-            raise ValueError(f"eb_window must be >= 1 and norm_window >= 3, got {eb_window}, {norm_window}")
+            raise ValueError(
+                f"eb_window must be >= 1 and norm_window >= 3, got {eb_window}, {norm_window}"
+            )
         if eb_hysteresis < 0 or norm_hysteresis < 0 or norm_tol <= 0:
-            raise ValueError(f"hysteresis must be >= 0 and norm_tol > 0, got {eb_hysteresis}, "
-                             f"{norm_hysteresis}, {norm_tol}")  # fmt: skip
+            raise ValueError(
+                f"hysteresis must be >= 0 and norm_tol > 0, got {eb_hysteresis}, "
+                f"{norm_hysteresis}, {norm_tol}"
+            )
         if val_mode not in ("off", "abs", "rel"):
             raise ValueError(f"val_mode must be 'off', 'abs' or 'rel', got {val_mode!r}")
         if val_min_delta < 0 or patience < 1 or confirm < 1:
-            raise ValueError(f"need val_min_delta >= 0, patience >= 1, confirm >= 1; got "
-                             f"{val_min_delta}, {patience}, {confirm}")  # fmt: skip
+            raise ValueError(
+                f"need val_min_delta >= 0, patience >= 1, confirm >= 1; got "
+                f"{val_min_delta}, {patience}, {confirm}"
+            )
         if warmup_steps < 0 or min_steps < 0 or (max_steps is not None and max_steps < 1):
-            raise ValueError(f"bad step bounds: warmup={warmup_steps} min={min_steps} max={max_steps}")
+            raise ValueError(
+                f"bad step bounds: warmup={warmup_steps} min={min_steps} max={max_steps}"
+            )
         if require not in ("any", "all"):
             raise ValueError(f"require must be 'any' or 'all', got {require!r}")
         if reduce_lr_factor is not None and not 0 < reduce_lr_factor < 1:
@@ -188,7 +219,11 @@ class GradientPlateauStopper:
             raise ValueError(f"divergence_ratio must be > 1, got {divergence_ratio}")
         self.eb, self.eb_window, self.eb_threshold = eb, eb_window, eb_threshold
         self.eb_hysteresis, self.norm_plateau = eb_hysteresis, norm_plateau
-        self.norm_window, self.norm_tol, self.norm_hysteresis = norm_window, norm_tol, norm_hysteresis
+        self.norm_window, self.norm_tol, self.norm_hysteresis = (
+            norm_window,
+            norm_tol,
+            norm_hysteresis,
+        )
         self.val_mode, self.val_min_delta, self.patience = val_mode, val_min_delta, patience
         self.warmup_steps, self.min_steps, self.max_steps = warmup_steps, min_steps, max_steps
         self.confirm, self.require = confirm, require
@@ -200,10 +235,28 @@ class GradientPlateauStopper:
     # -- configuration ----------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        keys = ("eb", "eb_window", "eb_threshold", "eb_hysteresis", "norm_plateau", "norm_window",
-                "norm_tol", "norm_hysteresis", "val_mode", "val_min_delta", "patience", "warmup_steps", "min_steps",
-                "max_steps", "confirm", "require", "reduce_lr_factor", "max_lr_reductions",
-                "cooldown_checks", "divergence_ratio")  # fmt: skip
+        keys = (
+            "eb",
+            "eb_window",
+            "eb_threshold",
+            "eb_hysteresis",
+            "norm_plateau",
+            "norm_window",
+            "norm_tol",
+            "norm_hysteresis",
+            "val_mode",
+            "val_min_delta",
+            "patience",
+            "warmup_steps",
+            "min_steps",
+            "max_steps",
+            "confirm",
+            "require",
+            "reduce_lr_factor",
+            "max_lr_reductions",
+            "cooldown_checks",
+            "divergence_ratio",
+        )
         return {k: getattr(self, k) for k in keys}
 
     @classmethod
@@ -216,8 +269,12 @@ class GradientPlateauStopper:
         """The verdict for ``ev`` given ``state`` (default: the current one). Pure: nothing
         is mutated; the decision carries the next state."""
         s = self.state if state is None else state
-        e: dict[str, Any] = {"epoch": ev.epoch, "loss": ev.loss, "grad_norm": ev.grad_norm,
-                             "max_grad_norm": ev.max_grad_norm}  # fmt: skip
+        e: dict[str, Any] = {
+            "epoch": ev.epoch,
+            "loss": ev.loss,
+            "grad_norm": ev.grad_norm,
+            "max_grad_norm": ev.max_grad_norm,
+        }
 
         def out(verdict: Verdict, reason: StopReason, st: StopperState) -> StopDecision:
             if verdict in (Verdict.STOP, Verdict.DIVERGED):
@@ -225,9 +282,16 @@ class GradientPlateauStopper:
             return StopDecision(verdict, reason, e, ev.step, st)
 
         # 1. divergence guard: always on, no warmup, no patience
-        bad = [n for n, v in (("loss", ev.loss), ("gradient", ev.grad_norm),
-                              ("gradient", ev.max_grad_norm), ("validation loss", ev.val_loss))
-               if not _finite(v)]  # fmt: skip
+        bad = [
+            n
+            for n, v in (
+                ("loss", ev.loss),
+                ("gradient", ev.grad_norm),
+                ("gradient", ev.max_grad_norm),
+                ("validation loss", ev.val_loss),
+            )
+            if not _finite(v)
+        ]
         if ev.nonfinite or bad:
             e["nonfinite_what"] = bad[0] if bad else "loss/gradient"
             return out(Verdict.DIVERGED, StopReason.NONFINITE, s)
@@ -235,8 +299,11 @@ class GradientPlateauStopper:
         if low is not None and low > 0:
             s = replace(s, best_norm=low if s.best_norm is None else min(s.best_norm, low))
         e.update(divergence_ratio=self.divergence_ratio, best_norm=s.best_norm)
-        if (ev.max_grad_norm is not None and s.best_norm is not None
-                and ev.max_grad_norm > self.divergence_ratio * s.best_norm):  # fmt: skip
+        if (
+            ev.max_grad_norm is not None
+            and s.best_norm is not None
+            and ev.max_grad_norm > self.divergence_ratio * s.best_norm
+        ):
             return out(Verdict.DIVERGED, StopReason.DIVERGED, s)
 
         if self.max_steps is not None and ev.step >= self.max_steps:
@@ -256,12 +323,21 @@ class GradientPlateauStopper:
             e.update(val_gain=gain, val_required_gain=need)
         best = ev.val_loss if improved else s.best_val
         s = replace(s, best_val=best, bad_vals=0 if improved else s.bad_vals + 1)
-        e.update(kind="validation", val_loss=ev.val_loss, best_val=best, bad_vals=s.bad_vals,
-                 patience=self.patience, val_mode=self.val_mode, val_min_delta=self.val_min_delta)  # fmt: skip
+        e.update(
+            kind="validation",
+            val_loss=ev.val_loss,
+            best_val=best,
+            bad_vals=s.bad_vals,
+            patience=self.patience,
+            val_mode=self.val_mode,
+            val_min_delta=self.val_min_delta,
+        )
         if self.val_mode == "off":
             return out(Verdict.CONTINUE, StopReason.NOT_PLATEAUED, s)
         if ev.step < max(self.warmup_steps, self.min_steps):
-            reason = StopReason.WARMUP if ev.step < self.warmup_steps else StopReason.BELOW_MIN_STEPS
+            reason = (
+                StopReason.WARMUP if ev.step < self.warmup_steps else StopReason.BELOW_MIN_STEPS
+            )
             return out(Verdict.CONTINUE, reason, s)
         if s.bad_vals >= self.patience:
             return self._fire(StopReason.VAL_LOSS_PLATEAU, s, out)
@@ -300,8 +376,14 @@ class GradientPlateauStopper:
             s = replace(s, eb_values=eb_vals, eb_count=n)
             counts[StopReason.EB_CRITERION] = n
             signals["eb_criterion"] = on if fresh and ready else None
-            e.update(eb_smoothed=eb_s, eb_threshold=self.eb_threshold, eb_fresh=fresh,
-                     eb_hysteresis=self.eb_hysteresis, eb_window=self.eb_window, eb_count=n)  # fmt: skip
+            e.update(
+                eb_smoothed=eb_s,
+                eb_threshold=self.eb_threshold,
+                eb_fresh=fresh,
+                eb_hysteresis=self.eb_hysteresis,
+                eb_window=self.eb_window,
+                eb_count=n,
+            )
         if self.norm_plateau:
             xs, ys, fresh = s.steps_seen, s.log_norms, ev.log_grad_norm is not None
             if fresh:
@@ -315,28 +397,46 @@ class GradientPlateauStopper:
             s = replace(s, steps_seen=xs, log_norms=ys, norm_count=n)
             counts[StopReason.GRAD_NORM_PLATEAU] = n
             signals["grad_norm_plateau"] = on if fresh and ready else None
-            e.update(log_norm_slope_per_1k=slope, norm_tol=self.norm_tol,
-                     norm_hysteresis=self.norm_hysteresis, norm_window=self.norm_window,
-                     norm_count=n)  # fmt: skip
-        e.update(signals=signals, confirm=self.confirm, require=self.require, min_steps=self.min_steps)
+            e.update(
+                log_norm_slope_per_1k=slope,
+                norm_tol=self.norm_tol,
+                norm_hysteresis=self.norm_hysteresis,
+                norm_window=self.norm_window,
+                norm_count=n,
+            )
+        e.update(
+            signals=signals, confirm=self.confirm, require=self.require, min_steps=self.min_steps
+        )
         if s.cooldown_left > 0:
             s = replace(s, cooldown_left=s.cooldown_left - 1, eb_count=0, norm_count=0)
             e.update(cooldown_left=s.cooldown_left)
             return out(Verdict.CONTINUE, StopReason.COOLDOWN, s)
         confirmed = [k for k, n in counts.items() if n >= self.confirm]
-        fires = bool(counts) and (len(confirmed) == len(counts) if self.require == "all" else bool(confirmed))
+        fires = bool(counts) and (
+            len(confirmed) == len(counts) if self.require == "all" else bool(confirmed)
+        )
         if not fires:
             pending = any(n > 0 for n in counts.values())
-            return out(Verdict.CONTINUE, StopReason.CONFIRMING if pending else StopReason.NOT_PLATEAUED, s)
+            return out(
+                Verdict.CONTINUE, StopReason.CONFIRMING if pending else StopReason.NOT_PLATEAUED, s
+            )
         if ev.step < self.min_steps:
             return out(Verdict.CONTINUE, StopReason.BELOW_MIN_STEPS, s)
         return self._fire(confirmed[0], s, out)
 
     def _fire(self, reason: StopReason, s: StopperState, out) -> StopDecision:  # type: ignore[no-untyped-def]
         if self.reduce_lr_factor is not None and s.lr_reductions < self.max_lr_reductions:
-            s = replace(s, lr_reductions=s.lr_reductions + 1, eb_count=0, norm_count=0, bad_vals=0,
-                        eb_values=(), log_norms=(), steps_seen=(),
-                        cooldown_left=self.cooldown_checks)  # fmt: skip
+            s = replace(
+                s,
+                lr_reductions=s.lr_reductions + 1,
+                eb_count=0,
+                norm_count=0,
+                bad_vals=0,
+                eb_values=(),
+                log_norms=(),
+                steps_seen=(),
+                cooldown_left=self.cooldown_checks,
+            )
             d = out(Verdict.REDUCE_LR, reason, s)
             d.evidence.update(reduce_lr_factor=self.reduce_lr_factor, lr_reductions=s.lr_reductions)
             return d

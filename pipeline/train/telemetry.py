@@ -68,8 +68,9 @@ class MlflowRunSink:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, int(step))
-                                                    for k, v in metrics.items()])  # fmt: skip
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        )
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
@@ -86,8 +87,9 @@ class MlflowRunSink:
 
 
 @torch.no_grad()
-def gradient_stats(grads: list[torch.Tensor], lo: float = LOG2_MIN, hi: float = LOG2_MAX,
-                   bins: int = BINS) -> torch.Tensor:  # fmt: skip
+def gradient_stats(
+    grads: list[torch.Tensor], lo: float = LOG2_MIN, hi: float = LOG2_MAX, bins: int = BINS
+) -> torch.Tensor:
     """[P, 5 + bins] float32 on the device: l2, linf, mean, frac_zero, nonfinite, histogram.
 
     The histogram counts the finite non-zero entries by log2|g| over ``bins`` equal bins
@@ -100,10 +102,15 @@ def gradient_stats(grads: list[torch.Tensor], lo: float = LOG2_MIN, hi: float = 
         nz = finite & (a > 0)
         x = torch.where(nz, torch.log2(torch.where(nz, a, 1.0)).clamp(lo, hi), lo - 1.0)
         n = max(g.numel(), 1)
-        head = torch.stack([
-            torch.linalg.vector_norm(g), a.max() if g.numel() else g.new_zeros(()),
-            g.mean() if g.numel() else g.new_zeros(()), (g == 0).sum() / n, (~finite).sum(),
-        ]).float()  # fmt: skip
+        head = torch.stack(
+            [
+                torch.linalg.vector_norm(g),
+                a.max() if g.numel() else g.new_zeros(()),
+                g.mean() if g.numel() else g.new_zeros(()),
+                (g == 0).sum() / n,
+                (~finite).sum(),
+            ]
+        ).float()
         rows.append(torch.cat([head, torch.histc(x, bins=bins, min=lo, max=hi)]))
     return torch.stack(rows)
 
@@ -111,8 +118,10 @@ def gradient_stats(grads: list[torch.Tensor], lo: float = LOG2_MIN, hi: float = 
 @torch.no_grad()
 def update_ratios(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> torch.Tensor:
     """[P] ‖w_after − w_before‖ / ‖w_before‖ on the device."""
-    out = [torch.linalg.vector_norm(p.detach().float() - b) / (torch.linalg.vector_norm(b) + 1e-12)
-           for p, b in zip(params, before, strict=True)]  # fmt: skip
+    out = [
+        torch.linalg.vector_norm(p.detach().float() - b) / (torch.linalg.vector_norm(b) + 1e-12)
+        for p, b in zip(params, before, strict=True)
+    ]
     return torch.stack(out)
 
 
@@ -128,8 +137,9 @@ class _Record:
 class _Sender:
     """Bounded queue + one daemon thread: one ``log_metrics`` (= one log_batch) per record."""
 
-    def __init__(self, sink: TelemetrySink, spill: _Spill, maxsize: int, retries: int,
-                 backoff_s: float) -> None:  # fmt: skip
+    def __init__(
+        self, sink: TelemetrySink, spill: _Spill, maxsize: int, retries: int, backoff_s: float
+    ) -> None:
         self.sink, self.spill = sink, spill
         self.q: queue.Queue[_Record | None] = queue.Queue(maxsize=maxsize)
         self.retries, self.backoff_s = retries, backoff_s
@@ -212,9 +222,13 @@ class _Spill:
         self._lock = threading.Lock()
 
     def write(self, rec: _Record, reason: str) -> None:
-        line = json.dumps({"step": rec.step, "reason": reason,
-                           "metrics": {k: (v if math.isfinite(v) else str(v))
-                                       for k, v in rec.metrics.items()}})  # fmt: skip
+        line = json.dumps(
+            {
+                "step": rec.step,
+                "reason": reason,
+                "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in rec.metrics.items()},
+            }
+        )
         with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,8 +237,13 @@ class _Spill:
                 self.count += 1
             except OSError as exc:  # never fatal to training, never silent
                 self.lost += 1
-                log.error("telemetry record for step %d (%s) lost: cannot write %s: %s",
-                          rec.step, reason, self.path, exc)  # fmt: skip
+                log.error(
+                    "telemetry record for step %d (%s) lost: cannot write %s: %s",
+                    rec.step,
+                    reason,
+                    self.path,
+                    exc,
+                )
 
 
 class GradientTelemetry:
@@ -236,11 +255,18 @@ class GradientTelemetry:
     """
 
     def __init__(
-        self, named_params: list[tuple[str, torch.nn.Parameter]], *, snapshot_every: int = 200,
-        sink: TelemetrySink | None = None, spill_dir: Path | None = None, queue_size: int = 64,
-        retries: int = 3, backoff_s: float = 0.2, max_history: int = 4096,
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        *,
+        snapshot_every: int = 200,
+        sink: TelemetrySink | None = None,
+        spill_dir: Path | None = None,
+        queue_size: int = 64,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        max_history: int = 4096,
         metric_stats: tuple[str, ...] = ("l2", "update_ratio"),
-    ) -> None:  # fmt: skip
+    ) -> None:
         if snapshot_every < 1 or queue_size < 1 or retries < 0 or max_history < 2:
             raise ValueError("snapshot_every, queue_size >= 1; retries >= 0; max_history >= 2")
         self.names = [n for n, _ in named_params]
@@ -311,7 +337,9 @@ class GradientTelemetry:
         self._grad_rows = self._before = None
         return rows.reshape(-1)
 
-    def ingest(self, step: int, values: np.ndarray, scalars: dict[str, float] | None = None) -> None:
+    def ingest(
+        self, step: int, values: np.ndarray, scalars: dict[str, float] | None = None
+    ) -> None:
         """Record a host copy of ``device_pack()`` and queue it for the sink (never blocks)."""
         m = np.asarray(values, dtype=np.float32).reshape(len(self.params), N_STATS + BINS)
         self.steps.append(int(step))
@@ -323,8 +351,11 @@ class GradientTelemetry:
             self.steps = [self.steps[i] for i in keep]
             self.stats = [self.stats[i] for i in keep]
             self.hists = [self.hists[i] for i in keep]
-        metrics = {f"grad/{n}/{s}": float(m[i, STAT_NAMES.index(s)]) for i, n in enumerate(self.names)
-                   for s in self.metric_stats}  # fmt: skip
+        metrics = {
+            f"grad/{n}/{s}": float(m[i, STAT_NAMES.index(s)])
+            for i, n in enumerate(self.names)
+            for s in self.metric_stats
+        }
         metrics["grad/nonfinite_total"] = float(m[:, STAT_NAMES.index("nonfinite")].sum())
         metrics.update({f"train/{k}": float(v) for k, v in (scalars or {}).items()})
         rec = _Record(int(step), metrics)
@@ -340,8 +371,10 @@ class GradientTelemetry:
             "steps": np.asarray(self.steps, dtype=np.int64),
             "stats": np.stack(self.stats) if self.stats else np.zeros((0, p, N_STATS), np.float32),
             "hist": np.stack(self.hists) if self.hists else np.zeros((0, p, BINS), np.float32),
-            "edges": self.edges, "names": np.asarray(self.names), "stat_names": np.asarray(STAT_NAMES),
-        }  # fmt: skip
+            "edges": self.edges,
+            "names": np.asarray(self.names),
+            "stat_names": np.asarray(STAT_NAMES),
+        }
 
     def write_artifacts(self, tag: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """npz + PNGs + summary.json into ``telemetry/<tag>`` of the run (into the spill dir
@@ -354,9 +387,13 @@ class GradientTelemetry:
         try:
             arrays = self.arrays()
             np.savez_compressed(tmp / "gradients.npz", **arrays)  # type: ignore[arg-type]
-            (tmp / "summary.json").write_text(json.dumps(
-                {"tag": tag, "snapshots": int(len(arrays["steps"])), **(summary or {})},
-                indent=2, default=str))  # fmt: skip
+            (tmp / "summary.json").write_text(
+                json.dumps(
+                    {"tag": tag, "snapshots": int(len(arrays["steps"])), **(summary or {})},
+                    indent=2,
+                    default=str,
+                )
+            )
             if len(arrays["steps"]):
                 _plot_norms(arrays, tmp / "norms.png")
                 _plot_heatmaps(arrays, tmp / "histograms.png")
@@ -391,13 +428,16 @@ class GradientTelemetry:
         in_flight = self._sender.close(timeout_s) if self._sender else 0
         rep: dict[str, Any] = {
             # sent + spilled + lost + in flight = snapshots - snapshots_before_resume
-            "snapshots": self.taken, "snapshots_before_resume": self.taken_before_resume,
+            "snapshots": self.taken,
+            "snapshots_before_resume": self.taken_before_resume,
             "sent": self._sender.sent if self._sender else 0,
-            "spilled": self.spill.count, "lost": self.spill.lost, "in_flight_at_close": in_flight,
+            "spilled": self.spill.count,
+            "lost": self.spill.lost,
+            "in_flight_at_close": in_flight,
             "sender_cpu_s": round(self._sender.cpu_s, 4) if self._sender else 0.0,
             "send_failures": (self._sender.failures[-5:] if self._sender else []),
             "artifacts": self.events,
-        }  # fmt: skip
+        }
         if self.spill.count and self.sink is not None:
             try:
                 self.sink.log_artifacts(str(self.spill.path.parent), "telemetry/spill")
@@ -406,8 +446,11 @@ class GradientTelemetry:
                 rep["spill_log_error"] = f"{type(exc).__name__}: {exc}"[:300]
         if self.spill.count:
             rep["spill_file"] = str(self.spill.path)
-            log.warning("gradient telemetry: %d record(s) not sent to the tracking server; "
-                        "kept in %s", self.spill.count, self.spill.path)  # fmt: skip
+            log.warning(
+                "gradient telemetry: %d record(s) not sent to the tracking server; kept in %s",
+                self.spill.count,
+                self.spill.path,
+            )
         self._closed = rep
         return rep
 
@@ -415,9 +458,11 @@ class GradientTelemetry:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         a = self.arrays()
-        return {"telemetry.steps": torch.from_numpy(a["steps"]),
-                "telemetry.stats": torch.from_numpy(np.ascontiguousarray(a["stats"], np.float32)),
-                "telemetry.hist": torch.from_numpy(np.ascontiguousarray(a["hist"], np.float32))}  # fmt: skip
+        return {
+            "telemetry.steps": torch.from_numpy(a["steps"]),
+            "telemetry.stats": torch.from_numpy(np.ascontiguousarray(a["stats"], np.float32)),
+            "telemetry.hist": torch.from_numpy(np.ascontiguousarray(a["hist"], np.float32)),
+        }
 
     def load_state_tensors(self, t: dict[str, torch.Tensor], taken: int) -> None:
         self.steps = [int(s) for s in t["telemetry.steps"].tolist()]
@@ -460,8 +505,13 @@ def _plot_heatmaps(a: dict[str, np.ndarray], path: Path) -> None:
         ax = fig.add_subplot(rows, cols, i + 1)
         h = a["hist"][:, i, :].T
         h = h / np.maximum(h.sum(axis=0, keepdims=True), 1)
-        ax.imshow(h, aspect="auto", origin="lower", cmap="viridis",
-                  extent=(steps[0], x1, edges[0], edges[-1]))  # fmt: skip
+        ax.imshow(
+            h,
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            extent=(steps[0], x1, edges[0], edges[-1]),
+        )
         ax.set_title(_short(str(name)), fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("log2|g|", fontsize=7)

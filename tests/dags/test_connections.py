@@ -13,10 +13,14 @@ from connections import use_signing_connection  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 
 
-def test_signing_key_from_airflow_connection_only_inside_a_task(pipeline_home, monkeypatch, tmp_path):
+def test_signing_key_from_airflow_connection_only_inside_a_task(
+    pipeline_home, monkeypatch, tmp_path
+):
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    monkeypatch.setenv("AIRFLOW_CONN_CHECKPOINT_SIGNING",
-                       json.dumps({"conn_type": "generic", "login": "kid-7", "password": "conn-secret"}))  # fmt: skip
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_CHECKPOINT_SIGNING",
+        json.dumps({"conn_type": "generic", "login": "kid-7", "password": "conn-secret"}),
+    )
     monkeypatch.setenv("PIPELINE_SIGNING_KEY", "settings-secret")
     monkeypatch.setenv("PIPELINE_SIGNING_KEY_ID", "local")
     from pipeline.settings import get_settings

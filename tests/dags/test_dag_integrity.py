@@ -17,8 +17,16 @@ DAGS = ROOT / "dags"
 HELPERS = set((DAGS / ".airflowignore").read_text().split())  # modules beside the DAGs
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if p.name not in HELPERS | {"model_specs.py"})
 SPECS = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.yaml"))
-HEAVY = ["torch", "pandas", "mlflow", "evidently", "great_expectations", "boto3", "sklearn",
-         "pipeline.steps"]  # fmt: skip
+HEAVY = [
+    "torch",
+    "pandas",
+    "mlflow",
+    "evidently",
+    "great_expectations",
+    "boto3",
+    "sklearn",
+    "pipeline.steps",
+]
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +130,18 @@ def _validate(dagbag, model, name, value):
 @pytest.mark.parametrize("model", SPECS)
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("max_epochs", 0), ("max_epochs", 10_000), ("learning_rate", 0), ("gate_margin", -0.1),
-     ("gate_floor", 1.5), ("force_retrain", "yes"), ("gate_margin", 0.0),  # below the spec's margin
-     ("decay_margin", 0.9), ("gate_max_checkpoint_mb", 1e6)],
-)  # fmt: skip
+    [
+        ("max_epochs", 0),
+        ("max_epochs", 10_000),
+        ("learning_rate", 0),
+        ("gate_margin", -0.1),
+        ("gate_floor", 1.5),
+        ("force_retrain", "yes"),
+        ("gate_margin", 0.0),  # below the spec's margin
+        ("decay_margin", 0.9),
+        ("gate_max_checkpoint_mb", 1e6),
+    ],
+)
 def test_bad_or_looser_trigger_values_are_refused_by_the_form(dagbag, model, name, value):
     with pytest.raises(Exception, match=f"param {name}"):
         _validate(dagbag, model, name, value)
@@ -137,7 +153,9 @@ def test_tighter_trigger_values_are_accepted_by_the_form(dagbag, model):
 
     spec = get_spec(model)
     floor = spec.floors[spec.primary_metric]
-    _validate(dagbag, model, "gate_floor", min(floor + 0.01, 1.0) if spec.direction > 0 else floor / 2)
+    _validate(
+        dagbag, model, "gate_floor", min(floor + 0.01, 1.0) if spec.direction > 0 else floor / 2
+    )
     _validate(dagbag, model, "gate_margin", spec.gate.margin + 0.01)
     _validate(dagbag, model, "require_approval", True)
     _validate(dagbag, model, "max_epochs", 1)
@@ -152,17 +170,24 @@ def test_a_broken_spec_is_an_import_error_naming_file_and_field_and_the_others_l
     broken = root / "broken_one"
     broken.mkdir()
     shutil.copy(ROOT / "models" / "card_fraud" / "contract.yaml", broken / "contract.yaml")
-    (broken / "model.yaml").write_text("contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n")
+    (broken / "model.yaml").write_text(
+        "contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n"
+    )
     code = (
         f"import sys, json; sys.path.insert(0, {str(DAGS)!r});"
         "from airflow.dag_processing.dagbag import DagBag;"
         f"b = DagBag(dag_folder={str(DAGS)!r});"
         "print(json.dumps({'dags': sorted(b.dags), 'errors': {k.rsplit('/', 1)[-1]: v for k, v in b.import_errors.items()}}))"
     )
-    env = {**os.environ, "PIPELINE_MODELS_ROOT": str(root), "AIRFLOW_HOME": str(tmp_path / "af"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)  # fmt: skip
+    env = {
+        **os.environ,
+        "PIPELINE_MODELS_ROOT": str(root),
+        "AIRFLOW_HOME": str(tmp_path / "af"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["dags"] == ["retrain_card_fraud", "rollback_card_fraud"]
@@ -179,11 +204,15 @@ def test_parse_time_is_light_and_touches_no_database(dag_file, tmp_path):
         f"import sys, json, runpy; sys.path.insert(0, {str(DAGS)!r}); runpy.run_path({str(dag_file)!r});"
         f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
     )
-    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path),
-           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////nonexistent/dir/airflow.db",
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "sqlite:////nonexistent/dir/airflow.db",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert not Path("/nonexistent/dir/airflow.db").exists()

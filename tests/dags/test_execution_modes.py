@@ -36,12 +36,27 @@ print(json.dumps({"operator": type(t).__name__, "pool": t.pool, "queue": t.queue
 
 
 def render(tmp_path: Path, **env: str) -> dict:
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("PIPELINE_", "AIRFLOW__CORE__EXECUTOR"))}  # fmt: skip
-    e.update({"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-              "AIRFLOW__CORE__UNIT_TEST_MODE": "True", **env})  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "dags")], env=e, cwd=ROOT,
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PIPELINE_", "AIRFLOW__CORE__EXECUTOR"))
+    }
+    e.update(
+        {
+            "AIRFLOW_HOME": str(tmp_path / "airflow"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+            **env,
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(ROOT / "dags")],
+        env=e,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "errors" not in result, result
@@ -61,14 +76,20 @@ def test_default_is_in_process_with_the_gpu_pool(tmp_path):
 
 
 def test_inprocess_mode_ignores_celery_routing(tmp_path):
-    r = render(tmp_path, AIRFLOW__CORE__EXECUTOR="CeleryExecutor", PIPELINE_EXECUTION_MODE="inprocess")
+    r = render(
+        tmp_path, AIRFLOW__CORE__EXECUTOR="CeleryExecutor", PIPELINE_EXECUTION_MODE="inprocess"
+    )
     assert (r["pool"], r["queue"], r["pod"]) == ("gpu", "default", None)
 
 
 @pytest.mark.parametrize("executor", ["CeleryExecutor", "LocalExecutor"])
 def test_celery_mode_routes_to_the_gpu_queue(tmp_path, executor):
-    r = render(tmp_path, AIRFLOW__CORE__EXECUTOR=executor, PIPELINE_EXECUTION_MODE="celery",
-               PIPELINE_GPU_QUEUE="gpu")  # fmt: skip
+    r = render(
+        tmp_path,
+        AIRFLOW__CORE__EXECUTOR=executor,
+        PIPELINE_EXECUTION_MODE="celery",
+        PIPELINE_GPU_QUEUE="gpu",
+    )
     assert (r["operator"], r["pool"], r["queue"]) == ("_PythonDecoratedOperator", "gpu", "gpu")
     assert r["pod"] is None
 
@@ -79,14 +100,19 @@ def test_auto_mode_under_celery_routes_to_the_gpu_queue(tmp_path):
 
 
 def test_kubernetes_mode_renders_a_gpu_pod(tmp_path):
-    r = render(tmp_path, AIRFLOW__CORE__EXECUTOR="LocalExecutor", PIPELINE_EXECUTION_MODE="kubernetes",
-               PIPELINE_K8S_GPUS="2")  # fmt: skip
+    r = render(
+        tmp_path,
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        PIPELINE_EXECUTION_MODE="kubernetes",
+        PIPELINE_K8S_GPUS="2",
+    )
     assert r["pool"] == "gpu" and r["queue"] == "default"
     assert r["executor"] is None  # KubernetesExecutor not configured: not named (would not parse)
     assert _gpu_limit(r["pod"]) == "2"
     base = next(c for c in r["pod"]["spec"]["containers"] if c["name"] == "base")
     assert {"name": "PIPELINE_TRAIN_PROCESSES", "value": "2"} in [
-        {k: e[k] for k in ("name", "value")} for e in base["env"]]  # one torchrun rank per GPU
+        {k: e[k] for k in ("name", "value")} for e in base["env"]
+    ]  # one torchrun rank per GPU
     assert any(t["key"] == "nvidia.com/gpu" for t in r["pod"]["spec"]["tolerations"])
     assert Path(r["template"]) == TEMPLATE
     template = yaml.safe_load(TEMPLATE.read_text())
@@ -95,15 +121,30 @@ def test_kubernetes_mode_renders_a_gpu_pod(tmp_path):
 
 
 def test_kubernetes_mode_uses_the_kubernetes_executor_when_configured(tmp_path):
-    pytest.importorskip("airflow.providers.cncf.kubernetes",
-                        reason="KubernetesExecutor needs the cncf.kubernetes provider")  # fmt: skip
-    r = render(tmp_path, AIRFLOW__CORE__EXECUTOR="CeleryExecutor,KubernetesExecutor",
-               PIPELINE_EXECUTION_MODE="kubernetes")  # fmt: skip
+    pytest.importorskip(
+        "airflow.providers.cncf.kubernetes",
+        reason="KubernetesExecutor needs the cncf.kubernetes provider",
+    )
+    r = render(
+        tmp_path,
+        AIRFLOW__CORE__EXECUTOR="CeleryExecutor,KubernetesExecutor",
+        PIPELINE_EXECUTION_MODE="kubernetes",
+    )
     assert r["executor"] == "KubernetesExecutor" and _gpu_limit(r["pod"]) == "1"
 
 
 def test_unknown_mode_fails_parsing_with_a_clear_error(tmp_path):
-    e = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "PIPELINE_EXECUTION_MODE": "gpu-farm"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "dags")], env=e, cwd=ROOT,
-                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    e = {
+        **os.environ,
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "PIPELINE_EXECUTION_MODE": "gpu-farm",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(ROOT / "dags")],
+        env=e,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert "PIPELINE_EXECUTION_MODE='gpu-farm'" in out.stdout + out.stderr

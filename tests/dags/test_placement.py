@@ -14,12 +14,17 @@ from placement import train_task_kwargs, uses_celery  # noqa: E402
 
 @pytest.mark.parametrize(
     ("executor", "kwargs"),
-    [("LocalExecutor", {"pool": "gpu"}),
-     ("CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
-     ("airflow.providers.celery.executors.celery_executor.CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
-     ("LocalExecutor,CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
-     ("KubernetesExecutor", {"pool": "gpu"})],
-)  # fmt: skip
+    [
+        ("LocalExecutor", {"pool": "gpu"}),
+        ("CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
+        (
+            "airflow.providers.celery.executors.celery_executor.CeleryExecutor",
+            {"pool": "gpu", "queue": "gpu"},
+        ),
+        ("LocalExecutor,CeleryExecutor", {"pool": "gpu", "queue": "gpu"}),
+        ("KubernetesExecutor", {"pool": "gpu"}),
+    ],
+)
 def test_gpu_placement(executor, kwargs):
     assert train_task_kwargs(executor) == kwargs
     assert uses_celery(executor) == ("queue" in kwargs)

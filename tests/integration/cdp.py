@@ -24,12 +24,22 @@ from typing import Any
 from websockets.sync.client import connect
 
 FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-    "--no-default-browser-check", "--disable-extensions", "--disable-dev-shm-usage",
-    "--disable-features=Translate,MediaRouter,OptimizationHints", "--mute-audio",
-    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-]  # fmt: skip
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-default-browser-check",
+    "--disable-extensions",
+    "--disable-dev-shm-usage",
+    "--disable-features=Translate,MediaRouter,OptimizationHints",
+    "--mute-audio",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+]
 
 
 class CDPError(RuntimeError):
@@ -52,17 +62,26 @@ class Browser:
         self._events: list[dict[str, Any]] = []
 
     @classmethod
-    def launch(cls, binary: str | None = None, width: int = 1440, height: int = 960,
-               timeout: float = 60) -> Browser:  # fmt: skip
+    def launch(
+        cls, binary: str | None = None, width: int = 1440, height: int = 960, timeout: float = 60
+    ) -> Browser:
         binary = binary or find_chromium()
         if not binary:
             raise CDPError("no chromium on PATH")
         profile = Path(tempfile.mkdtemp(prefix="cdp-profile-"))
         proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-             "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
+            [
+                binary,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.time() + timeout
         assert proc.stderr is not None
         seen = []
@@ -84,8 +103,14 @@ class Browser:
 
     # -- protocol ------------------------------------------------------------------------
 
-    def send(self, method: str, params: dict[str, Any] | None = None, *,
-             session: str | None = None, timeout: float = 60) -> dict[str, Any]:  # fmt: skip
+    def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float = 60,
+    ) -> dict[str, Any]:
         msg_id = next(self._ids)
         msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
         if session:
@@ -104,8 +129,9 @@ class Browser:
             if "method" in data:
                 self._events.append(data)
 
-    def wait_event(self, method: str, *, session: str | None = None, timeout: float = 30,
-                   since: int = 0) -> dict[str, Any]:  # fmt: skip
+    def wait_event(
+        self, method: str, *, session: str | None = None, timeout: float = 30, since: int = 0
+    ) -> dict[str, Any]:
         """The first event ``method`` (for ``session``) buffered at index >= ``since``."""
         deadline = time.time() + timeout
         i = since
@@ -127,12 +153,16 @@ class Browser:
 
     def new_page(self, width: int = 1440, height: int = 900) -> Page:
         target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         page = Page(self, target, session)
         for domain in ("Page.enable", "Runtime.enable"):
             page.send(domain)
-        page.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
-                                                         "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+        page.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
         return page
 
     def close(self) -> None:
@@ -156,7 +186,9 @@ class Page:
     def __init__(self, browser: Browser, target_id: str, session: str) -> None:
         self.browser, self.target_id, self.session = browser, target_id, session
 
-    def send(self, method: str, params: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
+    def send(
+        self, method: str, params: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
         return self.browser.send(method, params, session=self.session, timeout=timeout)
 
     def goto(self, url: str, timeout: float = 60) -> None:
@@ -166,13 +198,18 @@ class Page:
             raise CDPError(f"navigate {url}: {result['errorText']}")
         if not result.get("loaderId"):  # same-document (#fragment) navigation: no load event
             return
-        self.browser.wait_event("Page.loadEventFired", session=self.session, timeout=timeout, since=mark)
+        self.browser.wait_event(
+            "Page.loadEventFired", session=self.session, timeout=timeout, since=mark
+        )
 
     def eval(self, expression: str, timeout: float = 30) -> Any:
         """Evaluate JS and return its value as JSON data (a DOM node comes back as ``True``)."""
         wrapped = f"(async () => {{ const v = await ({expression}); return v instanceof Node ? true : v; }})()"
-        r = self.send("Runtime.evaluate", {"expression": wrapped, "returnByValue": True,
-                                           "awaitPromise": True}, timeout=timeout)  # fmt: skip
+        r = self.send(
+            "Runtime.evaluate",
+            {"expression": wrapped, "returnByValue": True, "awaitPromise": True},
+            timeout=timeout,
+        )
         if "exceptionDetails" in r:
             raise CDPError(f"JS error in {expression[:80]!r}: {r['exceptionDetails']}")
         return r.get("result", {}).get("value")
@@ -189,7 +226,9 @@ class Page:
             if last and not isinstance(last, CDPError):
                 return last
             time.sleep(interval)
-        raise CDPError(f"timed out after {timeout}s waiting for {expression[:200]!r} (last: {last!r})")
+        raise CDPError(
+            f"timed out after {timeout}s waiting for {expression[:200]!r} (last: {last!r})"
+        )
 
     def url(self) -> str:
         return str(self.eval("location.href"))
@@ -199,8 +238,10 @@ class Page:
 
     def click_at(self, x: float, y: float) -> None:
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
-                                                   "clickCount": 1})  # fmt: skip
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+            )
 
     def click(self, js_element: str, timeout: float = 20) -> None:
         """Click the element a JS expression returns, with real mouse events at its centre; if
@@ -211,7 +252,7 @@ class Page:
             " const x = r.x + r.width / 2, y = r.y + r.height / 2, top = document.elementFromPoint(x, y);"
             " return [x, y, !!top && (el === top || el.contains(top))]; })()",
             timeout=timeout,
-        )  # fmt: skip
+        )
         if box[2]:
             self.click_at(box[0], box[1])
         else:
@@ -221,11 +262,27 @@ class Page:
         """Focus an input, select its content, and type ``text`` as keyboard input (React sees it)."""
         self.click(js_element)
         if clear:
-            self.eval(f"(() => {{ const el = {js_element}; el.focus(); el.select && el.select(); }})()")
-            self.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Backspace",
-                                                 "code": "Backspace", "windowsVirtualKeyCode": 8})  # fmt: skip
-            self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": "Backspace",
-                                                 "code": "Backspace", "windowsVirtualKeyCode": 8})  # fmt: skip
+            self.eval(
+                f"(() => {{ const el = {js_element}; el.focus(); el.select && el.select(); }})()"
+            )
+            self.send(
+                "Input.dispatchKeyEvent",
+                {
+                    "type": "keyDown",
+                    "key": "Backspace",
+                    "code": "Backspace",
+                    "windowsVirtualKeyCode": 8,
+                },
+            )
+            self.send(
+                "Input.dispatchKeyEvent",
+                {
+                    "type": "keyUp",
+                    "key": "Backspace",
+                    "code": "Backspace",
+                    "windowsVirtualKeyCode": 8,
+                },
+            )
         self.send("Input.insertText", {"text": text})
 
     def screenshot(self, path: Path, full_page: bool = False) -> Path:
@@ -233,8 +290,16 @@ class Page:
         if full_page:
             metrics = self.send("Page.getLayoutMetrics")
             size = metrics.get("cssContentSize") or metrics["contentSize"]
-            params.update(captureBeyondViewport=True, clip={
-                "x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 6000), "scale": 1})  # fmt: skip
+            params.update(
+                captureBeyondViewport=True,
+                clip={
+                    "x": 0,
+                    "y": 0,
+                    "width": size["width"],
+                    "height": min(size["height"], 6000),
+                    "scale": 1,
+                },
+            )
         data = self.send("Page.captureScreenshot", params)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))

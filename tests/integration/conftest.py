@@ -24,8 +24,12 @@ class AirflowHome:
         """`airflow dags test`: a real DAG run recorded in the metadata DB, tasks in-process."""
         return subprocess.run(
             [AIRFLOW, "dags", "test", dag_id, "--conf", json.dumps(conf)],
-            env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def use(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Point this test process at the same embedded state as the DAG runs."""
@@ -55,5 +59,7 @@ def airflow_home(tmp_path: Path) -> AirflowHome:
     for var in ("PIPELINE_STORAGE_URI", "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_EVAL_URI"):
         env.pop(var, None)
     (home / "airflow").mkdir(parents=True)
-    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300
+    )
     return AirflowHome(env=env, home=home)

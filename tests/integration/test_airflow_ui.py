@@ -38,23 +38,38 @@ def test_standalone_serves_dag_and_stops_with_all_children(tmp_path, monkeypatch
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], env=e, check=True, capture_output=True)
     url = f"http://127.0.0.1:{e['AIRFLOW__API__PORT']}"
-    proc = subprocess.Popen([airflow, "standalone"], env=e, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [airflow, "standalone"],
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert sa.wait_healthy(url, proc, timeout=240), "standalone never became healthy"
-        user, password = next(iter(json.loads(
-            (Path(e["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated").read_text()
-        ).items()))  # fmt: skip
-        req = urllib.request.Request(f"{url}/auth/token", method="POST",
-                                     data=json.dumps({"username": user, "password": password}).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        user, password = next(
+            iter(
+                json.loads(
+                    (
+                        Path(e["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+                    ).read_text()
+                ).items()
+            )
+        )
+        req = urllib.request.Request(
+            f"{url}/auth/token",
+            method="POST",
+            data=json.dumps({"username": user, "password": password}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             token = json.load(r)["access_token"]
         dag_ids: list[str] = []
         deadline = time.time() + 120
         while "retrain_card_fraud" not in dag_ids and time.time() < deadline:
-            req = urllib.request.Request(f"{url}/api/v2/dags",
-                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            req = urllib.request.Request(
+                f"{url}/api/v2/dags", headers={"Authorization": f"Bearer {token}"}
+            )
             with urllib.request.urlopen(req, timeout=10) as r:
                 dag_ids = [d["dag_id"] for d in json.load(r)["dags"]]
             time.sleep(2)

@@ -26,9 +26,11 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(find_chromium() is None,
-                       reason="chromium is not installed (apt-get install chromium; .ci/run does it)"),
-]  # fmt: skip
+    pytest.mark.skipif(
+        find_chromium() is None,
+        reason="chromium is not installed (apt-get install chromium; .ci/run does it)",
+    ),
+]
 
 COPY_TO = ROOT / ".local" / "screenshots"
 
@@ -38,8 +40,10 @@ def button(text: str, scope: str = "document") -> str:
 
 
 def dialog_button(text: str) -> str:
-    return ("[...document.querySelectorAll('[role=dialog] button')]"
-            f".find(b => b.innerText.trim() === {text!r})")  # fmt: skip
+    return (
+        "[...document.querySelectorAll('[role=dialog] button')]"
+        f".find(b => b.innerText.trim() === {text!r})"
+    )
 
 
 def field(name: str) -> str:
@@ -96,8 +100,10 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         page.goto(f"{af}/dags/{DAG_ID}")
         page.wait_for(button("Trigger"), 60)
         page.click(button("Browse"))
-        nav = page.wait_for("(() => { const a = [...document.querySelectorAll('a')].find(a => "
-                            "a.innerText.trim() === 'Retraining'); return a && [a.getAttribute('href'), a.target]; })()")  # fmt: skip
+        nav = page.wait_for(
+            "(() => { const a = [...document.querySelectorAll('a')].find(a => "
+            "a.innerText.trim() === 'Retraining'); return a && [a.getAttribute('href'), a.target]; })()"
+        )
         assert nav == ["/retraining/", "_blank"], nav
         shot("dag-page-browse-menu")
         page.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape"})
@@ -108,35 +114,58 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         page.click(button("Trigger"))
         page.wait_for(field("max_epochs"), 30)
         form = page.text()
-        for title in ("Batch URI", "Max epochs", "Learning rate", "Gate margin", "Gate floor",
-                      "Require approval", "Upper bound on training epochs"):  # fmt: skip
+        for title in (
+            "Batch URI",
+            "Max epochs",
+            "Learning rate",
+            "Gate margin",
+            "Gate floor",
+            "Require approval",
+            "Upper bound on training epochs",
+        ):
             assert title in form, title
         # keep the DAG paused: the run triggered below is queued, not executed
-        unpause = ("[...document.querySelectorAll('[role=dialog] label')]"
-                   ".find(l => l.innerText.includes('Unpause'))?.querySelector('input')")  # fmt: skip
-        page.wait_for(f"(() => {{ const box = {unpause}; if (!box) return true;"
-                      " if (box.checked) box.click(); return !box.checked; })()", 10)  # fmt: skip
+        unpause = (
+            "[...document.querySelectorAll('[role=dialog] label')]"
+            ".find(l => l.innerText.includes('Unpause'))?.querySelector('input')"
+        )
+        page.wait_for(
+            f"(() => {{ const box = {unpause}; if (!box) return true;"
+            " if (box.checked) box.click(); return !box.checked; })()",
+            10,
+        )
         shot("trigger-form")
         step("trigger form")
 
         # 4. a bad value is refused by the API server, naming the field
         page.type_into(field("batch_uri"), "ftp://elsewhere/batch.parquet")
         page.click(dialog_button("Trigger"))
-        page.wait_for("[...document.querySelectorAll('[role=dialog]')]"
-                      ".some(d => d.innerText.includes('Invalid input for param batch_uri'))", 30)  # fmt: skip
-        page.eval("[...document.querySelectorAll('[role=dialog] *')].find(e => e.childElementCount === 0 && "
-                  "e.textContent.includes('Invalid input for param batch_uri')).scrollIntoView({block: 'center'})")  # fmt: skip
+        page.wait_for(
+            "[...document.querySelectorAll('[role=dialog]')]"
+            ".some(d => d.innerText.includes('Invalid input for param batch_uri'))",
+            30,
+        )
+        page.eval(
+            "[...document.querySelectorAll('[role=dialog] *')].find(e => e.childElementCount === 0 && "
+            "e.textContent.includes('Invalid input for param batch_uri')).scrollIntoView({block: 'center'})"
+        )
         time.sleep(0.5)
         shot("trigger-refused")
         step("bad value refused")
 
         # 5. a good value is accepted
-        before = {r["dag_run_id"] for r in stack.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["dag_runs"]}
+        before = {
+            r["dag_run_id"]
+            for r in stack.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["dag_runs"]
+        }
         page.type_into(field("batch_uri"), "")
         page.type_into(field("max_epochs"), "7")
         page.click(dialog_button("Trigger"))
-        page.wait_for("document.body.innerText.includes('Dag Run Triggered') || "
-                      "document.body.innerText.includes('successfully triggered')", 30)  # fmt: skip
+        page.wait_for(
+            "document.body.innerText.includes('Dag Run Triggered') || "
+            "document.body.innerText.includes('successfully triggered')",
+            30,
+        )
         shot("trigger-accepted")
         runs = stack.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns")[1]["dag_runs"]
         (new,) = [r for r in runs if r["dag_run_id"] not in before]
@@ -150,21 +179,36 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         sec = f"document.querySelector('section[data-model={MODEL}]')"
         row = f"{sec}.querySelector('tr[data-run-id=\"{seed}\"]')"
         page.wait_for(row, 30)
-        sections = page.eval("[...document.querySelectorAll('section.model')].map(s => s.dataset.model)")
+        sections = page.eval(
+            "[...document.querySelectorAll('section.model')].map(s => s.dataset.model)"
+        )
         assert MODEL in sections and "digits" in sections, sections
         cells = page.eval(f"[...{row}.querySelectorAll('td')].map(td => td.innerText.trim())")
         assert cells[1] == "success" and cells[2] == "pass" and cells[4] == "train", cells
-        assert page.eval(f"!!{row}.querySelector('svg.spark polyline')"), "no gradient-norm sparkline"
+        assert page.eval(f"!!{row}.querySelector('svg.spark polyline')"), (
+            "no gradient-norm sparkline"
+        )
         assert cells[7].split()[0] in ("promote", "reject"), cells
         assert "roc_auc" in cells[7], cells  # the gate's evidence, in the spec's primary metric
-        assert cells[8].split()[0] == ("promoted" if cells[7].startswith("promote") else "not_promoted"), cells
+        assert cells[8].split()[0] == (
+            "promoted" if cells[7].startswith("promote") else "not_promoted"
+        ), cells
         assert f"v{stack.seed_version}" in cells[9], cells
         assert page.eval(f"!!{sec}.querySelector('tr[data-run-id=\"{new['dag_run_id']}\"]')")
         assert page.eval(f"{sec}.querySelector('[data-alias=champion] .ver').innerText.trim()") in (
-            f"v{stack.seed_version}", "—")  # fmt: skip
-        policy = {m: page.eval(f"document.querySelector('section[data-model={m}] [data-policy]').innerText")
-                  for m in (MODEL, "digits")}  # fmt: skip
-        assert "primary metric roc_auc" in policy[MODEL] and "primary metric accuracy" in policy["digits"], policy
+            f"v{stack.seed_version}",
+            "—",
+        )
+        policy = {
+            m: page.eval(
+                f"document.querySelector('section[data-model={m}] [data-policy]').innerText"
+            )
+            for m in (MODEL, "digits")
+        }
+        assert (
+            "primary metric roc_auc" in policy[MODEL]
+            and "primary metric accuracy" in policy["digits"]
+        ), policy
         digits = page.eval("document.querySelector('section[data-model=digits]').innerText")
         assert "No runs of retrain_digits yet" in digits and "ROC AUC" not in page.text()
         shot("retraining-view", full_page=True)
@@ -174,11 +218,17 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         page.click(f"{row}.querySelector('td a')")
         page.wait_for(f"location.pathname.startsWith('/dags/{DAG_ID}/runs/')", 30)
         assert urllib.parse.unquote(page.url()).rstrip("/").endswith(seed)
-        page.goto(f"{af}/dags/{DAG_ID}/runs/{urllib.parse.quote(seed, safe='')}/tasks/register_challenger/details")
-        link = ("[...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'Model version')")
+        page.goto(
+            f"{af}/dags/{DAG_ID}/runs/{urllib.parse.quote(seed, safe='')}/tasks/register_challenger/details"
+        )
+        link = (
+            "[...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'Model version')"
+        )
         href = page.wait_for(f"{link} && {link}.href", 60)
         for name in ("MLflow run", "Model version"):
-            assert page.eval(f"!![...document.querySelectorAll('a')].find(a => a.innerText.trim() === {name!r})")
+            assert page.eval(
+                f"!![...document.querySelectorAll('a')].find(a => a.innerText.trim() === {name!r})"
+            )
         shot("task-extra-links")
         assert href == f"{stack.mlflow_url}/#/models/card-fraud/versions/{stack.seed_version}", href
         step("extra links")
@@ -193,15 +243,19 @@ def test_new_user_triggers_a_run_and_reviews_it(stack, page, tmp_path):
         assert f"Version {stack.seed_version}" in text
         assert "Paired bootstrap" in text and "gate.verdict" in text, text[:2000]
         shot("mlflow-model-version")
-        page.eval("[...document.querySelectorAll('.du-bois-light-collapse-header')]"
-                  ".find(e => e.innerText.trim() === 'Tags').scrollIntoView()")  # fmt: skip
+        page.eval(
+            "[...document.querySelectorAll('.du-bois-light-collapse-header')]"
+            ".find(e => e.innerText.trim() === 'Tags').scrollIntoView()"
+        )
         time.sleep(0.5)
         shot("mlflow-version-tags")
         step("MLflow model version")
 
         # 9. the validation report behind validate_batch's extra link
-        page.goto(f"{af}/dags/{DAG_ID}/runs/{urllib.parse.quote(seed, safe='')}/tasks/validate_batch/details")
-        link = ("[...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'Validation report')")
+        page.goto(
+            f"{af}/dags/{DAG_ID}/runs/{urllib.parse.quote(seed, safe='')}/tasks/validate_batch/details"
+        )
+        link = "[...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'Validation report')"
         href = page.wait_for(f"{link} && {link}.href", 60)
         assert href.endswith("/artifacts/validation/report.html"), href
         page.goto(href)

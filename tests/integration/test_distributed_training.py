@@ -26,10 +26,14 @@ def _weights(uri: str, tmp) -> dict[str, torch.Tensor]:
     return load_file(str(local / "model.safetensors"))
 
 
-def test_two_processes_train_like_one_and_rank_0_alone_publishes(pipeline_home, tmp_path, monkeypatch):
+def test_two_processes_train_like_one_and_rank_0_alone_publishes(
+    pipeline_home, tmp_path, monkeypatch
+):
     root = settings.get_settings().storage_root
-    batch = storage.write_bytes(f"{root}/landing/card_fraud/ddp.parquet",
-                                to_parquet_bytes(generate(WorldSpec(rows=6000, seed=21)))).uri  # fmt: skip
+    batch = storage.write_bytes(
+        f"{root}/landing/card_fraud/ddp.parquet",
+        to_parquet_bytes(generate(WorldSpec(rows=6000, seed=21))),
+    ).uri
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     one_ctx = steps.RunContext(dag_id="ddp", run_id="one")
@@ -46,19 +50,26 @@ def test_two_processes_train_like_one_and_rank_0_alone_publishes(pipeline_home, 
     # the same global batches: the same number of steps per epoch, the same stopping point
     assert two["steps"] == one["steps"] and two["stop_reason"] == one["stop_reason"], (one, two)
     assert abs(two["val_metrics"]["roc_auc"] - one["val_metrics"]["roc_auc"]) < 0.01, (one, two)
-    w1, w2 = _weights(one["checkpoint_uri"], tmp_path / "one"), _weights(two["checkpoint_uri"], tmp_path / "two")
+    w1, w2 = (
+        _weights(one["checkpoint_uri"], tmp_path / "one"),
+        _weights(two["checkpoint_uri"], tmp_path / "two"),
+    )
     assert w1.keys() == w2.keys()
     drift = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
-    print(f"\nDDP x2 vs one process: {two['steps']} steps each, max |weight difference| {drift:.2e}, "
-          f"val roc_auc {two['val_metrics']['roc_auc']:.4f} vs {one['val_metrics']['roc_auc']:.4f}")
+    print(
+        f"\nDDP x2 vs one process: {two['steps']} steps each, max |weight difference| {drift:.2e}, "
+        f"val roc_auc {two['val_metrics']['roc_auc']:.4f} vs {one['val_metrics']['roc_auc']:.4f}"
+    )
     assert drift < 0.2  # dropout masks and summation order differ; the training does not
 
     # one MLflow run for the DAG run, written by rank 0 only, and it says how it trained
     run = registry.client().get_run(ingested["mlflow_run_id"])
     assert run.data.params["train.world_size"] == "2"
     assert run.data.tags["stage.train_model.verdict"] == "trained"
-    runs = registry.client().search_runs([registry.experiment_id()],
-                                         filter_string=f"tags.`{registry.RUN_KEY_TAG}` = '{two_ctx.run_key}'")  # fmt: skip
+    runs = registry.client().search_runs(
+        [registry.experiment_id()],
+        filter_string=f"tags.`{registry.RUN_KEY_TAG}` = '{two_ctx.run_key}'",
+    )
     assert len(runs) == 1
     published = json.loads(storage.read_text(f"{two['checkpoint_uri']}/manifest.json"))
     assert published["training"]["steps"] == two["steps"]

@@ -55,9 +55,13 @@ for line in iter(sys.stdin.readline, ""):
 
 
 def _start_worker() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER.format(root=str(ROOT))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ))  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER.format(root=str(ROOT))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
 
 
 def _read(worker: subprocess.Popen, timeout: float = 120) -> dict:
@@ -105,8 +109,10 @@ def test_concurrent_promotions_have_exactly_one_winner(workers):
     for rnd in range(ROUNDS):
         a, b = _register(f"race__{rnd}a"), _register(f"race__{rnd}b")
         go_at = time.time() + 0.3
-        jobs = [{"version": a, "expected": base, "go_at": go_at},
-                {"version": b, "expected": base, "go_at": go_at}]  # fmt: skip
+        jobs = [
+            {"version": a, "expected": base, "go_at": go_at},
+            {"version": b, "expected": base, "go_at": go_at},
+        ]
         if rnd % 2:
             jobs.reverse()  # alternate which process promotes which version
         for w, job in zip(workers, jobs, strict=True):
@@ -125,8 +131,7 @@ def test_concurrent_promotions_have_exactly_one_winner(workers):
         # consistent aliases: champion = the winner, previous_champion = what it replaced
         assert _alias(registry.CHAMPION) == win["version"]
         assert _alias(registry.PREVIOUS) == base
-        loser_mv = registry.client().get_model_version(
-            registry.model_name(), lose["version"])  # fmt: skip
+        loser_mv = registry.client().get_model_version(registry.model_name(), lose["version"])
         assert not ({"champion", "previous_champion"} & set(loser_mv.aliases))
         assert not storage.exists(registry.champion_lock_uri())  # released by the winner
         base = win["version"]

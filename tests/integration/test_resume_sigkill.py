@@ -38,14 +38,28 @@ def newest_state(folder: Path) -> Path | None:
 def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     root = get_settings().storage_root
-    batch = storage.write_bytes(f"{root}/landing/card_fraud/b.parquet",
-                                to_parquet_bytes(generate(WorldSpec(rows=4000, seed=11)))).uri  # fmt: skip
+    batch = storage.write_bytes(
+        f"{root}/landing/card_fraud/b.parquet",
+        to_parquet_bytes(generate(WorldSpec(rows=4000, seed=11))),
+    ).uri
     ctx = steps.RunContext(dag_id="resume", run_id="r1")
     ingested = steps.ingest_batch(ctx, batch)
     record = tmp_path / "ingested.json"
     record.write_text(json.dumps(ingested))
-    cmd = [sys.executable, "-m", "pipeline", "train", "--in", str(record), "--dag-id", ctx.dag_id,
-           "--run-id", ctx.run_id, "--state-every", str(STATE_EVERY)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--in",
+        str(record),
+        "--dag-id",
+        ctx.dag_id,
+        "--run-id",
+        ctx.run_id,
+        "--state-every",
+        str(STATE_EVERY),
+    ]
     for k, v in ARGS.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     state_dir = get_settings().home_dir / "train-state" / ctx.run_key
@@ -54,7 +68,9 @@ def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
     steps_per_epoch = math.ceil(train_rows / ARGS["batch_size"])
 
     # 1. start training, SIGKILL it once a mid-epoch training state exists
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and first.poll() is None:
@@ -79,7 +95,7 @@ def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resumed from training state {killed_at.name}" in second.stderr
-    rec = json.loads(second.stdout[second.stdout.index("{"):])
+    rec = json.loads(second.stdout[second.stdout.index("{") :])
     assert rec["resumed_from"]["step"] == killed["step"]
     assert rec["resumed_from"]["position_in_epoch"] == killed["pos"]
     assert not state_dir.exists()  # superseded by the published checkpoint

@@ -26,10 +26,15 @@ def test_champion_then_poisoned_rejection_then_quarantine(airflow_home, monkeypa
     root = (airflow_home.home / "storage").as_uri()
     land(root + "/trusted/card_fraud", "eval", WorldSpec(rows=6000, seed=101))  # the spec's set
     good = land(root + "/landing/card_fraud", "good", WorldSpec(rows=10_000, seed=1))
-    poisoned = land(root + "/landing/card_fraud", "poisoned", WorldSpec(rows=10_000, seed=2, label_poison=0.8))
+    poisoned = land(
+        root + "/landing/card_fraud", "poisoned", WorldSpec(rows=10_000, seed=2, label_poison=0.8)
+    )
     clean = land(root + "/landing/card_fraud", "clean", WorldSpec(rows=10_000, seed=4))
-    broken = land(root + "/landing/card_fraud", "broken",
-                  WorldSpec(rows=3000, seed=3, schema_fault="out_of_range"))  # fmt: skip
+    broken = land(
+        root + "/landing/card_fraud",
+        "broken",
+        WorldSpec(rows=3000, seed=3, schema_fault="out_of_range"),
+    )
 
     # 1. first batch: the first champion, with lineage
     r1 = airflow_home.dags_test(DAG, {"batch_uri": good})
@@ -95,8 +100,9 @@ def test_a_model_the_project_never_saw_gets_a_champion_then_a_better_one(airflow
         first = registry.alias_version(registry.CHAMPION)
         assert first is not None, r1.stdout[-6000:]
         assert first.tags["gate.metric"] == "accuracy"
-        r2 = airflow_home.dags_test("retrain_digits", {"batch_uri": files["batch-2"],
-                                                       "force_retrain": True})  # fmt: skip
+        r2 = airflow_home.dags_test(
+            "retrain_digits", {"batch_uri": files["batch-2"], "force_retrain": True}
+        )
         assert r2.returncode == 0, r2.stdout[-4000:] + r2.stderr[-4000:]
         second = registry.alias_version(registry.CHAMPION)
         assert int(second.version) == int(first.version) + 1, second.tags.get("rejection_reason")

@@ -27,9 +27,12 @@ def _free_port() -> int:
 def s3_endpoint():
     port = _free_port()
     server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -92,8 +95,9 @@ def test_checkpoint_round_trip_through_s3(bucket, contract, tmp_path):
     df = generate(WorldSpec(rows=2000, seed=5))
     result = train(df, contract, TrainConfig(max_epochs=1))
     local = tmp_path / "ck"
-    checkpoint.save_checkpoint(local, result.model, result.features, df.head(16),
-                               data_snapshot={}, training={})  # fmt: skip
+    checkpoint.save_checkpoint(
+        local, result.model, result.features, df.head(16), data_snapshot={}, training={}
+    )
     checkpoint.publish(local, f"{bucket}/checkpoints/one")
     _model, spec, v = checkpoint.load_for_inference(f"{bucket}/checkpoints/one")
     assert v.intact and spec == result.features

@@ -34,8 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 INTERVAL = 0.5
 # Sized for a busy 2-core machine (the replayer may get only ~40 requests/s through):
 # a step's window must hold min_requests canary requests even then.
-THRESHOLDS = {"min_requests": 15, "min_requests_fail_fast": 6, "min_scores": 300,
-              "min_labels_per_class": 15, "max_metric_drop": 0.05}  # fmt: skip
+THRESHOLDS = {
+    "min_requests": 15,
+    "min_requests_fail_fast": 6,
+    "min_scores": 300,
+    "min_labels_per_class": 15,
+    "max_metric_drop": 0.05,
+}
 ROWS_PER_REQUEST = 16
 
 
@@ -70,15 +75,21 @@ class Env:
         self._n += 1
         key = f"test-{kind}-{self._n}"
         run_id = registry.get_or_create_run(key)
-        return registry.register_version(run_id, key, self.uris[kind], {"checkpoint.uri": self.uris[kind]},
-                                         description=f"{kind} model for the canary tests")  # fmt: skip
+        return registry.register_version(
+            run_id,
+            key,
+            self.uris[kind],
+            {"checkpoint.uri": self.uris[kind]},
+            description=f"{kind} model for the canary tests",
+        )
 
     def wait_serving(self, champion: str, canary: str | None = None, timeout: float = 15) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             d = self.http.get("/readyz").json()
-            ok = (d["champion"] or {}).get("version") == champion and \
-                (d["canary"] or {}).get("version") == canary  # fmt: skip
+            ok = (d["champion"] or {}).get("version") == champion and (d["canary"] or {}).get(
+                "version"
+            ) == canary
             if ok or time.monotonic() > deadline:
                 assert ok, d
                 return d
@@ -87,8 +98,13 @@ class Env:
     def plan(self, steps, bake=0.0, **thresholds):
         from pipeline.canary import CanaryPlan, CanaryThresholds
 
-        return CanaryPlan(steps=steps, analysis_interval_s=INTERVAL, bake_s=bake, load_timeout_s=15,
-                          thresholds=CanaryThresholds(**{**THRESHOLDS, **thresholds}))  # fmt: skip
+        return CanaryPlan(
+            steps=steps,
+            analysis_interval_s=INTERVAL,
+            bake_s=bake,
+            load_timeout_s=15,
+            thresholds=CanaryThresholds(**{**THRESHOLDS, **thresholds}),
+        )
 
 
 def _fit(model, spec, df, lr: float, steps: int):
@@ -123,9 +139,16 @@ def env(tmp_path_factory):
     threads = torch.get_num_threads()
     mp = pytest.MonkeyPatch()
     mp.setenv("PIPELINE_HOME", str(home))
-    for var in ("PIPELINE_STORAGE_URI", "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_SIGNING_KEY",
-                "PIPELINE_EVAL_URI", "PIPELINE_S3_ENDPOINT_URL", "PIPELINE_SERVING_URL",
-                "PIPELINE_MODEL", "PIPELINE_MODELS_ROOT"):  # fmt: skip
+    for var in (
+        "PIPELINE_STORAGE_URI",
+        "PIPELINE_MLFLOW_TRACKING_URI",
+        "PIPELINE_SIGNING_KEY",
+        "PIPELINE_EVAL_URI",
+        "PIPELINE_S3_ENDPOINT_URL",
+        "PIPELINE_SERVING_URL",
+        "PIPELINE_MODEL",
+        "PIPELINE_MODELS_ROOT",
+    ):
         mp.delenv(var, raising=False)
     settings.get_settings.cache_clear()
     registry.client.cache_clear()
@@ -141,9 +164,24 @@ def env(tmp_path_factory):
     # database exists, so the two never race to create it. Until a champion is registered
     # its polls find nothing and it is not ready.
     go = home / "go"
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(go), "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=ROOT, env=proc_env, stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            LAUNCH,
+            str(go),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=proc_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
     def make_checkpoints() -> dict[str, str]:
         # a base model trained from scratch; the others are warm-started retrains of it: on
         # fresh clean data (a good canary that behaves like the champion), and on poisoned
@@ -156,15 +194,21 @@ def env(tmp_path_factory):
         models = {
             "good": base,
             "good_b": _fit(base, spec, generate(WorldSpec(rows=3000, seed=12)), 5e-4, 20),
-            "poisoned": _fit(base, spec, generate(WorldSpec(rows=3000, seed=13, label_poison=0.95)),
-                             1e-2, 150),
-        }  # fmt: skip
+            "poisoned": _fit(
+                base, spec, generate(WorldSpec(rows=3000, seed=13, label_poison=0.95)), 1e-2, 150
+            ),
+        }
         uris = {}
         for kind, model in models.items():
             local = home / "ckpt" / kind
-            checkpoint.save_checkpoint(local, model, spec, base_df.head(64),
-                                       data_snapshot={"uri": "test", "sha256": kind},
-                                       training={"stop_reason": "max_steps"})  # fmt: skip
+            checkpoint.save_checkpoint(
+                local,
+                model,
+                spec,
+                base_df.head(64),
+                data_snapshot={"uri": "test", "sha256": kind},
+                training={"stop_reason": "max_steps"},
+            )
             uris[kind] = storage.join(root, "checkpoints", kind)
             checkpoint.publish(local, uris[kind])
         # a tampered copy: the manifest edited after signing
@@ -234,12 +278,18 @@ def fresh(env):
 class Traffic:
     """The replayer in a thread, for as long as the test needs (bounded anyway)."""
 
-    def __init__(self, env: Env, rate: float = 50, labels_after: float | None = None,
-                 duration: float = 60) -> None:  # fmt: skip
+    def __init__(
+        self, env: Env, rate: float = 50, labels_after: float | None = None, duration: float = 60
+    ) -> None:
         from pipeline.serving.replay import ReplayConfig
 
-        self.cfg = ReplayConfig(url=env.url, rate=rate, duration_s=duration,
-                                labels_after_s=labels_after, rows_per_request=ROWS_PER_REQUEST)  # fmt: skip
+        self.cfg = ReplayConfig(
+            url=env.url,
+            rate=rate,
+            duration_s=duration,
+            labels_after_s=labels_after,
+            rows_per_request=ROWS_PER_REQUEST,
+        )
         self.env, self.stop, self.report = env, threading.Event(), None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -299,13 +349,21 @@ def test_good_canary_is_promoted_and_baked(fresh):
     v = env.register("good_b")
     plan = env.plan(((0.25, 2.5), (0.5, 2.5), (1.0, 1.5)), bake=1.0)
     mv = _version(v)
-    gated = {"verdict": "promote", "model_version": v, "champion_version": env.champion,
-             "mlflow_run_id": mv.run_id}  # what gate_promotion hands the DAG's promote task
+    gated = {
+        "verdict": "promote",
+        "model_version": v,
+        "champion_version": env.champion,
+        "mlflow_run_id": mv.run_id,
+    }  # what gate_promotion hands the DAG's promote task
     with Traffic(env, labels_after=0.2) as t:
-        rec = steps.canary_rollout(steps.RunContext("retrain_model", "run-good"), gated,
-                                   plan=plan, service_url=env.url)  # fmt: skip
+        rec = steps.canary_rollout(
+            steps.RunContext("retrain_model", "run-good"), gated, plan=plan, service_url=env.url
+        )
     assert rec["path"] == "canary" and rec["verdict"] == "promoted", rec["summary"]
-    assert registry.client().get_run(mv.run_id).data.tags["stage.promote_champion.verdict"] == "promoted"
+    assert (
+        registry.client().get_run(mv.run_id).data.tags["stage.promote_champion.verdict"]
+        == "promoted"
+    )
     out = _record(_version(v))
     assert [m["weight"] for m in out["measurements"] if m["kind"] == "step"] == [0.25, 0.5, 1.0]
     assert out["bake"]["verdict"] in ("pass", "inconclusive")
@@ -313,7 +371,9 @@ def test_good_canary_is_promoted_and_baked(fresh):
     assert state.champion == v and state.canary is None and state.weight == 0.0
     assert str(registry.alias_version(registry.PREVIOUS).version) == env.champion
     tags = _version(v).tags
-    assert tags["canary.status"] == "promoted" and tags["promoted.previous_champion"] == env.champion
+    assert (
+        tags["canary.status"] == "promoted" and tags["promoted.previous_champion"] == env.champion
+    )
     assert out["baseline"]["stats"]["requests"] > 0 and out["actor"] == "retrain_model/run-good"
     assert t.report.answered_2xx == t.report.sent and t.report.labels_sent > 0
     env.wait_serving(v, None)
@@ -323,10 +383,13 @@ def test_good_canary_is_promoted_and_baked(fresh):
 
 @pytest.mark.parametrize(
     ("fault", "reason", "steps_bound"),
-    [({"error_rate": 0.5}, "error_rate", 0), ({"latency_ms": 150}, "latency_p95", 0),
-     ({"score_shift": 0.3}, "score_psi", 0)],
+    [
+        ({"error_rate": 0.5}, "error_rate", 0),
+        ({"latency_ms": 150}, "latency_p95", 0),
+        ({"score_shift": 0.3}, "score_psi", 0),
+    ],
     ids=["errors", "latency", "score_shift"],
-)  # fmt: skip
+)
 def test_injected_fault_is_rolled_back_within_its_step(fresh, fault, reason, steps_bound):
     from pipeline.canary import run_canary_rollout
 
@@ -335,7 +398,9 @@ def test_injected_fault_is_rolled_back_within_its_step(fresh, fault, reason, ste
     assert env.http.post("/admin/faults", json={"version": v, **fault}).status_code == 200
     plan = env.plan(((0.5, 2.5), (1.0, 2.0)))
     with Traffic(env):
-        out = run_canary_rollout(v, env.champion, plan=plan, service_url=env.url, run_key=f"t-{reason}")
+        out = run_canary_rollout(
+            v, env.champion, plan=plan, service_url=env.url, run_key=f"t-{reason}"
+        )
     _assert_rolled_back(env, v, out, reason)
     assert out["step_reached"] <= steps_bound
     # within its step (first weight), and the traffic weight is 0 again at once
@@ -370,8 +435,9 @@ def test_too_little_traffic_pauses_for_a_human_then_resumes(fresh):
     tags = _version(v).tags
     assert tags["canary.status"] == "paused" and json.loads(tags["canary.state"])["step"] == 0
     with Traffic(env):  # a human looked, traffic flows again: resume from the paused step
-        again = run_canary_rollout(v, None, plan=plan, service_url=env.url, run_key="t-pause",
-                                   resume=True)  # fmt: skip
+        again = run_canary_rollout(
+            v, None, plan=plan, service_url=env.url, run_key="t-pause", resume=True
+        )
     assert again["verdict"] == "promoted", again["summary"]
     assert traffic.read_state().champion == v
 
@@ -384,8 +450,13 @@ def test_unmeasurable_canary_is_aborted_not_judged(fresh):
 
     env = fresh
     v = env.register("good_b")
-    out = run_canary_rollout(v, env.champion, plan=env.plan(((0.5, 1.0), (1.0, 1.0))),
-                             service_url=f"http://127.0.0.1:{_free_port()}", run_key="t-down")  # fmt: skip
+    out = run_canary_rollout(
+        v,
+        env.champion,
+        plan=env.plan(((0.5, 1.0), (1.0, 1.0))),
+        service_url=f"http://127.0.0.1:{_free_port()}",
+        run_key="t-down",
+    )
     assert (out["verdict"], out["reason"]) == ("aborted", "measurement_errors"), out["summary"]
     assert out["analysis_run"]["consecutive_errors"] == 5
     state = traffic.read_state()
@@ -401,12 +472,20 @@ def test_version_failing_integrity_is_refused_by_the_service(fresh):
     env = fresh
     v = env.register("tampered")
     with Traffic(env):
-        out = run_canary_rollout(v, env.champion, plan=env.plan(((0.5, 1.0), (1.0, 1.0))),
-                                 service_url=env.url, run_key="t-tampered")  # fmt: skip
+        out = run_canary_rollout(
+            v,
+            env.champion,
+            plan=env.plan(((0.5, 1.0), (1.0, 1.0))),
+            service_url=env.url,
+            run_key="t-tampered",
+        )
     _assert_rolled_back(env, v, out, "canary_refused_by_service")
     ready = env.http.get("/readyz").json()
     assert "signature does not verify" in ready["refused"][v]
-    assert f'scoring_model_refused{{model="card_fraud",version="{v}"}} 1.0' in env.http.get("/metrics").text
+    assert (
+        f'scoring_model_refused{{model="card_fraud",version="{v}"}} 1.0'
+        in env.http.get("/metrics").text
+    )
     # even as champion it is never served: the last good champion keeps serving
     registry.set_alias(registry.CHAMPION, v)
     time.sleep(0.6)
@@ -435,8 +514,13 @@ def test_bake_regression_rolls_back_to_previous_champion(fresh):
     saboteur = threading.Thread(target=break_new_champion_when_promoted, daemon=True)
     saboteur.start()
     with Traffic(env):
-        out = run_canary_rollout(v, env.champion, plan=env.plan(((0.5, 2.5), (1.0, 1.5)), bake=3.0),
-                                 service_url=env.url, run_key="t-bake")  # fmt: skip
+        out = run_canary_rollout(
+            v,
+            env.champion,
+            plan=env.plan(((0.5, 2.5), (1.0, 1.5)), bake=3.0),
+            service_url=env.url,
+            run_key="t-bake",
+        )
     saboteur.join(5)
     assert out["verdict"] == "rolled_back_after_bake", out["summary"]
     assert out["reason"] == "error_rate"
@@ -475,7 +559,9 @@ def test_rollback_logic_who_why_idempotent_and_followed_by_the_service(fresh):
     assert tags["rollback.reason"] == "complaints from fraud ops"
     assert _version(env.champion).tags["restored.from"] == v
     again = rollback_champion("complaints from fraud ops", who="alice", run_key="dag__run-1")
-    assert again["retried"] and str(registry.alias_version(registry.CHAMPION).version) == env.champion
+    assert (
+        again["retried"] and str(registry.alias_version(registry.CHAMPION).version) == env.champion
+    )
     env.wait_serving(env.champion, None)  # the service followed through its poller
 
 
@@ -512,9 +598,13 @@ def test_rollback_dag_params(env):
     assert [t.task_id for t in dag.tasks] == ["rollback_champion"]
     import copy
 
-    for values, ok in (({"reason": "bad canary"}, True), ({"reason": "x"}, False), ({}, False),
-                       ({"reason": "bad canary", "target_version": "12"}, True),
-                       ({"reason": "bad canary", "target_version": "v12"}, False)):  # fmt: skip
+    for values, ok in (
+        ({"reason": "bad canary"}, True),
+        ({"reason": "x"}, False),
+        ({}, False),
+        ({"reason": "bad canary", "target_version": "12"}, True),
+        ({"reason": "bad canary", "target_version": "v12"}, False),
+    ):
         params = copy.deepcopy(dag.params)
         try:
             for k, val in values.items():

@@ -50,11 +50,14 @@ def test_every_param_is_typed_titled_described_and_bounded(stack, token, dag_id)
         bounded = (
             "enum" in schema
             or types & {"boolean"}
-            or (types & {"integer", "number"} and {"minimum", "exclusiveMinimum"} & schema.keys()
-                and {"maximum", "exclusiveMaximum"} & schema.keys())
+            or (
+                types & {"integer", "number"}
+                and {"minimum", "exclusiveMinimum"} & schema.keys()
+                and {"maximum", "exclusiveMaximum"} & schema.keys()
+            )
             or (types & {"string"} and {"maxLength", "pattern", "format"} & schema.keys())
             or (types & {"array"} and "maxItems" in schema and "items" in schema)
-        )  # fmt: skip
+        )
         if not bounded:
             problems.append(f"{name}: no bounds or enum ({schema})")
     assert not problems, "\n".join(problems)
@@ -78,8 +81,9 @@ def test_every_param_is_typed_titled_described_and_bounded(stack, token, dag_id)
     ],
 )
 def test_invalid_conf_is_refused_naming_the_field(stack, token, conf, field):
-    status, body = stack.api("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                             {"logical_date": None, "conf": conf}, token=token)  # fmt: skip
+    status, body = stack.api(
+        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf}, token=token
+    )
     assert 400 <= status < 500, (status, body)
     detail = body.get("detail") if isinstance(body, dict) else body
     assert field in str(detail), detail
@@ -87,11 +91,21 @@ def test_invalid_conf_is_refused_naming_the_field(stack, token, conf, field):
 
 def test_valid_conf_is_accepted_and_queued(stack, token):
     # tighter than the spec (a higher floor, a larger margin, one more slice): accepted
-    conf = {"max_epochs": 5, "learning_rate": 0.01, "force_retrain": True, "batch_uri": None,
-            "gate_floor": 0.75, "gate_margin": 0.01, "gate_slices": ["channel", "country"]}
-    status, run = stack.api("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                            {"logical_date": None, "conf": conf, "note": "test_trigger_form"},
-                            token=token)  # fmt: skip
+    conf = {
+        "max_epochs": 5,
+        "learning_rate": 0.01,
+        "force_retrain": True,
+        "batch_uri": None,
+        "gate_floor": 0.75,
+        "gate_margin": 0.01,
+        "gate_slices": ["channel", "country"],
+    }
+    status, run = stack.api(
+        "POST",
+        f"/api/v2/dags/{DAG_ID}/dagRuns",
+        {"logical_date": None, "conf": conf, "note": "test_trigger_form"},
+        token=token,
+    )
     assert status == 200, run
     assert run["conf"]["max_epochs"] == 5 and run["state"] in ("queued", "running")
     # the DAG stays paused in this stack: the run is not executed; remove it again

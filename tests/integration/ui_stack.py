@@ -56,16 +56,27 @@ class Stack:
 
     def token(self) -> str:
         body = json.dumps({"username": self.username, "password": self.password}).encode()
-        req = urllib.request.Request(f"{self.airflow_url}/auth/token", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.airflow_url}/auth/token",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)["access_token"]
 
-    def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    def api(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
         """(status, parsed JSON or text) of an API call; HTTP errors are returned, not raised."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token or self.token()}"}
-        req = urllib.request.Request(f"{self.airflow_url}{path}", data=data, method=method, headers=headers)
+        headers = {
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {token or self.token()}",
+        }
+        req = urllib.request.Request(
+            f"{self.airflow_url}{path}", data=data, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 status, raw = r.status, r.read()
@@ -105,12 +116,19 @@ def start_stack(base: Path) -> Stack:
     home = base / "local"
     (home / "airflow").mkdir(parents=True)
     af_port, ml_port = free_port(), free_port()
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("AIRFLOW_", "AIRFLOW__", "PIPELINE_", "MLFLOW_TRACKING"))}  # fmt: skip
-    clean.update(PIPELINE_HOME=str(home), AIRFLOW__API__PORT=str(af_port),
-                 PIPELINE_MLFLOW_UI_URL=f"http://127.0.0.1:{ml_port}",
-                 MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="30",
-                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # fmt: skip
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW_", "AIRFLOW__", "PIPELINE_", "MLFLOW_TRACKING"))
+    }
+    clean.update(
+        PIPELINE_HOME=str(home),
+        AIRFLOW__API__PORT=str(af_port),
+        PIPELINE_MLFLOW_UI_URL=f"http://127.0.0.1:{ml_port}",
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="30",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
     old = os.environ.copy()
     try:  # sa.env() reads os.environ
         os.environ.clear()
@@ -119,12 +137,21 @@ def start_stack(base: Path) -> Stack:
     finally:
         os.environ.clear()
         os.environ.update(old)
-    stack = Stack(home=home, env=env, airflow_url=f"http://127.0.0.1:{af_port}",
-                  mlflow_url=f"http://127.0.0.1:{ml_port}")  # fmt: skip
+    stack = Stack(
+        home=home,
+        env=env,
+        airflow_url=f"http://127.0.0.1:{af_port}",
+        mlflow_url=f"http://127.0.0.1:{ml_port}",
+    )
 
     t0 = time.perf_counter()
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     stack.timings["db_migrate"] = time.perf_counter() - t0
 
     # one real run: a small batch, a trusted eval set -> version 1 with its gate report
@@ -138,28 +165,67 @@ def start_stack(base: Path) -> Stack:
         "print(w('trusted/eval.parquet', WorldSpec(rows=4000, seed=101)))\n"
         "print(w('landing/card_fraud/batch-ui.parquet', WorldSpec(rows=8000, seed=1)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", seed], env=env, cwd=ROOT, check=True,
-                         capture_output=True, text=True, timeout=300).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", seed],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()
     eval_uri, batch_uri = out[-2], out[-1]
     conf = {"batch_uri": batch_uri, "eval_uri": eval_uri, "max_epochs": 12}
-    r = subprocess.run([str(BIN / "airflow"), "dags", "test", DAG_ID, "--conf", json.dumps(conf)],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [str(BIN / "airflow"), "dags", "test", DAG_ID, "--conf", json.dumps(conf)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     stack.timings["dags_test"] = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError("seeding DAG run failed:\n" + r.stdout[-3000:] + r.stderr[-3000:])
 
     t0 = time.perf_counter()
     log = (home / "servers.log").open("a")
-    stack.procs.append(subprocess.Popen(
-        [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-         "--default-artifact-root", (home / "mlflow" / "artifacts").as_uri(), "--host", "127.0.0.1",
-         "--port", str(ml_port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
-    stack.procs.append(subprocess.Popen([str(BIN / "airflow"), "standalone"], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+    stack.procs.append(
+        subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+                "--default-artifact-root",
+                (home / "mlflow" / "artifacts").as_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ml_port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    )
+    stack.procs.append(
+        subprocess.Popen(
+            [str(BIN / "airflow"), "standalone"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    )
     try:
         if not sa.wait_healthy(stack.airflow_url, stack.procs[1], timeout=300):
-            raise RuntimeError(f"airflow standalone never became healthy; see {home / 'servers.log'}")
+            raise RuntimeError(
+                f"airflow standalone never became healthy; see {home / 'servers.log'}"
+            )
         if not _wait_http(f"{stack.mlflow_url}/health", stack.procs[0], timeout=120):
             raise RuntimeError(f"mlflow ui never answered; see {home / 'servers.log'}")
         stack.timings["servers_up"] = time.perf_counter() - t0
@@ -172,7 +238,9 @@ def start_stack(base: Path) -> Stack:
         assert status == 200 and runs["dag_runs"], runs
         stack.seed_run_id = runs["dag_runs"][0]["dag_run_id"]
         ti = f"/api/v2/dags/{DAG_ID}/dagRuns/{urllib.request.quote(stack.seed_run_id, safe='')}"
-        status, xcom = stack.api("GET", f"{ti}/taskInstances/register_challenger/xcomEntries/return_value")
+        status, xcom = stack.api(
+            "GET", f"{ti}/taskInstances/register_challenger/xcomEntries/return_value"
+        )
         assert status == 200, xcom
         value = xcom["value"] if isinstance(xcom["value"], dict) else json.loads(xcom["value"])
         stack.seed_version = str(value["model_version"])

@@ -59,7 +59,9 @@ def pytest_collection_modifyitems(items):
     # they run at the very end.
     first = [i for i in stack if i.name == "test_trigger_retrain_run"]
     runs = [i for i in stack if Path(str(i.fspath)).name == "test_stack_runs.py"]
-    last = [i for i in stack if Path(str(i.fspath)).name == "test_stack_retrain.py" and i not in first]
+    last = [
+        i for i in stack if Path(str(i.fspath)).name == "test_stack_retrain.py" and i not in first
+    ]
     middle = [i for i in stack if i not in first and i not in last and i not in runs]
     items[:] = [i for i in items if i not in stack] + first + middle + last + runs
 
@@ -115,12 +117,24 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20.0)
 
 def spawn(cmd: list[str], env: dict[str, str], log: Path, **kw: Any) -> subprocess.Popen:
     with log.open("ab") as fh:
-        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=kw.pop("cwd", ROOT),
-                                start_new_session=True, **kw)  # fmt: skip
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=kw.pop("cwd", ROOT),
+            start_new_session=True,
+            **kw,
+        )
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen | None = None,
-             log: Path | None = None) -> None:  # fmt: skip
+def wait_for(
+    check: Callable[[], bool],
+    what: str,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -132,11 +146,19 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float, proc: subproc
             pass
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} not ready within {timeout:.0f}s (exit {proc and proc.poll()})\n{tail}")
+    raise RuntimeError(
+        f"{what} not ready within {timeout:.0f}s (exit {proc and proc.poll()})\n{tail}"
+    )
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-         auth: tuple[str, str] | None = None, timeout: float = 15) -> tuple[int, Any]:  # fmt: skip
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    auth: tuple[str, str] | None = None,
+    timeout: float = 15,
+) -> tuple[int, Any]:
     """One HTTP call: (status, parsed JSON or text). Never raises on HTTP errors."""
     import base64
 
@@ -194,25 +216,87 @@ def pg(workdir: Path) -> Iterator[Postgres]:
     os.chown(pwfile, pw.pw_uid, pw.pw_gid)
     as_pg = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": base}
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
-    subprocess.run([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
-                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"],
-                   env=env, check=True, capture_output=True, timeout=120, **as_pg)  # fmt: skip
+    subprocess.run(
+        [
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--pwfile",
+            str(pwfile),
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+        **as_pg,
+    )
     pwfile.unlink()
     port = free_port()
     log = base / "postgres.log"
-    proc = spawn([str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
-                  "-c", f"listen_addresses={HOST}", "-c", "fsync=off", "-c", "max_connections=200",
-                  "-c", "shared_buffers=64MB"], env, log, **as_pg)  # fmt: skip
-    psql = [str(PG_BIN / "psql"), "-h", str(sock), "-p", str(port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
+    proc = spawn(
+        [
+            str(PG_BIN / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(sock),
+            "-c",
+            f"listen_addresses={HOST}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=64MB",
+        ],
+        env,
+        log,
+        **as_pg,
+    )
+    psql = [
+        str(PG_BIN / "psql"),
+        "-h",
+        str(sock),
+        "-p",
+        str(port),
+        "-U",
+        "postgres",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ]
     try:
-        wait_for(lambda: subprocess.run([str(PG_BIN / "pg_isready"), "-h", str(sock), "-p", str(port)],
-                                        capture_output=True).returncode == 0,
-                 "postgres", 60, proc, log)  # fmt: skip
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    [str(PG_BIN / "pg_isready"), "-h", str(sock), "-p", str(port)],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            "postgres",
+            60,
+            proc,
+            log,
+        )
         passwords = {db: secrets.token_hex(12) for db in ("airflow", "mlflow")}
-        sql = "".join(f"CREATE ROLE {db} LOGIN PASSWORD '{p}'; CREATE DATABASE {db} OWNER {db}; "
-                      f"REVOKE ALL ON DATABASE {db} FROM PUBLIC;\n" for db, p in passwords.items())  # fmt: skip
+        sql = "".join(
+            f"CREATE ROLE {db} LOGIN PASSWORD '{p}'; CREATE DATABASE {db} OWNER {db}; "
+            f"REVOKE ALL ON DATABASE {db} FROM PUBLIC;\n"
+            for db, p in passwords.items()
+        )
         for stmt in sql.replace("; ", ";\n").splitlines():  # CREATE DATABASE: one per call
-            subprocess.run([*psql, "-c", stmt], env=env, check=True, capture_output=True, timeout=60, **as_pg)
+            subprocess.run(
+                [*psql, "-c", stmt], env=env, check=True, capture_output=True, timeout=60, **as_pg
+            )
         yield Postgres(port=port, passwords=passwords, dir=base)
     finally:
         stop(proc, signal.SIGINT)  # fast shutdown
@@ -229,8 +313,13 @@ class S3:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
-                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+        )
 
 
 @pytest.fixture(scope="session")
@@ -240,9 +329,14 @@ def s3(workdir: Path) -> Iterator[S3]:
     proc = spawn([str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], dict(os.environ), log)
     try:
         wait_for(lambda: port_open(port), "moto_server", 60, proc, log)
-        s = S3(endpoint=f"http://{HOST}:{port}", env={
-            "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-            "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
+        s = S3(
+            endpoint=f"http://{HOST}:{port}",
+            env={
+                "AWS_ACCESS_KEY_ID": S3_KEY,
+                "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
         for bucket in ("pipeline", "mlflow"):
             s.client().create_bucket(Bucket=bucket)
         yield s
@@ -263,12 +357,29 @@ class MlflowServer:
     admin: tuple[str, str] = (MLFLOW_ADMIN, MLFLOW_ADMIN_PASSWORD)
 
     def start(self, timeout: float = 120) -> None:
-        cmd = [str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(self.port), "--workers", "1",
-               "--serve-artifacts", "--artifacts-destination", "s3://mlflow/artifacts",
-               "--app-name", "basic-auth"]  # fmt: skip
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            "s3://mlflow/artifacts",
+            "--app-name",
+            "basic-auth",
+        ]
         self.proc = spawn(cmd, self.env, self.log)
-        wait_for(lambda: http("GET", f"{self.url}/health", timeout=3)[0] == 200,
-                 "mlflow server", timeout, self.proc, self.log)  # fmt: skip
+        wait_for(
+            lambda: http("GET", f"{self.url}/health", timeout=3)[0] == 200,
+            "mlflow server",
+            timeout,
+            self.proc,
+            self.log,
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """SIGTERM: a clean stop; SIGKILL: the server dies at once (a crash, a lost node)."""
@@ -283,27 +394,34 @@ class MlflowServer:
 def mlflow_env(pg: Postgres, s3: S3, workdir: Path) -> dict[str, str]:
     ini = workdir / "basic_auth.ini"
     if not ini.exists():
-        ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                       f"database_uri = {pg.url('mlflow')}\nadmin_username = {MLFLOW_ADMIN}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                       "auth_cache_ttl_seconds = 60\n")  # fmt: skip
+        ini.write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = {pg.url('mlflow')}\nadmin_username = {MLFLOW_ADMIN}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 60\n"
+        )
         ini.chmod(0o600)
     return {
-        **os.environ, **s3.env,
+        **os.environ,
+        **s3.env,
         "MLFLOW_BACKEND_STORE_URI": pg.url("mlflow"),  # by env: the password stays off `ps`
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_ADMIN_PASSWORD,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(pg: Postgres, s3: S3, workdir: Path, airflow_migrated) -> Iterator[MlflowServer]:
     port = free_port()
-    server = MlflowServer(url=f"http://{HOST}:{port}", port=port, env=mlflow_env(pg, s3, workdir),
-                          log=workdir / "mlflow.log")  # fmt: skip
+    server = MlflowServer(
+        url=f"http://{HOST}:{port}",
+        port=port,
+        env=mlflow_env(pg, s3, workdir),
+        log=workdir / "mlflow.log",
+    )
     try:
         server.start()
         yield server
@@ -312,7 +430,9 @@ def mlflow_server(pg: Postgres, s3: S3, workdir: Path, airflow_migrated) -> Iter
 
 
 @pytest.fixture
-def mlflow_client_env(mlflow_server: MlflowServer, s3: S3, tmp_path: Path, monkeypatch) -> MlflowServer:
+def mlflow_client_env(
+    mlflow_server: MlflowServer, s3: S3, tmp_path: Path, monkeypatch
+) -> MlflowServer:
     """Point this test process's pipeline + MLflow client at the stack (fail-fast client)."""
     env = {
         "PIPELINE_HOME": str(tmp_path / "home"),
@@ -354,7 +474,9 @@ TRUSTED_EVAL = f"data/trusted/{SPEC_NAME}/eval.parquet"  # the spec's evaluation
 def land(s3, key: str, **spec: Any) -> str:
     from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 
-    s3.client().put_object(Bucket="pipeline", Key=key, Body=to_parquet_bytes(generate(WorldSpec(**spec))))
+    s3.client().put_object(
+        Bucket="pipeline", Key=key, Body=to_parquet_bytes(generate(WorldSpec(**spec)))
+    )
     return f"s3://pipeline/{key}"
 
 
@@ -375,9 +497,19 @@ def first_run(retrain_triggered, airflow) -> dict[str, Any]:
     batch, eval_uri = retrain_triggered["batch"], retrain_triggered["eval"]
     state = airflow.wait_run(DAG_ID, run_id, timeout=480)
     states = airflow.task_states(DAG_ID, run_id)
-    assert state == "success", (state, states, airflow.tail("scheduler"), airflow.task_logs()[-6000:])
-    return {"run_id": run_id, "batch": batch, "eval": eval_uri, "seconds": time.monotonic() - t0,
-            "states": states}  # fmt: skip
+    assert state == "success", (
+        state,
+        states,
+        airflow.tail("scheduler"),
+        airflow.task_logs()[-6000:],
+    )
+    return {
+        "run_id": run_id,
+        "batch": batch,
+        "eval": eval_uri,
+        "seconds": time.monotonic() - t0,
+        "states": states,
+    }
 
 
 # --- Airflow ---------------------------------------------------------------------------------
@@ -392,9 +524,14 @@ class Airflow:
     _token: str = ""
 
     def start(self, component: str) -> None:
-        cmd = {"api-server": ["api-server", "-H", HOST, "-p", self.url.rsplit(":", 1)[1], "-w", "1"],
-               "scheduler": ["scheduler"], "dag-processor": ["dag-processor"]}[component]  # fmt: skip
-        self.procs[component] = spawn([str(BIN / "airflow"), *cmd], self.env, self.home / f"{component}.log")
+        cmd = {
+            "api-server": ["api-server", "-H", HOST, "-p", self.url.rsplit(":", 1)[1], "-w", "1"],
+            "scheduler": ["scheduler"],
+            "dag-processor": ["dag-processor"],
+        }[component]
+        self.procs[component] = spawn(
+            [str(BIN / "airflow"), *cmd], self.env, self.home / f"{component}.log"
+        )
 
     def stop(self, component: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(component, None)
@@ -411,22 +548,35 @@ class Airflow:
         """The environment of a producer outside Airflow (``python -m pipeline data land``):
         the pipeline's storage (S3), the Airflow API's URL and credentials; no Airflow config."""
         env = {k: v for k, v in self.env.items() if not k.startswith("AIRFLOW")}
-        env.update({"PIPELINE_AIRFLOW_API_URL": self.url, "PIPELINE_AIRFLOW_USERNAME": AIRFLOW_USER,
-                    "PIPELINE_AIRFLOW_PASSWORD": self.password()})  # fmt: skip
+        env.update(
+            {
+                "PIPELINE_AIRFLOW_API_URL": self.url,
+                "PIPELINE_AIRFLOW_USERNAME": AIRFLOW_USER,
+                "PIPELINE_AIRFLOW_PASSWORD": self.password(),
+            }
+        )
         env.pop("PIPELINE_AIRFLOW_TOKEN", None)
         return env
 
     def token(self) -> str:
         if not self._token:
-            status, body = http("POST", f"{self.url}/auth/token",
-                                {"username": AIRFLOW_USER, "password": self.password()})  # fmt: skip
+            status, body = http(
+                "POST",
+                f"{self.url}/auth/token",
+                {"username": AIRFLOW_USER, "password": self.password()},
+            )
             assert status in (200, 201), (status, body)
             self._token = body["access_token"]
         return self._token
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 30):
-        return http(method, f"{self.url}/api/v2/{path}", body,
-                    headers={"Authorization": f"Bearer {self.token()}"}, timeout=timeout)  # fmt: skip
+        return http(
+            method,
+            f"{self.url}/api/v2/{path}",
+            body,
+            headers={"Authorization": f"Bearer {self.token()}"},
+            timeout=timeout,
+        )
 
     def trigger(self, dag_id: str, conf: dict[str, Any], run_id: str | None = None) -> str:
         body = {"logical_date": None, "conf": conf, **({"dag_run_id": run_id} if run_id else {})}
@@ -456,7 +606,9 @@ class Airflow:
         return f.read_text(errors="replace")[-n:] if f.exists() else ""
 
     def task_logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted((self.home / "logs").rglob("*.log")))
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted((self.home / "logs").rglob("*.log"))
+        )
 
 
 @pytest.fixture(scope="session")
@@ -466,7 +618,8 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
     home.mkdir()
     api_port = free_port()
     env = {
-        **os.environ, **s3.env,
+        **os.environ,
+        **s3.env,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -478,7 +631,9 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(
+            home / "simple_auth_manager_passwords.json"
+        ),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{HOST}:{api_port}/execution/",
         "AIRFLOW__CORE__FERNET_KEY": "",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg.url("airflow"),
@@ -520,11 +675,17 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         # A Connection whose secret must never reach MLflow or the task logs unmasked.
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": S3_KEY, "password": S3_SECRET,
-                                                "extra": {"endpoint_url": s3.endpoint}}),  # fmt: skip
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+            {
+                "conn_type": "aws",
+                "login": S3_KEY,
+                "password": S3_SECRET,
+                "extra": {"endpoint_url": s3.endpoint},
+            }
+        ),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
+    }
     for var in ("PIPELINE_EVAL_URI", "PIPELINE_EXECUTION_MODE", "PIPELINE_MLFLOW_TRACKING_URI"):
         env.pop(var, None)
     af = Airflow(url=f"http://{HOST}:{api_port}", env=env, home=home)
@@ -551,12 +712,24 @@ def airflow(airflow_migrated: Airflow, mlflow_server: MlflowServer) -> Iterator[
     for component in ("api-server", "dag-processor", "scheduler"):
         af.start(component)
     try:
-        wait_for(lambda: http("GET", f"{af.url}/api/v2/monitor/health", timeout=3)[0] == 200,
-                 "airflow api-server", 180, af.procs["api-server"], af.home / "api-server.log")  # fmt: skip
-        status, out = af.api("POST", "pools", {"name": "gpu", "slots": 1, "description": "GPU slots"})
+        wait_for(
+            lambda: http("GET", f"{af.url}/api/v2/monitor/health", timeout=3)[0] == 200,
+            "airflow api-server",
+            180,
+            af.procs["api-server"],
+            af.home / "api-server.log",
+        )
+        status, out = af.api(
+            "POST", "pools", {"name": "gpu", "slots": 1, "description": "GPU slots"}
+        )
         assert status in (200, 201, 409), (status, out)
-        wait_for(lambda: af.api("GET", f"dags/{DAG_ID}")[0] == 200, f"{DAG_ID} parsed", 180,
-                 af.procs["dag-processor"], af.home / "dag-processor.log")  # fmt: skip
+        wait_for(
+            lambda: af.api("GET", f"dags/{DAG_ID}")[0] == 200,
+            f"{DAG_ID} parsed",
+            180,
+            af.procs["dag-processor"],
+            af.home / "dag-processor.log",
+        )
         status, out = af.api("PATCH", f"dags/{DAG_ID}", {"is_paused": False})
         assert status == 200, (status, out)
         yield af

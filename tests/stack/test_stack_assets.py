@@ -55,7 +55,12 @@ def _wait(what: str, timeout: float, fn, airflow) -> Any:
 def digits_dag(airflow):
     if not (ROOT / "models" / DIGITS / "model.yaml").is_file():
         pytest.skip(f"models/{DIGITS}/model.yaml is not there (the second model)")
-    _wait(f"{DIGITS_DAG} parsed", 120, lambda: airflow.api("GET", f"dags/{DIGITS_DAG}")[0] == 200, airflow)
+    _wait(
+        f"{DIGITS_DAG} parsed",
+        120,
+        lambda: airflow.api("GET", f"dags/{DIGITS_DAG}")[0] == 200,
+        airflow,
+    )
     status, out = airflow.api("PATCH", f"dags/{DIGITS_DAG}", {"is_paused": False})
     assert status == 200, (status, out)
     yield DIGITS_DAG
@@ -77,9 +82,14 @@ def test_landing_a_batch_triggers_only_its_models_dag(digits_dag, airflow, s3, t
     card_fraud_before = {r["dag_run_id"] for r in _runs(airflow, DAG_ID)}
     digits_before = {r["dag_run_id"] for r in _runs(airflow, DIGITS_DAG)}
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "data", "land", "--model", DIGITS,
-                           "--file", str(batch)], env=airflow.producer_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "data", "land", "--model", DIGITS, "--file", str(batch)],
+        env=airflow.producer_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     rec = json.loads(proc.stdout)
     landed = time.monotonic() - t0
@@ -111,7 +121,11 @@ def test_landing_a_batch_triggers_only_its_models_dag(digits_dag, airflow, s3, t
         assert status == 200, out
         assert [e["id"] for e in out["asset_events"]] == [event["id"]], out
         extra = out["asset_events"][0]["extra"]  # what the run's first task reads
-        assert (extra["batch_uri"], extra["model"], extra["sha256"]) == (rec["uri"], DIGITS, rec["sha256"])
+        assert (extra["batch_uri"], extra["model"], extra["sha256"]) == (
+            rec["uri"],
+            DIGITS,
+            rec["sha256"],
+        )
 
         def ingest_state() -> str | None:
             state = airflow.task_states(DIGITS_DAG, run_id).get("ingest_batch")
@@ -120,7 +134,9 @@ def test_landing_a_batch_triggers_only_its_models_dag(digits_dag, airflow, s3, t
         state = _wait(f"{DIGITS_DAG} ingest_batch done", 300, ingest_state, airflow)
         assert state == "success", (state, airflow.task_logs()[-6000:])
         status, xcom = airflow.api(
-            "GET", f"dags/{DIGITS_DAG}/dagRuns/{run_id}/taskInstances/ingest_batch/xcomEntries/return_value")
+            "GET",
+            f"dags/{DIGITS_DAG}/dagRuns/{run_id}/taskInstances/ingest_batch/xcomEntries/return_value",
+        )
         assert status == 200, xcom
         ingested = json.loads(xcom["value"]) if isinstance(xcom["value"], str) else xcom["value"]
         assert ingested["source_uri"] == rec["uri"], ingested
@@ -132,5 +148,7 @@ def test_landing_a_batch_triggers_only_its_models_dag(digits_dag, airflow, s3, t
     # and the reference model's DAG was not started by it
     new = [r for r in _runs(airflow, DAG_ID) if r["dag_run_id"] not in card_fraud_before]
     assert [r for r in new if r["run_type"] == "asset_triggered"] == [], new
-    print(f"\nlanded + event in {landed:.1f}s; {DIGITS_DAG} run {run_id} created after {started:.1f}s, "
-          f"ingest_batch succeeded after {time.monotonic() - t0:.1f}s")
+    print(
+        f"\nlanded + event in {landed:.1f}s; {DIGITS_DAG} run {run_id} created after {started:.1f}s, "
+        f"ingest_batch succeeded after {time.monotonic() - t0:.1f}s"
+    )

@@ -31,8 +31,12 @@ class _Raw:
 def s3_env(s3, pipeline_home, monkeypatch):
     import boto3
 
-    for k, v in {**s3.env, "PIPELINE_S3_ENDPOINT_URL": s3.endpoint, "AWS_RETRY_MODE": "standard",
-                 "AWS_MAX_ATTEMPTS": "3"}.items():  # fmt: skip
+    for k, v in {
+        **s3.env,
+        "PIPELINE_S3_ENDPOINT_URL": s3.endpoint,
+        "AWS_RETRY_MODE": "standard",
+        "AWS_MAX_ATTEMPTS": "3",
+    }.items():
         monkeypatch.setenv(k, v)
     from pipeline.settings import get_settings
 
@@ -92,8 +96,12 @@ def test_mlflow_down_fails_fast_and_the_run_is_resumed_not_orphaned(mlflow_clien
 
     base = mlflow_client_env
     port = free_port()
-    own = MlflowServer(url=f"http://127.0.0.1:{port}", port=port, env=base.env,
-                       log=base.log.with_name("mlflow-fault.log"))  # fmt: skip
+    own = MlflowServer(
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        env=base.env,
+        log=base.log.with_name("mlflow-fault.log"),
+    )
     monkeypatch.setenv("PIPELINE_MLFLOW_TRACKING_URI", own.url)
     settings.get_settings.cache_clear()
     registry.client.cache_clear()
@@ -130,8 +138,9 @@ def test_mlflow_down_fails_fast_and_the_run_is_resumed_not_orphaned(mlflow_clien
         assert registry.get_or_create_run(key) == run_id  # the retry finds the same run
         registry.client().log_metric(run_id, "loss", 1.0)
         registry.client().set_terminated(run_id, "FINISHED")
-        runs = registry.client().search_runs([registry.experiment_id()],
-                                             filter_string=f"tags.`{registry.RUN_KEY_TAG}` = '{key}'")  # fmt: skip
+        runs = registry.client().search_runs(
+            [registry.experiment_id()], filter_string=f"tags.`{registry.RUN_KEY_TAG}` = '{key}'"
+        )
         assert [(r.info.run_id, r.info.status) for r in runs] == [(run_id, "FINISHED")]
         print(f"\nMLflow down: client failed in {elapsed:.1f}s")
     finally:

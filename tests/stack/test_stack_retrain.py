@@ -60,8 +60,12 @@ def _run_texts(mlflow_server, run_id: str) -> list[str]:
             (todo if f["is_dir"] else files).append(f["path"])
     assert files, "the run logged no artifacts"
     for path in files:
-        status, body = http("GET", f"{mlflow_server.url}/get-artifact?run_id={run_id}&path={path}",
-                            auth=mlflow_server.admin, timeout=30)  # fmt: skip
+        status, body = http(
+            "GET",
+            f"{mlflow_server.url}/get-artifact?run_id={run_id}&path={path}",
+            auth=mlflow_server.admin,
+            timeout=30,
+        )
         assert status == 200, (path, status)
         texts.append(body if isinstance(body, str) else str(body))
     return texts
@@ -69,7 +73,9 @@ def _run_texts(mlflow_server, run_id: str) -> list[str]:
 
 def test_no_secret_reaches_mlflow_or_task_logs(first_run, airflow, mlflow_server):
     secrets = {  # (conftest's values are per-process random: read them from the fixtures)
-        "aws_default connection password / AWS_SECRET_ACCESS_KEY": airflow.env["AWS_SECRET_ACCESS_KEY"],
+        "aws_default connection password / AWS_SECRET_ACCESS_KEY": airflow.env[
+            "AWS_SECRET_ACCESS_KEY"
+        ],
         "MLFLOW_TRACKING_PASSWORD": mlflow_server.admin[1],
         "PIPELINE_SIGNING_KEY": airflow.env["PIPELINE_SIGNING_KEY"],
         "AIRFLOW__API_AUTH__JWT_SECRET": airflow.env["AIRFLOW__API_AUTH__JWT_SECRET"],
@@ -84,18 +90,30 @@ def test_no_secret_reaches_mlflow_or_task_logs(first_run, airflow, mlflow_server
         assert value not in logs, f"{name} appears unmasked in the Airflow task logs"
 
 
-def test_scoring_service_serves_the_champion_with_pickle_disabled(first_run, airflow, mlflow_server, workdir):
+def test_scoring_service_serves_the_champion_with_pickle_disabled(
+    first_run, airflow, mlflow_server, workdir
+):
     from pipeline.contract import default_contract
     from pipeline.data.generate import WorldSpec, generate
 
     port = free_port()
     env = {k: v for k, v in airflow.env.items() if not k.startswith("AIRFLOW")}
-    env.update({"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PIPELINE_SERVING_POLL_SECONDS": "1"})
+    env.update(
+        {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PIPELINE_SERVING_POLL_SECONDS": "1"}
+    )
     log = workdir / "scoring.log"
-    proc = spawn([sys.executable, "-m", "pipeline", "serve", "--host", HOST, "--port", str(port)], env, log)
+    proc = spawn(
+        [sys.executable, "-m", "pipeline", "serve", "--host", HOST, "--port", str(port)], env, log
+    )
     url = f"http://{HOST}:{port}"
     try:
-        wait_for(lambda: http("GET", f"{url}/readyz", timeout=3)[0] == 200, "scoring service", 180, proc, log)
+        wait_for(
+            lambda: http("GET", f"{url}/readyz", timeout=3)[0] == 200,
+            "scoring service",
+            180,
+            proc,
+            log,
+        )
         _, out = mlflow_server.api("GET", f"registered-models/alias?name={MODEL}&alias=champion")
         champion = out["model_version"]["version"]
         features = [c.name for c in default_contract().features]

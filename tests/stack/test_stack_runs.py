@@ -57,7 +57,9 @@ def _run_states(airflow, run_ids: list[str]) -> dict[str, str]:
 
 
 def _versions(mlflow_server, airflow_run_id: str | None = None) -> list[dict[str, Any]]:
-    status, out = mlflow_server.api("GET", f"model-versions/search?filter=name%3D%27{MODEL}%27&max_results=200")
+    status, out = mlflow_server.api(
+        "GET", f"model-versions/search?filter=name%3D%27{MODEL}%27&max_results=200"
+    )
     assert status == 200, out
     found = out.get("model_versions", [])
     tag = lambda v: {t["key"]: t["value"] for t in v.get("tags", [])}.get("airflow.run_id")  # noqa: E731
@@ -71,7 +73,11 @@ def _aliases(mlflow_server) -> dict[str, int]:
 
 
 def _checkpoints(s3) -> set[str]:
-    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket="pipeline", Prefix="data/checkpoints/")
+    pages = (
+        s3.client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket="pipeline", Prefix="data/checkpoints/")
+    )
     return {o["Key"].split("/")[2] for page in pages for o in page.get("Contents", [])}
 
 
@@ -80,9 +86,14 @@ def _one_finished_run_one_version(mlflow_server, run_id: str) -> dict[str, str]:
     versions = _versions(mlflow_server, run_id)
     assert len(versions) == 1, versions
     _, got = mlflow_server.api("GET", f"runs/get?run_id={versions[0]['run_id']}")
-    status, out = mlflow_server.api("POST", "runs/search", {
-        "experiment_ids": [got["run"]["info"]["experiment_id"]],
-        "filter": f"tags.`airflow.run_id` = '{run_id}'"})  # fmt: skip
+    status, out = mlflow_server.api(
+        "POST",
+        "runs/search",
+        {
+            "experiment_ids": [got["run"]["info"]["experiment_id"]],
+            "filter": f"tags.`airflow.run_id` = '{run_id}'",
+        },
+    )
     assert status == 200, out
     assert [r["info"]["status"] for r in out.get("runs", [])] == ["FINISHED"], out
     return {t["key"]: t["value"] for t in versions[0]["tags"]}
@@ -117,16 +128,20 @@ class Watch(threading.Thread):
 def burst(first_run, airflow, mlflow_server, s3):
     # run 0 meets the scheduler kill, run 1 the MLflow outage: its larger batch trains for a few
     # seconds, so the outage begins while it trains and lasts past its end
-    batches = [land(s3, f"{LANDING}/stack/burst-{i}.parquet", rows=40_000 if i == 1 else 3000, seed=40 + i)
-               for i in range(RUNS)]  # fmt: skip
+    batches = [
+        land(s3, f"{LANDING}/stack/burst-{i}.parquet", rows=40_000 if i == 1 else 3000, seed=40 + i)
+        for i in range(RUNS)
+    ]
     # the spec's floors, margin and budgets (a run may only tighten them); its
     # overrides.allow lets a run accept a non-inferior challenger, so every run can promote
     conf = {"force_retrain": True, "gate_non_inferiority_margin": 0.05}
     watch = Watch(airflow, mlflow_server, [])
     watch.aliases.append(_aliases(mlflow_server))
     t0 = time.monotonic()
-    run_ids = [airflow.trigger(DAG, {**conf, "batch_uri": b, **({"max_epochs": 10} if i == 1 else {})})
-               for i, b in enumerate(batches)]  # fmt: skip
+    run_ids = [
+        airflow.trigger(DAG, {**conf, "batch_uri": b, **({"max_epochs": 10} if i == 1 else {})})
+        for i, b in enumerate(batches)
+    ]
     watch.run_ids.extend(run_ids)
     watch.start()
     yield {"run_ids": run_ids, "watch": watch, "t0": t0, "faulted": []}
@@ -153,11 +168,17 @@ def _next_training(airflow, burst, cond=lambda tis: True, timeout: float = 600) 
 def _wait_done(airflow, run_id: str, timeout: float = 600) -> str:
     state = airflow.wait_run(DAG, run_id, timeout=timeout)
     tis = _tis(airflow, run_id)
-    assert state == "success", (state, {k: v["state"] for k, v in tis.items()}, airflow.tail("scheduler"))
+    assert state == "success", (
+        state,
+        {k: v["state"] for k, v in tis.items()},
+        airflow.tail("scheduler"),
+    )
     return state
 
 
-def test_scheduler_killed_mid_task_is_retried_once_with_the_same_outputs(burst, airflow, mlflow_server, s3):
+def test_scheduler_killed_mid_task_is_retried_once_with_the_same_outputs(
+    burst, airflow, mlflow_server, s3
+):
     run_id = burst["run_ids"][0]
     deadline = time.monotonic() + 600
     while _run_states(airflow, [run_id]).get(run_id) != "running":  # the previous run has ended
@@ -173,7 +194,9 @@ def test_scheduler_killed_mid_task_is_retried_once_with_the_same_outputs(burst, 
     assert _tis(airflow, run_id)["train_model"]["state"] == "running"  # as the database last saw it
     airflow.start("scheduler")
     _wait_done(airflow, run_id)
-    print(f"\nscheduler killed mid-train_model: run succeeded {time.monotonic() - killed_at:.0f}s after the kill")
+    print(
+        f"\nscheduler killed mid-train_model: run succeeded {time.monotonic() - killed_at:.0f}s after the kill"
+    )
 
     tis = _tis(airflow, run_id)
     assert tis["train_model"]["try_number"] == 2, tis["train_model"]  # retried exactly once
@@ -191,9 +214,16 @@ def test_mlflow_stopped_mid_training_the_run_recovers(burst, airflow, mlflow_ser
 
     def training_started(tis) -> bool:  # its training parameters reached the MLflow run
         rid = tis["train_model"]["dag_run_id"]
-        _, out = mlflow_server.api("POST", "runs/search", {
-            "experiment_ids": [exp_id], "filter": f"tags.`airflow.run_id` = '{rid}'"})  # fmt: skip
-        return any(p["key"].startswith("train.") for r in out.get("runs", []) for p in r["data"].get("params", []))
+        _, out = mlflow_server.api(
+            "POST",
+            "runs/search",
+            {"experiment_ids": [exp_id], "filter": f"tags.`airflow.run_id` = '{rid}'"},
+        )
+        return any(
+            p["key"].startswith("train.")
+            for r in out.get("runs", [])
+            for p in r["data"].get("params", [])
+        )
 
     assert _next_training(airflow, burst, training_started) == (run_id := burst["run_ids"][1])
     mlflow_server.stop(signal.SIGKILL)  # gone at once, mid-training
@@ -205,36 +235,55 @@ def test_mlflow_stopped_mid_training_the_run_recovers(burst, airflow, mlflow_ser
     tries = [t for task in _tis(airflow, run_id) for t in _tries(airflow, run_id, task)]
     failed = [t for t in tries if t["state"] == "failed"]
     for t in failed:  # a try that could not go on without MLflow gave up within the budget
-        waited = datetime.fromisoformat(t["end_date"]) - max(stopped, datetime.fromisoformat(t["start_date"]))
+        waited = datetime.fromisoformat(t["end_date"]) - max(
+            stopped, datetime.fromisoformat(t["start_date"])
+        )
         assert waited.total_seconds() < 60, (t["task_id"], t["try_number"], waited)
     train = [t for t in tries if t["task_id"] == "train_model"]
     assert datetime.fromisoformat(train[0]["start_date"]) < stopped  # it was training already
     assert train[-1]["state"] == "success" and len(train) <= 2, train
     # the first try met the outage (its tracking calls were refused) and trained on regardless
-    log = airflow.home / "logs" / f"dag_id={DAG}" / f"run_id={run_id}" / "task_id=train_model" / "attempt=1.log"
+    log = (
+        airflow.home
+        / "logs"
+        / f"dag_id={DAG}"
+        / f"run_id={run_id}"
+        / "task_id=train_model"
+        / "attempt=1.log"
+    )
     text = log.read_text(errors="replace")
     assert "Failed to establish a new connection" in text and "epoch 1/" in text
     refused = text.count("Failed to establish a new connection")
-    print(f"\nMLflow killed for {OUTAGE_S}s mid-training: train_model try 1 met {refused} refused "
-          f"connections and {'failed, retried' if len(train) == 2 else 'trained on'}; failed tries "
-          f"{[(t['task_id'], t['try_number'], round(t['duration'] or 0)) for t in failed]}; run succeeded")  # fmt: skip
+    print(
+        f"\nMLflow killed for {OUTAGE_S}s mid-training: train_model try 1 met {refused} refused "
+        f"connections and {'failed, retried' if len(train) == 2 else 'trained on'}; failed tries "
+        f"{[(t['task_id'], t['try_number'], round(t['duration'] or 0)) for t in failed]}; run succeeded"
+    )
     _one_finished_run_one_version(mlflow_server, run_id)
 
 
-def test_eight_runs_at_once_run_in_turn_and_aliases_only_move_forward(burst, airflow, mlflow_server):
+def test_eight_runs_at_once_run_in_turn_and_aliases_only_move_forward(
+    burst, airflow, mlflow_server
+):
     run_ids, watch = burst["run_ids"], burst["watch"]
     for rid in run_ids:
         _wait_done(airflow, rid, timeout=900)
     time.sleep(2)  # one more look by the watcher
     seconds = time.monotonic() - burst["t0"]
-    print(f"\n{RUNS} runs at once: all succeeded in {seconds:.0f}s (two of them under faults); "
-          f"aliases seen: {watch.aliases}")
+    print(
+        f"\n{RUNS} runs at once: all succeeded in {seconds:.0f}s (two of them under faults); "
+        f"aliases seen: {watch.aliases}"
+    )
     assert not watch.overlaps, f"max_active_runs=1, yet running at once: {watch.overlaps[:3]}"
 
     # in turn: each run started after the previous one ended (the database's clock)
     status, out = airflow.api("GET", f"dags/{DAG}/dagRuns?limit=100&order_by=start_date")
-    spans = [(r["start_date"], r["end_date"]) for r in out["dag_runs"] if r["dag_run_id"] in run_ids]
-    assert len(spans) == RUNS and all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
+    spans = [
+        (r["start_date"], r["end_date"]) for r in out["dag_runs"] if r["dag_run_id"] in run_ids
+    ]
+    assert len(spans) == RUNS and all(
+        a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)
+    ), spans
     for rid in run_ids:
         _one_finished_run_one_version(mlflow_server, rid)
     for alias in ("champion", "challenger"):

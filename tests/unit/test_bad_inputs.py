@@ -56,7 +56,9 @@ def clean() -> pd.DataFrame:
 
 
 def land(home: Path, name: str, data: bytes) -> str:
-    return storage.write_bytes((home / "storage" / "landing" / "card_fraud" / f"{name}.parquet").as_uri(), data).uri
+    return storage.write_bytes(
+        (home / "storage" / "landing" / "card_fraud" / f"{name}.parquet").as_uri(), data
+    ).uri
 
 
 def run_stages(uri: str, run_id: str = "r1") -> tuple[dict, dict]:
@@ -85,7 +87,11 @@ def reject(home: Path, name: str, data: bytes, *fragments: str) -> tuple[str, st
     assert report["success"] is False and report["failed"] >= 1
     assert storage.read_text(storage.join(root, "reason.txt")).strip() == report["summary"]
     assert storage.exists(storage.join(root, "validation.html"))
-    ledger = storage.list_uris(storage.join(storage.join(str(home.as_uri()), "storage"), "ledger", "card_fraud", "rejected"))
+    ledger = storage.list_uris(
+        storage.join(
+            storage.join(str(home.as_uri()), "storage"), "ledger", "card_fraud", "rejected"
+        )
+    )
     assert any(u.endswith(f"/{sha}.json") for u in ledger)
     return message, root
 
@@ -126,13 +132,21 @@ def test_zero_rows(home: Path) -> None:
 
 
 def test_missing_column(home: Path) -> None:
-    reject(home, "missing", frame_bytes(lambda df: df.drop(columns=["merchant_risk_score"])),
-           "column merchant_risk_score exists (missing)")  # fmt: skip
+    reject(
+        home,
+        "missing",
+        frame_bytes(lambda df: df.drop(columns=["merchant_risk_score"])),
+        "column merchant_risk_score exists (missing)",
+    )
 
 
 def test_renamed_column_names_both_sides(home: Path) -> None:
-    message, _ = reject(home, "renamed", frame_bytes(lambda df: df.rename(columns={"amount": "amount_usd"})),
-                        "column amount exists (missing)")  # fmt: skip
+    message, _ = reject(
+        home,
+        "renamed",
+        frame_bytes(lambda df: df.rename(columns={"amount": "amount_usd"})),
+        "column amount exists (missing)",
+    )
     assert "amount_usd" in message  # the extra column is reported
 
 
@@ -147,8 +161,12 @@ def test_extra_column_is_allowed_and_reported(home: Path) -> None:
 
 
 def test_numbers_as_strings_fail_the_type_check(home: Path) -> None:
-    reject(home, "strings", frame_bytes(lambda df: df.assign(amount=df["amount"].astype(str))),
-           "amount of contract type float (observed string)")  # fmt: skip
+    reject(
+        home,
+        "strings",
+        frame_bytes(lambda df: df.assign(amount=df["amount"].astype(str))),
+        "amount of contract type float (observed string)",
+    )
 
 
 def test_nan_and_inf_in_a_feature(home: Path) -> None:
@@ -161,14 +179,23 @@ def test_nan_and_inf_in_a_feature(home: Path) -> None:
 
     message, root = reject(home, "nan_inf", frame_bytes(mutate), "distance_from_home_km not null")
     report = json.loads(storage.read_text(storage.join(root, "validation.json")))
-    between = next(r for r in report["results"] if r["column"] == "distance_from_home_km"
-                   and r["expectation"] == "expect_column_values_to_be_between")  # fmt: skip
+    between = next(
+        r
+        for r in report["results"]
+        if r["column"] == "distance_from_home_km"
+        and r["expectation"] == "expect_column_values_to_be_between"
+    )
     assert between["success"] is False and between["observed"]["unexpected_count"] == 10
 
 
 def test_constant_column(home: Path) -> None:
-    reject(home, "constant", frame_bytes(lambda df: df.assign(merchant_risk_score=0.5)),
-           "merchant_risk_score not constant", "1 distinct")  # fmt: skip
+    reject(
+        home,
+        "constant",
+        frame_bytes(lambda df: df.assign(merchant_risk_score=0.5)),
+        "merchant_risk_score not constant",
+        "1 distinct",
+    )
 
 
 def test_duplicated_ids(home: Path) -> None:
@@ -184,7 +211,9 @@ def test_extreme_values(home: Path) -> None:
         df.loc[df.index[:3], "amount"] = 1e308
         df.loc[df.index[3:6], "amount"] = -12.5
 
-    reject(home, "extreme", frame_bytes(mutate), "amount in [0, 100000]", "6 rows", "1e+308", "-12.5")
+    reject(
+        home, "extreme", frame_bytes(mutate), "amount in [0, 100000]", "6 rows", "1e+308", "-12.5"
+    )
 
 
 def test_unknown_categories(home: Path) -> None:
@@ -202,18 +231,30 @@ def test_label_outside_the_contract(home: Path) -> None:
 
 
 def test_label_copied_into_a_feature_is_leakage(home: Path) -> None:
-    reject(home, "leak", frame_bytes(lambda df: df.assign(merchant_risk_score=df["is_fraud"].astype(float))),
-           "merchant_risk_score does not predict is_fraud alone", "AUC 1.0000")  # fmt: skip
+    reject(
+        home,
+        "leak",
+        frame_bytes(lambda df: df.assign(merchant_risk_score=df["is_fraud"].astype(float))),
+        "merchant_risk_score does not predict is_fraud alone",
+        "AUC 1.0000",
+    )
 
 
 def test_hostile_column_names_are_data(home: Path) -> None:
     evil = ["../../escape", "line\nbreak", "x" * 10_000]
-    message, root = reject(home, "names", frame_bytes(lambda df: df.assign(**dict.fromkeys(evil, 1.0))),
-                           "column names printable", "3 bad")  # fmt: skip
+    message, root = reject(
+        home,
+        "names",
+        frame_bytes(lambda df: df.assign(**dict.fromkeys(evil, 1.0))),
+        "column names printable",
+        "3 bad",
+    )
     assert "x" * 100 not in message and "\n" not in message.split("Report:")[0].split(": ", 1)[1]
     # nothing was written outside the storage root, and no path holds a column name
     everything = list(home.parent.rglob("*"))
-    assert not any("escape" in p.name or "break" in p.name or "xxxxxxxxxx" in p.name for p in everything)
+    assert not any(
+        "escape" in p.name or "break" in p.name or "xxxxxxxxxx" in p.name for p in everything
+    )
     # MLflow keys are fixed names: tags and metrics never carry a column name
     run = registry.client().search_runs([registry.experiment_id()])[0]
     for key in [*run.data.tags, *run.data.metrics]:
@@ -242,7 +283,9 @@ def test_rerun_gives_the_same_verdict_and_counts_once(home: Path) -> None:
     again = land(home, "bad_again", bad_bytes)
     with pytest.raises(DataRejected, match="hour in \\[0, 23\\]"):
         run_stages(again, run_id="d")
-    _, second = run_stages(land(home, "good2", parquet_bytes(generate(WorldSpec(rows=ROWS, seed=12)))), "e")
+    _, second = run_stages(
+        land(home, "good2", parquet_bytes(generate(WorldSpec(rows=ROWS, seed=12)))), "e"
+    )
     assert second["ledger"] == {"accepted": 2, "rejected": 1}
     run = registry.client().get_run(second["mlflow_run_id"])
     assert run.data.metrics["batches.accepted_total"] == 2
@@ -261,8 +304,13 @@ def test_a_batch_from_an_allowed_source_is_copied_to_quarantine_and_left_in_plac
 
     producer = tmp_path / "producer-folder"
     card = specs.get_spec("card_fraud")
-    mine = card.model_copy(update={"landing": specs.LandingSpec(
-        prefix=card.landing_prefix, allowed_sources=[str(producer)])})  # fmt: skip
+    mine = card.model_copy(
+        update={
+            "landing": specs.LandingSpec(
+                prefix=card.landing_prefix, allowed_sources=[str(producer)]
+            )
+        }
+    )
     data = frame_bytes(lambda df: df.assign(hour=99))  # out of range: rejected
     src = producer / "batch.parquet"
     producer.mkdir()

@@ -36,8 +36,9 @@ from pipeline.serving.metrics import (
 
 def hist(values, bounds) -> Histogram:
     b = (*bounds, math.inf)
-    counts = np.bincount(np.searchsorted(np.asarray(bounds), np.asarray(values), side="left"),
-                         minlength=len(b))  # fmt: skip
+    counts = np.bincount(
+        np.searchsorted(np.asarray(bounds), np.asarray(values), side="left"), minlength=len(b)
+    )
     return Histogram(b, tuple(float(c) for c in counts))
 
 
@@ -45,8 +46,17 @@ def scores(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
     return np.clip(np.random.default_rng(seed).beta(1.2, 25, n) + shift, 0, 1)
 
 
-def stats(requests=500, errors=0, latency_ms=3.0, n_scores=2000, seed=0, shift=0.0,
-          labels=0, auc_noise=0.0, lat_jitter=1.0) -> VersionStats:  # fmt: skip
+def stats(
+    requests=500,
+    errors=0,
+    latency_ms=3.0,
+    n_scores=2000,
+    seed=0,
+    shift=0.0,
+    labels=0,
+    auc_noise=0.0,
+    lat_jitter=1.0,
+) -> VersionStats:
     rng = np.random.default_rng(seed + 100)
     lat = rng.uniform(latency_ms, latency_ms + lat_jitter, int(requests)) / 1000
     s = scores(n_scores, seed, shift)
@@ -56,8 +66,9 @@ def stats(requests=500, errors=0, latency_ms=3.0, n_scores=2000, seed=0, shift=0
         base = np.where(y, rng.beta(4, 6, labels), rng.beta(1.2, 25, labels))
         noisy = np.where(rng.uniform(size=labels) < auc_noise, rng.uniform(size=labels), base)
         pos, neg = hist(noisy[y], SCORE_BUCKETS), hist(noisy[~y], SCORE_BUCKETS)
-    return VersionStats(requests, errors, n_scores, hist(lat, LATENCY_BUCKETS),
-                        hist(s, SCORE_BUCKETS), pos, neg)  # fmt: skip
+    return VersionStats(
+        requests, errors, n_scores, hist(lat, LATENCY_BUCKETS), hist(s, SCORE_BUCKETS), pos, neg
+    )
 
 
 BASE = stats(seed=0)
@@ -65,25 +76,47 @@ CASES = [
     # (id, canary stats, verdict, reason)
     ("healthy", stats(seed=1), Verdict.PASS, CanaryReason.HEALTHY),
     ("error_rate_regressed", stats(errors=40, seed=1), Verdict.FAIL, CanaryReason.ERROR_RATE),
-    ("errors_fail_fast_before_min_requests", stats(requests=12, errors=6, n_scores=12, seed=1),
-     Verdict.FAIL, CanaryReason.ERROR_RATE),
-    ("one_error_in_little_traffic_is_not_judged", stats(requests=20, errors=1, n_scores=20, seed=1),
-     Verdict.INCONCLUSIVE, CanaryReason.TOO_LITTLE_TRAFFIC),
+    (
+        "errors_fail_fast_before_min_requests",
+        stats(requests=12, errors=6, n_scores=12, seed=1),
+        Verdict.FAIL,
+        CanaryReason.ERROR_RATE,
+    ),
+    (
+        "one_error_in_little_traffic_is_not_judged",
+        stats(requests=20, errors=1, n_scores=20, seed=1),
+        Verdict.INCONCLUSIVE,
+        CanaryReason.TOO_LITTLE_TRAFFIC,
+    ),
     ("errors_within_bound", stats(errors=4, seed=1), Verdict.PASS, CanaryReason.HEALTHY),
     ("latency_regressed", stats(latency_ms=200, seed=1), Verdict.FAIL, CanaryReason.LATENCY),
     ("latency_ratio_within_slack", stats(latency_ms=8, seed=1), Verdict.PASS, CanaryReason.HEALTHY),
-    ("latency_fail_fast_on_median", stats(requests=15, latency_ms=200, n_scores=15, seed=1),
-     Verdict.FAIL, CanaryReason.LATENCY),
+    (
+        "latency_fail_fast_on_median",
+        stats(requests=15, latency_ms=200, n_scores=15, seed=1),
+        Verdict.FAIL,
+        CanaryReason.LATENCY,
+    ),
     ("score_shift", stats(shift=0.3, seed=1), Verdict.FAIL, CanaryReason.SCORE_DISTRIBUTION),
     ("small_shift_within_psi", stats(shift=0.002, seed=1), Verdict.PASS, CanaryReason.HEALTHY),
-    ("too_few_scores", stats(n_scores=50, seed=1), Verdict.INCONCLUSIVE, CanaryReason.TOO_LITTLE_TRAFFIC),
-    ("no_canary_traffic", stats(requests=0, n_scores=0, seed=1), Verdict.INCONCLUSIVE,
-     CanaryReason.TOO_LITTLE_TRAFFIC),
-]  # fmt: skip
+    (
+        "too_few_scores",
+        stats(n_scores=50, seed=1),
+        Verdict.INCONCLUSIVE,
+        CanaryReason.TOO_LITTLE_TRAFFIC,
+    ),
+    (
+        "no_canary_traffic",
+        stats(requests=0, n_scores=0, seed=1),
+        Verdict.INCONCLUSIVE,
+        CanaryReason.TOO_LITTLE_TRAFFIC,
+    ),
+]
 
 
-@pytest.mark.parametrize(("canary", "verdict", "reason"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("canary", "verdict", "reason"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_analysis_decision_table(canary, verdict, reason):
     d = CanaryAnalysis().decide(BASE, canary)
     assert (d.verdict, d.reason) == (verdict, reason), d.message
@@ -94,10 +127,13 @@ def test_analysis_decision_table(canary, verdict, reason):
 
 @pytest.mark.parametrize(
     ("base_labels", "canary_labels", "noise", "verdict"),
-    [(2000, 2000, 0.0, Verdict.PASS), (2000, 2000, 0.6, Verdict.FAIL),
-     (2000, 30, 0.6, Verdict.PASS)],  # too few canary labels: the metric check waits
+    [
+        (2000, 2000, 0.0, Verdict.PASS),
+        (2000, 2000, 0.6, Verdict.FAIL),
+        (2000, 30, 0.6, Verdict.PASS),
+    ],  # too few canary labels: the metric check waits
     ids=["same_auc", "worse_auc", "labels_not_yet_arrived"],
-)  # fmt: skip
+)
 def test_labelled_metric_is_judged_once_labels_arrive(base_labels, canary_labels, noise, verdict):
     base = stats(seed=0, labels=base_labels)
     canary = stats(seed=1, labels=canary_labels, auc_noise=noise)
@@ -114,13 +150,18 @@ def test_thresholds_are_configurable():
     canary = stats(latency_ms=8, seed=1)
     strict = CanaryThresholds(max_latency_p95_ratio=1.2, latency_slack_ms=1)
     assert CanaryAnalysis(strict).decide(BASE, canary).reason is CanaryReason.LATENCY
-    assert CanaryAnalysis(CanaryThresholds(max_psi=10)).decide(
-        BASE, stats(shift=0.3, seed=1)).verdict is Verdict.PASS  # fmt: skip
+    assert (
+        CanaryAnalysis(CanaryThresholds(max_psi=10)).decide(BASE, stats(shift=0.3, seed=1)).verdict
+        is Verdict.PASS
+    )
 
 
 def _d(verdict: Verdict) -> CanaryDecision:
-    reason = {Verdict.PASS: CanaryReason.HEALTHY, Verdict.FAIL: CanaryReason.ERROR_RATE,
-              Verdict.INCONCLUSIVE: CanaryReason.TOO_LITTLE_TRAFFIC}[verdict]  # fmt: skip
+    reason = {
+        Verdict.PASS: CanaryReason.HEALTHY,
+        Verdict.FAIL: CanaryReason.ERROR_RATE,
+        Verdict.INCONCLUSIVE: CanaryReason.TOO_LITTLE_TRAFFIC,
+    }[verdict]
     return CanaryDecision(verdict, reason, verdict.value)
 
 
@@ -141,7 +182,7 @@ P, F, INC, E = "P", "F", "I", "E"  # pass, fail, inconclusive, error; suffix * =
         (AnalysisPolicy(inconclusive_limit=1), ["I*", P], RunStatus.RUNNING),
         (AnalysisPolicy(inconclusive_limit=1), ["I*", "I*"], RunStatus.PAUSED),
     ],
-)  # fmt: skip
+)
 def test_argo_style_run_semantics(policy, sequence, expected):
     run = AnalysisRun(policy)
     for m in sequence:
@@ -149,8 +190,10 @@ def test_argo_style_run_semantics(policy, sequence, expected):
             run.record_error("metrics endpoint down")
         else:
             final = m.endswith("*")
-            run.record(_d({"P": Verdict.PASS, "F": Verdict.FAIL, "I": Verdict.INCONCLUSIVE}[m[0]]),
-                       final=final)  # fmt: skip
+            run.record(
+                _d({"P": Verdict.PASS, "F": Verdict.FAIL, "I": Verdict.INCONCLUSIVE}[m[0]]),
+                final=final,
+            )
     assert run.status is expected
 
 
@@ -169,10 +212,16 @@ def test_run_state_round_trips_and_resume_clears_the_pause():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"steps": ()}, {"steps": ((0.5, 10), (0.25, 10))}, {"steps": ((0.5, 10), (1.5, 10))},
-     {"steps": ((0.0, 10),)}, {"steps": ((0.5, 1),), "analysis_interval_s": 2},
-     {"analysis_interval_s": 0}, {"bake_s": -1}],
-)  # fmt: skip
+    [
+        {"steps": ()},
+        {"steps": ((0.5, 10), (0.25, 10))},
+        {"steps": ((0.5, 10), (1.5, 10))},
+        {"steps": ((0.0, 10),)},
+        {"steps": ((0.5, 1),), "analysis_interval_s": 2},
+        {"analysis_interval_s": 0},
+        {"bake_s": -1},
+    ],
+)
 def test_plan_validation(kwargs):
     with pytest.raises(ValueError):
         CanaryPlan(**kwargs)
@@ -182,15 +231,25 @@ def test_default_plan_and_round_trip():
     plan = CanaryPlan()
     assert [s.weight for s in plan.steps] == [0.05, 0.25, 0.5, 1.0]
     assert CanaryPlan.from_dict(plan.to_dict()) == plan
-    assert CanaryPlan(steps=((0.5, 2.0), CanaryStep(1.0, 2.0)), analysis_interval_s=1).steps[0] == CanaryStep(0.5, 2.0)
+    assert CanaryPlan(steps=((0.5, 2.0), CanaryStep(1.0, 2.0)), analysis_interval_s=1).steps[
+        0
+    ] == CanaryStep(0.5, 2.0)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_error_rate_increase": 1.5}, {"max_latency_p95_ratio": 0.5}, {"max_psi": 0},
-     {"min_requests": 0}, {"min_requests_fail_fast": 100}, {"latency_slack_ms": -1},
-     {"max_metric_drop": -0.1}, {"alpha": 0}, {"alpha": 0.7}],
-)  # fmt: skip
+    [
+        {"max_error_rate_increase": 1.5},
+        {"max_latency_p95_ratio": 0.5},
+        {"max_psi": 0},
+        {"min_requests": 0},
+        {"min_requests_fail_fast": 100},
+        {"latency_slack_ms": -1},
+        {"max_metric_drop": -0.1},
+        {"alpha": 0},
+        {"alpha": 0.7},
+    ],
+)
 def test_threshold_validation(kwargs):
     with pytest.raises(ValueError):
         CanaryThresholds(**kwargs)
@@ -204,9 +263,16 @@ def h_count_above_ok() -> bool:
     return h.count_above(0.1) == 2 and h.count_above(0.0) == 4 and h.count_above(20) == 0
 
 
-@pytest.mark.parametrize(("k", "n", "p", "lo", "hi"),
-                         [(0, 10, 0.1, 1, 1), (11, 10, 0.1, 0, 0), (8, 17, 0.01, 0, 1e-9),
-                          (1, 20, 0.01, 0.1, 0.3), (5, 100, 0.05, 0.5, 0.6)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("k", "n", "p", "lo", "hi"),
+    [
+        (0, 10, 0.1, 1, 1),
+        (11, 10, 0.1, 0, 0),
+        (8, 17, 0.01, 0, 1e-9),
+        (1, 20, 0.01, 0.1, 0.3),
+        (5, 100, 0.05, 0.5, 0.6),
+    ],
+)
 def test_binomial_tail(k, n, p, lo, hi):
     from pipeline.canary import binomial_sf
 
@@ -267,13 +333,15 @@ def test_snapshot_parsing_of_the_service_metrics():
     with pytest.raises(MeasurementError, match="restarted"):
         fresh.since(snap, "1")
     with pytest.raises(MeasurementError):
-        parse_snapshot("scoring_requests_total{alias=\"champion\" 1 2 3 garbage")
+        parse_snapshot('scoring_requests_total{alias="champion" 1 2 3 garbage')
 
 
 def test_series_without_a_model_label_count_as_the_model_asked_for():
     """A single-model service (no ``model`` label) still reads as that model."""
-    text = ('scoring_requests_total{alias="champion",version="4"} 3.0\n'
-            'scoring_model_info{alias="champion",version="4",manifest_sha256="x"} 1.0\n')  # fmt: skip
+    text = (
+        'scoring_requests_total{alias="champion",version="4"} 3.0\n'
+        'scoring_model_info{alias="champion",version="4",manifest_sha256="x"} 1.0\n'
+    )
     snap = parse_snapshot(text, "card_fraud")
     assert snap.stats("4").requests == 3 and snap.serving == {"champion": "4"}
 
@@ -297,7 +365,8 @@ def test_plan_from_spec_takes_the_spec_timings_where_set(tmp_path, monkeypatch):
         assert plain.analysis_interval_s == 10 and plain.bake_s == 90
         assert {s.seconds for s in plain.steps} == {40}
         (tmp_path / "m" / "model.yaml").write_text(
-            base + "canary: {enabled: true, steps: [0.1, 1.0], step_seconds: 20, bake_seconds: 0}\n")
+            base + "canary: {enabled: true, steps: [0.1, 1.0], step_seconds: 20, bake_seconds: 0}\n"
+        )
         own = CanaryPlan.from_spec(load_spec(tmp_path / "m" / "model.yaml"), load_timeout_s=5)
         assert own.steps == (CanaryStep(0.1, 20.0), CanaryStep(1.0, 20.0))
         assert own.analysis_interval_s == 10 and own.bake_s == 0 and own.load_timeout_s == 5

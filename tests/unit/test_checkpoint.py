@@ -31,9 +31,15 @@ def trained(contract):
 
 def _save(path: Path, trained, **kw) -> dict:
     result, df = trained
-    return checkpoint.save_checkpoint(path, result.model, result.features, df.head(64),
-                                      data_snapshot={"uri": "file:///x", "sha256": "ab"},
-                                      training={"stop_reason": result.stop_reason}, **kw)  # fmt: skip
+    return checkpoint.save_checkpoint(
+        path,
+        result.model,
+        result.features,
+        df.head(64),
+        data_snapshot={"uri": "file:///x", "sha256": "ab"},
+        training={"stop_reason": result.stop_reason},
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -77,7 +83,10 @@ def _resign(ck: Path, edit=None) -> None:
     m = json.loads((ck / "manifest.json").read_text())
     for name in m["files"]:
         data = (ck / name).read_bytes()
-        m["files"][name] = {"sha256": checkpoint.hashlib.sha256(data).hexdigest(), "size": len(data)}
+        m["files"][name] = {
+            "sha256": checkpoint.hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
     if edit:
         edit(m)
     raw = json.dumps(m, indent=2, sort_keys=True).encode()
@@ -127,8 +136,10 @@ def non_finite(ck, _):
 
 def probe_changed(ck, _):
     probe = load_file(str(ck / "probe.safetensors"))
-    save_file({"probabilities": probe["probabilities"].flip(1).contiguous()},
-              str(ck / "probe.safetensors"))  # fmt: skip
+    save_file(
+        {"probabilities": probe["probabilities"].flip(1).contiguous()},
+        str(ck / "probe.safetensors"),
+    )
     _resign(ck)
 
 
@@ -157,21 +168,27 @@ DAMAGE = [
     ("flipped byte", flip_byte, "model.safetensors: sha256 mismatch"),
     ("truncated", truncate, "model.safetensors: size"),
     ("missing file", lambda ck, _: (ck / "probe.parquet").unlink(), "missing probe.parquet"),
-    ("extra file", lambda ck, _: (ck / "notes.txt").write_text("hi"),
-     "unexpected file(s) not in manifest: ['notes.txt']"),
+    (
+        "extra file",
+        lambda ck, _: (ck / "notes.txt").write_text("hi"),
+        "unexpected file(s) not in manifest: ['notes.txt']",
+    ),
     ("missing signature", lambda ck, _: (ck / "manifest.sig").unlink(), "missing manifest.sig"),
     ("missing manifest", lambda ck, _: (ck / "manifest.json").unlink(), "missing manifest.json"),
     ("manifest edited after signing", manifest_edited, "signature does not verify"),
     ("signed with another key", other_key, "signature does not verify"),
-    ("pickle file beside the weights",
-     lambda ck, _: shutil.copy(ck / "model.safetensors", ck / "model.pt"), "pickle-based file(s)"),
+    (
+        "pickle file beside the weights",
+        lambda ck, _: shutil.copy(ck / "model.safetensors", ck / "model.pt"),
+        "pickle-based file(s)",
+    ),
     ("pickle payload as weights, re-signed", signed_pickle_payload, "safe load failed"),
     ("torch.save zip as weights, re-signed", torch_zip_payload, "safe load failed"),
     ("tensor shapes vs model config, re-signed", shape_vs_config, "but the model config expects"),
     ("non-finite weights, re-signed", non_finite, "has non-finite values"),
     ("probe predictions changed, re-signed", probe_changed, "reload parity failed"),
     ("unknown format, re-signed", unknown_format, "is not 'retrain-checkpoint/1'"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("damage", "expected"), [pytest.param(d, e, id=i) for i, d, e in DAMAGE])
@@ -290,8 +307,13 @@ def test_killed_mid_write_leaves_no_checkpoint_that_verifies(ckpt, trained, tmp_
     """A real SIGKILL after the first file: the leftover temp dir is never the checkpoint."""
     target = ckpt.parent / "ckpt-2"
     env = {**os.environ, "PIPELINE_HOME": str(tmp_path / "home")}
-    out = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), target=str(target))],
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), target=str(target))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == -9, out.stderr[-2000:]
     assert not target.exists()
     leftovers = [p for p in ckpt.parent.iterdir() if p.name.startswith(".ckpt-2.tmp-")]
@@ -311,8 +333,9 @@ def test_optimizer_state_round_trips_without_pickle(pipeline_home, trained, tmp_
     loss = model(torch.randn(16, model.config.input_dim)).sum()
     loss.backward()
     opt.step()
-    manifest = _save(tmp_path / "ck", trained, optimizer_state=opt.state_dict(),
-                     stop_reason="grad_norm_plateau")  # fmt: skip
+    manifest = _save(
+        tmp_path / "ck", trained, optimizer_state=opt.state_dict(), stop_reason="grad_norm_plateau"
+    )
     ck = tmp_path / "ck"
     assert {"optimizer.safetensors", "optimizer.json"} <= set(manifest["files"])
     assert manifest["stop_reason"] == "grad_norm_plateau"

@@ -36,7 +36,10 @@ def _emit(stream, argv):
 
 
 def test_every_line_names_the_run_and_progress_is_plain_off_a_tty(restore_root):
-    out = _emit(io.StringIO(), ["train", "--dag-id", "retrain_model", "--run-id", "manual__2026-01-01T00:00:00+00:00"])
+    out = _emit(
+        io.StringIO(),
+        ["train", "--dag-id", "retrain_model", "--run-id", "manual__2026-01-01T00:00:00+00:00"],
+    )
     lines = out.splitlines()
     assert len(lines) == 3 and "\r" not in out
     assert all("run=retrain_model__manual__2026-01-01T00_00_00_00_00 " in line for line in lines)

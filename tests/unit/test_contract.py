@@ -94,7 +94,10 @@ def test_a_contract_without_an_id_column_loads(tmp_path: Path) -> None:
     ("mutate", "match"),
     [
         (lambda d: _set(d, "amount", drift={"method": "magic"}), "drift method 'magic'"),
-        (lambda d: _set(d, "amount", drift={"method": "psi", "threshold": -1}), "threshold must be > 0"),
+        (
+            lambda d: _set(d, "amount", drift={"method": "psi", "threshold": -1}),
+            "threshold must be > 0",
+        ),
         (lambda d: _set(d, "amount", min=10, max=1), "min 10 > max 1"),
         (lambda d: _set(d, "amount", max_null_fraction=1.5), "max_null_fraction"),
         (lambda d: _set(d, "channel", categories=[]), "lists no categories"),
@@ -116,10 +119,13 @@ def test_a_contract_without_an_id_column_loads(tmp_path: Path) -> None:
         (lambda d: {**d, "id_column": ""}, "id_column must name a column or be left out"),
         (lambda d: {**d, "id_column": "nope"}, "'nope' is named but not declared"),
         (lambda d: {**d, "row_count": {"min": 10, "max": 5}}, "below min"),
-        (lambda d: {**d, "target": {"name": "nope", "values": [0, 1]}}, "'nope' is named but not declared"),
+        (
+            lambda d: {**d, "target": {"name": "nope", "values": [0, 1]}},
+            "'nope' is named but not declared",
+        ),
         (lambda d: {k: v for k, v in d.items() if k != "target"}, "missing or bad field"),
     ],
-)  # fmt: skip
+)
 def test_bad_contracts_are_refused(tmp_path: Path, mutate, match: str) -> None:
     with pytest.raises(ContractError, match=match):
         load_contract(write(tmp_path, mutate(raw())))

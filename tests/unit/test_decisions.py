@@ -18,15 +18,33 @@ R = RetrainReason
         (RetrainEvidence(has_champion=True, dataset_drift=True), True, [R.DATASET_DRIFT]),
         (RetrainEvidence(has_champion=True, label_drifted=True), True, [R.LABEL_SHIFT]),
         # decay beyond the margin (0.03) retrains; within it does not
-        (RetrainEvidence(has_champion=True, champion_metric_at_promotion=0.83,
-                         champion_metric_on_batch=0.79), True, [R.PERFORMANCE_DECAY]),
-        (RetrainEvidence(has_champion=True, champion_metric_at_promotion=0.83,
-                         champion_metric_on_batch=0.81), False, [R.NOTHING_CHANGED]),
+        (
+            RetrainEvidence(
+                has_champion=True, champion_metric_at_promotion=0.83, champion_metric_on_batch=0.79
+            ),
+            True,
+            [R.PERFORMANCE_DECAY],
+        ),
+        (
+            RetrainEvidence(
+                has_champion=True, champion_metric_at_promotion=0.83, champion_metric_on_batch=0.81
+            ),
+            False,
+            [R.NOTHING_CHANGED],
+        ),
         (RetrainEvidence(has_champion=True, champion_age_days=31), True, [R.MODEL_TOO_OLD]),
-        (RetrainEvidence(has_champion=True, dataset_drift=True, champion_metric_at_promotion=0.9,
-                         champion_metric_on_batch=0.5), True, [R.DATASET_DRIFT, R.PERFORMANCE_DECAY]),
+        (
+            RetrainEvidence(
+                has_champion=True,
+                dataset_drift=True,
+                champion_metric_at_promotion=0.9,
+                champion_metric_on_batch=0.5,
+            ),
+            True,
+            [R.DATASET_DRIFT, R.PERFORMANCE_DECAY],
+        ),
     ],
-)  # fmt: skip
+)
 def test_retrain_policy(evidence, retrain, reasons):
     decision = RetrainPolicy().decide(evidence)
     assert decision.retrain is retrain

@@ -55,12 +55,15 @@ def digits_inputs(contract, parts):
 # -- the factory ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("numeric", "classes", "kwargs"), [
-    (50, 10, {}),
-    (7, 3, {}),
-    (1, 2, {"width": 4, "blocks": 1, "dropout": 0.0}),
-    (13, 5, {"width": 16, "blocks": 4, "dropout": 0.5}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("numeric", "classes", "kwargs"),
+    [
+        (50, 10, {}),
+        (7, 3, {}),
+        (1, 2, {"width": 4, "blocks": 1, "dropout": 0.0}),
+        (13, 5, {"width": 16, "blocks": 4, "dropout": 0.5}),
+    ],
+)
 def test_factory_maps_any_width_to_num_classes_logits(numeric, classes, kwargs):
     inputs = _inputs(numeric, classes)
     model = _build()(inputs, **kwargs)
@@ -100,13 +103,23 @@ def test_gradients_reach_every_parameter():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"width": 0}, "width"), ({"width": -3}, "width"), ({"width": 1.5}, "width"),
-    ({"width": True}, "width"), ({"width": "128"}, "width"),
-    ({"blocks": 0}, "blocks"), ({"blocks": 2.0}, "blocks"), ({"blocks": None}, "blocks"),
-    ({"dropout": 1.0}, "dropout"), ({"dropout": -0.1}, "dropout"), ({"dropout": "0.1"}, "dropout"),
-    ({"dropout": True}, "dropout"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"width": 0}, "width"),
+        ({"width": -3}, "width"),
+        ({"width": 1.5}, "width"),
+        ({"width": True}, "width"),
+        ({"width": "128"}, "width"),
+        ({"blocks": 0}, "blocks"),
+        ({"blocks": 2.0}, "blocks"),
+        ({"blocks": None}, "blocks"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"dropout": "0.1"}, "dropout"),
+        ({"dropout": True}, "dropout"),
+    ],
+)
 def test_bad_kwargs_raise_a_value_error_naming_the_kwarg(kwargs, field):
     with pytest.raises(ValueError, match=rf"model\.kwargs\.{field}"):
         _build()(_inputs(7, 3), **kwargs)
@@ -258,4 +271,7 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "batch-1" in out and "1227 rows" in out
     assert sorted(p.name for p in (tmp_path / "cli").glob("*.parquet")) == [
-        "batch-1.parquet", "batch-2.parquet", "eval.parquet"]  # fmt: skip
+        "batch-1.parquet",
+        "batch-2.parquet",
+        "eval.parquet",
+    ]

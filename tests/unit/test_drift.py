@@ -151,9 +151,13 @@ def test_wasserstein_bounds_hold_and_ambiguity_falls_back_to_exact(
         assert c.score_low - 1e-12 <= exact[c.column] <= c.score_high + 1e-12
     # a threshold inside the bounds of a continuous column forces the exact computation
     col = next(c for c in report.columns if c.method == "wasserstein" and not c.exact)
-    columns = tuple(dataclasses.replace(x, drift_threshold=col.score) if x.name == col.column else x
-                    for x in contract.columns)  # fmt: skip
-    tight, _ = detect_drift(reference, current, dataclasses.replace(contract, columns=columns), html=False)
+    columns = tuple(
+        dataclasses.replace(x, drift_threshold=col.score) if x.name == col.column else x
+        for x in contract.columns
+    )
+    tight, _ = detect_drift(
+        reference, current, dataclasses.replace(contract, columns=columns), html=False
+    )
     again = next(c for c in tight.columns if c.column == col.column)
     assert again.exact and again.score == pytest.approx(exact[col.column], rel=1e-12)
     assert again.drifted is (exact[col.column] >= col.score)
@@ -166,7 +170,11 @@ def test_small_reference_uses_p_value_tests(contract: DataContract) -> None:
     current = generate(WorldSpec(rows=1500, seed=2, covariate_shift=0.4))
     ours, _ = detect_drift(reference, current, contract, html=False)
     methods = {c.column: c.method for c in ours.columns}
-    assert methods["amount"] == "ks" and methods["channel"] == "chisquare" and methods["is_fraud"] == "z"
+    assert (
+        methods["amount"] == "ks"
+        and methods["channel"] == "chisquare"
+        and methods["is_fraud"] == "z"
+    )
     theirs, _ = evidently_verdicts(reference, current, contract)
     for c in ours.columns:
         assert c.drifted == theirs[c.column].drifted
@@ -180,7 +188,8 @@ def test_contract_sets_method_threshold_and_share(
 
     columns = tuple(
         dataclasses.replace(c, drift_method="psi", drift_threshold=0.2)
-        if c.name in ("amount", "channel") else c
+        if c.name in ("amount", "channel")
+        else c
         for c in contract.columns
     )
     custom = dataclasses.replace(contract, columns=columns, drift_share=0.9)
@@ -209,7 +218,9 @@ def test_streaming_from_parquet_equals_frames(
     for name, df in (("ref", reference), ("cur", current)):
         paths.append(tmp_path / f"{name}.parquet")
         paths[-1].write_bytes(parquet_bytes(df, row_group_size=900))
-    streamed, page = detect_drift_uris(paths[0].as_uri(), paths[1].as_uri(), contract, sample_rows=500)
+    streamed, page = detect_drift_uris(
+        paths[0].as_uri(), paths[1].as_uri(), contract, sample_rows=500
+    )
     framed, _ = detect_drift(reference, current, contract, html=False)
     assert streamed.to_dict() == framed.to_dict()
     assert "<html" in page
@@ -228,4 +239,8 @@ def test_drift_needs_no_time_column(
     drop = [] if time_column else ["event_time"]
     report, _ = detect_drift(reference.drop(columns=drop), current.drop(columns=drop), c)
     assert not report.dataset_drift, report.summary()
-    assert [x.column for x in report.columns] == [*c.numeric_features, *c.categorical_features, "is_fraud"]
+    assert [x.column for x in report.columns] == [
+        *c.numeric_features,
+        *c.categorical_features,
+        "is_fraud",
+    ]

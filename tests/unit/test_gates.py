@@ -38,54 +38,148 @@ def proba(strength: float, seed: int, *, degrade: str | None = None) -> np.ndarr
 
 
 def inputs(chal: np.ndarray, champ: np.ndarray | None, **kw) -> GateInputs:
-    return GateInputs(Y, chal, champ, "3" if champ is not None else None,
-                      slices={"channel": CHANNEL}, checkpoint_bytes=kw.get("size", 40_000),
-                      latency_p95_ms=kw.get("latency", 5.0))  # fmt: skip
+    return GateInputs(
+        Y,
+        chal,
+        champ,
+        "3" if champ is not None else None,
+        slices={"channel": CHANNEL},
+        checkpoint_bytes=kw.get("size", 40_000),
+        latency_p95_ms=kw.get("latency", 5.0),
+    )
 
 
 BASE = proba(1.0, 1)  # the champion: ROC AUC ~0.92
 
 
 CASES = [
-        ("improvement: whole CI above the margin",
-         proba(1.5, 2), BASE, {}, True, [R.IMPROVES_ON_CHAMPION]),
-        ("noisy tie: CI straddles zero -> champion stays",
-         proba(1.0, 2), BASE, {}, False, [R.NOT_BETTER_THAN_CHAMPION]),
-        ("the same tie passes as non-inferior within 0.03",
-         proba(1.0, 2), BASE, {"non_inferiority_margin": 0.03}, True, [R.NON_INFERIOR_TO_CHAMPION]),
-        ("clearly worse fails even with a non-inferiority margin",
-         proba(0.6, 2), BASE, {"non_inferiority_margin": 0.01}, False, [R.NOT_BETTER_THAN_CHAMPION]),
-        ("better, but by less than the required relative 10%",
-         proba(1.5, 2), BASE, {"improvement": "relative", "min_improvement": 0.1}, False,
-         [R.NOT_BETTER_THAN_CHAMPION]),
-        ("better overall, but one slice regresses",
-         proba(1.6, 2, degrade="atm"), BASE, {"slices": ("channel",)}, False, [R.SLICE_REGRESSION]),
-        ("better everywhere: slices pass",
-         proba(1.5, 2), BASE, {"slices": ("channel",)}, True, [R.IMPROVES_ON_CHAMPION]),
-        ("a slice column the evaluation set lacks fails explicitly",
-         proba(1.5, 2), BASE, {"slices": ("country",)}, False, [R.METRIC_MISSING]),
-        ("no champion: floors only",
-         proba(1.0, 2), None, {"slices": ("channel",)}, True, [R.NO_CHAMPION_FLOORS_MET]),
-        ("no champion and below the floor",
-         proba(0.15, 2), None, {}, False, [R.BELOW_FLOOR]),
-        ("beats a weak champion but not the floor",
-         proba(0.3, 2), proba(0.05, 1), {}, False, [R.BELOW_FLOOR]),
-        ("a floor on a lower-is-better metric is a ceiling",
-         proba(1.5, 2), BASE, {"floors": {"roc_auc": 0.7, "log_loss": 0.05}}, False, [R.BELOW_FLOOR]),
-        ("over the size budget",
-         proba(1.5, 2), BASE, {"max_checkpoint_bytes": 10_000}, False, [R.OVER_SIZE_BUDGET]),
-        ("over the latency budget",
-         proba(1.5, 2), BASE, {"max_latency_p95_ms": 1.0}, False, [R.OVER_LATENCY_BUDGET]),
-        ("within both budgets",
-         proba(1.5, 2), BASE, {"max_checkpoint_bytes": 10**6, "max_latency_p95_ms": 50}, True,
-         [R.IMPROVES_ON_CHAMPION]),
-        ("gated on log loss (lower is better)",
-         proba(1.5, 2), BASE, {"metric": "log_loss", "floors": {}}, True, [R.IMPROVES_ON_CHAMPION]),
-]  # fmt: skip
+    (
+        "improvement: whole CI above the margin",
+        proba(1.5, 2),
+        BASE,
+        {},
+        True,
+        [R.IMPROVES_ON_CHAMPION],
+    ),
+    (
+        "noisy tie: CI straddles zero -> champion stays",
+        proba(1.0, 2),
+        BASE,
+        {},
+        False,
+        [R.NOT_BETTER_THAN_CHAMPION],
+    ),
+    (
+        "the same tie passes as non-inferior within 0.03",
+        proba(1.0, 2),
+        BASE,
+        {"non_inferiority_margin": 0.03},
+        True,
+        [R.NON_INFERIOR_TO_CHAMPION],
+    ),
+    (
+        "clearly worse fails even with a non-inferiority margin",
+        proba(0.6, 2),
+        BASE,
+        {"non_inferiority_margin": 0.01},
+        False,
+        [R.NOT_BETTER_THAN_CHAMPION],
+    ),
+    (
+        "better, but by less than the required relative 10%",
+        proba(1.5, 2),
+        BASE,
+        {"improvement": "relative", "min_improvement": 0.1},
+        False,
+        [R.NOT_BETTER_THAN_CHAMPION],
+    ),
+    (
+        "better overall, but one slice regresses",
+        proba(1.6, 2, degrade="atm"),
+        BASE,
+        {"slices": ("channel",)},
+        False,
+        [R.SLICE_REGRESSION],
+    ),
+    (
+        "better everywhere: slices pass",
+        proba(1.5, 2),
+        BASE,
+        {"slices": ("channel",)},
+        True,
+        [R.IMPROVES_ON_CHAMPION],
+    ),
+    (
+        "a slice column the evaluation set lacks fails explicitly",
+        proba(1.5, 2),
+        BASE,
+        {"slices": ("country",)},
+        False,
+        [R.METRIC_MISSING],
+    ),
+    (
+        "no champion: floors only",
+        proba(1.0, 2),
+        None,
+        {"slices": ("channel",)},
+        True,
+        [R.NO_CHAMPION_FLOORS_MET],
+    ),
+    ("no champion and below the floor", proba(0.15, 2), None, {}, False, [R.BELOW_FLOOR]),
+    (
+        "beats a weak champion but not the floor",
+        proba(0.3, 2),
+        proba(0.05, 1),
+        {},
+        False,
+        [R.BELOW_FLOOR],
+    ),
+    (
+        "a floor on a lower-is-better metric is a ceiling",
+        proba(1.5, 2),
+        BASE,
+        {"floors": {"roc_auc": 0.7, "log_loss": 0.05}},
+        False,
+        [R.BELOW_FLOOR],
+    ),
+    (
+        "over the size budget",
+        proba(1.5, 2),
+        BASE,
+        {"max_checkpoint_bytes": 10_000},
+        False,
+        [R.OVER_SIZE_BUDGET],
+    ),
+    (
+        "over the latency budget",
+        proba(1.5, 2),
+        BASE,
+        {"max_latency_p95_ms": 1.0},
+        False,
+        [R.OVER_LATENCY_BUDGET],
+    ),
+    (
+        "within both budgets",
+        proba(1.5, 2),
+        BASE,
+        {"max_checkpoint_bytes": 10**6, "max_latency_p95_ms": 50},
+        True,
+        [R.IMPROVES_ON_CHAMPION],
+    ),
+    (
+        "gated on log loss (lower is better)",
+        proba(1.5, 2),
+        BASE,
+        {"metric": "log_loss", "floors": {}},
+        True,
+        [R.IMPROVES_ON_CHAMPION],
+    ),
+]
 
 
-@pytest.mark.parametrize(("chal", "champ", "gate", "promote", "reasons"),
-                         [pytest.param(*c[1:], id=c[0]) for c in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("chal", "champ", "gate", "promote", "reasons"), [pytest.param(*c[1:], id=c[0]) for c in CASES]
+)
 def test_promotion_gate(chal, champ, gate, promote, reasons):
     d = PromotionGate(**gate).decide(inputs(chal, champ))
     assert d.promote is promote, d.message
@@ -107,7 +201,8 @@ def test_noisy_tie_interval_straddles_zero_and_message_says_so():
 
 def test_budgets_without_measurements_fail_explicitly():
     d = PromotionGate(max_checkpoint_bytes=10**6, max_latency_p95_ms=50).decide(
-        GateInputs(Y, proba(1.5, 2), None))
+        GateInputs(Y, proba(1.5, 2), None)
+    )
     assert not d.promote and d.reasons == [R.METRIC_MISSING]
     assert "not measured" in d.message
 
@@ -135,8 +230,12 @@ def test_small_slices_are_reported_not_judged():
 
 
 def test_replay_from_the_json_record_gives_the_same_decision():
-    gate = PromotionGate(slices=("channel",), non_inferiority_margin=0.01,
-                         max_checkpoint_bytes=10**6, max_latency_p95_ms=50)  # fmt: skip
+    gate = PromotionGate(
+        slices=("channel",),
+        non_inferiority_margin=0.01,
+        max_checkpoint_bytes=10**6,
+        max_latency_p95_ms=50,
+    )
     inp = inputs(proba(1.1, 2), BASE)
     decision = gate.decide(inp)
     record = json.loads(json.dumps(decision_record(gate, inp, decision, {"model_version": "4"})))
@@ -161,10 +260,19 @@ def test_float32_probabilities_replay_exactly():
 
 def test_report_table_has_every_column_and_a_row_per_check():
     d = PromotionGate(slices=("channel",), max_checkpoint_bytes=10**6).decide(
-        inputs(proba(1.5, 2), BASE))
+        inputs(proba(1.5, 2), BASE)
+    )
     table = report_table(d)
     header = table.splitlines()[0]
-    for col in ("metric", "champion v3", "challenger", "difference", "95% CI", "threshold", "result"):
+    for col in (
+        "metric",
+        "champion v3",
+        "challenger",
+        "difference",
+        "95% CI",
+        "threshold",
+        "result",
+    ):
         assert col in header
     assert len(table.splitlines()) == 2 + len(d.checks)
     assert "| roc_auc |" in table and "CI lower bound of the gain >= 0.0050" in table
@@ -172,11 +280,17 @@ def test_report_table_has_every_column_and_a_row_per_check():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"min_improvement": 1.5}, "min_improvement"), ({"non_inferiority_margin": -0.1}, "non_inferiority"),
-     ({"metric": "pr_auc"}, "gate metric"), ({"floors": {"f1": 0.5}}, "unknown metric"),
-     ({"improvement": "percent"}, "improvement"), ({"resamples": 10}, "resamples"),
-     ({"max_latency_p95_ms": 0}, "max_latency"), ({"confidence": 1.0}, "confidence")],
-)  # fmt: skip
+    [
+        ({"min_improvement": 1.5}, "min_improvement"),
+        ({"non_inferiority_margin": -0.1}, "non_inferiority"),
+        ({"metric": "pr_auc"}, "gate metric"),
+        ({"floors": {"f1": 0.5}}, "unknown metric"),
+        ({"improvement": "percent"}, "improvement"),
+        ({"resamples": 10}, "resamples"),
+        ({"max_latency_p95_ms": 0}, "max_latency"),
+        ({"confidence": 1.0}, "confidence"),
+    ],
+)
 def test_gate_rejects_bad_thresholds(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PromotionGate(**kwargs)

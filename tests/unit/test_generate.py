@@ -25,8 +25,9 @@ def test_realistic_shape(contract):
 
 
 def test_covariate_shift_moves_features_not_the_label_rate():
-    base, shifted = generate(WorldSpec(rows=20_000, seed=4)), generate(
-        WorldSpec(rows=20_000, seed=4, covariate_shift=1.0)
+    base, shifted = (
+        generate(WorldSpec(rows=20_000, seed=4)),
+        generate(WorldSpec(rows=20_000, seed=4, covariate_shift=1.0)),
     )
     assert shifted["amount"].median() > 1.5 * base["amount"].median()
     assert (shifted["channel"] == "online").mean() > (base["channel"] == "online").mean() + 0.1
@@ -65,9 +66,13 @@ def test_every_schema_fault_changes_the_batch(fault):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"rows": 0}, "rows"), ({"covariate_shift": 1.5}, "covariate_shift"),
-     ({"label_prior": 0}, "label_prior"), ({"schema_fault": "nope"}, "schema_fault")],
-)  # fmt: skip
+    [
+        ({"rows": 0}, "rows"),
+        ({"covariate_shift": 1.5}, "covariate_shift"),
+        ({"label_prior": 0}, "label_prior"),
+        ({"schema_fault": "nope"}, "schema_fault"),
+    ],
+)
 def test_bad_knobs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WorldSpec(**kwargs)

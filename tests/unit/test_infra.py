@@ -76,7 +76,9 @@ def test_pip_installs_use_the_lock(dockerfile):
 
 
 def test_serving_image_refuses_pickle():
-    env = " ".join(args for word, args in _instructions(INFRA / "serving" / "Dockerfile") if word == "ENV")
+    env = " ".join(
+        args for word, args in _instructions(INFRA / "serving" / "Dockerfile") if word == "ENV"
+    )
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in env
 
 
@@ -115,10 +117,14 @@ def test_training_pod_gets_a_gpu_and_tolerates_the_taint():
     assert base["image"].rpartition(":")[0].endswith("retrain-trainer")
     assert base["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert base["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"][
+        "tolerations"
+    ]
     env = {e["name"]: e.get("value") for e in base["env"]}
     assert env["PIPELINE_DEVICE"] == "cuda"
-    assert not any(re.search(r"PASSWORD|SECRET|_KEY$", n) for n in env), "secrets come from the Secret"
+    assert not any(re.search(r"PASSWORD|SECRET|_KEY$", n) for n in env), (
+        "secrets come from the Secret"
+    )
 
 
 def test_serving_deployment_refuses_pickle_and_has_no_gpu():
@@ -132,7 +138,10 @@ def test_serving_deployment_refuses_pickle_and_has_no_gpu():
 
 def test_compose_serving_refuses_pickle():
     compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
-    assert compose["services"]["scoring"]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert (
+        compose["services"]["scoring"]["environment"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]
+        == "false"
+    )
 
 
 def test_helm_values_reference_the_built_image_and_settings():
@@ -157,9 +166,11 @@ def test_mlflow_artifact_uris_never_name_a_host():
     compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
     pod = _docs(INFRA / "k8s" / "training-pod-template.yaml")[0]["spec"]["containers"][0]
     helm = yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
-    found = [compose["x-airflow-common"]["environment"]["PIPELINE_MLFLOW_ARTIFACT_URI"],
-             *(e["value"] for e in pod["env"] if e["name"] == "PIPELINE_MLFLOW_ARTIFACT_URI"),
-             *(e["value"] for e in helm["env"] if e["name"] == "PIPELINE_MLFLOW_ARTIFACT_URI")]  # fmt: skip
+    found = [
+        compose["x-airflow-common"]["environment"]["PIPELINE_MLFLOW_ARTIFACT_URI"],
+        *(e["value"] for e in pod["env"] if e["name"] == "PIPELINE_MLFLOW_ARTIFACT_URI"),
+        *(e["value"] for e in helm["env"] if e["name"] == "PIPELINE_MLFLOW_ARTIFACT_URI"),
+    ]
     assert len(found) == 3
     for v in found:
         assert not urlparse(v.rstrip("/") + "/retrain_model").netloc, v

@@ -29,16 +29,30 @@ class FakeAirflow:
 
     url: str = ""
     password: str = "s3cret"
-    assets: list[dict[str, Any]] = field(default_factory=lambda: [
-        {"id": 7, "name": "card_fraud_batch_v0", "uri": "pipeline://models/card_fraud/batch_v0"},
-        {"id": 3, "name": "card_fraud_batch", "uri": ASSET_URI},
-    ])  # fmt: skip
+    assets: list[dict[str, Any]] = field(
+        default_factory=lambda: [
+            {
+                "id": 7,
+                "name": "card_fraud_batch_v0",
+                "uri": "pipeline://models/card_fraud/batch_v0",
+            },
+            {"id": 3, "name": "card_fraud_batch", "uri": ASSET_URI},
+        ]
+    )
     script: dict[str, list[int]] = field(default_factory=dict)
     seen: list[dict[str, Any]] = field(default_factory=list)
 
-    def handle(self, method: str, path: str, query: dict[str, list[str]], headers: dict[str, str],
-               body: Any) -> tuple[int, Any]:  # fmt: skip
-        self.seen.append({"method": method, "path": path, "query": query, "headers": headers, "body": body})
+    def handle(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: Any,
+    ) -> tuple[int, Any]:
+        self.seen.append(
+            {"method": method, "path": path, "query": query, "headers": headers, "body": body}
+        )
         if self.script.get(path):
             return self.script[path].pop(0), {"detail": "scripted"}
         if path == "/auth/token" and method == "POST":
@@ -54,8 +68,13 @@ class FakeAirflow:
         if path == "/api/v2/assets/events" and method == "POST":
             if body["asset_id"] not in [a["id"] for a in self.assets]:
                 return 404, {"detail": f"Asset with ID: `{body['asset_id']}` was not found"}
-            return 200, {"id": 41, "asset_id": body["asset_id"], "extra": {**body["extra"], "from_rest_api": True},
-                         "timestamp": "2026-03-01T00:00:00Z", "created_dagruns": []}  # fmt: skip
+            return 200, {
+                "id": 41,
+                "asset_id": body["asset_id"],
+                "extra": {**body["extra"], "from_rest_api": True},
+                "timestamp": "2026-03-01T00:00:00Z",
+                "created_dagruns": [],
+            }
         return 404, {"detail": "Not Found"}
 
     def events(self) -> list[dict[str, Any]]:
@@ -71,9 +90,13 @@ def fake_airflow(pipeline_home, monkeypatch) -> Iterator[FakeAirflow]:
             u = urlparse(self.path)
             n = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(n) if n else b""
-            status, out = fake.handle(self.command, u.path, parse_qs(u.query),
-                                      {k.lower(): v for k, v in self.headers.items()},
-                                      json.loads(raw) if raw else None)  # fmt: skip
+            status, out = fake.handle(
+                self.command,
+                u.path,
+                parse_qs(u.query),
+                {k.lower(): v for k, v in self.headers.items()},
+                json.loads(raw) if raw else None,
+            )
             data = json.dumps(out).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -90,8 +113,11 @@ def fake_airflow(pipeline_home, monkeypatch) -> Iterator[FakeAirflow]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    for k, v in {"PIPELINE_AIRFLOW_API_URL": fake.url, "PIPELINE_AIRFLOW_USERNAME": "admin",
-                 "PIPELINE_AIRFLOW_PASSWORD": fake.password}.items():  # fmt: skip
+    for k, v in {
+        "PIPELINE_AIRFLOW_API_URL": fake.url,
+        "PIPELINE_AIRFLOW_USERNAME": "admin",
+        "PIPELINE_AIRFLOW_PASSWORD": fake.password,
+    }.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("PIPELINE_AIRFLOW_TOKEN", raising=False)
     monkeypatch.setattr(land, "BACKOFF_S", 0.01)
@@ -123,7 +149,9 @@ def test_lands_under_the_landing_prefix_without_an_event(pipeline_home, batch):
     assert (rec["model"], rec["rows"], rec["event"]) == ("card_fraud", 60, None)
     assert storage.read_bytes(rec["uri"]) == batch.read_bytes()
     assert rec["sha256"] == storage.sha256_bytes(batch.read_bytes())
-    assert steps.check_batch_source(rec["uri"], spec) == storage.norm(rec["uri"])  # a run may read it
+    assert steps.check_batch_source(rec["uri"], spec) == storage.norm(
+        rec["uri"]
+    )  # a run may read it
 
 
 def test_relanding_is_idempotent_and_other_bytes_never_overwrite(pipeline_home, batch, tmp_path):
@@ -131,7 +159,9 @@ def test_relanding_is_idempotent_and_other_bytes_never_overwrite(pipeline_home, 
     first = land.land_batch(spec, batch, emit=False)
     again = land.land_batch(spec, batch.as_uri(), emit=False)  # file:// spelling, same key
     assert again == first
-    listed = [unquote(u) for u in storage.list_uris(steps.landing_prefix_uri(spec))]  # as_uri() quotes
+    listed = [
+        unquote(u) for u in storage.list_uris(steps.landing_prefix_uri(spec))
+    ]  # as_uri() quotes
     assert listed == [first["uri"]]
 
     other = tmp_path / "in" / "other.parquet"
@@ -167,11 +197,16 @@ def test_the_event_carries_the_landed_uri(fake_airflow, batch):
     rec = land.land_batch(spec, batch)
     assert rec["event"] == {"asset_id": 3, "id": 41, "timestamp": "2026-03-01T00:00:00Z"}
     token, lookup, post = fake_airflow.seen
-    assert (token["path"], token["body"]) == ("/auth/token", {"username": "admin", "password": "s3cret"})
+    assert (token["path"], token["body"]) == (
+        "/auth/token",
+        {"username": "admin", "password": "s3cret"},
+    )
     assert lookup["query"]["uri_pattern"] == [ASSET_URI]  # the exact uri was picked, not batch_v0
     assert post["headers"]["authorization"] == "Bearer tok-123"
-    assert post["body"] == {"asset_id": 3, "extra": {"batch_uri": rec["uri"], "model": "card_fraud",
-                                                     "sha256": rec["sha256"]}}  # fmt: skip
+    assert post["body"] == {
+        "asset_id": 3,
+        "extra": {"batch_uri": rec["uri"], "model": "card_fraud", "sha256": rec["sha256"]},
+    }
     assert steps.check_batch_source(post["body"]["extra"]["batch_uri"], spec)  # inside the prefix
 
 
@@ -181,7 +216,9 @@ def test_a_landed_local_batch_is_what_the_run_reads(pipeline_home, batch):
     spec = get_spec("card_fraud")
     rec = land.land_batch(spec, batch, emit=False)
     with use_spec(spec):
-        resolved = steps.resolve_batch_uri("", [{"batch_uri": rec["uri"]}], "2026-03-01T00:00:00+00:00")
+        resolved = steps.resolve_batch_uri(
+            "", [{"batch_uri": rec["uri"]}], "2026-03-01T00:00:00+00:00"
+        )
         assert storage.exists(resolved), resolved
         assert storage.exists(steps.check_batch_source(resolved)), resolved  # ingest_batch's check
 
@@ -223,12 +260,16 @@ def test_5xx_on_every_try_gives_up_after_three(fake_airflow, batch):
 
 def test_a_missing_asset_names_the_dag(fake_airflow, batch):
     fake_airflow.assets = [a for a in fake_airflow.assets if a["uri"] != ASSET_URI]
-    with pytest.raises(land.AirflowAPIError, match="is the DAG retrain_card_fraud for model 'card_fraud' parsed"):
+    with pytest.raises(
+        land.AirflowAPIError, match="is the DAG retrain_card_fraud for model 'card_fraud' parsed"
+    ):
         land.land_batch(get_spec("card_fraud"), batch)
     assert fake_airflow.events() == []
 
 
-def test_unreachable_airflow_fails_after_three_tries_naming_the_url(pipeline_home, batch, monkeypatch):
+def test_unreachable_airflow_fails_after_three_tries_naming_the_url(
+    pipeline_home, batch, monkeypatch
+):
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
@@ -239,7 +280,9 @@ def test_unreachable_airflow_fails_after_three_tries_naming_the_url(pipeline_hom
     from pipeline.settings import get_settings
 
     get_settings.cache_clear()
-    with pytest.raises(land.AirflowAPIError, match=rf"127.0.0.1:{port}/api/v2/assets.*after 3 tries"):
+    with pytest.raises(
+        land.AirflowAPIError, match=rf"127.0.0.1:{port}/api/v2/assets.*after 3 tries"
+    ):
         land.land_batch(get_spec("card_fraud"), batch, airflow_url=f"http://127.0.0.1:{port}/")
 
 
@@ -248,7 +291,9 @@ def test_cli_prints_the_record(fake_airflow, batch, capsys):
 
     assert main(["data", "land", "--model", "card_fraud", "--file", str(batch)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["event"]["id"] == 41 and out["uri"].startswith(steps.landing_prefix_uri(get_spec("card_fraud")))
+    assert out["event"]["id"] == 41 and out["uri"].startswith(
+        steps.landing_prefix_uri(get_spec("card_fraud"))
+    )
     fake_airflow.password = "wrong"
     assert main(["data", "land", "--model", "card_fraud", "--file", str(batch)]) == 2
     assert "HTTP 401" in capsys.readouterr().err
@@ -276,8 +321,22 @@ def test_a_trusted_set_goes_to_the_spec_location_once(pipeline_home, tmp_path):
     with pytest.raises(land.LandingRejected, match="never overwritten"):
         land.land_eval(spec, other)
     assert storage.read_bytes(rec["uri"]) == first.read_bytes()
-    out = subprocess.run([sys.executable, "-m", "pipeline", "data", "land", "--model", "card_fraud",
-                          "--file", str(first), "--as-eval"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)},
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "data",
+            "land",
+            "--model",
+            "card_fraud",
+            "--file",
+            str(first),
+            "--as-eval",
+        ],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)},
+        timeout=120,
+    )
     assert out.returncode == 0 and json.loads(out.stdout)["uri"] == rec["uri"], out.stderr

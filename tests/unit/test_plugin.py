@@ -213,7 +213,11 @@ def test_airflow_loads_plugin_with_global_links():
     assert len(ours) == 1
     links = ours[0].global_operator_extra_links
     assert {link.name for link in links} == {
-        "MLflow run", "Model version", "Validation report", "Drift report", "Gradient snapshots"
+        "MLflow run",
+        "Model version",
+        "Validation report",
+        "Drift report",
+        "Gradient snapshots",
     }
     assert all(isinstance(link, BaseOperatorLink) for link in links)
 
@@ -250,9 +254,15 @@ def test_failed_task_falls_back_to_the_runs_ingest_record(plugin, xcoms):
 
 
 def test_artifact_links_only_on_the_task_that_makes_the_artifact(plugin, xcoms):
-    xcoms.update(ingest_batch=RUN_XCOM, train_model=RUN_XCOM, register_challenger=MODEL_XCOM,
-                 detect_drift={**RUN_XCOM, "verdict": "drift"})  # fmt: skip
-    assert _links(plugin, "train_model")["Gradient snapshots"].endswith("/runs/0a1b2c3d/artifacts/telemetry")
+    xcoms.update(
+        ingest_batch=RUN_XCOM,
+        train_model=RUN_XCOM,
+        register_challenger=MODEL_XCOM,
+        detect_drift={**RUN_XCOM, "verdict": "drift"},
+    )
+    assert _links(plugin, "train_model")["Gradient snapshots"].endswith(
+        "/runs/0a1b2c3d/artifacts/telemetry"
+    )
     assert _links(plugin, "detect_drift")["Drift report"].endswith("/artifacts/drift/report.html")
     gate = _links(plugin, "gate_promotion")  # no XCom of its own yet: falls back for both
     assert gate["Model version"] == "http://ui/#/models/card-fraud/versions/7"
@@ -274,7 +284,12 @@ def test_sibling_key_of_a_real_task_instance_key(plugin):
 
     key = TaskInstanceKey("retrain_card_fraud", "validate_batch", "r1", 2, 3)
     sib = plugin.sibling_key(key, "ingest_batch")
-    assert (sib.dag_id, sib.task_id, sib.run_id, sib.map_index) == ("retrain_card_fraud", "ingest_batch", "r1", -1)
+    assert (sib.dag_id, sib.task_id, sib.run_id, sib.map_index) == (
+        "retrain_card_fraud",
+        "ingest_batch",
+        "r1",
+        -1,
+    )
 
 
 def test_artifact_url_quotes_segments_but_keeps_slashes(plugin):
@@ -312,18 +327,26 @@ def test_version_link_names_the_dags_own_model_when_the_record_does_not(plugin, 
     xcoms["promote_champion"] = promoted
     link = plugin.ModelVersionLink()
     assert link.get_link(None, ti_key=TIKey("retrain_digits", "promote_champion")) == (
-        "http://ui/#/models/digits/versions/4")  # fmt: skip
+        "http://ui/#/models/digits/versions/4"
+    )
     xcoms["promote_champion"] = {k: v for k, v in promoted.items() if k != "model"}
     assert link.get_link(None, ti_key=TIKey("retrain_card_fraud", "promote_champion")) == (
-        "http://ui/#/models/card-fraud/versions/4")  # fmt: skip
+        "http://ui/#/models/card-fraud/versions/4"
+    )
     xcoms["rollback_champion"] = {"kind": "rollback", "from_version": "5", "to_version": "3"}
     assert link.get_link(None, ti_key=TIKey("rollback_card_fraud", "rollback_champion")) == (
-        "http://ui/#/models/card-fraud/versions/3")  # fmt: skip
+        "http://ui/#/models/card-fraud/versions/3"
+    )
     # an unknown model or a DAG of no model: disabled, not an error
     assert link.get_link(None, ti_key=TIKey("retrain_no_such_model", "rollback_champion")) == ""
     assert link.get_link(None, ti_key=TIKey("some_other_dag", "promote_champion")) == ""
-    xcoms["promote_champion"] = {**promoted, "model": str(ROOT / "models" / "digits" / "model.yaml")}
-    assert link.get_link(None, ti_key=TIKey("retrain_digits", "promote_champion")) == ""  # never a path
+    xcoms["promote_champion"] = {
+        **promoted,
+        "model": str(ROOT / "models" / "digits" / "model.yaml"),
+    }
+    assert (
+        link.get_link(None, ti_key=TIKey("retrain_digits", "promote_champion")) == ""
+    )  # never a path
     assert plugin.model_of_dag("retrain_card_fraud") == "card_fraud"
     assert plugin.model_of_dag("rollback_digits") == "digits"
     assert plugin.model_of_dag("retrain_") is None and plugin.model_of_dag(None) is None
@@ -343,80 +366,157 @@ def view(plugin):
 def infos(view):
     from pipeline.spec import get_spec
 
-    return {name: view.model_info(get_spec(ROOT / "models" / name / "model.yaml"))
-            for name in ("card_fraud", "digits")}  # fmt: skip
+    return {
+        name: view.model_info(get_spec(ROOT / "models" / name / "model.yaml"))
+        for name in ("card_fraud", "digits")
+    }
 
 
 AIRFLOW_RUNS = [
-    {"run_id": "manual__2026-03-02T00:00:00+00:00", "state": "success",
-     "run_after": "2026-03-02T00:00+00:00", "run_type": "manual"},
-    {"run_id": "scheduled__2026-03-01", "state": "failed", "run_after": "2026-03-01T03:00+00:00",
-     "run_type": "scheduled"},
-    {"run_id": "manual__never_reached_mlflow", "state": "queued", "run_after": "", "run_type": "manual"},
-]  # fmt: skip
+    {
+        "run_id": "manual__2026-03-02T00:00:00+00:00",
+        "state": "success",
+        "run_after": "2026-03-02T00:00+00:00",
+        "run_type": "manual",
+    },
+    {
+        "run_id": "scheduled__2026-03-01",
+        "state": "failed",
+        "run_after": "2026-03-01T03:00+00:00",
+        "run_type": "scheduled",
+    },
+    {
+        "run_id": "manual__never_reached_mlflow",
+        "state": "queued",
+        "run_after": "",
+        "run_type": "manual",
+    },
+]
 FOUND = {
     "manual__2026-03-02T00:00:00+00:00": {
-        "mlflow_run_id": "abc", "mlflow_experiment_id": "1", "grad_norms": [0.6, 0.2, 0.1, 0.09],
-        "tags": {"stage.validate_batch.verdict": "pass", "stage.detect_drift.verdict": "drift",
-                 "stage.detect_drift.summary": "8 of 9 <features> drifted",
-                 "stage.decide_retrain.verdict": "train", "train.stop_reason": "grad_norm_plateau",
-                 "stage.gate_promotion.verdict": "promote", "model.version": "2",
-                 "stage.promote_champion.verdict": "promoted",
-                 "stage.promote_champion.summary": "champion -> v2 (previous_champion v1)",
-                 "data.batch_uri": "file:///x/landing/batch-002.parquet"},
-        "version_tags": {"gate.verdict": "promote", "gate.champion_version": "1",
-                         "gate.difference": "+0.396675", "gate.margin": "0.005",
-                         "gate.ci": "[+0.358070, +0.433763]", "gate.metric": "roc_auc",
-                         "gate.reason": "improves_on_champion", "policy.overrides": "none"},
+        "mlflow_run_id": "abc",
+        "mlflow_experiment_id": "1",
+        "grad_norms": [0.6, 0.2, 0.1, 0.09],
+        "tags": {
+            "stage.validate_batch.verdict": "pass",
+            "stage.detect_drift.verdict": "drift",
+            "stage.detect_drift.summary": "8 of 9 <features> drifted",
+            "stage.decide_retrain.verdict": "train",
+            "train.stop_reason": "grad_norm_plateau",
+            "stage.gate_promotion.verdict": "promote",
+            "model.version": "2",
+            "stage.promote_champion.verdict": "promoted",
+            "stage.promote_champion.summary": "champion -> v2 (previous_champion v1)",
+            "data.batch_uri": "file:///x/landing/batch-002.parquet",
+        },
+        "version_tags": {
+            "gate.verdict": "promote",
+            "gate.champion_version": "1",
+            "gate.difference": "+0.396675",
+            "gate.margin": "0.005",
+            "gate.ci": "[+0.358070, +0.433763]",
+            "gate.metric": "roc_auc",
+            "gate.reason": "improves_on_champion",
+            "policy.overrides": "none",
+        },
     },
     "scheduled__2026-03-01": {
-        "mlflow_run_id": "def", "mlflow_experiment_id": "1", "grad_norms": [],
+        "mlflow_run_id": "def",
+        "mlflow_experiment_id": "1",
+        "grad_norms": [],
         "tags": {"stage.validate_batch.verdict": "reject"},
     },
-}  # fmt: skip
-META = {"experiment_id": "1", "aliases": {
-    "champion": {"version": "2", "tags": {"gate.verdict": "promote", "gate.metric": "roc_auc",
-                                          "eval.roc_auc": "0.831967"}},
-    "previous_champion": {"version": "1", "tags": {}},
-}}  # fmt: skip
+}
+META = {
+    "experiment_id": "1",
+    "aliases": {
+        "champion": {
+            "version": "2",
+            "tags": {
+                "gate.verdict": "promote",
+                "gate.metric": "roc_auc",
+                "eval.roc_auc": "0.831967",
+            },
+        },
+        "previous_champion": {"version": "1", "tags": {}},
+    },
+}
 
 
 def test_build_section_joins_airflow_runs_with_their_mlflow_records(view, infos):
-    m = view.build_section(infos["card_fraud"], AIRFLOW_RUNS, FOUND, META, airflow_base="/af",
-                           mlflow_ui="http://ui/")  # fmt: skip
+    m = view.build_section(
+        infos["card_fraud"], AIRFLOW_RUNS, FOUND, META, airflow_base="/af", mlflow_ui="http://ui/"
+    )
     ok, failed, queued = m.runs
-    assert ok.airflow_url == "/af/dags/retrain_card_fraud/runs/manual__2026-03-02T00%3A00%3A00%2B00%3A00"
+    assert (
+        ok.airflow_url
+        == "/af/dags/retrain_card_fraud/runs/manual__2026-03-02T00%3A00%3A00%2B00%3A00"
+    )
     assert ok.mlflow_url == "http://ui/#/experiments/1/runs/abc"
     assert ok.model_url == "http://ui/#/models/card-fraud/versions/2"
-    assert (ok.validation, ok.drift, ok.decision, ok.stop_reason) == ("pass", "drift", "train", "grad_norm_plateau")
-    assert (ok.gate, ok.promotion, ok.canary, ok.aliases) == ("promote", "promoted", False, ["champion"])
-    assert ok.gate_detail == ["roc_auc +0.3967 vs v1 (needs +0.005)", "95% CI [+0.3581, +0.4338]",
-                              "improves_on_champion"]  # fmt: skip
+    assert (ok.validation, ok.drift, ok.decision, ok.stop_reason) == (
+        "pass",
+        "drift",
+        "train",
+        "grad_norm_plateau",
+    )
+    assert (ok.gate, ok.promotion, ok.canary, ok.aliases) == (
+        "promote",
+        "promoted",
+        False,
+        ["champion"],
+    )
+    assert ok.gate_detail == [
+        "roc_auc +0.3967 vs v1 (needs +0.005)",
+        "95% CI [+0.3581, +0.4338]",
+        "improves_on_champion",
+    ]
     assert ok.overrides == []
-    assert (failed.validation, failed.gate, failed.model_url, failed.promotion) == ("reject", "", "", "")
+    assert (failed.validation, failed.gate, failed.model_url, failed.promotion) == (
+        "reject",
+        "",
+        "",
+        "",
+    )
     assert queued.mlflow_url == "" and queued.validation == ""
     by_alias = {a.alias: a for a in m.aliases}
     assert by_alias["champion"].version == "2" and "roc_auc 0.832" in by_alias["champion"].detail
     assert by_alias["canary"].version == ""
     assert m.experiment_url == "http://ui/#/experiments/1"
-    assert m.model_url == "http://ui/#/models/card-fraud" and m.airflow_url == "/af/dags/retrain_card_fraud"
+    assert (
+        m.model_url == "http://ui/#/models/card-fraud"
+        and m.airflow_url == "/af/dags/retrain_card_fraud"
+    )
 
 
 def test_gate_detail_without_a_champion(view):
-    lines = view.gate_detail({"gate.champion_version": "none", "gate.metric": "roc_auc",
-                              "eval.roc_auc": "0.797250", "gate.floor": "0.7",
-                              "gate.reason": "no_champion_floors_met"})  # fmt: skip
-    assert lines == ["no champion: floors only", "roc_auc 0.7973 (floor 0.7)", "no_champion_floors_met"]
+    lines = view.gate_detail(
+        {
+            "gate.champion_version": "none",
+            "gate.metric": "roc_auc",
+            "eval.roc_auc": "0.797250",
+            "gate.floor": "0.7",
+            "gate.reason": "no_champion_floors_met",
+        }
+    )
+    assert lines == [
+        "no champion: floors only",
+        "roc_auc 0.7973 (floor 0.7)",
+        "no_champion_floors_met",
+    ]
     # a version tagged before gate.metric existed: the spec's primary metric names it
-    assert view.gate_detail({"gate.champion_version": "none", "eval.accuracy": "0.9"}, "accuracy") == [
-        "no champion: floors only", "accuracy 0.9"]  # fmt: skip
+    assert view.gate_detail(
+        {"gate.champion_version": "none", "eval.accuracy": "0.9"}, "accuracy"
+    ) == ["no champion: floors only", "accuracy 0.9"]
 
 
 def test_overrides_text(view):
     from pipeline.spec import get_spec, resolve_policy
 
-    pol = resolve_policy(get_spec(ROOT / "models" / "card_fraud" / "model.yaml"),
-                         {"gate_non_inferiority_margin": 0.02, "gate_margin": 0.01})  # fmt: skip
+    pol = resolve_policy(
+        get_spec(ROOT / "models" / "card_fraud" / "model.yaml"),
+        {"gate_non_inferiority_margin": 0.02, "gate_margin": 0.01},
+    )
     raw = json.dumps(list(pol.overrides), default=str)  # as gate_promotion tags the version
     assert view.overrides_text(raw) == [
         "gate.margin 0.005 → 0.01 (tighter)",
@@ -427,26 +527,48 @@ def test_overrides_text(view):
 
 
 def test_rendered_page_escapes_and_draws_sparklines(view, infos):
-    section = view.build_section(infos["card_fraud"], AIRFLOW_RUNS, FOUND, META, mlflow_ui="http://ui")
-    page = view.PageData(models=[section], mlflow_ui="http://ui",
-                         broken=[view.BrokenSpec("/m/x/model.yaml", "field 'task' = '<b>'")])  # fmt: skip
+    section = view.build_section(
+        infos["card_fraud"], AIRFLOW_RUNS, FOUND, META, mlflow_ui="http://ui"
+    )
+    page = view.PageData(
+        models=[section],
+        mlflow_ui="http://ui",
+        broken=[view.BrokenSpec("/m/x/model.yaml", "field 'task' = '<b>'")],
+    )
     page.problems.append("MLflow: <down>")
     html = view.render_page(page)
-    assert html.count("<svg") == 1 and "<polyline" in html and "train.grad_norm over 4 epoch(s)" in html
+    assert (
+        html.count("<svg") == 1
+        and "<polyline" in html
+        and "train.grad_norm over 4 epoch(s)" in html
+    )
     assert "&lt;features&gt;" in html and "<features>" not in html
     assert "MLflow: &lt;down&gt;" in html and "&#x27;&lt;b&gt;&#x27;" in html
     assert 'data-run-id="scheduled__2026-03-01"' in html and 'data-alias="champion"' in html
     assert "batch-002.parquet" in html
-    assert "<script" not in html and "http://" not in html.replace("http://ui", "")  # no external assets
+    assert "<script" not in html and "http://" not in html.replace(
+        "http://ui", ""
+    )  # no external assets
 
 
 @pytest.mark.parametrize(
     ("verdict", "cls"),
-    [("pass", "good"), ("promote", "good"), ("reject", "bad"), ("quarantined", "bad"),
-     ("drift", "warn"), ("not_promoted", "warn"), ("", "none"), ("not_run", "none"),
-     ("rolled_back", "bad"), ("rolled_back_after_bake", "bad"), ("paused", "warn"),
-     ("aborted", "warn"), ("something_new", "info")],
-)  # fmt: skip
+    [
+        ("pass", "good"),
+        ("promote", "good"),
+        ("reject", "bad"),
+        ("quarantined", "bad"),
+        ("drift", "warn"),
+        ("not_promoted", "warn"),
+        ("", "none"),
+        ("not_run", "none"),
+        ("rolled_back", "bad"),
+        ("rolled_back_after_bake", "bad"),
+        ("paused", "warn"),
+        ("aborted", "warn"),
+        ("something_new", "info"),
+    ],
+)
 def test_verdict_classes(view, verdict, cls):
     assert view.verdict_class(verdict) == cls
 
@@ -469,8 +591,14 @@ def test_page_endpoint_renders_collected_data(view, infos, monkeypatch):
 
     def fake_collect(limit, airflow_base, may_read):
         seen.update(limit=limit, base=airflow_base, digits=may_read("retrain_digits"))
-        section = view.build_section(infos["card_fraud"], AIRFLOW_RUNS, FOUND, META,
-                                     airflow_base=airflow_base, mlflow_ui="http://ui")  # fmt: skip
+        section = view.build_section(
+            infos["card_fraud"],
+            AIRFLOW_RUNS,
+            FOUND,
+            META,
+            airflow_base=airflow_base,
+            mlflow_ui="http://ui",
+        )
         return view.PageData(models=[section], mlflow_ui="http://ui", hidden=["digits"])
 
     monkeypatch.setattr(view, "authorize", allow)
@@ -511,11 +639,20 @@ def test_authorize_redirects_to_login_and_checks_each_models_dag(view, monkeypat
     def request(headers=()):
         from starlette.requests import Request
 
-        return Request({"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers],
-                        "root_path": "/retraining", "path": "/", "query_string": b""})  # fmt: skip
+        return Request(
+            {
+                "type": "http",
+                "headers": [(k.encode(), v.encode()) for k, v in headers],
+                "root_path": "/retraining",
+                "path": "/",
+                "query_string": b"",
+            }
+        )
 
     denied = asyncio.run(view.authorize(request()))
-    assert denied.status_code == 303 and denied.headers["location"] == "/auth/login?next=/retraining/"
+    assert (
+        denied.status_code == 303 and denied.headers["location"] == "/auth/login?next=/retraining/"
+    )
     may_read = asyncio.run(view.authorize(request([("authorization", "Bearer good")])))
     assert may_read("retrain_digits") and not may_read("retrain_card_fraud")
     assert asked == [("GET", "retrain_digits", "alice"), ("GET", "retrain_card_fraud", "alice")]
@@ -543,38 +680,76 @@ def _stage_tags(spec, airflow_run_id: str, verdicts: dict[str, str]):
     from pipeline import registry, steps
 
     ctx = steps.RunContext(spec.retrain_dag_id, airflow_run_id)
-    rid = registry.get_or_create_run(ctx.run_key, {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id,
-                                                   "pipeline.model": spec.name})  # fmt: skip
+    rid = registry.get_or_create_run(
+        ctx.run_key,
+        {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "pipeline.model": spec.name},
+    )
     for stage, verdict in verdicts.items():
-        steps._stage(rid, stage, verdict, f"{stage}: {verdict}", {"stage": stage, "verdict": verdict})
+        steps._stage(
+            rid, stage, verdict, f"{stage}: {verdict}", {"stage": stage, "verdict": verdict}
+        )
     return ctx, rid
 
 
-def _challenger(spec, airflow_run_id: str, *, value: float, champion: str | None,
-                requested: dict | None = None) -> dict:  # fmt: skip
+def _challenger(
+    spec, airflow_run_id: str, *, value: float, champion: str | None, requested: dict | None = None
+) -> dict:
     """A registered, gated challenger: registry calls of register_challenger, and the version
     tags gate_promotion writes (metric named by the spec, overrides from the run's policy)."""
     from pipeline import registry, steps
 
-    ctx, rid = _stage_tags(spec, airflow_run_id, {"ingest_batch": "ok", "validate_batch": "pass",
-                                                  "detect_drift": "drift" if champion else "no_reference",
-                                                  "decide_retrain": "train", "train_model": "trained"})  # fmt: skip
-    version = registry.register_version(rid, ctx.run_key, f"file:///ck/{ctx.run_key}",
-                                        {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id}, "")  # fmt: skip
+    ctx, rid = _stage_tags(
+        spec,
+        airflow_run_id,
+        {
+            "ingest_batch": "ok",
+            "validate_batch": "pass",
+            "detect_drift": "drift" if champion else "no_reference",
+            "decide_retrain": "train",
+            "train_model": "trained",
+        },
+    )
+    version = registry.register_version(
+        rid,
+        ctx.run_key,
+        f"file:///ck/{ctx.run_key}",
+        {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id},
+        "",
+    )
     registry.set_alias(registry.CHALLENGER, version)
     registry.set_tags(rid, {"model.version": version})
     pol = steps.run_policy(requested)
     metric = spec.primary_metric
-    registry.tag_version(version, {
-        "gate.verdict": "promote", "gate.reason": "improves_on_champion" if champion else "no_champion_floors_met",
-        "gate.metric": metric, "gate.margin": pol.margin, "gate.floor": pol.floor,
-        "gate.champion_version": champion or "none", f"eval.{metric}": f"{value:.6f}",
-        "policy.overrides": json.dumps(list(pol.overrides), default=str) if pol.overrides else "none",
-        **({"gate.difference": "+0.012000", "gate.ci": "[+0.004000, +0.020000]"} if champion else {}),
-    })  # fmt: skip
-    steps._stage(rid, "gate_promotion", "promote", f"v{version} promotes", {"stage": "gate_promotion"})
-    gated = {"verdict": "promote", "model_version": version, "champion_version": champion,
-             "mlflow_run_id": rid, "model": spec.name}  # fmt: skip
+    registry.tag_version(
+        version,
+        {
+            "gate.verdict": "promote",
+            "gate.reason": "improves_on_champion" if champion else "no_champion_floors_met",
+            "gate.metric": metric,
+            "gate.margin": pol.margin,
+            "gate.floor": pol.floor,
+            "gate.champion_version": champion or "none",
+            f"eval.{metric}": f"{value:.6f}",
+            "policy.overrides": json.dumps(list(pol.overrides), default=str)
+            if pol.overrides
+            else "none",
+            **(
+                {"gate.difference": "+0.012000", "gate.ci": "[+0.004000, +0.020000]"}
+                if champion
+                else {}
+            ),
+        },
+    )
+    steps._stage(
+        rid, "gate_promotion", "promote", f"v{version} promotes", {"stage": "gate_promotion"}
+    )
+    gated = {
+        "verdict": "promote",
+        "model_version": version,
+        "champion_version": champion,
+        "mlflow_run_id": rid,
+        "model": spec.name,
+    }
     return {"ctx": ctx, "rid": rid, "version": version, "gated": gated}
 
 
@@ -599,7 +774,9 @@ def two_models(pipeline_home, migrated_db, tmp_path, monkeypatch):
     shutil.copy(migrated_db, dst)
     models = tmp_path / "models"
     for name in ("card_fraud", "digits"):
-        shutil.copytree(ROOT / "models" / name, models / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "models" / name, models / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
     (models / "broken").mkdir()
     (models / "broken" / "model.yaml").write_text(BROKEN_SPEC)
     monkeypatch.setenv("PIPELINE_MODELS_ROOT", str(models))
@@ -607,8 +784,13 @@ def two_models(pipeline_home, migrated_db, tmp_path, monkeypatch):
 
     with use_spec(get_spec("card_fraud")) as card:
         # 1. first champion, promoted directly, with an override the spec allows
-        c1 = _challenger(card, SAME_RUN, value=0.83, champion=None,
-                         requested={"gate_non_inferiority_margin": 0.02})  # fmt: skip
+        c1 = _challenger(
+            card,
+            SAME_RUN,
+            value=0.83,
+            champion=None,
+            requested={"gate_non_inferiority_margin": 0.02},
+        )
         assert steps.promote_champion(c1["ctx"], c1["gated"])["verdict"] == "promoted"
         # 2. a canary a reviewer aborted; the task (re)runs canary_rollout: rolled back
         c2 = _challenger(card, "manual__c2", value=0.85, champion="1")
@@ -625,33 +807,74 @@ def two_models(pipeline_home, migrated_db, tmp_path, monkeypatch):
         assert out["verdict"] == "promoted" and out["path"] == "canary"
     runs = {
         "retrain_card_fraud": [
-            {"run_id": "manual__c3", "state": "running", "run_after": "2026-03-03T00:00+00:00", "run_type": "manual"},
-            {"run_id": "manual__c2", "state": "success", "run_after": "2026-03-02T00:00+00:00", "run_type": "manual"},
-            {"run_id": SAME_RUN, "state": "success", "run_after": "2026-03-01T03:00+00:00", "run_type": "scheduled"},
+            {
+                "run_id": "manual__c3",
+                "state": "running",
+                "run_after": "2026-03-03T00:00+00:00",
+                "run_type": "manual",
+            },
+            {
+                "run_id": "manual__c2",
+                "state": "success",
+                "run_after": "2026-03-02T00:00+00:00",
+                "run_type": "manual",
+            },
+            {
+                "run_id": SAME_RUN,
+                "state": "success",
+                "run_after": "2026-03-01T03:00+00:00",
+                "run_type": "scheduled",
+            },
             {"run_id": "manual__queued", "state": "queued", "run_after": "", "run_type": "manual"},
         ],
         "retrain_digits": [
-            {"run_id": SAME_RUN, "state": "success", "run_after": "2026-03-01T03:00+00:00", "run_type": "scheduled"},
+            {
+                "run_id": SAME_RUN,
+                "state": "success",
+                "run_after": "2026-03-01T03:00+00:00",
+                "run_type": "scheduled",
+            },
         ],
-    }  # fmt: skip
+    }
     return {"runs": runs, "c1": c1, "c2": c2, "c3": c3, "d1": d1, "client": registry.client()}
 
 
 def test_view_shows_every_model_from_one_store_and_a_broken_spec(view, two_models, monkeypatch):
-    monkeypatch.setattr(view, "airflow_runs", lambda dag_id, limit: two_models["runs"].get(dag_id, [])[:limit])
+    monkeypatch.setattr(
+        view, "airflow_runs", lambda dag_id, limit: two_models["runs"].get(dag_id, [])[:limit]
+    )
     monkeypatch.setenv("PIPELINE_MLFLOW_UI_URL", "http://ui")
     page = view.collect(20, "/af")
     assert page.problems == [] and page.hidden == []
     assert [m.name for m in page.models] == ["card_fraud", "digits"]
     (broken,) = page.broken
-    assert broken.path.endswith("broken/model.yaml") and "trinary" in broken.error and "task" in broken.error
+    assert (
+        broken.path.endswith("broken/model.yaml")
+        and "trinary" in broken.error
+        and "task" in broken.error
+    )
     assert broken.name == "broken"
 
     card, digits = page.model("card_fraud"), page.model("digits")
-    assert (card.info.model_name, card.info.primary_metric, card.info.margin) == ("card-fraud", "roc_auc", 0.005)
-    assert (digits.info.model_name, digits.info.primary_metric, digits.info.margin) == ("digits", "accuracy", 0.01)
-    assert card.experiment_url != digits.experiment_url and card.experiment_url and digits.experiment_url
-    assert card.model_url == "http://ui/#/models/card-fraud" and digits.model_url == "http://ui/#/models/digits"
+    assert (card.info.model_name, card.info.primary_metric, card.info.margin) == (
+        "card-fraud",
+        "roc_auc",
+        0.005,
+    )
+    assert (digits.info.model_name, digits.info.primary_metric, digits.info.margin) == (
+        "digits",
+        "accuracy",
+        0.01,
+    )
+    assert (
+        card.experiment_url != digits.experiment_url
+        and card.experiment_url
+        and digits.experiment_url
+    )
+    assert (
+        card.model_url == "http://ui/#/models/card-fraud"
+        and digits.model_url == "http://ui/#/models/digits"
+    )
 
     # the same Airflow run id in both DAGs: each section has its own model's run and version
     c1 = next(r for r in card.runs if r.run_id == SAME_RUN)
@@ -665,7 +888,9 @@ def test_view_shows_every_model_from_one_store_and_a_broken_spec(view, two_model
     # the gate's evidence names each spec's primary metric
     assert c1.gate_detail[:2] == ["no champion: floors only", "roc_auc 0.83 (floor 0.7)"]
     assert d1.gate_detail[:2] == ["no champion: floors only", "accuracy 0.9 (floor 0.5)"]
-    assert c1.overrides == ["gate.non_inferiority_margin None → 0.02 (loosened, the spec allows it)"]
+    assert c1.overrides == [
+        "gate.non_inferiority_margin None → 0.02 (loosened, the spec allows it)"
+    ]
     assert d1.overrides == []
 
     # promotion: what promote_champion / canary_rollout wrote
@@ -673,12 +898,18 @@ def test_view_shows_every_model_from_one_store_and_a_broken_spec(view, two_model
     assert (c1.promotion, c1.canary, c1.aliases) == ("promoted", False, ["champion"])
     c2, c3, queued = rows["manual__c2"], rows["manual__c3"], rows["manual__queued"]
     assert (c2.promotion, c2.canary) == ("rolled_back", True)
-    assert "aborted by alice: p95 latency doubled" in c2.promotion_summary and "aborted" in c2.canary_detail
+    assert (
+        "aborted by alice: p95 latency doubled" in c2.promotion_summary
+        and "aborted" in c2.canary_detail
+    )
     assert c2.gate_detail[0] == "roc_auc +0.0120 vs v1 (needs +0.005)"
     assert (c3.promotion, c3.canary, c3.aliases) == ("running", True, ["canary", "challenger"])
     # a decided canary (here: promoted, no champion to compare against) is no longer a challenger
     assert (d1.promotion, d1.canary, d1.aliases) == ("promoted", True, ["champion"])
-    assert "no champion to compare against" in d1.promotion_summary and "no_champion" in d1.canary_detail
+    assert (
+        "no champion to compare against" in d1.promotion_summary
+        and "no_champion" in d1.canary_detail
+    )
     assert queued.promotion == queued.mlflow_url == ""
     # ...which is the promote_champion stage's tag: no stage of the pipeline is called canary_rollout
     tags = two_models["client"].get_run(two_models["c2"]["rid"]).data.tags
@@ -688,12 +919,18 @@ def test_view_shows_every_model_from_one_store_and_a_broken_spec(view, two_model
     # who serves, per model
     card_aliases = {a.alias: a for a in card.aliases}
     digits_aliases = {a.alias: a for a in digits.aliases}
-    assert card_aliases["champion"].version == "1" and "roc_auc 0.83" in card_aliases["champion"].detail
+    assert (
+        card_aliases["champion"].version == "1"
+        and "roc_auc 0.83" in card_aliases["champion"].detail
+    )
     assert "1 override(s)" in card_aliases["champion"].detail
     assert card_aliases["canary"].version == two_models["c3"]["version"] == "3"
     assert "canary running" in card_aliases["canary"].detail and card.canary_weight == 0.25
     assert card_aliases["previous_champion"].version == ""
-    assert digits_aliases["champion"].version == "1" and "accuracy 0.9" in digits_aliases["champion"].detail
+    assert (
+        digits_aliases["champion"].version == "1"
+        and "accuracy 0.9" in digits_aliases["champion"].detail
+    )
     assert digits_aliases["champion"].url == "http://ui/#/models/digits/versions/1"
     assert digits_aliases["canary"].version == digits_aliases["previous_champion"].version == ""
 
@@ -702,14 +939,23 @@ def test_view_shows_every_model_from_one_store_and_a_broken_spec(view, two_model
     assert 'data-model="card_fraud"' in html and 'data-model="digits"' in html
     assert "Broken model spec" in html and 'data-broken-spec="broken"' in html
     assert "&lt;b&gt;trinary&lt;/b&gt;" in html and "<b>trinary" not in html
-    assert "primary metric <code>roc_auc</code>" in html and "primary metric <code>accuracy</code>" in html
-    assert "Gate (accuracy)" in html and "gate margin 0.01 (absolute)" in html and "ROC AUC" not in html
+    assert (
+        "primary metric <code>roc_auc</code>" in html
+        and "primary metric <code>accuracy</code>" in html
+    )
+    assert (
+        "Gate (accuracy)" in html
+        and "gate margin 0.01 (absolute)" in html
+        and "ROC AUC" not in html
+    )
     assert "traffic to canary 25%" in html
     assert html.count('data-run-id="' + SAME_RUN + '"') == 2
 
 
 def test_view_leaves_out_models_the_user_may_not_read(view, two_models, monkeypatch):
-    monkeypatch.setattr(view, "airflow_runs", lambda dag_id, limit: two_models["runs"].get(dag_id, []))
+    monkeypatch.setattr(
+        view, "airflow_runs", lambda dag_id, limit: two_models["runs"].get(dag_id, [])
+    )
     page = view.collect(5, may_read=lambda dag_id: dag_id == "retrain_digits")
     assert [m.name for m in page.models] == ["digits"] and page.hidden == ["card_fraud"]
     assert "you may not read their runs): card_fraud" in view.render_page(page)

@@ -104,8 +104,14 @@ def test_promotion_waits_for_a_held_lock_and_never_writes_without_it(pipeline_ho
 
 def test_a_stale_lock_is_broken(pipeline_home):
     (v1,) = _versions(1)
-    dead = {"owner": "dead", "host": "h", "pid": 1, "purpose": "crashed",
-            "acquired_at": time.time() - 3600, "stale_after_s": 120}  # fmt: skip
+    dead = {
+        "owner": "dead",
+        "host": "h",
+        "pid": 1,
+        "purpose": "crashed",
+        "acquired_at": time.time() - 3600,
+        "stale_after_s": 120,
+    }
     storage.write_bytes(registry.champion_lock_uri(), json.dumps(dead).encode())
     assert registry.promote_champion(v1, None, lock_timeout=5) is None
     assert _aliases() == ("1", None)
@@ -134,7 +140,9 @@ def _policy(**requested):
     from pipeline import steps
 
     card = specs.get_spec("card_fraud")
-    loose = card.model_copy(update={"overrides": specs.OverridesSpec(allow=["gate.floors", "evaluation.uri"])})
+    loose = card.model_copy(
+        update={"overrides": specs.OverridesSpec(allow=["gate.floors", "evaluation.uri"])}
+    )
     return steps.run_policy(requested, spec=loose)
 
 
@@ -161,14 +169,28 @@ def world(pipeline_home, contract, tmp_path):
     for seed in (0, 1):
         torch.manual_seed(seed)
         local = tmp_path / f"ck{seed}"
-        checkpoint.save_checkpoint(local, MLP(ModelConfig(spec.width, 2)), spec, df.head(32),
-                                   data_snapshot={"uri": eval_uri, "sha256": "x"},
-                                   training={"stop_reason": "max_epochs"})  # fmt: skip
+        checkpoint.save_checkpoint(
+            local,
+            MLP(ModelConfig(spec.width, 2)),
+            spec,
+            df.head(32),
+            data_snapshot={"uri": eval_uri, "sha256": "x"},
+            training={"stop_reason": "max_epochs"},
+        )
         digest = checkpoint.manifest_digest(local)
         uri = storage.join(root, "checkpoints", digest[:24])
         checkpoint.publish(local, uri)
-        ckpts.append({"checkpoint_uri": uri, "manifest_sha256": digest, "stop_reason": "max_epochs",
-                      "epochs": 1, "best_epoch": 1, "device": "cpu", "final_grad_norm": 0.25})  # fmt: skip
+        ckpts.append(
+            {
+                "checkpoint_uri": uri,
+                "manifest_sha256": digest,
+                "stop_reason": "max_epochs",
+                "epochs": 1,
+                "best_epoch": 1,
+                "device": "cpu",
+                "final_grad_norm": 0.25,
+            }
+        )
     return {"eval_uri": eval_uri, "df": df, "trained": ckpts}
 
 
@@ -177,10 +199,17 @@ def _register(world, i: int):
 
     ctx = steps.RunContext(dag_id="retrain_model", run_id=f"manual__{i}")
     rid = registry.get_or_create_run(ctx.run_key)
-    ingested = {"mlflow_run_id": rid, "uri": world["eval_uri"], "sha256": "f" * 64,
-                "source_uri": world["eval_uri"], "rows": 2000}  # fmt: skip
+    ingested = {
+        "mlflow_run_id": rid,
+        "uri": world["eval_uri"],
+        "sha256": "f" * 64,
+        "source_uri": world["eval_uri"],
+        "rows": 2000,
+    }
     tr = world["trained"][i]
-    return ctx, steps.register_challenger(ctx, ingested, tr, {"manifest_sha256": tr["manifest_sha256"]})
+    return ctx, steps.register_challenger(
+        ctx, ingested, tr, {"manifest_sha256": tr["manifest_sha256"]}
+    )
 
 
 def test_registered_version_is_a_model_from_code_without_pickle(world):
@@ -199,15 +228,25 @@ def test_registered_version_is_a_model_from_code_without_pickle(world):
     assert tags["checkpoint.signature"].startswith("verified HMAC-SHA256 key local-")
     assert tags["train.stop_reason"] == "max_epochs" and tags["train.final_grad_norm"] == "0.25"
     assert tags["airflow.dag_id"] == "retrain_model" and tags["airflow.run_id"] == "manual__0"
-    for key in ("data.snapshot_uri", "data.snapshot_sha256", "validation.verdict", "drift.verdict",
-                "code.version", "checkpoint.bytes"):
+    for key in (
+        "data.snapshot_uri",
+        "data.snapshot_sha256",
+        "validation.verdict",
+        "drift.verdict",
+        "code.version",
+        "checkpoint.bytes",
+    ):
         assert tags[key], key
 
     local = Path(mlflow.artifacts.download_artifacts(mv.source))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".cloudpickle"))]
-    assert {"serving_model.py", "input_example.json", "artifacts/checkpoint/model.safetensors",
-            "artifacts/checkpoint/manifest.sig"} <= files  # fmt: skip
+    assert {
+        "serving_model.py",
+        "input_example.json",
+        "artifacts/checkpoint/model.safetensors",
+        "artifacts/checkpoint/manifest.sig",
+    } <= files
     flavor = mlflow.models.Model.load(local / "MLmodel").flavors["python_function"]
     assert flavor["model_code_path"].endswith("serving_model.py") and "python_model" not in flavor
 
@@ -234,20 +273,28 @@ def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
     from pipeline import gates, steps
 
     ctx0, reg0 = _register(world, 0)
-    g0 = steps.gate_promotion(ctx0, reg0, policy=_policy(gate_floor=0.0, eval_uri=world["eval_uri"]),
-                              resamples=200)  # fmt: skip
+    g0 = steps.gate_promotion(
+        ctx0, reg0, policy=_policy(gate_floor=0.0, eval_uri=world["eval_uri"]), resamples=200
+    )
     assert g0["verdict"] == "promote" and g0["reason"] == "no_champion_floors_met"
     # every override the run used is on the version, with the spec's value and the run's
-    used = json.loads(registry.client().get_model_version(_name(), reg0["model_version"]).tags["policy.overrides"])
-    assert {(o["param"], o["kind"]) for o in used} == {("gate_floor", "loosen_allowed"),
-                                                        ("eval_uri", "loosen_allowed")}  # fmt: skip
+    used = json.loads(
+        registry.client().get_model_version(_name(), reg0["model_version"]).tags["policy.overrides"]
+    )
+    assert {(o["param"], o["kind"]) for o in used} == {
+        ("gate_floor", "loosen_allowed"),
+        ("eval_uri", "loosen_allowed"),
+    }
     assert next(o for o in used if o["param"] == "gate_floor")["spec"] == 0.7
     assert steps.promote_champion(ctx0, g0)["verdict"] == "promoted"
 
     ctx1, reg1 = _register(world, 1)
-    g1 = steps.gate_promotion(ctx1, reg1, policy=_policy(gate_floor=0.0, gate_margin=0.05,
-                                                         eval_uri=world["eval_uri"]),
-                              resamples=200)  # fmt: skip
+    g1 = steps.gate_promotion(
+        ctx1,
+        reg1,
+        policy=_policy(gate_floor=0.0, gate_margin=0.05, eval_uri=world["eval_uri"]),
+        resamples=200,
+    )
     assert g1["champion_version"] == reg0["model_version"]
     assert g1["verdict"] == "reject"  # two untrained models: no 0.05 gain
     assert len(json.dumps(g1, default=str)) < 20_000  # XCom stays small
@@ -255,8 +302,10 @@ def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
     assert mv.tags["rejected"] == "true" and "champion v1 stays" in mv.tags["rejection_reason"]
     assert mv.tags["gate.champion_version"] == "1" and mv.tags["gate.ci"].startswith("[")
     assert "challenger" not in mv.aliases and "champion" not in mv.aliases
-    assert "| metric | champion v1 | challenger | difference | 95% CI | threshold | result |" \
+    assert (
+        "| metric | champion v1 | challenger | difference | 95% CI | threshold | result |"
         in mv.description
+    )
     record = json.loads(Path(mlflow.artifacts.download_artifacts(g1["record_uri"])).read_text())
     assert record["champion_version"] == "1"
     assert record["context"]["eval_sha256"] == storage.digest_of(world["eval_uri"])
@@ -274,11 +323,19 @@ def test_human_approval(pipeline_home, choice, promoted):
     (v1,) = _versions(1)
     rid = registry.get_or_create_run("retrain_model__manual__9")
     registry.set_alias(registry.CHALLENGER, v1)
-    gated = {"verdict": "promote", "model_version": v1, "champion_version": None,
-             "mlflow_run_id": rid, "record_uri": f"runs:/{rid}/gate/decision_record.json"}  # fmt: skip
-    approval = {"chosen_options": [choice], "params_input": {},
-                "responded_by_user": {"id": "7", "name": "alice"},
-                "responded_at": "2026-01-02T03:04:05+00:00"}  # fmt: skip
+    gated = {
+        "verdict": "promote",
+        "model_version": v1,
+        "champion_version": None,
+        "mlflow_run_id": rid,
+        "record_uri": f"runs:/{rid}/gate/decision_record.json",
+    }
+    approval = {
+        "chosen_options": [choice],
+        "params_input": {},
+        "responded_by_user": {"id": "7", "name": "alice"},
+        "responded_at": "2026-01-02T03:04:05+00:00",
+    }
     ctx = steps.RunContext(dag_id="retrain_model", run_id="manual__9")
     rec = steps.promote_champion(ctx, gated, approval=approval)
     tags = registry.client().get_model_version(_name(), v1).tags
@@ -293,8 +350,11 @@ def test_human_approval(pipeline_home, choice, promoted):
         assert registry.alias_version(registry.CHALLENGER) is None
         import mlflow
 
-        rec = json.loads(Path(mlflow.artifacts.download_artifacts(
-            f"runs:/{rid}/gate/approval_record.json")).read_text())  # fmt: skip
+        rec = json.loads(
+            Path(
+                mlflow.artifacts.download_artifacts(f"runs:/{rid}/gate/approval_record.json")
+            ).read_text()
+        )
         assert rec["reason"] == "human_rejected" and rec["responded_by"] == "alice"
 
 
@@ -303,6 +363,11 @@ def test_skipped_approval_promotes(pipeline_home):
 
     (v1,) = _versions(1)
     rid = registry.get_or_create_run("retrain_model__manual__8")
-    gated = {"verdict": "promote", "model_version": v1, "champion_version": None, "mlflow_run_id": rid}
+    gated = {
+        "verdict": "promote",
+        "model_version": v1,
+        "champion_version": None,
+        "mlflow_run_id": rid,
+    }
     rec = steps.promote_champion(steps.RunContext(), gated, approval=None)  # approval step skipped
     assert rec["verdict"] == "promoted" and _aliases() == ("1", None)

@@ -32,8 +32,10 @@ def decide(home: Path, name: str, spec: WorldSpec) -> tuple[dict, dict]:
 def champion(pipeline_home: Path) -> Path:
     """A first batch becomes the champion through the stages (few epochs, small data)."""
     ctx = steps.RunContext(dag_id="test", run_id="first", run_after=NOW)
-    storage.write_bytes((pipeline_home / "storage" / "trusted" / "card_fraud" / "eval.parquet").as_uri(),
-                        to_parquet_bytes(generate(WorldSpec(rows=ROWS, seed=100))))  # the spec's set  # fmt: skip
+    storage.write_bytes(
+        (pipeline_home / "storage" / "trusted" / "card_fraud" / "eval.parquet").as_uri(),
+        to_parquet_bytes(generate(WorldSpec(rows=ROWS, seed=100))),
+    )  # the spec's set
     ingested = steps.ingest_batch(ctx, land(pipeline_home, "first", WorldSpec(rows=ROWS, seed=1)))
     steps.validate_batch(ctx, ingested)
     first = steps.decide_retrain(ctx, steps.detect_drift(ctx, ingested))
@@ -62,7 +64,9 @@ def test_clean_skips_drift_and_concept_drift_retrain(champion: Path) -> None:
     assert run.data.tags["retrain.reasons"] == "nothing_changed"
 
     # 2. covariate shift: the features moved — retrain for drift
-    drifted, decision = decide(champion, "shifted", WorldSpec(rows=ROWS, seed=3, covariate_shift=1.0))
+    drifted, decision = decide(
+        champion, "shifted", WorldSpec(rows=ROWS, seed=3, covariate_shift=1.0)
+    )
     assert decision["verdict"] == "train"
     assert "dataset_drift" in decision["reasons"], decision["summary"]
     assert "amount" in drifted["drifted_columns"]

@@ -52,12 +52,16 @@ columns:
 def shapes_frame(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     kind = rng.integers(0, 3, n)
-    return pd.DataFrame({
-        "shape_id": [f"s{seed}-{i}" for i in range(n)],
-        "width": rng.uniform(1, 99, n), "height": rng.uniform(1, 99, n),
-        "corners": np.choose(kind, [0, 3, 4]) + rng.integers(0, 2, n),
-        "colour": rng.choice(["red", "green", "blue"], n), "kind": kind,
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "shape_id": [f"s{seed}-{i}" for i in range(n)],
+            "width": rng.uniform(1, 99, n),
+            "height": rng.uniform(1, 99, n),
+            "corners": np.choose(kind, [0, 3, 4]) + rng.integers(0, 2, n),
+            "colour": rng.choice(["red", "green", "blue"], n),
+            "kind": kind,
+        }
+    )
 
 
 def records(df: pd.DataFrame, columns: list[str]) -> list[dict]:
@@ -79,7 +83,9 @@ def trained(contract):
     df = generate(WorldSpec(rows=2000, seed=5))
     spec = fit_features(df, contract)
     torch.manual_seed(1)
-    return SimpleNamespace(model=MLP(ModelConfig(spec.width, len(spec.classes))).eval(), features=spec), df
+    return SimpleNamespace(
+        model=MLP(ModelConfig(spec.width, len(spec.classes))).eval(), features=spec
+    ), df
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,9 @@ def trained_shapes(shapes_contract):
     df = shapes_frame(600, 3)
     spec = fit_features(df, shapes_contract)
     torch.manual_seed(2)
-    return SimpleNamespace(model=MLP(ModelConfig(spec.width, len(spec.classes))).eval(), features=spec), df
+    return SimpleNamespace(
+        model=MLP(ModelConfig(spec.width, len(spec.classes))).eval(), features=spec
+    ), df
 
 
 @pytest.fixture
@@ -95,37 +103,68 @@ def world(trained, trained_shapes, contract, shapes_contract):
     """A service of two models whose 'registries' are dicts the test edits."""
     result, df = trained
     shapes, sdf = trained_shapes
-    desired = {FRAUD: traffic.ServingState("1", None, 0.0), SHAPES: traffic.ServingState("1", None, 0.0)}
+    desired = {
+        FRAUD: traffic.ServingState("1", None, 0.0),
+        SHAPES: traffic.ServingState("1", None, 0.0),
+    }
     bad = {"9"}
 
     def loader(name, result):
         def load(version: str) -> LoadedModel:
             if version in bad:
-                raise ModelRefused(f"checkpoint of v{version} failed verification: signature does not verify")
-            return LoadedModel(version, f"file:///ckpt/{name}/{version}", "ab" * 32, result.model,
-                               result.features, len(result.features.classes) - 1)  # fmt: skip
+                raise ModelRefused(
+                    f"checkpoint of v{version} failed verification: signature does not verify"
+                )
+            return LoadedModel(
+                version,
+                f"file:///ckpt/{name}/{version}",
+                "ab" * 32,
+                result.model,
+                result.features,
+                len(result.features.classes) - 1,
+            )
 
         return load
 
-    fraud = ServedModel(FRAUD, validator=RowValidator(contract), loader=loader(FRAUD, result),
-                        read_state=lambda: desired[FRAUD], registered_model="card-fraud")  # fmt: skip
-    multi = ServedModel(SHAPES, validator=RowValidator(shapes_contract), loader=loader(SHAPES, shapes),
-                        read_state=lambda: desired[SHAPES], task="multiclass", classes=(0, 1, 2))  # fmt: skip
+    fraud = ServedModel(
+        FRAUD,
+        validator=RowValidator(contract),
+        loader=loader(FRAUD, result),
+        read_state=lambda: desired[FRAUD],
+        registered_model="card-fraud",
+    )
+    multi = ServedModel(
+        SHAPES,
+        validator=RowValidator(shapes_contract),
+        loader=loader(SHAPES, shapes),
+        read_state=lambda: desired[SHAPES],
+        task="multiclass",
+        classes=(0, 1, 2),
+    )
     service = ScoringService([fraud, multi], default=FRAUD, poll_seconds=60)
     app = create_app(service, poll=False)
     service.poll_once()
     rows = records(df.head(20), [c.name for c in contract.features])
     srows = records(sdf.head(20), [c.name for c in shapes_contract.features])
     with TestClient(app, client=LOOPBACK) as client:
-        yield SimpleNamespace(service=service, client=client, desired=desired, rows=rows, srows=srows,
-                              fraud=fraud, shapes=multi)  # fmt: skip
+        yield SimpleNamespace(
+            service=service,
+            client=client,
+            desired=desired,
+            rows=rows,
+            srows=srows,
+            fraud=fraud,
+            shapes=multi,
+        )
 
 
 def tensors(rows: list[dict], types: dict[str, str]) -> list[dict]:
     """OIP inputs: one per column."""
     dtype = {"float": "FP64", "int": "INT64", "category": "BYTES", "bool": "BOOL"}
-    return [{"name": c, "datatype": dtype[t], "shape": [len(rows)], "data": [r[c] for r in rows]}
-            for c, t in types.items()]  # fmt: skip
+    return [
+        {"name": c, "datatype": dtype[t], "shape": [len(rows)], "data": [r[c] for r in rows]}
+        for c, t in types.items()
+    ]
 
 
 # -- the default model's routes (/predict, /feedback), as before ------------------------------
@@ -152,7 +191,7 @@ def test_one_row_many_rows_and_wrapped_rows_are_scored(world):
         (lambda r: r.update(country=None), "country", "null is not allowed"),
         (lambda r: r.update(card_age_days=True), "card_age_days", "expected a number"),
     ],
-)  # fmt: skip
+)
 def test_contract_violations_are_422_naming_row_and_field(world, mutate, field, words):
     batch = [dict(r) for r in world.rows[:3]]
     mutate(batch[2])
@@ -180,7 +219,10 @@ def test_bad_input_is_never_counted_against_a_model(world):
     client.post("/predict", json=dict(world.rows[0], hour=99))
     snap = parse_snapshot(client.get("/metrics").text, FRAUD)
     assert snap.stats("1").requests == 0
-    assert 'scoring_rejected_requests_total{model="card_fraud",status="422"} 1.0' in client.get("/metrics").text
+    assert (
+        'scoring_rejected_requests_total{model="card_fraud",status="422"} 1.0'
+        in client.get("/metrics").text
+    )
 
 
 def test_weight_routes_and_routing_keys_are_sticky(world):
@@ -190,7 +232,9 @@ def test_weight_routes_and_routing_keys_are_sticky(world):
     seen = {}
     for i in range(300):
         key = f"card-{i % 30}"
-        v = client.post("/predict", json=rows[i % 20], headers={"x-routing-key": key}).json()["version"]
+        v = client.post("/predict", json=rows[i % 20], headers={"x-routing-key": key}).json()[
+            "version"
+        ]
         assert seen.setdefault(key, v) == v  # a key always lands on the same side
     share = sum(v == "2" for v in seen.values()) / len(seen)
     assert 0.05 < share < 0.6
@@ -199,7 +243,12 @@ def test_weight_routes_and_routing_keys_are_sticky(world):
     service.poll_once()
     for key, v in seen.items():
         if v == "2":
-            assert client.post("/predict", json=rows[0], headers={"x-routing-key": key}).json()["version"] == "2"
+            assert (
+                client.post("/predict", json=rows[0], headers={"x-routing-key": key}).json()[
+                    "version"
+                ]
+                == "2"
+            )
 
 
 def test_refused_champion_keeps_the_last_good_one_and_says_so(world):
@@ -222,12 +271,18 @@ def test_refused_canary_gets_no_traffic(world):
     desired[FRAUD] = traffic.ServingState("1", "9", 1.0)
     service.poll_once()
     assert world.fraud.table.canary is None and world.fraud.table.weight == 0
-    assert {world.client.post("/predict", json=world.rows[0]).json()["version"] for _ in range(10)} == {"1"}
+    assert {
+        world.client.post("/predict", json=world.rows[0]).json()["version"] for _ in range(10)
+    } == {"1"}
 
 
 def test_not_ready_without_a_verified_champion(contract):
-    served = ServedModel(FRAUD, validator=RowValidator(contract), loader=lambda v: (_ for _ in ()).throw(
-        ModelRefused("broken")), read_state=lambda: traffic.ServingState("3", None, 0.0))  # fmt: skip
+    served = ServedModel(
+        FRAUD,
+        validator=RowValidator(contract),
+        loader=lambda v: (_ for _ in ()).throw(ModelRefused("broken")),
+        read_state=lambda: traffic.ServingState("3", None, 0.0),
+    )
     service = ScoringService([served], default=FRAUD)
     with TestClient(create_app(service, poll=False)) as client:
         service.poll_once()
@@ -266,7 +321,12 @@ def test_fault_switch_is_loopback_only_and_visible(world):
     client.post("/admin/faults", json={"version": "1", "score_shift": 0.5})
     shifted = client.post("/predict", json=rows[0]).json()["scores"][0]
     assert shifted >= 0.5
-    assert client.post("/admin/faults", json={"model": "nope", "version": "1", "error_rate": 1}).status_code == 404
+    assert (
+        client.post(
+            "/admin/faults", json={"model": "nope", "version": "1", "error_rate": 1}
+        ).status_code
+        == 404
+    )
     assert client.delete("/admin/faults").json() == {}
     assert client.post("/admin/faults", json={"version": "x", "error_rate": 2}).status_code == 422
     with TestClient(client.app, client=("10.0.0.8", 5000)) as outsider:
@@ -290,9 +350,15 @@ def test_feedback_feeds_labelled_histograms_and_auc(world):
     client, rows = world.client, world.rows
     ids = [client.post("/predict", json=rows[i]).json()["request_id"] for i in range(20)]
     labels = [i % 2 for i in range(20)]
-    r = client.post("/feedback", json={"feedback": [{"request_id": rid, "labels": [y]}
-                                                    for rid, y in zip(ids, labels, strict=True)]
-                                       + [{"request_id": "nope", "label": 1}]})  # fmt: skip
+    r = client.post(
+        "/feedback",
+        json={
+            "feedback": [
+                {"request_id": rid, "labels": [y]} for rid, y in zip(ids, labels, strict=True)
+            ]
+            + [{"request_id": "nope", "label": 1}]
+        },
+    )
     assert r.json() == {"matched": 20, "unknown": 1, "mismatched": 0}
     text = client.get("/metrics").text
     snap = parse_snapshot(text, FRAUD)
@@ -333,11 +399,18 @@ def test_oip_infer_one_input_per_column_and_one_output_per_class(world, contract
     legacy = client.post("/predict", json=rows).json()["scores"]
     np.testing.assert_allclose(legacy, p1, atol=1e-6)
     # the registered model's name works too; [N, 1] shapes, nested data, picked outputs
-    nested = [{**t, "shape": [3, 1], "data": [[v] for v in t["data"]]} for t in tensors(rows, types)]
-    r = client.post("/v2/models/card-fraud/infer", json={"inputs": nested, "outputs": [{"name": "probability_1"}]})
+    nested = [
+        {**t, "shape": [3, 1], "data": [[v] for v in t["data"]]} for t in tensors(rows, types)
+    ]
+    r = client.post(
+        "/v2/models/card-fraud/infer",
+        json={"inputs": nested, "outputs": [{"name": "probability_1"}]},
+    )
     assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["probability_1"]
     # feedback refers to the request's id
-    fb = client.post(f"/v2/models/{FRAUD}/feedback", json={"request_id": "req-42", "labels": [0, 1, 0]})
+    fb = client.post(
+        f"/v2/models/{FRAUD}/feedback", json={"request_id": "req-42", "labels": [0, 1, 0]}
+    )
     assert fb.json()["matched"] == 3
 
 
@@ -348,7 +421,11 @@ def test_oip_multiclass_scores_every_class(world, shapes_contract):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["model_name"] == SHAPES
-    assert [o["name"] for o in out["outputs"]] == ["probability_0", "probability_1", "probability_2"]
+    assert [o["name"] for o in out["outputs"]] == [
+        "probability_0",
+        "probability_1",
+        "probability_2",
+    ]
     probs = np.array([o["data"] for o in out["outputs"]])
     assert probs.shape == (3, 5)
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
@@ -357,14 +434,23 @@ def test_oip_multiclass_scores_every_class(world, shapes_contract):
     np.testing.assert_allclose(np.array([o["data"] for o in simple["outputs"]]), probs, atol=1e-6)
     # labels per row feed the one-vs-rest labelled metric (3 pairs a row)
     labels = [0, 1, 2, 1, 0]
-    fb = client.post(f"/v2/models/{SHAPES}/feedback", json={"request_id": out["id"], "labels": labels})
+    fb = client.post(
+        f"/v2/models/{SHAPES}/feedback", json={"request_id": out["id"], "labels": labels}
+    )
     assert fb.json() == {"matched": 5, "unknown": 0, "mismatched": 0}
     snap = parse_snapshot(client.get("/metrics").text, SHAPES)
     assert snap.stats("1").labelled_pos.total == 5 and snap.stats("1").labelled_neg.total == 10
-    assert snap.stats("1").rows == 10 and snap.stats("1").score.total == 30  # every class's probability
+    assert (
+        snap.stats("1").rows == 10 and snap.stats("1").score.total == 30
+    )  # every class's probability
     # feedback for another model through /feedback's "model" field
     rid = client.post(f"/v2/models/{SHAPES}/infer", json={"inputs": srows[:1]}).json()["id"]
-    assert client.post("/feedback", json={"model": SHAPES, "request_id": rid, "label": 2}).json()["matched"] == 1
+    assert (
+        client.post("/feedback", json={"model": SHAPES, "request_id": rid, "label": 2}).json()[
+            "matched"
+        ]
+        == 1
+    )
 
 
 def test_oip_contract_and_tensor_errors(world, shapes_contract):
@@ -378,8 +464,11 @@ def test_oip_contract_and_tensor_errors(world, shapes_contract):
     bad_value = [dict(t, data=["purple", "red"]) if t["name"] == "colour" else t for t in good]
     r = post(bad_value)
     assert r.status_code == 422
-    assert r.json()["detail"][0] == {"row": 0, "field": "colour",
-                                     "error": "unknown category 'purple'; expected one of ['red', 'green', 'blue']"}  # fmt: skip
+    assert r.json()["detail"][0] == {
+        "row": 0,
+        "field": "colour",
+        "error": "unknown category 'purple'; expected one of ['red', 'green', 'blue']",
+    }
     r = post([t for t in good if t["name"] != "corners"])
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "corners"
     for inputs, words in (
@@ -390,19 +479,27 @@ def test_oip_contract_and_tensor_errors(world, shapes_contract):
         ([dict(good[0], shape=[2, 2])] + good[1:], "[N] or [N, 1]"),
         (good + [good[0]], "given twice"),
         ([], "no rows"),
-    ):  # fmt: skip
+    ):
         r = post(inputs)
         assert r.status_code == 400 and words in r.json()["error"], (words, r.json())
     assert post(good, outputs=[{"name": "probability_7"}]).status_code == 400
-    r = client.post(f"/v2/models/{SHAPES}/infer", content=b"{nope", headers={"content-type": "application/json"})
+    r = client.post(
+        f"/v2/models/{SHAPES}/infer", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
 
 
 def test_unknown_model_is_404_naming_the_known_ones(world):
     client = world.client
-    for method, path in (("post", "/v2/models/nope/infer"), ("get", "/v2/models/nope"),
-                         ("get", "/v2/models/nope/ready"), ("post", "/v2/models/nope/feedback")):  # fmt: skip
-        body = {"inputs": world.srows[:1], "request_id": "x", "label": 1} if method == "post" else None
+    for method, path in (
+        ("post", "/v2/models/nope/infer"),
+        ("get", "/v2/models/nope"),
+        ("get", "/v2/models/nope/ready"),
+        ("post", "/v2/models/nope/feedback"),
+    ):
+        body = (
+            {"inputs": world.srows[:1], "request_id": "x", "label": 1} if method == "post" else None
+        )
         r = client.request(method.upper(), path, json=body)
         assert r.status_code == 404, path
         assert r.json()["known_models"] == [FRAUD, SHAPES]
@@ -416,11 +513,17 @@ def test_metadata_and_readiness_per_model(world, contract):
     world.service.poll_once()
     meta = client.get(f"/v2/models/{FRAUD}").json()
     assert meta["name"] == FRAUD and meta["versions"] == ["1", "2"]
-    assert meta["parameters"]["registered_model"] == "card-fraud" and meta["parameters"]["canary_weight"] == 0.25
+    assert (
+        meta["parameters"]["registered_model"] == "card-fraud"
+        and meta["parameters"]["canary_weight"] == 0.25
+    )
     inputs = {i["name"]: i for i in meta["inputs"]}
     assert list(inputs) == world.fraud.table.champion.model.spec.input_columns
     assert inputs["amount"]["datatype"] == "FP64" and inputs["hour"]["datatype"] == "INT64"
-    assert inputs["channel"]["datatype"] == "BYTES" and "online" in inputs["channel"]["parameters"]["categories"]
+    assert (
+        inputs["channel"]["datatype"] == "BYTES"
+        and "online" in inputs["channel"]["parameters"]["categories"]
+    )
     assert inputs["hour"]["parameters"]["max"] == 23 and inputs["amount"]["shape"] == [-1]
     assert [o["name"] for o in meta["outputs"]] == ["probability_0", "probability_1"]
     smeta = client.get(f"/v2/models/{SHAPES}").json()
@@ -429,10 +532,16 @@ def test_metadata_and_readiness_per_model(world, contract):
     assert client.get(f"/v2/models/{SHAPES}/ready").json() == {"name": SHAPES, "ready": True}
     assert client.get("/v2/health/ready").status_code == 200
     listed = client.get("/v2/models").json()
-    assert [m["name"] for m in listed["models"]] == [FRAUD, SHAPES] and listed["default_model"] == FRAUD
+    assert [m["name"] for m in listed["models"]] == [FRAUD, SHAPES] and listed[
+        "default_model"
+    ] == FRAUD
     # a pinned version that is serving answers; one that is not is 404
     r = client.post(f"/v2/models/{FRAUD}/versions/2/infer", json={"inputs": world.rows[:2]})
-    assert r.status_code == 200 and r.json()["model_version"] == "2" and r.json()["parameters"]["alias"] == "canary"
+    assert (
+        r.status_code == 200
+        and r.json()["model_version"] == "2"
+        and r.json()["parameters"]["alias"] == "canary"
+    )
     r = client.post(f"/v2/models/{FRAUD}/versions/7/infer", json={"inputs": world.rows[:2]})
     assert r.status_code == 404 and r.json()["versions"] == ["1", "2"]
     ready = client.get("/readyz").json()
@@ -473,9 +582,15 @@ def test_every_series_carries_the_model_label(world):
             if s.name.startswith("scoring_"):
                 assert "model" in s.labels, s
                 seen.add((fam.name, s.labels["model"]))
-    for fam in ("scoring_requests", "scoring_rows", "scoring_request_latency_seconds",
-                "scoring_predicted_score", "scoring_model_info", "scoring_canary_weight",
-                "scoring_registry_polls"):  # fmt: skip
+    for fam in (
+        "scoring_requests",
+        "scoring_rows",
+        "scoring_request_latency_seconds",
+        "scoring_predicted_score",
+        "scoring_model_info",
+        "scoring_canary_weight",
+        "scoring_registry_polls",
+    ):
         assert {(fam, FRAUD), (fam, SHAPES)} <= seen, fam
 
 
@@ -501,8 +616,14 @@ def _publish(home: Path, name: str, model, features, probe: pd.DataFrame) -> str
     from pipeline.settings import get_settings
 
     local = home / "ckpt" / name
-    checkpoint.save_checkpoint(local, model, features, probe, data_snapshot={"uri": "test", "sha256": name},
-                               training={"stop_reason": "max_steps"})  # fmt: skip
+    checkpoint.save_checkpoint(
+        local,
+        model,
+        features,
+        probe,
+        data_snapshot={"uri": "test", "sha256": name},
+        training={"stop_reason": "max_steps"},
+    )
     uri = storage.join(get_settings().storage_root, "checkpoints", name)
     checkpoint.publish(local, uri)
     return uri
@@ -528,8 +649,11 @@ def test_build_service_serves_every_spec_from_the_registry_and_skips_broken_ones
         with use_spec(get_spec(name)):
             for i in range(n):
                 run_id = registry.get_or_create_run(f"{name}-{i}")
-                versions.setdefault(name, []).append(registry.register_version(
-                    run_id, f"{name}-{i}", uri, {"checkpoint.uri": uri}, description="test"))  # fmt: skip
+                versions.setdefault(name, []).append(
+                    registry.register_version(
+                        run_id, f"{name}-{i}", uri, {"checkpoint.uri": uri}, description="test"
+                    )
+                )
             registry.set_alias(registry.CHAMPION, versions[name][-1])
     assert versions == {FRAUD: ["1", "2"], SHAPES: ["1"]}
     # shapes gets a canary at full weight; the weight tag is shapes' own
@@ -539,17 +663,31 @@ def test_build_service_serves_every_spec_from_the_registry_and_skips_broken_ones
 
     service = build_service(poll_seconds=60)
     assert service.names == [FRAUD, SHAPES] and service.default == FRAUD
-    assert set(service.broken) == {str(root / "broken" / "model.yaml"), str(root / "garbled" / "model.yaml")}
+    assert set(service.broken) == {
+        str(root / "broken" / "model.yaml"),
+        str(root / "garbled" / "model.yaml"),
+    }
     assert "use task: multiclass" in service.broken[str(root / "broken" / "model.yaml")]
     with TestClient(create_app(service, poll=False), client=LOOPBACK) as client:
         service.poll_once()
         assert traffic.read_state("card-fraud") == traffic.ServingState("2", None, 0.0)
         assert traffic.read_state("shapes") == traffic.ServingState("1", "1", 1.0)
-        out = client.post(f"/v2/models/{FRAUD}/infer", json={"inputs": records(df.head(3), result.features.input_columns)})
+        out = client.post(
+            f"/v2/models/{FRAUD}/infer",
+            json={"inputs": records(df.head(3), result.features.input_columns)},
+        )
         assert out.status_code == 200, out.text
         assert (out.json()["model_version"], out.json()["parameters"]["alias"]) == ("2", "champion")
-        assert client.post("/predict", json=records(df.head(1), result.features.input_columns)[0]).json()["version"] == "2"
-        out = client.post(f"/v2/models/{SHAPES}/infer", json={"inputs": records(sdf.head(2), shapes.features.input_columns)})
+        assert (
+            client.post(
+                "/predict", json=records(df.head(1), result.features.input_columns)[0]
+            ).json()["version"]
+            == "2"
+        )
+        out = client.post(
+            f"/v2/models/{SHAPES}/infer",
+            json={"inputs": records(sdf.head(2), shapes.features.input_columns)},
+        )
         assert out.status_code == 200, out.text
         assert (out.json()["model_version"], out.json()["parameters"]["alias"]) == ("1", "canary")
         assert len(out.json()["outputs"]) == 3
@@ -577,8 +715,9 @@ def test_a_model_never_registered_is_not_ready_and_does_not_block_the_others(
     result, df = trained
     uri = _publish(pipeline_home, "fraud", result.model, result.features, df.head(64))
     with use_spec(get_spec(FRAUD)):
-        v = registry.register_version(registry.get_or_create_run("k"), "k", uri, {"checkpoint.uri": uri},
-                                      description="test")  # fmt: skip
+        v = registry.register_version(
+            registry.get_or_create_run("k"), "k", uri, {"checkpoint.uri": uri}, description="test"
+        )
         registry.set_alias(registry.CHAMPION, v)
     service = build_service(poll_seconds=60)
     with TestClient(create_app(service, poll=False)) as client:
@@ -586,7 +725,10 @@ def test_a_model_never_registered_is_not_ready_and_does_not_block_the_others(
         shapes = service.model(SHAPES)
         assert shapes.status.ok and shapes.status.desired == traffic.ServingState(None, None, 0.0)
         assert client.get(f"/v2/models/{SHAPES}/ready").status_code == 503
-        assert client.post(f"/v2/models/{SHAPES}/infer", json={"inputs": [{"width": 1.0}]}).status_code == 422
+        assert (
+            client.post(f"/v2/models/{SHAPES}/infer", json={"inputs": [{"width": 1.0}]}).status_code
+            == 422
+        )
         assert client.get(f"/v2/models/{FRAUD}/ready").status_code == 200
         # nothing to wait for (shapes' registry names no champion): the server is ready
         assert client.get("/v2/health/ready").status_code == 200

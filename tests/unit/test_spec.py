@@ -20,18 +20,19 @@ from pipeline.train.model import FactoryError, ModelInputs, ModelRef, build_mode
 ROOT = Path(__file__).resolve().parents[2]
 CARD = ROOT / "models" / "card_fraud"
 
-GOOD_NET = '''
+GOOD_NET = """
 from torch import nn
 
 
 def build(inputs, width=8):
     return nn.Sequential(nn.Linear(inputs.input_width, width), nn.ReLU(),
                          nn.Linear(width, inputs.num_classes))
-'''
+"""
 
 
-def write_spec(folder: Path, text: str, *, contract: Path = CARD / "contract.yaml",
-               module: str | None = None) -> Path:
+def write_spec(
+    folder: Path, text: str, *, contract: Path = CARD / "contract.yaml", module: str | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "contract.yaml").write_text(contract.read_text())
     if module is not None:
@@ -41,11 +42,16 @@ def write_spec(folder: Path, text: str, *, contract: Path = CARD / "contract.yam
 
 
 def test_the_smallest_spec_is_two_lines_and_everything_else_defaults(tmp_path):
-    s = specs.load_spec(write_spec(tmp_path / "tiny_model", "contract: contract.yaml\ntask: binary\n"))
+    s = specs.load_spec(
+        write_spec(tmp_path / "tiny_model", "contract: contract.yaml\ntask: binary\n")
+    )
     assert s.name == "tiny_model" and s.model_name == "tiny-model"
     assert s.model.factory == "pipeline.train.model:mlp" and s.primary_metric == "roc_auc"
     assert s.gate.slices == [] and s.gate.require_approval is False and s.canary.enabled is False
-    assert s.landing_prefix == "landing/tiny_model" and s.eval_location == "trusted/tiny_model/eval.parquet"
+    assert (
+        s.landing_prefix == "landing/tiny_model"
+        and s.eval_location == "trusted/tiny_model/eval.parquet"
+    )
     assert s.schedule.cron is None and s.schedule.asset is True
     assert s.overrides.allow == []
     assert isinstance(check_factory(s), nn.Module)
@@ -54,31 +60,67 @@ def test_the_smallest_spec_is_two_lines_and_everything_else_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("body", "module", "fragments"),
     [
-        ("contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n", None,
-         ["unknown field", "gate.margn", "did you mean 'margin'", "fields allowed here"]),
+        (
+            "contract: contract.yaml\ntask: binary\ngate: {margn: 0.1}\n",
+            None,
+            ["unknown field", "gate.margn", "did you mean 'margin'", "fields allowed here"],
+        ),
         ("task: binary\n", None, ["'contract' is required"]),
         ("contract: nowhere.yaml\ntask: binary\n", None, ["'contract'", "nowhere.yaml", "no file"]),
-        ("contract: contract.yaml\ntask: regression\n", None, ["task", "'regression'", "binary", "multiclass"]),
-        ("contract: contract.yaml\ntask: multiclass\n", None, ["'task' = 'multiclass'", "2 values", "binary"]),
-        ("contract: contract.yaml\ntask: binary\nmetrics: {primary: f1}\n", None,
-         ["metrics.primary", "'f1'", "allowed"]),
-        ("contract: contract.yaml\ntask: binary\nmetrics: {primary: pr_auc}\n", None,
-         ["pr_auc", "paired bootstrap", "allowed"]),
-        ("contract: contract.yaml\ntask: binary\ngate: {slices: [amount]}\n", None,
-         ["gate.slices", "'amount'", "not a categorical feature", "allowed"]),
-        ("contract: contract.yaml\ntask: binary\ngate: {margin: -1}\n", None, ["gate.margin", "-1"]),
-        ("contract: contract.yaml\ntask: binary\nmodel: {factory: not-a-ref}\n", None,
-         ["model.factory", "not-a-ref"]),
-        ("contract: contract.yaml\ntask: binary\nmodel: {factory: 'nosuchmodule_xyz:build'}\n", None,
-         ["model.factory", "nosuchmodule_xyz", "neither a file next to the spec"]),
-        ("contract: contract.yaml\ntask: binary\noverrides: {allow: [gate.everything]}\n", None,
-         ["overrides.allow", "gate.everything"]),
+        (
+            "contract: contract.yaml\ntask: regression\n",
+            None,
+            ["task", "'regression'", "binary", "multiclass"],
+        ),
+        (
+            "contract: contract.yaml\ntask: multiclass\n",
+            None,
+            ["'task' = 'multiclass'", "2 values", "binary"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\nmetrics: {primary: f1}\n",
+            None,
+            ["metrics.primary", "'f1'", "allowed"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\nmetrics: {primary: pr_auc}\n",
+            None,
+            ["pr_auc", "paired bootstrap", "allowed"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\ngate: {slices: [amount]}\n",
+            None,
+            ["gate.slices", "'amount'", "not a categorical feature", "allowed"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\ngate: {margin: -1}\n",
+            None,
+            ["gate.margin", "-1"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\nmodel: {factory: not-a-ref}\n",
+            None,
+            ["model.factory", "not-a-ref"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\nmodel: {factory: 'nosuchmodule_xyz:build'}\n",
+            None,
+            ["model.factory", "nosuchmodule_xyz", "neither a file next to the spec"],
+        ),
+        (
+            "contract: contract.yaml\ntask: binary\noverrides: {allow: [gate.everything]}\n",
+            None,
+            ["overrides.allow", "gate.everything"],
+        ),
         ("name: Bad-Name\ncontract: contract.yaml\ntask: binary\n", None, ["'name'", "Bad-Name"]),
         ("[1, 2]\n", None, ["a mapping of fields"]),
-        ("contract: contract.yaml\ntask: binary\ntraining: {max_epochs: 0}\n", None,
-         ["training.max_epochs", "0"]),
+        (
+            "contract: contract.yaml\ntask: binary\ntraining: {max_epochs: 0}\n",
+            None,
+            ["training.max_epochs", "0"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_spec_names_file_field_value_and_what_is_allowed(tmp_path, body, module, fragments):
     path = write_spec(tmp_path / "m", body, module=module)
     with pytest.raises(specs.SpecError) as err:
@@ -93,25 +135,46 @@ def test_a_bad_spec_names_file_field_value_and_what_is_allowed(tmp_path, body, m
     ("module", "kwargs", "fragments"),
     [
         ("raise ImportError('no such thing')\n", "{}", ["importing", "no such thing"]),
-        ("def build(inputs):\n    return 'a string'\n", "{}", ["returned str", "not a torch.nn.Module"]),
-        ("from torch import nn\n\ndef build(inputs):\n    return nn.Linear(inputs.input_width, 7)\n", "{}",
-         ["output (2, 7)", "(2, 2) logits"]),
-        ("from torch import nn\n\ndef build(inputs):\n    return nn.Linear(3, inputs.num_classes)\n", "{}",
-         ["forward on a (2,", "failed"]),
+        (
+            "def build(inputs):\n    return 'a string'\n",
+            "{}",
+            ["returned str", "not a torch.nn.Module"],
+        ),
+        (
+            "from torch import nn\n\ndef build(inputs):\n    return nn.Linear(inputs.input_width, 7)\n",
+            "{}",
+            ["output (2, 7)", "(2, 2) logits"],
+        ),
+        (
+            "from torch import nn\n\ndef build(inputs):\n    return nn.Linear(3, inputs.num_classes)\n",
+            "{}",
+            ["forward on a (2,", "failed"],
+        ),
         (GOOD_NET, "{depth: 3}", ["kwargs", "depth"]),
         ("x = 1\n", "{}", ["has no callable 'build'"]),
     ],
-)  # fmt: skip
-def test_a_factory_that_breaks_the_contract_is_refused_before_any_data(tmp_path, module, kwargs, fragments):
-    path = write_spec(tmp_path / "m", f"contract: contract.yaml\ntask: binary\n"
-                      f"model: {{factory: 'net:build', kwargs: {kwargs}}}\n", module=module)  # fmt: skip
+)
+def test_a_factory_that_breaks_the_contract_is_refused_before_any_data(
+    tmp_path, module, kwargs, fragments
+):
+    path = write_spec(
+        tmp_path / "m",
+        f"contract: contract.yaml\ntask: binary\n"
+        f"model: {{factory: 'net:build', kwargs: {kwargs}}}\n",
+        module=module,
+    )
     s = specs.load_spec(path)  # cheap checks pass: the module file exists
     with pytest.raises(FactoryError) as err:
         check_factory(s)
     for f in [str(path), "model", *fragments]:
         assert f in str(err.value), str(err.value)
-    out = subprocess.run([sys.executable, "-m", "pipeline", "spec", "check", str(path)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "spec", "check", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 1 and out.stdout.startswith("FAIL "), out.stdout + out.stderr
 
 
@@ -119,10 +182,16 @@ def test_the_factory_gets_what_the_data_gives_and_its_code_is_pinned_by_digest(t
     from pipeline.train.features import FeatureSpec
     from pipeline.train.model import file_sha256
 
-    path = write_spec(tmp_path / "m", "contract: contract.yaml\ntask: binary\n"
-                      "model: {factory: 'net:build', kwargs: {width: 5}}\n", module=GOOD_NET)  # fmt: skip
+    path = write_spec(
+        tmp_path / "m",
+        "contract: contract.yaml\ntask: binary\n"
+        "model: {factory: 'net:build', kwargs: {width: 5}}\n",
+        module=GOOD_NET,
+    )
     s = specs.load_spec(path)
-    fs = FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], [], [("c", ["x", "y", "z"])], "t", [0, 1, 2])
+    fs = FeatureSpec(
+        ["a", "b"], [0.0, 0.0], [1.0, 1.0], [], [("c", ["x", "y", "z"])], "t", [0, 1, 2]
+    )
     inputs = ModelInputs(fs.width, 3, fs, "multiclass")
     assert inputs.layout == [("a", 0, 2), ("b", 2, 2), ("c", 4, 4)] and fs.width == 8
     code = s.factory_module_file
@@ -154,7 +223,7 @@ def card():
         ({"canary": True}, "canary", True),
         ({"gate_floor": 0.7}, "floor", 0.7),  # the spec's own value: no override recorded
     ],
-)  # fmt: skip
+)
 def test_tightening_is_accepted_and_recorded(card, requested, field, value):
     policy = specs.resolve_policy(card, requested)
     assert getattr(policy, field) == value
@@ -172,10 +241,12 @@ def test_tightening_is_accepted_and_recorded(card, requested, field, value):
         ({"gate_max_latency_p95_ms": None}, None),  # None keeps the spec's budget
         ({"decay_margin": 0.3}, "decay_margin"),
     ],
-)  # fmt: skip
+)
 def test_loosening_is_refused_naming_the_param_and_how_to_allow_it(card, requested, param):
     if param is None:
-        assert specs.resolve_policy(card, requested).max_latency_p95_ms == card.gate.max_latency_p95_ms
+        assert (
+            specs.resolve_policy(card, requested).max_latency_p95_ms == card.gate.max_latency_p95_ms
+        )
         return
     with pytest.raises(specs.PolicyViolation) as err:
         specs.resolve_policy(card, requested)
@@ -187,9 +258,15 @@ def test_a_loosening_the_spec_allows_is_used_and_recorded(card):
     # card_fraud's owner allows a non-inferiority margin (the demo's canary step uses it)
     policy = specs.resolve_policy(card, {"gate_non_inferiority_margin": 0.02})
     assert policy.non_inferiority_margin == 0.02
-    assert policy.overrides == ({"param": "gate_non_inferiority_margin",
-                                 "field": "gate.non_inferiority_margin", "spec": None, "run": 0.02,
-                                 "kind": "loosen_allowed"},)  # fmt: skip
+    assert policy.overrides == (
+        {
+            "param": "gate_non_inferiority_margin",
+            "field": "gate.non_inferiority_margin",
+            "spec": None,
+            "run": 0.02,
+            "kind": "loosen_allowed",
+        },
+    )
     strict = card.model_copy(update={"overrides": specs.OverridesSpec(allow=[])})
     with pytest.raises(specs.PolicyViolation, match="gate_non_inferiority_margin"):
         specs.resolve_policy(strict, {"gate_non_inferiority_margin": 0.02})
@@ -203,8 +280,13 @@ def test_another_evaluation_set_is_refused_unless_the_spec_allows_it(card):
 
 
 def test_for_a_lower_is_better_metric_a_tighter_floor_is_lower(tmp_path):
-    s = specs.load_spec(write_spec(tmp_path / "ll", "contract: contract.yaml\ntask: binary\n"
-                                   "metrics: {primary: log_loss}\ngate: {floors: {log_loss: 0.5}}\n"))  # fmt: skip
+    s = specs.load_spec(
+        write_spec(
+            tmp_path / "ll",
+            "contract: contract.yaml\ntask: binary\n"
+            "metrics: {primary: log_loss}\ngate: {floors: {log_loss: 0.5}}\n",
+        )
+    )
     assert specs.resolve_policy(s, {"gate_floor": 0.4}).floor == 0.4
     with pytest.raises(specs.PolicyViolation):
         specs.resolve_policy(s, {"gate_floor": 0.6})
@@ -213,16 +295,32 @@ def test_for_a_lower_is_better_metric_a_tighter_floor_is_lower(tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "says"),
-    [(["--floor", "0.5"], "gate_floor=0.5 loosens the policy"),
-     (["--floor", "0"], "gate_floor=0.0 loosens the policy"),  # 0 is a value, not "unset"
-     (["--margin", "0"], "gate_margin=0.0 loosens the policy"),
-     (["--max-epochs", "31"], "outside model 'card_fraud''s budget 1..30")],
-)  # fmt: skip
+    [
+        (["--floor", "0.5"], "gate_floor=0.5 loosens the policy"),
+        (["--floor", "0"], "gate_floor=0.0 loosens the policy"),  # 0 is a value, not "unset"
+        (["--margin", "0"], "gate_margin=0.0 loosens the policy"),
+        (["--max-epochs", "31"], "outside model 'card_fraud''s budget 1..30"),
+    ],
+)
 def test_the_cli_refuses_a_looser_flag_before_reading_anything(pipeline_home, flags, says):
-    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--model", "card_fraud",
-                          "--batch", "file:///nonexistent/landing/x.parquet", *flags],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)})  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--model",
+            "card_fraud",
+            "--batch",
+            "file:///nonexistent/landing/x.parquet",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)},
+    )
     assert out.returncode == 2 and says in out.stderr, out.stderr[-2000:]
     assert not (pipeline_home / "mlflow").exists()  # no run was even created
 
@@ -242,8 +340,11 @@ def _contract_columns() -> set[str]:
 
 def _string_literals(path: Path) -> set[str]:
     """Every string constant in the module (docstrings and f-string parts included)."""
-    return {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
-            and isinstance(n.value, str)}  # fmt: skip
+    return {
+        n.value
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
 
 
 def test_no_dataset_column_is_named_in_the_code():
@@ -292,27 +393,35 @@ def test_iris_without_id_or_time_column_gets_its_first_champion(pipeline_home, t
     folder = tmp_path / "iris"
     folder.mkdir()
     (folder / "contract.yaml").write_text(IRIS_CONTRACT)
-    (folder / "model.yaml").write_text("contract: contract.yaml\ntask: multiclass\n"
-                                       "training: {batch_size: 16, max_epochs: 40}\n")  # fmt: skip
+    (folder / "model.yaml").write_text(
+        "contract: contract.yaml\ntask: multiclass\ntraining: {batch_size: 16, max_epochs: 40}\n"
+    )
     iris = load_iris(as_frame=True).frame
     iris.columns = ["sepal_length", "sepal_width", "petal_length", "petal_width", "species"]
     shuffled = iris.sample(frac=1.0, random_state=0).reset_index(drop=True)
     root = (pipeline_home / "storage").as_uri()
-    batch = storage.write_bytes(f"{root}/landing/iris/b.parquet", parquet_bytes(shuffled.iloc[:120])).uri
+    batch = storage.write_bytes(
+        f"{root}/landing/iris/b.parquet", parquet_bytes(shuffled.iloc[:120])
+    ).uri
     storage.write_bytes(f"{root}/trusted/iris/eval.parquet", parquet_bytes(shuffled.iloc[120:]))
     with specs.use_spec(specs.load_spec(folder / "model.yaml")):
         ctx = steps.RunContext("test", "iris-1", "2026-03-01T00:00:00Z")
         ing = steps.ingest_batch(ctx, batch)
         validated = steps.validate_batch(ctx, ing)
         assert validated["verdict"] == "pass"
-        assert "no time column" in validated["summary"] and "leakage check skipped" in validated["summary"]
+        assert (
+            "no time column" in validated["summary"]
+            and "leakage check skipped" in validated["summary"]
+        )
         assert "petal_length" in validated["summary"]  # named as close to the bar, not rejected
         decision = steps.decide_retrain(ctx, steps.detect_drift(ctx, ing))
         trained = steps.train_model(ctx, ing)
         verified = steps.verify_checkpoint(ctx, trained)
         gated = steps.gate_promotion(ctx, steps.register_challenger(ctx, ing, trained, verified))
         promoted = steps.promote_champion(ctx, gated)
-        assert decision["verdict"] == "train" and promoted["verdict"] == "promoted", gated["summary"]
+        assert decision["verdict"] == "train" and promoted["verdict"] == "promoted", gated[
+            "summary"
+        ]
         champ = registry.alias_version(registry.CHAMPION)
         assert champ is not None and float(champ.tags["eval.accuracy"]) > 0.8
 
@@ -327,9 +436,28 @@ def test_a_cli_run_never_promotes_past_a_required_approval(pipeline_home, tmp_pa
     files = data.write_batches(f"{root}/landing/digits", seed=0)
     storage.write_bytes(f"{root}/trusted/digits/eval.parquet", storage.read_bytes(files["eval"]))
     env = {**__import__("os").environ, "PIPELINE_HOME": str(pipeline_home)}
-    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--model", "digits", "--batch",
-                          files["batch-1"], "--run-id", "a1", "--require-approval", "--max-epochs", "20"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--model",
+            "digits",
+            "--batch",
+            files["batch-1"],
+            "--run-id",
+            "a1",
+            "--require-approval",
+            "--max-epochs",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "requires approval: it stays challenger" in out.stderr
     with specs.use_spec(specs.get_spec("digits")):
@@ -337,7 +465,22 @@ def test_a_cli_run_never_promotes_past_a_required_approval(pipeline_home, tmp_pa
         assert registry.alias_version(registry.CHALLENGER) is not None
     rec = tmp_path / "gated.json"
     rec.write_text("{}")
-    out = subprocess.run([sys.executable, "-m", "pipeline", "promote", "--model", "digits", "--in", str(rec),
-                          "--require-approval"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env=env)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "promote",
+            "--model",
+            "digits",
+            "--in",
+            str(rec),
+            "--require-approval",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 2 and "requires a human approval" in out.stderr

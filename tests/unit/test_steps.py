@@ -13,8 +13,10 @@ from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 @pytest.fixture
 def batch(pipeline_home):
     root = (pipeline_home / "storage").as_uri()
-    return storage.write_bytes(f"{root}/landing/card_fraud/b.parquet",
-                               to_parquet_bytes(generate(WorldSpec(rows=2000, seed=1)))).uri  # fmt: skip
+    return storage.write_bytes(
+        f"{root}/landing/card_fraud/b.parquet",
+        to_parquet_bytes(generate(WorldSpec(rows=2000, seed=1))),
+    ).uri
 
 
 def test_ingest_is_idempotent_per_run(batch):
@@ -44,11 +46,13 @@ LANDING = "/storage/landing/card_fraud"
 
 @pytest.mark.parametrize(
     ("param", "extras", "expected_suffix"),
-    [("{land}/a.parquet", [{"batch_uri": "{land}/b.parquet"}], f"{LANDING}/a.parquet"),
-     ("", [{"batch_uri": "{land}/b.parquet"}], f"{LANDING}/b.parquet"),
-     ("", [{}], f"{LANDING}/date=2026-03-05/batch.parquet"),
-     ("", [], f"{LANDING}/date=2026-03-05/batch.parquet")],
-)  # fmt: skip
+    [
+        ("{land}/a.parquet", [{"batch_uri": "{land}/b.parquet"}], f"{LANDING}/a.parquet"),
+        ("", [{"batch_uri": "{land}/b.parquet"}], f"{LANDING}/b.parquet"),
+        ("", [{}], f"{LANDING}/date=2026-03-05/batch.parquet"),
+        ("", [], f"{LANDING}/date=2026-03-05/batch.parquet"),
+    ],
+)
 def test_resolve_batch_uri(pipeline_home, param, extras, expected_suffix):
     land = (pipeline_home / "storage" / "landing" / "card_fraud").as_uri()
     extras = [{k: v.format(land=land) for k, v in e.items()} for e in extras]
@@ -58,11 +62,17 @@ def test_resolve_batch_uri(pipeline_home, param, extras, expected_suffix):
 
 @pytest.mark.parametrize(
     "where",
-    ["file:///proc/self/environ", "/etc/passwd", "{storage}/checkpoints/x/model.safetensors",
-     "{storage}/landing/digits/b.parquet", "{storage}/landing/card_fraud/../../keys/k",
-     "{storage}/landing/card_fraud_other/b.parquet", "s3://someone-elses-bucket/b.parquet",
-     "relative/b.parquet"],
-)  # fmt: skip
+    [
+        "file:///proc/self/environ",
+        "/etc/passwd",
+        "{storage}/checkpoints/x/model.safetensors",
+        "{storage}/landing/digits/b.parquet",
+        "{storage}/landing/card_fraud/../../keys/k",
+        "{storage}/landing/card_fraud_other/b.parquet",
+        "s3://someone-elses-bucket/b.parquet",
+        "relative/b.parquet",
+    ],
+)
 def test_a_batch_outside_the_landing_prefix_is_refused_before_it_is_read(pipeline_home, where):
     """A trigger (Param, asset event, CLI) can point only at the model's own landing prefix."""
     from pipeline.spec import PolicyViolation
@@ -107,6 +117,11 @@ def test_a_missing_trusted_set_fails_the_gate_at_once_saying_what_to_do(pipeline
     """Not retried as if transient, and never replaced by the landing batch."""
     from pipeline.errors import DataRejected
 
-    with pytest.raises(DataRejected, match="no trusted evaluation set at .*trusted/card_fraud/eval.parquet"
-                       ".*data land --model card_fraud --file eval.parquet --as-eval"):  # fmt: skip
-        steps.gate_promotion(steps.RunContext("dag", "r"), {"mlflow_run_id": "x", "model_version": "1"})
+    with pytest.raises(
+        DataRejected,
+        match="no trusted evaluation set at .*trusted/card_fraud/eval.parquet"
+        ".*data land --model card_fraud --file eval.parquet --as-eval",
+    ):
+        steps.gate_promotion(
+            steps.RunContext("dag", "r"), {"mlflow_run_id": "x", "model_version": "1"}
+        )

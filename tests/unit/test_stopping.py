@@ -27,8 +27,16 @@ def grad_evidence(step: int, g: torch.Tensor, per_sample: torch.Tensor) -> StopE
     b = per_sample.shape[0]
     total, dims = eb_terms(g, per_sample.square().sum(0), b)
     norm = float(torch.linalg.vector_norm(g))
-    return StopEvidence(step=step, loss=1.0, grad_norm=norm, log_grad_norm=math.log(norm),
-                        max_grad_norm=norm, eb_sum=float(total), eb_dims=int(dims), batch_size=b)  # fmt: skip
+    return StopEvidence(
+        step=step,
+        loss=1.0,
+        grad_norm=norm,
+        log_grad_norm=math.log(norm),
+        max_grad_norm=norm,
+        eb_sum=float(total),
+        eb_dims=int(dims),
+        batch_size=b,
+    )
 
 
 def noise_stream(seed: int, b: int, d: int, checks: int, scale: float = 1.0):
@@ -38,7 +46,9 @@ def noise_stream(seed: int, b: int, d: int, checks: int, scale: float = 1.0):
         yield grad_evidence(i * CHECK_EVERY, ps.mean(0), ps)
 
 
-def decaying_stream(seed: int, b: int, d: int, checks: int, rate: float = 0.99, noise: float = 1e-3):
+def decaying_stream(
+    seed: int, b: int, d: int, checks: int, rate: float = 0.99, noise: float = 1e-3
+):
     gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(d, generator=gen)
     for i in range(1, checks + 1):
@@ -60,13 +70,21 @@ def first_stop(stopper: GradientPlateauStopper, stream) -> tuple[int, object] | 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"eb_window": 0}, "eb_window"), ({"norm_window": 2}, "norm_window"),
-     ({"norm_tol": 0}, "norm_tol"), ({"val_mode": "sometimes"}, "val_mode"),
-     ({"patience": 0}, "patience"), ({"confirm": 0}, "confirm"),
-     ({"warmup_steps": -1}, "step bounds"), ({"max_steps": 0}, "step bounds"),
-     ({"require": "most"}, "require"), ({"reduce_lr_factor": 1.5}, "reduce_lr_factor"),
-     ({"divergence_ratio": 1.0}, "divergence_ratio"), ({"eb_hysteresis": -1}, "hysteresis")],
-)  # fmt: skip
+    [
+        ({"eb_window": 0}, "eb_window"),
+        ({"norm_window": 2}, "norm_window"),
+        ({"norm_tol": 0}, "norm_tol"),
+        ({"val_mode": "sometimes"}, "val_mode"),
+        ({"patience": 0}, "patience"),
+        ({"confirm": 0}, "confirm"),
+        ({"warmup_steps": -1}, "step bounds"),
+        ({"max_steps": 0}, "step bounds"),
+        ({"require": "most"}, "require"),
+        ({"reduce_lr_factor": 1.5}, "reduce_lr_factor"),
+        ({"divergence_ratio": 1.0}, "divergence_ratio"),
+        ({"eb_hysteresis": -1}, "hysteresis"),
+    ],
+)
 def test_bad_configuration_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientPlateauStopper(**kwargs)
@@ -105,8 +123,15 @@ def test_steadily_decaying_deterministic_gradient_does_not_stop(seed, rate, nois
 
 def test_log_norm_plateau_fires_on_a_flat_norm():
     s = GradientPlateauStopper(eb=False, norm_plateau=True, norm_window=5, confirm=2)
-    evs = [StopEvidence(step=i * 10, grad_norm=0.5, log_grad_norm=math.log(0.5) + 1e-4 * (-1) ** i,
-                        max_grad_norm=0.5) for i in range(1, 20)]  # fmt: skip
+    evs = [
+        StopEvidence(
+            step=i * 10,
+            grad_norm=0.5,
+            log_grad_norm=math.log(0.5) + 1e-4 * (-1) ** i,
+            max_grad_norm=0.5,
+        )
+        for i in range(1, 20)
+    ]
     checks, d = first_stop(s, evs)
     assert d.reason is StopReason.GRAD_NORM_PLATEAU and checks == 5 + 2 - 1
 
@@ -116,13 +141,15 @@ def test_log_norm_plateau_fires_on_a_flat_norm():
 
 @pytest.mark.parametrize(
     "evidence",
-    [StopEvidence(step=3, loss=float("nan"), grad_norm=1.0),
-     StopEvidence(step=3, loss=1.0, grad_norm=float("inf")),
-     StopEvidence(step=3, loss=1.0, grad_norm=1.0, max_grad_norm=float("nan")),
-     StopEvidence(step=3, nonfinite=True),
-     StopEvidence(step=3, val_loss=float("nan"))],
+    [
+        StopEvidence(step=3, loss=float("nan"), grad_norm=1.0),
+        StopEvidence(step=3, loss=1.0, grad_norm=float("inf")),
+        StopEvidence(step=3, loss=1.0, grad_norm=1.0, max_grad_norm=float("nan")),
+        StopEvidence(step=3, nonfinite=True),
+        StopEvidence(step=3, val_loss=float("nan")),
+    ],
     ids=["nan-loss", "inf-grad", "nan-max-grad", "flagged", "nan-val-loss"],
-)  # fmt: skip
+)
 def test_nonfinite_stops_at_once_even_in_warmup(evidence):
     s = GradientPlateauStopper(warmup_steps=1000, min_steps=1000, confirm=10)
     d = s.update(evidence)
@@ -132,12 +159,19 @@ def test_nonfinite_stops_at_once_even_in_warmup(evidence):
 
 @pytest.mark.parametrize(
     ("spike", "ratio", "verdict"),
-    [(2_000.0, 1e3, Verdict.DIVERGED), (500.0, 1e3, Verdict.CONTINUE), (60.0, 50.0, Verdict.DIVERGED)],
+    [
+        (2_000.0, 1e3, Verdict.DIVERGED),
+        (500.0, 1e3, Verdict.CONTINUE),
+        (60.0, 50.0, Verdict.DIVERGED),
+    ],
 )
 def test_exploding_norm_stops_as_diverged(spike, ratio, verdict):
     s = GradientPlateauStopper(divergence_ratio=ratio, warmup_steps=10_000)
     for i in range(1, 6):
-        assert s.update(StopEvidence(step=i, grad_norm=1.0, max_grad_norm=1.2)).verdict is Verdict.CONTINUE
+        assert (
+            s.update(StopEvidence(step=i, grad_norm=1.0, max_grad_norm=1.2)).verdict
+            is Verdict.CONTINUE
+        )
     d = s.update(StopEvidence(step=6, grad_norm=spike / 2, max_grad_norm=spike))
     assert d.verdict is verdict
     if verdict is Verdict.DIVERGED:
@@ -150,12 +184,14 @@ def test_exploding_norm_stops_as_diverged(spike, ratio, verdict):
 
 @pytest.mark.parametrize(
     ("mode", "min_delta", "losses", "stops_at"),
-    [("abs", 1e-3, [10.0, 9.996, 9.993, 9.991], None),  # each gains > 1e-3 on the best
-     ("rel", 1e-3, [10.0, 9.996, 9.993, 9.991], 4),  # needs 1e-3 * |10| = 0.01 on the best
-     ("rel", 1e-3, [-10.0, -10.004, -10.007, -10.009], 4),  # |best| for a negative loss
-     ("abs", 0.0, [1.0, 1.0, 1.0, 1.0], 4),
-     ("off", 1e-3, [1.0, 1.0, 1.0, 1.0], None)],
-)  # fmt: skip
+    [
+        ("abs", 1e-3, [10.0, 9.996, 9.993, 9.991], None),  # each gains > 1e-3 on the best
+        ("rel", 1e-3, [10.0, 9.996, 9.993, 9.991], 4),  # needs 1e-3 * |10| = 0.01 on the best
+        ("rel", 1e-3, [-10.0, -10.004, -10.007, -10.009], 4),  # |best| for a negative loss
+        ("abs", 0.0, [1.0, 1.0, 1.0, 1.0], 4),
+        ("off", 1e-3, [1.0, 1.0, 1.0, 1.0], None),
+    ],
+)
 def test_val_loss_plateau_modes(mode, min_delta, losses, stops_at):
     s = GradientPlateauStopper(val_mode=mode, val_min_delta=min_delta, patience=3)
     verdicts = [s.update(StopEvidence(step=i, val_loss=v)).verdict for i, v in enumerate(losses, 1)]
@@ -170,36 +206,48 @@ def test_val_loss_plateau_modes(mode, min_delta, losses, stops_at):
 
 @pytest.mark.parametrize(
     ("kwargs", "expected_reason", "expected_checks"),
-    [({"warmup_steps": 100}, StopReason.GRAD_NORM_PLATEAU, 9 + 3 + 2),
-     ({"min_steps": 200}, StopReason.GRAD_NORM_PLATEAU, 20),
-     ({"max_steps": 50}, StopReason.MAX_STEPS, 5)],
-)  # fmt: skip
+    [
+        ({"warmup_steps": 100}, StopReason.GRAD_NORM_PLATEAU, 9 + 3 + 2),
+        ({"min_steps": 200}, StopReason.GRAD_NORM_PLATEAU, 20),
+        ({"max_steps": 50}, StopReason.MAX_STEPS, 5),
+    ],
+)
 def test_step_bounds(kwargs, expected_reason, expected_checks):
     s = GradientPlateauStopper(eb=False, norm_window=3, confirm=3, **kwargs)
-    flat = [StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0)
-            for i in range(1, 50)]  # fmt: skip
+    flat = [
+        StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0)
+        for i in range(1, 50)
+    ]
     checks, d = first_stop(s, flat)
     assert d.reason is expected_reason and checks == expected_checks
 
 
 def test_hysteresis_band_holds_the_count_and_a_clear_miss_resets_it():
-    s = GradientPlateauStopper(eb=True, norm_plateau=False, eb_window=1, confirm=3, eb_hysteresis=0.1)
+    s = GradientPlateauStopper(
+        eb=True, norm_plateau=False, eb_window=1, confirm=3, eb_hysteresis=0.1
+    )
 
     def ev(step, eb):  # eb = 1 - (B-3)/(B-1) * sum/dims  ->  sum for a target eb
         b, dims = 11, 100
-        return StopEvidence(step=step, eb_sum=(1 - eb) * dims * (b - 1) / (b - 3), eb_dims=dims,
-                            batch_size=b)  # fmt: skip
+        return StopEvidence(
+            step=step, eb_sum=(1 - eb) * dims * (b - 1) / (b - 3), eb_dims=dims, batch_size=b
+        )
 
-    counts = [s.update(ev(i, e)).evidence["eb_count"]
-              for i, e in enumerate([0.2, 0.1, -0.05, -0.5, 0.2, 0.2], 1)]  # fmt: skip
+    counts = [
+        s.update(ev(i, e)).evidence["eb_count"]
+        for i, e in enumerate([0.2, 0.1, -0.05, -0.5, 0.2, 0.2], 1)
+    ]
     assert counts == [1, 2, 2, 0, 1, 2]  # -0.05 is in the band (held); -0.5 is clearly off
 
 
 def test_reduce_lr_then_stop():
-    s = GradientPlateauStopper(eb=False, norm_window=3, confirm=2, reduce_lr_factor=0.5,
-                               cooldown_checks=2)  # fmt: skip
-    flat = [StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0)
-            for i in range(1, 30)]  # fmt: skip
+    s = GradientPlateauStopper(
+        eb=False, norm_window=3, confirm=2, reduce_lr_factor=0.5, cooldown_checks=2
+    )
+    flat = [
+        StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0)
+        for i in range(1, 30)
+    ]
     verdicts = [s.update(e).verdict for e in flat]
     first = verdicts.index(Verdict.REDUCE_LR)
     stop = verdicts.index(Verdict.STOP)
@@ -280,8 +328,16 @@ def eb_fields(eb: float, b: int = 11, dims: int = 100) -> dict:
 
 def test_eb_measured_less_often_than_checks_counts_only_fresh_values():
     s = GradientPlateauStopper(eb=True, norm_plateau=False, eb_window=1, confirm=2)
-    evs = [StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0,
-                        **(eb_fields(0.5) if i % 3 == 0 else {})) for i in range(1, 20)]  # fmt: skip
+    evs = [
+        StopEvidence(
+            step=i * 10,
+            grad_norm=1.0,
+            log_grad_norm=0.0,
+            max_grad_norm=1.0,
+            **(eb_fields(0.5) if i % 3 == 0 else {}),
+        )
+        for i in range(1, 20)
+    ]
     checks, d = first_stop(s, evs)
     assert checks == 6 and d.reason is StopReason.EB_CRITERION  # fresh at checks 3 and 6
     assert [t["evidence"]["eb_fresh"] for t in s.trace[:3]] == [False, False, True]
@@ -289,10 +345,15 @@ def test_eb_measured_less_often_than_checks_counts_only_fresh_values():
 
 @pytest.mark.parametrize(("require", "stops"), [("any", True), ("all", False)])
 def test_require_any_or_all_signals(require, stops):
-    s = GradientPlateauStopper(eb=True, norm_plateau=True, eb_window=1, norm_window=3, confirm=2,
-                               require=require)  # fmt: skip
-    evs = [StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0,
-                        **eb_fields(-5.0)) for i in range(1, 20)]  # flat norm, EB far below 0  # fmt: skip
+    s = GradientPlateauStopper(
+        eb=True, norm_plateau=True, eb_window=1, norm_window=3, confirm=2, require=require
+    )
+    evs = [
+        StopEvidence(
+            step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0, **eb_fields(-5.0)
+        )
+        for i in range(1, 20)
+    ]  # flat norm, EB far below 0
     hit = first_stop(s, evs)
     assert (hit is not None) == stops
     if stops:

@@ -131,8 +131,9 @@ def test_snapshot_values_match_plain_pytorch_and_reach_the_sink():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
     sink = RecordingSink()
-    tel = GradientTelemetry(list(model.named_parameters()), snapshot_every=3, sink=sink,
-                            metric_stats=STAT_NAMES)  # fmt: skip
+    tel = GradientTelemetry(
+        list(model.named_parameters()), snapshot_every=3, sink=sink, metric_stats=STAT_NAMES
+    )
     expected = snapshots(tel, model, steps=10)
     report = tel.close()
     assert report["snapshots"] == report["sent"] == 3 and report["spilled"] == 0
@@ -148,16 +149,27 @@ def test_snapshot_values_match_plain_pytorch_and_reach_the_sink():
 
 @pytest.mark.parametrize(
     ("sink_kwargs", "queue_size", "expect_sent"),
-    [({"delay_s": 0.3}, 2, None),  # slow: the queue overflows, the rest is spilled
-     ({"fail": True}, 64, 0)],  # down: every snapshot fails its retries and is spilled
+    [
+        ({"delay_s": 0.3}, 2, None),  # slow: the queue overflows, the rest is spilled
+        ({"fail": True}, 64, 0),
+    ],  # down: every snapshot fails its retries and is spilled
     ids=["slow-server", "server-down"],
-)  # fmt: skip
-def test_slow_or_down_tracking_never_blocks_and_never_drops(tmp_path, sink_kwargs, queue_size, expect_sent):
+)
+def test_slow_or_down_tracking_never_blocks_and_never_drops(
+    tmp_path, sink_kwargs, queue_size, expect_sent
+):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
     sink = RecordingSink(**sink_kwargs)
-    tel = GradientTelemetry(list(model.named_parameters()), snapshot_every=1, sink=sink,
-                            spill_dir=tmp_path, queue_size=queue_size, retries=2, backoff_s=0.01)  # fmt: skip
+    tel = GradientTelemetry(
+        list(model.named_parameters()),
+        snapshot_every=1,
+        sink=sink,
+        spill_dir=tmp_path,
+        queue_size=queue_size,
+        retries=2,
+        backoff_s=0.01,
+    )
     t0 = time.perf_counter()
     snapshots(tel, model, steps=20)
     assert time.perf_counter() - t0 < 2.0  # 20 snapshots against a 0.3 s/batch server
@@ -169,7 +181,11 @@ def test_slow_or_down_tracking_never_blocks_and_never_drops(tmp_path, sink_kwarg
         assert report["sent"] == expect_sent and report["send_failures"]
     lines = (tmp_path / "telemetry-spill" / "telemetry-spill.jsonl").read_text().splitlines()
     assert len(lines) == report["spilled"]
-    assert {json.loads(x)["reason"] for x in lines} <= {"queue_full", "send_failed", "not_sent_at_close"}
+    assert {json.loads(x)["reason"] for x in lines} <= {
+        "queue_full",
+        "send_failed",
+        "not_sent_at_close",
+    }
     assert report["spill_logged_to"] == "telemetry/spill"  # artifacts still work here
     assert ("telemetry/spill", ["telemetry-spill.jsonl"]) in sink.artifacts
 
@@ -182,13 +198,15 @@ def test_artifacts_go_to_the_run_or_stay_on_disk_when_it_is_down(tmp_path):
     snapshots(tel, model, steps=8)
     where = tel.write_artifacts("final", {"stop_reason": "eb_criterion"})
     assert where["logged_to"] == "telemetry/final"
-    assert ok.artifacts == [("telemetry/final",
-                             ["gradients.npz", "histograms.png", "norms.png", "summary.json"])]  # fmt: skip
+    assert ok.artifacts == [
+        ("telemetry/final", ["gradients.npz", "histograms.png", "norms.png", "summary.json"])
+    ]
     tel.close()
 
     down = RecordingSink(fail_artifacts=True)
-    tel = GradientTelemetry(list(model.named_parameters()), snapshot_every=2, sink=down,
-                            spill_dir=tmp_path)  # fmt: skip
+    tel = GradientTelemetry(
+        list(model.named_parameters()), snapshot_every=2, sink=down, spill_dir=tmp_path
+    )
     snapshots(tel, model, steps=8)
     where = tel.write_artifacts("diverged-step-8")
     assert "sink_error" in where and Path(where["local_dir"]).is_dir()

@@ -49,7 +49,9 @@ def data():
 def val_loss_of(result, df, contract, cfg) -> float:
     val = df[split_by_id(df[contract.id_column], cfg.val_fraction)]
     x = torch.from_numpy(transform(val, result.features))
-    return classification_metrics(labels(val, result.features), predict_proba(result.model, x).numpy())["log_loss"]
+    return classification_metrics(
+        labels(val, result.features), predict_proba(result.model, x).numpy()
+    )["log_loss"]
 
 
 def test_learns_the_signal_and_restores_the_best_weights(contract, data):
@@ -59,7 +61,9 @@ def test_learns_the_signal_and_restores_the_best_weights(contract, data):
     assert r.stop_reason in STOP_REASONS
     assert 1 <= r.best_epoch <= len(r.history) and r.device == "cpu" and r.precision == "fp32"
     assert evaluate_model(r.model, r.features, holdout)["roc_auc"] > 0.72
-    assert {"val_log_loss", "val_roc_auc", "val_pr_auc", "train_loss", "grad_norm", "lr"} <= set(r.history[0])
+    assert {"val_log_loss", "val_roc_auc", "val_pr_auc", "train_loss", "grad_norm", "lr"} <= set(
+        r.history[0]
+    )
     best = min(h["val_log_loss"] for h in r.history)
     assert val_loss_of(r, train_df, contract, cfg) == pytest.approx(best, abs=1e-6)
     assert r.decision_trace and r.steps == r.history[-1]["step"]
@@ -76,14 +80,27 @@ def test_same_seed_same_weights(contract, data):
 
 @pytest.mark.parametrize(
     ("optimizer", "schedule", "extra"),
-    [("sgd", "step", {"momentum": 0.9, "lr_step_every": 20, "warmup_steps": 0}),
-     ("sgd", "cosine", {"nesterov": True}),
-     ("adamw", "constant", {"grad_clip": None})],
-)  # fmt: skip
+    [
+        ("sgd", "step", {"momentum": 0.9, "lr_step_every": 20, "warmup_steps": 0}),
+        ("sgd", "cosine", {"nesterov": True}),
+        ("adamw", "constant", {"grad_clip": None}),
+    ],
+)
 def test_optimizers_and_schedules_train(contract, data, optimizer, schedule, extra):
     lr = 0.05 if optimizer == "sgd" else 3e-3
-    r = train(data[0], contract, TrainConfig(max_epochs=4, optimizer=optimizer, lr_schedule=schedule,
-                                             learning_rate=lr, stopper=no_stopper(), **FAST, **extra))  # fmt: skip
+    r = train(
+        data[0],
+        contract,
+        TrainConfig(
+            max_epochs=4,
+            optimizer=optimizer,
+            lr_schedule=schedule,
+            learning_rate=lr,
+            stopper=no_stopper(),
+            **FAST,
+            **extra,
+        ),
+    )
     assert r.stop_reason == "max_epochs" and len(r.history) == 4
     assert r.val_metrics["roc_auc"] > 0.65
     if schedule == "step":
@@ -92,12 +109,21 @@ def test_optimizers_and_schedules_train(contract, data, optimizer, schedule, ext
 
 @pytest.mark.parametrize(
     ("kind", "step", "expected"),
-    [("cosine", 5, 0.5), ("cosine", 10, 1.0), ("cosine", 110, 0.1), ("cosine", 60, 0.55),
-     ("step", 30, 1.0), ("step", 31, 0.5), ("step", 51, 0.25), ("constant", 99, 1.0)],
-)  # fmt: skip
+    [
+        ("cosine", 5, 0.5),
+        ("cosine", 10, 1.0),
+        ("cosine", 110, 0.1),
+        ("cosine", 60, 0.55),
+        ("step", 30, 1.0),
+        ("step", 31, 0.5),
+        ("step", 51, 0.25),
+        ("constant", 99, 1.0),
+    ],
+)
 def test_lr_schedule_warmup_then_decay(kind, step, expected):
-    s = LRSchedule(1.0, total_steps=110, warmup_steps=10, kind=kind, min_lr_ratio=0.1,
-                   step_every=20, gamma=0.5)  # fmt: skip
+    s = LRSchedule(
+        1.0, total_steps=110, warmup_steps=10, kind=kind, min_lr_ratio=0.1, step_every=20, gamma=0.5
+    )
     assert s.lr(step) == pytest.approx(expected)
     s.scale = 0.5
     assert s.lr(step) == pytest.approx(expected * 0.5)
@@ -105,11 +131,18 @@ def test_lr_schedule_warmup_then_decay(kind, step, expected):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"learning_rate": 0}, "learning_rate"), ({"optimizer": "adam"}, "optimizer"),
-     ({"lr_schedule": "linear"}, "lr_schedule"), ({"precision": "fp8"}, "precision"),
-     ({"grad_clip": 0}, "grad_clip"), ({"batch_size": 1}, "batch_size"),
-     ({"stopper": {"val_mode": "sometimes"}}, "val_mode"), ({"check_every": 0}, "check_every"), ({"eb_every": 0}, "eb_every")],
-)  # fmt: skip
+    [
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"precision": "fp8"}, "precision"),
+        ({"grad_clip": 0}, "grad_clip"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"stopper": {"val_mode": "sometimes"}}, "val_mode"),
+        ({"check_every": 0}, "check_every"),
+        ({"eb_every": 0}, "eb_every"),
+    ],
+)
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
@@ -124,24 +157,43 @@ def three_class_world(rows: int, seed: int) -> tuple[pd.DataFrame, DataContract]
     shape = rng.choice(["round", "square", "flat"], rows)
     score = np.stack([x1 + (shape == "round"), x2 + (shape == "square"), -x1 - x2], axis=1)
     y = (score + rng.gumbel(size=score.shape)).argmax(axis=1) + 1  # classes 1, 2, 3
-    df = pd.DataFrame({"id": [f"r{i}" for i in range(rows)],
-                       "ts": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(rows), "s"),
-                       "x1": x1, "x2": x2, "shape": shape, "label": y})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "ts": pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(rows), "s"),
+            "x1": x1,
+            "x2": x2,
+            "shape": shape,
+            "label": y,
+        }
+    )
     contract = DataContract(
-        name="three_class", id_column="id", time_column="ts", target="label",
-        target_values=(1, 2, 3), positive_label=3,
-        columns=(Column("id", "string", unique=True), Column("ts", "timestamp"),
-                 Column("x1", "float"), Column("x2", "float"),
-                 Column("shape", "category", categories=("round", "square", "flat")),
-                 Column("label", "int", min=1, max=3)),
-    )  # fmt: skip
+        name="three_class",
+        id_column="id",
+        time_column="ts",
+        target="label",
+        target_values=(1, 2, 3),
+        positive_label=3,
+        columns=(
+            Column("id", "string", unique=True),
+            Column("ts", "timestamp"),
+            Column("x1", "float"),
+            Column("x2", "float"),
+            Column("shape", "category", categories=("round", "square", "flat")),
+            Column("label", "int", min=1, max=3),
+        ),
+    )
     return df, contract
 
 
 def test_multi_class_from_the_contract():
     df, contract = three_class_world(6000, seed=3)
     r = train(df, contract, TrainConfig(max_epochs=8, seed=1, **FAST))
-    assert r.model(torch.zeros(1, r.features.width)).shape[1] == 3 and r.features.classes == [1, 2, 3]
+    assert r.model(torch.zeros(1, r.features.width)).shape[1] == 3 and r.features.classes == [
+        1,
+        2,
+        3,
+    ]
     assert r.val_metrics["roc_auc"] > 0.75  # one-vs-rest macro
     assert "pr_auc" not in r.val_metrics  # PR AUC is reported for binary targets only
     holdout, _ = three_class_world(2000, seed=4)
@@ -175,8 +227,9 @@ def test_unknown_category_and_missing_values_do_not_crash(contract, data):
 
 
 def test_resume_from_a_mid_epoch_state_gives_the_same_weights(contract, data, tmp_path):
-    cfg = TrainConfig(max_epochs=4, seed=3, state_every=7, check_every=5, snapshot_every=6,
-                      batch_size=256)  # fmt: skip
+    cfg = TrainConfig(
+        max_epochs=4, seed=3, state_every=7, check_every=5, snapshot_every=6, batch_size=256
+    )
     full = train(data[0], contract, cfg, state_dir=tmp_path / "a")
     states = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert states[-1].endswith("-final") and len(states) == 2  # keeps the last two
@@ -194,8 +247,12 @@ def test_resume_from_a_mid_epoch_state_gives_the_same_weights(contract, data, tm
     done = train(data[0], contract, cfg, state_dir=tmp_path / "a")
     assert done.resumed_from["step"] == full.steps
     # another configuration does not resume a foreign state
-    other = train(data[0], contract, TrainConfig(**{**cfg.to_dict(), "factory_kwargs": {"hidden": [16]}, "max_epochs": 1}),
-                  state_dir=tmp_path / "b")  # fmt: skip
+    other = train(
+        data[0],
+        contract,
+        TrainConfig(**{**cfg.to_dict(), "factory_kwargs": {"hidden": [16]}, "max_epochs": 1}),
+        state_dir=tmp_path / "b",
+    )
     assert other.resumed_from is None
 
 
@@ -229,17 +286,26 @@ class FakeSink:
 
 
 @pytest.mark.parametrize("down", [False, True], ids=["tracking-up", "tracking-down"])
-def test_tracking_gets_tags_trace_and_telemetry_and_its_outage_is_not_fatal(contract, data, down, tmp_path):
+def test_tracking_gets_tags_trace_and_telemetry_and_its_outage_is_not_fatal(
+    contract, data, down, tmp_path
+):
     sink = FakeSink(down=down)
-    r = train(data[0], contract, TrainConfig(max_epochs=3, snapshot_every=10, state_every=0),
-              sink=sink, state_dir=None)  # fmt: skip
+    r = train(
+        data[0],
+        contract,
+        TrainConfig(max_epochs=3, snapshot_every=10, state_every=0),
+        sink=sink,
+        state_dir=None,
+    )
     assert r.telemetry["snapshots"] >= 3
     if not down:
         assert sink.tags["train.device"] == "cpu" and sink.tags["train.precision"] == "fp32"
         trace = json.loads(sink.texts["training/decision_trace.json"])
         assert trace["decisions"] == r.decision_trace and trace["config"]["eb"] is True
         assert "telemetry/final" in sink.artifacts
-        assert r.telemetry["sent"] == len([m for m in sink.metrics if "grad/net.0.weight/l2" in m[1]])
+        assert r.telemetry["sent"] == len(
+            [m for m in sink.metrics if "grad/net.0.weight/l2" in m[1]]
+        )
     else:
         accounted = r.telemetry["sent"] + r.telemetry["spilled"] + r.telemetry["in_flight_at_close"]
         assert r.telemetry["sent"] == 0 and accounted >= r.telemetry["snapshots"]
@@ -249,14 +315,21 @@ def test_tracking_gets_tags_trace_and_telemetry_and_its_outage_is_not_fatal(cont
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"grad_clip": 5.0}, r"gradient norm .* exceeded 1000 x the lowest norm seen, .* at step \d+"),
-     ({"grad_clip": None}, r".*(non-finite|exceeded).* at step \d+")],
-)  # fmt: skip
+    [
+        (
+            {"grad_clip": 5.0},
+            r"gradient norm .* exceeded 1000 x the lowest norm seen, .* at step \d+",
+        ),
+        ({"grad_clip": None}, r".*(non-finite|exceeded).* at step \d+"),
+    ],
+)
 def test_exploding_learning_rate_raises_with_the_step(contract, data, kwargs, match):
     cfg = TrainConfig(max_epochs=10, learning_rate=100.0, optimizer="sgd", **FAST, **kwargs)
     with pytest.raises(TrainingDiverged, match="training diverged: " + match) as err:
         train(data[0], contract, cfg)
-    assert "lower the learning rate" in str(err.value) and "no checkpoint was written" in str(err.value)
+    assert "lower the learning rate" in str(err.value) and "no checkpoint was written" in str(
+        err.value
+    )
 
 
 def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_home):
@@ -266,8 +339,10 @@ def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_hom
     from pipeline.settings import get_settings
 
     root = get_settings().storage_root
-    batch = storage.write_bytes(f"{root}/landing/card_fraud/b.parquet",
-                                to_parquet_bytes(generate(WorldSpec(rows=5000, seed=7)))).uri  # fmt: skip
+    batch = storage.write_bytes(
+        f"{root}/landing/card_fraud/b.parquet",
+        to_parquet_bytes(generate(WorldSpec(rows=5000, seed=7))),
+    ).uri
     ctx = steps.RunContext(dag_id="t", run_id="diverge")
     ingested = steps.ingest_batch(ctx, batch)
     with pytest.raises(PipelineRejection, match=r"training diverged: gradient norm .* at step \d+"):
@@ -312,12 +387,32 @@ def test_accelerator_bookkeeping_path_matches_the_host_path(contract, data, monk
             if a["evidence"].get(key) is not None:
                 assert b["evidence"][key] == pytest.approx(a["evidence"][key], rel=1e-5), key
     with pytest.raises(TrainingDiverged, match="non-finite|exceeded"):
-        train(data[0], contract, TrainConfig(max_epochs=10, learning_rate=100.0, optimizer="sgd",
-                                             grad_clip=None, check_every=4, **FAST))  # fmt: skip
+        train(
+            data[0],
+            contract,
+            TrainConfig(
+                max_epochs=10,
+                learning_rate=100.0,
+                optimizer="sgd",
+                grad_clip=None,
+                check_every=4,
+                **FAST,
+            ),
+        )
 
 
 def test_bf16_autocast_path_trains(contract, data):
-    r = train(data[0], contract, TrainConfig(max_epochs=2, precision="bf16", check_every=4, eb_every=4,
-                                             stopper={"warmup_steps": 0}, **FAST))  # fmt: skip
+    r = train(
+        data[0],
+        contract,
+        TrainConfig(
+            max_epochs=2,
+            precision="bf16",
+            check_every=4,
+            eb_every=4,
+            stopper={"warmup_steps": 0},
+            **FAST,
+        ),
+    )
     assert r.precision == "bf16" and math.isfinite(r.val_metrics["log_loss"])
     assert any(d["evidence"].get("eb_fresh") for d in r.decision_trace)

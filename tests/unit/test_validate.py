@@ -223,10 +223,13 @@ def test_html_lists_failures_first_and_is_self_contained(contract: DataContract)
 def test_counts_stay_exact_when_gx_sees_a_sample(contract: DataContract) -> None:
     df = batch("out_of_range")
     df.loc[df.index[2000:2100], "transaction_id"] = df["transaction_id"].iloc[:100].to_numpy()
-    extra = {"type": "expect_column_mean_to_be_between",
-             "kwargs": {"column": "amount", "min_value": 0, "max_value": 1e6}}  # fmt: skip
-    report = validate_frame(df, dataclasses.replace(contract, extra_expectations=(extra,)), NOW,
-                            sample_rows=300)  # fmt: skip
+    extra = {
+        "type": "expect_column_mean_to_be_between",
+        "kwargs": {"column": "amount", "min_value": 0, "max_value": 1e6},
+    }
+    report = validate_frame(
+        df, dataclasses.replace(contract, extra_expectations=(extra,)), NOW, sample_rows=300
+    )
     assert report.sample_rows == 300
     by = {(r.expectation, r.column): r for r in report.results}
     hour = by[("expect_column_values_to_be_between", "hour")]
@@ -285,7 +288,9 @@ def test_hostile_column_names_are_reported_not_used(contract: DataContract) -> N
     assert all(len(n) <= 60 for n in report.extra_columns)
 
 
-def test_unreadable_bytes_are_a_report_not_an_exception(contract: DataContract, tmp_path: Path) -> None:
+def test_unreadable_bytes_are_a_report_not_an_exception(
+    contract: DataContract, tmp_path: Path
+) -> None:
     from pipeline.validate import validate_uri
 
     path = tmp_path / "x.parquet"
@@ -328,15 +333,18 @@ def tabular_contract(
     """A small contract written as YAML: an int id, float features, an int label (and the
     ``extra`` column declarations); no time column unless ``top`` names one."""
     doc = {
-        "name": "tabular", "id_column": "id",
+        "name": "tabular",
+        "id_column": "id",
         "target": {"name": "label", "values": classes, "positive": classes[-1]},
         "row_count": {"min": 1},
-        "columns": [{"name": "id", "type": "int", "unique": True},
-                    *({"name": f, "type": "float"} for f in features),
-                    {"name": "label", "type": "int", "min": min(classes), "max": max(classes)},
-                    *extra],
+        "columns": [
+            {"name": "id", "type": "int", "unique": True},
+            *({"name": f, "type": "float"} for f in features),
+            {"name": "label", "type": "int", "min": min(classes), "max": max(classes)},
+            *extra,
+        ],
         **top,
-    }  # fmt: skip
+    }
     path = tmp_path / "tabular.yaml"
     path.write_text(yaml.safe_dump(doc))
     return load_contract(path)
@@ -378,8 +386,11 @@ def _shuffled(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def leak_result(report: ValidationReport, column: str):
-    return next(r for r in report.results
-                if r.expectation == "expect_column_to_not_predict_target_alone" and r.column == column)  # fmt: skip
+    return next(
+        r
+        for r in report.results
+        if r.expectation == "expect_column_to_not_predict_target_alone" and r.column == column
+    )
 
 
 NOISE = lambda y, rng: rng.normal(size=len(y))  # noqa: E731
@@ -392,33 +403,70 @@ ONE_CLASS = lambda y, rng: (y == 1) * 10.0 + rng.normal(size=len(y)) * 0.1  # no
     ("case", "make", "feature", "passes", "mode", "in_summary"),
     [
         # iris, the champion's data had the same strong petal feature: passes, named as strong
-        ("iris_reference_equally_strong",
-         lambda: (iris_batch(), iris()), "petal_width", True, "reference", "came close"),
+        (
+            "iris_reference_equally_strong",
+            lambda: (iris_batch(), iris()),
+            "petal_width",
+            True,
+            "reference",
+            "came close",
+        ),
         # the same feature carried no signal in the reference: new power, rejected
-        ("iris_feature_weak_in_reference",
-         lambda: (iris_batch(), _shuffled(iris(), "petal_width")), "petal_width", False,
-         "reference", "gains no new power"),
+        (
+            "iris_feature_weak_in_reference",
+            lambda: (iris_batch(), _shuffled(iris(), "petal_width")),
+            "petal_width",
+            False,
+            "reference",
+            "gains no new power",
+        ),
         # the feature did not exist in the reference: new power, rejected
-        ("iris_feature_absent_from_reference",
-         lambda: (iris_batch(), iris().drop(columns="petal_width")), "petal_width", False,
-         "reference", "column absent from the reference"),
+        (
+            "iris_feature_absent_from_reference",
+            lambda: (iris_batch(), iris().drop(columns="petal_width")),
+            "petal_width",
+            False,
+            "reference",
+            "column absent from the reference",
+        ),
         # no champion yet, 120 rows: too few to judge alone; skipped, and the report says why
-        ("iris_no_reference_few_rows",
-         lambda: (iris_batch(), None), "petal_length", True, "no reference", "leakage.min_rows"),
+        (
+            "iris_no_reference_few_rows",
+            lambda: (iris_batch(), None),
+            "petal_length",
+            True,
+            "no reference",
+            "leakage.min_rows",
+        ),
         # no champion, enough rows, a copy of the label: rejected
-        ("label_copy_no_reference",
-         lambda: (synthetic(1200, 2, noise=NOISE, leak=COPY), None), "leak", False,
-         "no reference", "does not predict label alone"),
+        (
+            "label_copy_no_reference",
+            lambda: (synthetic(1200, 2, noise=NOISE, leak=COPY), None),
+            "leak",
+            False,
+            "no reference",
+            "does not predict label alone",
+        ),
         # no champion, enough rows, strong (AUC ~0.99) but below the 0.999 bar: passes, named
-        ("strong_feature_no_reference",
-         lambda: (synthetic(1200, 2, noise=NOISE, leak=STRONG), None), "leak", True,
-         "no reference", "came close"),
+        (
+            "strong_feature_no_reference",
+            lambda: (synthetic(1200, 2, noise=NOISE, leak=STRONG), None),
+            "leak",
+            True,
+            "no reference",
+            "came close",
+        ),
         # 3 classes: the feature separates class 1 only (weak for the positive class 2)
-        ("multiclass_one_vs_rest",
-         lambda: (synthetic(1200, 3, noise=NOISE, leak=ONE_CLASS), None), "leak", False,
-         "no reference", "class 1 vs rest"),
+        (
+            "multiclass_one_vs_rest",
+            lambda: (synthetic(1200, 3, noise=NOISE, leak=ONE_CLASS), None),
+            "leak",
+            False,
+            "no reference",
+            "class 1 vs rest",
+        ),
     ],
-)  # fmt: skip
+)
 def test_leakage_is_new_predictive_power(
     tmp_path: Path, case: str, make, feature: str, passes: bool, mode: str, in_summary: str
 ) -> None:
@@ -433,7 +481,9 @@ def test_leakage_is_new_predictive_power(
     # the code's AUC agrees with sklearn's on the same rows (every row: no sampling here), for
     # the class it names (one-vs-rest); without a reference that is the worst class
     cls = leak.observed.get("class", contract.positive_label)
-    assert leak.observed["observed_value"] == pytest.approx(_univariate_auc(batch_df, feature, cls), abs=1e-6)
+    assert leak.observed["observed_value"] == pytest.approx(
+        _univariate_auc(batch_df, feature, cls), abs=1e-6
+    )
     if mode == "no reference":
         worst = max(_univariate_auc(batch_df, feature, k) for k in classes)
         assert leak.observed["observed_value"] == pytest.approx(worst, abs=1e-6)
@@ -459,7 +509,9 @@ def test_passing_strong_features_are_named_for_a_reviewer(tmp_path: Path) -> Non
     assert report.success, report.summary()
     near = [r.column for r in report.results if r.observed.get("near")]
     assert "petal_length" in near and "petal_width" in near
-    assert all(r.observed["observed_value"] >= 0.9 for r in report.results if r.observed.get("near"))
+    assert all(
+        r.observed["observed_value"] >= 0.9 for r in report.results if r.observed.get("near")
+    )
     (note,) = [n for n in report.notes if "came close" in n]
     assert "petal_length" in note and "reference" in note
     assert note in report.summary() and note in report.to_dict()["notes"]
@@ -526,8 +578,9 @@ def test_reference_uri_matches_reference_frame_and_a_bad_reference_is_reported(
     assert streamed.to_dict() == framed.to_dict()
     assert failed(streamed) == {("expect_column_to_not_predict_target_alone", "petal_width")}
     # the reference is sampled, bounded by sample_rows
-    small = validate_uri(batch_path.as_uri(), contract, NOW, reference_uri=ref_path.as_uri(),
-                         sample_rows=100)  # fmt: skip
+    small = validate_uri(
+        batch_path.as_uri(), contract, NOW, reference_uri=ref_path.as_uri(), sample_rows=100
+    )
     assert leak_result(small, "petal_width").observed["reference_rows"] == 100
     # an unreadable reference: reported, and the no-reference rule applies
     bad = tmp_path / "bad.parquet"
@@ -558,10 +611,13 @@ def test_contract_without_time_column_skips_time_checks(tmp_path: Path) -> None:
 
 def test_contract_with_time_column_still_checks_future_times(tmp_path: Path) -> None:
     df = iris_batch().assign(ts=NOW - pd.Timedelta(days=1))
-    contract = tabular_contract(tmp_path, IRIS_FEATURES, [0, 1, 2],
-                                ({"name": "ts", "type": "timestamp"},), time_column="ts")  # fmt: skip
+    contract = tabular_contract(
+        tmp_path, IRIS_FEATURES, [0, 1, 2], ({"name": "ts", "type": "timestamp"},), time_column="ts"
+    )
     assert "ts" not in [c.name for c in contract.features]
     report = validate_frame(df, contract, NOW)
     assert report.success and NO_TIME_COLUMN_NOTE not in report.notes
     df.loc[df.index[:3], "ts"] = NOW + pd.Timedelta(hours=1)
-    assert failed(validate_frame(df, contract, NOW)) == {("expect_column_values_to_be_between", "ts")}
+    assert failed(validate_frame(df, contract, NOW)) == {
+        ("expect_column_values_to_be_between", "ts")
+    }
