@@ -27,42 +27,60 @@ export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 30
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install demo test test-unit test-dags test-integration bench lint typecheck airflow mlflow stop lock clean
+.PHONY: help install demo test test-unit test-dags test-integration test-stack test-browser bench lint typecheck airflow mlflow stop lock clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+# The dev environment: production pins (requirements.txt, what the images install) plus the
+# test and tooling pins (requirements-dev.txt: pytest, moto, ruff, mypy, pre-commit).
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -c constraints.txt 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt 2>&1 | $(PIP_QUIET)
 	$(PY) -m pip install -q --no-deps -e . 2>&1 | $(PIP_QUIET)
 	$(PY) -c "import airflow, mlflow, torch, evidently, great_expectations, pipeline"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the pinned, locked environment
+install: $(STAMP)  ## create .venv and install the pinned, locked dev environment (requirements-dev.txt)
 
 demo: $(STAMP)  ## run both example models' DAGs for real on the embedded default (7 runs)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)  ## the whole suite: unit, DAG integrity, integration, stack (real Airflow, MLflow, PostgreSQL, S3)
-	$(PY) -m pytest -q --durations=15
+# The test lanes: one folder each under tests/ (marker = folder name), the browser tests
+# marked `browser`. `make test` runs every lane at once under pytest-xdist: the stack on a
+# worker of its own, started first (the long pole), the rest shared by the others
+# (tests/conftest.py: groups, order). TEST_WORKERS=1 runs it in one process, in file order.
+TEST_WORKERS ?= 3
+PYTEST := $(PY) -m pytest -q
 
-test-unit: $(STAMP)  ## fast unit tests only
-	$(PY) -m pytest -q tests/unit
+test: $(STAMP)  ## the whole suite, every lane at once (TEST_WORKERS=3 pytest-xdist workers)
+	$(PYTEST) --durations=15 $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
-test-dags: $(STAMP)  ## DAG integrity tests only
-	$(PY) -m pytest -q tests/dags
+test-unit: $(STAMP)  ## lane: unit tests (embedded state, no servers)
+	$(PYTEST) tests/unit
 
-test-integration: $(STAMP)  ## whole DAG runs on the embedded default
-	$(PY) -m pytest -q tests/integration
+test-dags: $(STAMP)  ## lane: DAG integrity tests
+	$(PYTEST) tests/dags
+
+test-integration: $(STAMP)  ## lane: whole DAG runs, serving, S3 on the embedded default (not the browser)
+	$(PYTEST) tests/integration -m "not browser"
+
+test-stack: $(STAMP)  ## lane: real PostgreSQL, moto S3, MLflow (basic-auth) and Airflow servers
+	$(PYTEST) tests/stack
+
+test-browser: $(STAMP)  ## lane: headless Chromium through the Airflow and MLflow UIs
+	$(PYTEST) tests/integration -m browser
 
 bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
 	for m in benchmarks/[a-z]*.py; do echo "== $$m"; $(PY) -m benchmarks.$$(basename $$m .py) || exit 1; done
 
-lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check pipeline dags plugins tests scripts benchmarks models
+LINT_PATHS := pipeline dags plugins tests scripts benchmarks models
 
-typecheck: $(STAMP)  ## mypy on pipeline/
+lint: $(STAMP)  ## ruff check and ruff format --check
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+typecheck: $(STAMP)  ## mypy on pipeline/, dags/ and plugins/ (files set in pyproject.toml)
 	$(VENV)/bin/mypy
 
 airflow: $(STAMP)  ## Airflow UI on http://127.0.0.1:8080 (airflow standalone; Ctrl-C stops it and its children)

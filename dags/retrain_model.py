@@ -16,10 +16,10 @@ approver reads the gate report and the MLflow link, and picks Approve or Reject;
 human rejection is tagged on the version and champion stays) → `publish_summary`.
 
 **Canary** (param `canary`, default off): `promote_champion` then runs
-`steps.canary_rollout` instead — alias `canary` on the new version, traffic weight steps on
+`stages.canary_rollout` instead — alias `canary` on the new version, traffic weight steps on
 the scoring service (`PIPELINE_SERVING_URL`), canary vs champion analysis read from its
 `/metrics`, then promotion by compare-and-set plus a bake window, or weight 0 and a
-`rolled_back` tag; the champion is untouched on failure (see `pipeline/canary.py`).
+`rolled_back` tag; the champion is untouched on failure (see `pipeline/canary/`).
 
 **Which batch**: the `batch_uri` param; else the triggering asset event's
 `extra.batch_uri` (the model's asset `pipeline://models/<name>/batch`, emitted by
@@ -46,6 +46,7 @@ from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from assets import batch_asset, champion_asset
+from pipeline.names import APPROVE_OPTION, REJECT_OPTION, Task
 from placement import train_task_kwargs
 from specs import POLICY_PARAMS, good_specs, policy_request
 
@@ -59,7 +60,7 @@ def _ctx():
     """RunContext from the Airflow context (stable across retries: keyed on the run id)."""
     from airflow.sdk import get_current_context
 
-    from pipeline.steps import RunContext
+    from pipeline.stages import RunContext
 
     c = get_current_context()
     dr = c["dag_run"]
@@ -88,9 +89,9 @@ def _run(spec_path: str, fn, *args, **kwargs):
 
 
 def _policy(spec_path: str, params: dict[str, Any]):
-    from pipeline import steps
+    from pipeline import stages
 
-    return _run(spec_path, lambda _ctx, req: steps.run_policy(req), policy_request(params))
+    return _run(spec_path, lambda _ctx, req: stages.run_policy(req), policy_request(params))
 
 
 def _schedule(spec):
@@ -132,95 +133,117 @@ def build_retrain_dag(spec):
         params=params,
     )
     def retrain():
+        # Each task: one call of a pipeline stage (pipeline.stages), records in and out as
+        # XCom-ready dicts (stages.records: to_xcom / from_xcom).
         @task
         def ingest_batch(params=None, triggering_asset_events=None, dag_run=None):
-            from pipeline import steps
+            from pipeline import stages
 
             policy = _policy(path, params)  # a loosening is refused before any data is read
             extras = [e.extra for evs in (triggering_asset_events or {}).values() for e in evs]
             uri = _run(
                 path,
-                lambda _c: steps.resolve_batch_uri(
+                lambda _c: stages.resolve_batch_uri(
                     params["batch_uri"], extras, dag_run.run_after.isoformat()
                 ),
             )
-            return _run(path, steps.ingest_batch, uri, policy=policy)
+            return _run(path, stages.ingest_batch, uri, policy=policy).to_xcom()
 
         @task
         def validate_batch(ingested):
-            from pipeline import steps
+            from pipeline import stages
 
-            return _run(path, steps.validate_batch, ingested)
+            ing = stages.Ingested.from_xcom(ingested)
+            return _run(path, stages.validate_batch, ing).to_xcom()
 
         @task
         def detect_drift(ingested, validated):
-            from pipeline import steps
+            from pipeline import stages
 
-            return _run(path, steps.detect_drift, ingested)
+            return _run(path, stages.detect_drift, stages.Ingested.from_xcom(ingested)).to_xcom()
 
         @task
         def decide_retrain(drifted, params=None):
-            from pipeline import steps
+            from pipeline import stages
 
             return _run(
                 path,
-                steps.decide_retrain,
-                drifted,
+                stages.decide_retrain,
+                stages.Drifted.from_xcom(drifted),
                 force=params["force_retrain"],
                 policy=_policy(path, params),
-            )
+            ).to_xcom()
 
         @task.short_circuit(
             ignore_downstream_trigger_rules=False
         )  # a skip still publishes its summary
         def retrain_gate(decision):
-            return decision["verdict"] == "train"
+            from pipeline import stages
+
+            return stages.RetrainDecided.from_xcom(decision).retrain
 
         @task(**TRAIN_TASK)
         def train_model(ingested, params=None):
-            from pipeline import steps
+            from pipeline import stages
 
             return _run(
                 path,
-                steps.train_model,
-                ingested,
+                stages.train_model,
+                stages.Ingested.from_xcom(ingested),
                 max_epochs=params["max_epochs"],
                 learning_rate=params["learning_rate"],
-            )
+            ).to_xcom()
 
         @task
         def verify_checkpoint(trained):
-            from pipeline import steps
+            from pipeline import stages
 
-            return _run(path, steps.verify_checkpoint, trained)
+            return _run(path, stages.verify_checkpoint, stages.Trained.from_xcom(trained)).to_xcom()
 
         @task
         def register_challenger(ingested, trained, verified):
-            from pipeline import steps
+            from pipeline import stages
 
-            return _run(path, steps.register_challenger, ingested, trained, verified)
+            return _run(
+                path,
+                stages.register_challenger,
+                stages.Ingested.from_xcom(ingested),
+                stages.Trained.from_xcom(trained),
+                stages.Verified.from_xcom(verified),
+            ).to_xcom()
 
         @task
         def gate_promotion(registered, params=None):
-            from pipeline import steps
+            from pipeline import stages
 
-            return _run(path, steps.gate_promotion, registered, policy=_policy(path, params))
+            return _run(
+                path,
+                stages.gate_promotion,
+                stages.Registered.from_xcom(registered),
+                policy=_policy(path, params),
+            ).to_xcom()
 
         @task.short_circuit(ignore_downstream_trigger_rules=False)
         def approval_required(gated, params=None):
             """Ask a human only when the policy asks, and only about a version the gate passed."""
-            return _policy(path, params).require_approval and gated["verdict"] == "promote"
+            from pipeline import stages
+
+            promote = stages.Gated.from_xcom(gated).promote
+            return _policy(path, params).require_approval and promote
 
         # HITLOperator with Approve/Reject rather than ApprovalOperator: ApprovalOperator skips
         # promote_champion on Reject, and then nothing would record the human rejection.
+        # Its answer is judged by pipeline.approval in promote_champion (recorded, replayable).
         approve_promotion = HITLOperator(
-            task_id="approve_promotion",
+            task_id=Task.APPROVE_PROMOTION.value,
             subject="Promote {{ ti.xcom_pull(task_ids='gate_promotion')['model_name'] }} "
             "v{{ ti.xcom_pull(task_ids='gate_promotion')['model_version'] }} to champion?",
             body="{{ ti.xcom_pull(task_ids='gate_promotion')['report_markdown'] }}\n\n"
             "[Open the version in MLflow]({{ ti.xcom_pull(task_ids='gate_promotion')['model_url'] }})",
-            options=["Approve", "Reject"],
-            defaults=["Reject"],  # no answer within the timeout: not promoted, recorded as rejected
+            options=[APPROVE_OPTION, REJECT_OPTION],
+            defaults=[
+                REJECT_OPTION
+            ],  # no answer within the timeout: not promoted, recorded as rejected
             response_timeout=timedelta(days=3),
         )
 
@@ -228,23 +251,24 @@ def build_retrain_dag(spec):
         def promote_champion(gated, approval, params=None):
             from airflow.sdk.exceptions import AirflowSkipException
 
-            from pipeline import steps
+            from pipeline import stages
 
             if gated is None:  # none_failed also runs when everything upstream was skipped
                 raise AirflowSkipException("no challenger in this run: retraining was skipped")
+            rec = stages.Gated.from_xcom(gated)
             if _policy(path, params).canary:  # weights, analysis, promote or roll back
-                return _run(path, steps.canary_rollout, gated, approval=approval)
-            return _run(path, steps.promote_champion, gated, approval=approval)
+                return _run(path, stages.canary_rollout, rec, approval=approval).to_xcom()
+            return _run(path, stages.promote_champion, rec, approval=approval).to_xcom()
 
         @task(trigger_rule="all_done")
         def publish_summary():
             from airflow.sdk import get_current_context
             from airflow.sdk.exceptions import AirflowFailException
 
-            from pipeline import steps
+            from pipeline import stages
 
-            summary = _run(path, lambda ctx: steps.publish_summary(ctx))
-            print(steps.format_summary(summary))
+            summary = _run(path, stages.publish_summary)
+            print(stages.format_summary(summary))
             c = get_current_context()
             states = c["ti"].get_task_states(
                 dag_id=c["dag_run"].dag_id, run_ids=[c["dag_run"].run_id]
@@ -253,7 +277,7 @@ def build_retrain_dag(spec):
             failed = sorted(t for t, s in states.items() if s == "failed")
             if failed:  # the summary is written; the run still ends failed
                 raise AirflowFailException(f"run failed at {failed}; see the summary above")
-            return summary
+            return summary.to_xcom()
 
         ingested = ingest_batch()
         validated = validate_batch(ingested)

@@ -24,7 +24,7 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def _ctx(args: argparse.Namespace):
-    from pipeline.steps import RunContext
+    from pipeline.stages import RunContext
 
     return RunContext(dag_id=args.dag_id, run_id=args.run_id, run_after=args.run_after)
 
@@ -42,30 +42,20 @@ def _use_spec(args: argparse.Namespace) -> Any:
     return s
 
 
-_POLICY_FLAGS = {
-    "floor": "gate_floor",
-    "margin": "gate_margin",
-    "non_inferiority_margin": "gate_non_inferiority_margin",
-    "slices": "gate_slices",
-    "max_checkpoint_mb": "gate_max_checkpoint_mb",
-    "max_latency_p95_ms": "gate_max_latency_p95_ms",
-    "require_approval": "require_approval",
-    "decay_margin": "decay_margin",
-    "eval_uri": "eval_uri",
-}
-
-
 def _policy(args: argparse.Namespace) -> Any:
-    """The run's policy: the spec's, tightened by the flags given (a loosening is refused)."""
-    from pipeline import steps
+    """The run's policy: the spec's, tightened by the flags given (a loosening is refused).
+    Each flag is its Param's name (``--gate-margin`` is the Param ``gate_margin``, the spec's
+    ``gate.margin``, the version's tag ``gate.margin``)."""
+    from pipeline import stages
+    from pipeline.spec import KNOBS
 
     requested = {}
-    for flag, param in _POLICY_FLAGS.items():
-        value = getattr(args, flag, None)
+    for knob in KNOBS:
+        value = getattr(args, knob.param, None)
         if value is None or value is False:  # not given (0 and 0.0 are values: `0.0 == False`)
             continue
-        requested[param] = value
-    return steps.run_policy(requested)
+        requested[knob.param] = value
+    return stages.run_policy(requested)
 
 
 def _print(rec: Any) -> None:
@@ -174,29 +164,45 @@ def _record_out(args: argparse.Namespace, rec: dict[str, Any]) -> None:
         Path(args.record_out).write_text(json.dumps(rec, indent=2, default=str))
 
 
+def _inputs(args: argparse.Namespace, *kinds: Any) -> list[Any]:
+    """The upstream records (``--in``, in the task's order) as the stage's record types."""
+    given = list(args.inputs or [])
+    if len(given) != len(kinds):
+        names_ = ", ".join(k.STAGE.value for k in kinds)
+        raise SystemExit(
+            f"{args.stage} needs {len(kinds)} upstream record(s) with --in, in order: {names_} "
+            f"(got {len(given)})"
+        )
+    return [kind.from_xcom(_load(path)) for kind, path in zip(kinds, given, strict=True)]
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
-    from pipeline import steps
+    """One DAG task, ``python -m pipeline <task id>``: the same function with that task's
+    options, records in (``--in``) and out (stdout) as the task's XCom."""
+    from pipeline import stages
     from pipeline.errors import PipelineRejection
+    from pipeline.names import Task
     from pipeline.spec import PolicyViolation
 
     _use_spec(args)
     policy = _policy(args)
     ctx = _ctx(args)
-    ins = [_load(p) for p in (args.inputs or [])]
-    stage = args.stage
-    if stage == "ingest":
-        rec = steps.ingest_batch(ctx, args.batch, policy=policy)
-    elif stage == "validate":
-        rec = steps.validate_batch(ctx, *ins)
-    elif stage == "drift":
-        rec = steps.detect_drift(ctx, *ins)
-    elif stage == "decide":
-        rec = steps.decide_retrain(ctx, ins[0], force=args.force, policy=policy)
-    elif stage == "train":
+    stage = Task(args.stage)
+    rec: Any
+    if stage is Task.INGEST_BATCH:
+        rec = stages.ingest_batch(ctx, args.batch, policy=policy)
+    elif stage is Task.VALIDATE_BATCH:
+        rec = stages.validate_batch(ctx, *_inputs(args, stages.Ingested))
+    elif stage is Task.DETECT_DRIFT:
+        rec = stages.detect_drift(ctx, *_inputs(args, stages.Ingested))
+    elif stage is Task.DECIDE_RETRAIN:
+        (drifted,) = _inputs(args, stages.Drifted)
+        rec = stages.decide_retrain(ctx, drifted, force=args.force_retrain, policy=policy)
+    elif stage is Task.TRAIN_MODEL:
         try:
-            rec = steps.train_model(
+            rec = stages.train_model(
                 ctx,
-                *ins,
+                *_inputs(args, stages.Ingested),
                 max_epochs=args.max_epochs,
                 learning_rate=args.learning_rate,
                 seed=args.seed,
@@ -207,70 +213,116 @@ def cmd_stage(args: argparse.Namespace) -> int:
         except PipelineRejection as exc:
             _record_out(args, {"rejected": str(exc)})
             raise
-        _record_out(args, rec)
-    elif stage == "verify":
-        rec = steps.verify_checkpoint(ctx, *ins)
-    elif stage == "register":
-        rec = steps.register_challenger(ctx, *ins)
-    elif stage == "gate":
-        rec = steps.gate_promotion(ctx, *ins, policy=policy)
-    elif stage == "promote":
-        if policy.require_approval:
+        _record_out(args, rec.to_xcom())
+    elif stage is Task.VERIFY_CHECKPOINT:
+        rec = stages.verify_checkpoint(ctx, *_inputs(args, stages.Trained))
+    elif stage is Task.REGISTER_CHALLENGER:
+        kinds = (stages.Ingested, stages.Trained, stages.Verified)
+        rec = stages.register_challenger(ctx, *_inputs(args, *kinds))
+    elif stage is Task.GATE_PROMOTION:
+        rec = stages.gate_promotion(ctx, *_inputs(args, stages.Registered), policy=policy)
+    elif stage is Task.APPROVE_PROMOTION:
+        (gated,) = _inputs(args, stages.Gated)
+        answer = {
+            "chosen_options": ["Approve" if args.approve else "Reject"],
+            "responded_by_user": {"id": args.who, "name": args.who},
+            "responded_at": _ctx(args).now.isoformat(),
+            "params_input": {"comment": args.comment or ""},
+        }
+        rec = stages.approve_promotion(ctx, gated, answer)
+    elif stage is Task.PROMOTE_CHAMPION:
+        ins = list(args.inputs or [])
+        if not ins or len(ins) > 2:
+            raise SystemExit(
+                "promote_champion needs --in gate_promotion.json [--in approve_promotion.json]"
+            )
+        if policy.require_approval and len(ins) < 2:
             raise PolicyViolation(
                 "this model's policy requires a human approval before promotion; "
-                "approve it in Airflow (approve_promotion), which records who did"
+                "approve it in Airflow (approve_promotion), which records who did, or record "
+                "one with `python -m pipeline approve_promotion --in gated.json --approve --who NAME`"
             )
-        rec = steps.promote_champion(ctx, *ins)
-    elif stage == "summary":
-        rec = steps.publish_summary(ctx)
-        print(steps.format_summary(rec), file=sys.stderr)
+        gated = stages.Gated.from_xcom(_load(ins[0]))
+        approval = stages.Approved.from_xcom(_load(ins[1])) if len(ins) > 1 else None
+        if policy.canary:
+            rec = stages.canary_rollout(ctx, gated, approval)
+        else:
+            rec = stages.promote_champion(ctx, gated, approval)
+    elif stage is Task.PUBLISH_SUMMARY:
+        rec = stages.publish_summary(ctx)
+        print(stages.format_summary(rec), file=sys.stderr)
     else:  # pragma: no cover - argparse restricts choices
         raise SystemExit(f"unknown stage {stage}")
-    _print(rec)
+    _print(rec.to_xcom())
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """All stages in order, in-process: the DAG's path without Airflow."""
-    from pipeline import steps
+    from pipeline import stages
 
     _use_spec(args)
     policy = _policy(args)  # a loosening is refused here, before any data is read
-    steps.train_config(max_epochs=args.max_epochs, learning_rate=args.learning_rate)  # budget
+    stages.train_config(max_epochs=args.max_epochs, learning_rate=args.learning_rate)  # budget
     ctx = _ctx(args)
-    ing = steps.ingest_batch(ctx, args.batch, policy=policy)
+    ing = stages.ingest_batch(ctx, args.batch, policy=policy)
     try:
-        steps.validate_batch(ctx, ing)
-        drifted = steps.detect_drift(ctx, ing)
-        decision = steps.decide_retrain(ctx, drifted, force=args.force, policy=policy)
-        if decision["verdict"] == "train":
-            trained = steps.train_model(
+        stages.validate_batch(ctx, ing)
+        drifted = stages.detect_drift(ctx, ing)
+        decision = stages.decide_retrain(ctx, drifted, force=args.force_retrain, policy=policy)
+        if decision.retrain:
+            trained = stages.train_model(
                 ctx,
                 ing,
                 max_epochs=args.max_epochs,
                 learning_rate=args.learning_rate,
                 seed=args.seed,
             )
-            verified = steps.verify_checkpoint(ctx, trained)
-            reg = steps.register_challenger(ctx, ing, trained, verified)
-            gated = steps.gate_promotion(ctx, reg, policy=policy)
-            if policy.require_approval and gated["verdict"] == "promote":
+            verified = stages.verify_checkpoint(ctx, trained)
+            reg = stages.register_challenger(ctx, ing, trained, verified)
+            gated = stages.gate_promotion(ctx, reg, policy=policy)
+            if policy.require_approval and gated.promote:
                 # the CLI has no one to ask: the version waits as challenger for a human
                 name = _use_spec(args).name
                 log.warning(
                     "v%s passed the gate; model %s requires approval: it stays challenger "
                     "until approved (approve_promotion in Airflow's retrain_%s)",
-                    gated["model_version"],
+                    gated.model_version,
                     name,
                     name,
                 )
             elif policy.canary:
-                steps.canary_rollout(ctx, gated)
+                stages.canary_rollout(ctx, gated)
             else:
-                steps.promote_champion(ctx, gated)
+                stages.promote_champion(ctx, gated)
     finally:
-        print(steps.format_summary(steps.publish_summary(ctx)))
+        print(stages.format_summary(stages.publish_summary(ctx)))
     return 0
+
+
+def cmd_decision_replay(args: argparse.Namespace) -> int:
+    """Recompute a recorded decision (any of the five kinds) from its record alone; exit 0
+    when it gives back the recorded decision, 1 when it does not."""
+    from pipeline import decisions, registry
+
+    where = args.record
+    if where.startswith("runs:/"):
+        record = json.loads(registry.read_artifact(where))
+    else:
+        record = _load(where)
+    again = decisions.replay(record, load=registry.read_artifact)
+    same = decisions.replays(record, load=registry.read_artifact)
+    _print(
+        {
+            "kind": record.get("kind"),
+            "record_version": record.get("record_version"),
+            "recorded": record["decision"].get("verdict"),
+            "replayed": again.verdict.value,
+            "message": again.message,
+            "replays": same,
+        }
+    )
+    return 0 if same else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -395,6 +447,17 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("paths", nargs="*", help="spec files (default: every models/*/model.yaml)")
     chk.set_defaults(func=cmd_spec_check)
 
+    dc = sub.add_parser("decision", help="decision records").add_subparsers(
+        dest="decision_cmd", required=True
+    )
+    dr = dc.add_parser(
+        "replay",
+        help="recompute a decision from its record (runs:/… URI or a file); exit 0 when it "
+        "gives back the recorded decision",
+    )
+    dr.add_argument("record", help="e.g. runs:/<run id>/records/decisions/retrain.json")
+    dr.set_defaults(func=cmd_decision_replay)
+
     ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
         dest="ck_cmd", required=True
     )
@@ -413,88 +476,139 @@ def build_parser() -> argparse.ArgumentParser:
             help="a model name under PIPELINE_MODELS_ROOT (default: PIPELINE_MODEL, card_fraud)",
         )
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        # Policy and training flags default to the spec's values (None); a flag may only
-        # tighten the spec's policy — see pipeline/spec.py, resolve_policy.
+    def run_args(sp: argparse.ArgumentParser) -> None:
         model_args(sp)
         sp.add_argument("--dag-id", default=None, help="default: cli_<model>")
         sp.add_argument("--run-id", default="manual", help="same id = same MLflow run (idempotent)")
         sp.add_argument("--run-after", default=None, help="ISO time used as 'now' for checks")
-        sp.add_argument("--force", action="store_true", help="retrain even without drift")
+
+    # Each option is its trigger Param's name with dashes (pipeline.spec.param_schema): its
+    # default is the spec's (None here), and a policy flag may only tighten the spec.
+    def gate_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--gate-floor", type=float, default=None, help="only stricter")
+        sp.add_argument("--gate-margin", type=float, default=None, help="only larger")
         sp.add_argument(
-            "--decay-margin", type=float, default=None, help="default: the spec's (only smaller)"
-        )
-        sp.add_argument(
-            "--max-epochs", type=int, default=None, help="default: the spec's budget (only fewer)"
-        )
-        sp.add_argument("--learning-rate", type=float, default=None, help="default: the spec's")
-        sp.add_argument("--seed", type=int, default=None, help="default: the spec's")
-        sp.add_argument("--margin", type=float, default=None, help="gate margin (only larger)")
-        sp.add_argument("--floor", type=float, default=None, help="gate floor (only stricter)")
-        sp.add_argument(
-            "--non-inferiority-margin",
+            "--gate-non-inferiority-margin",
             type=float,
             default=None,
             help="also accept a challenger whose CI lower bound is above -MARGIN "
             "(only where the spec allows gate.non_inferiority_margin)",
         )
         sp.add_argument(
-            "--slices",
+            "--gate-slices",
             nargs="*",
             default=None,
             help="categorical columns whose values must not regress (added to the spec's)",
         )
-        sp.add_argument("--max-checkpoint-mb", type=float, default=None, help="only smaller")
-        sp.add_argument("--max-latency-p95-ms", type=float, default=None, help="only smaller")
-        sp.add_argument(
-            "--require-approval", action="store_true", help="recorded; the CLI never waits"
-        )
+        sp.add_argument("--gate-max-checkpoint-mb", type=float, default=None, help="only smaller")
+        sp.add_argument("--gate-max-latency-p95-ms", type=float, default=None, help="only smaller")
         sp.add_argument(
             "--eval-uri", default=None, help="another trusted set (only if the spec allows)"
         )
 
-    stages = [
-        "ingest",
-        "validate",
-        "drift",
-        "decide",
-        "train",
-        "verify",
-        "register",
-        "gate",
-        "promote",
-        "summary",
-    ]
-    for name in stages:
-        sp = sub.add_parser(name, help=f"run the {name} stage")
-        common(sp)
-        if name == "ingest":
-            sp.add_argument("--batch", required=True)
-        if name == "train":
-            sp.add_argument("--batch-size", type=int, default=None, help="default: the spec's")
-            sp.add_argument(
-                "--optimizer", choices=["adamw", "sgd"], default=None, help="default: the spec's"
-            )
-            sp.add_argument(
-                "--state-every",
-                type=int,
-                default=None,
-                help="steps between training-state checkpoints (resume after a crash)",
-            )
-            sp.add_argument(
-                "--record-out",
-                default=None,
-                help="also write the record to this file (rank 0 under torchrun)",
-            )
+    def retrain_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--force-retrain", action="store_true", help="retrain even without drift or decay"
+        )
+        sp.add_argument(
+            "--decay-margin", type=float, default=None, help="default: the spec's (only smaller)"
+        )
+
+    def promotion_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--require-approval",
+            action="store_true",
+            help="a human approval first (approve_promotion); the CLI never waits for one",
+        )
+        sp.add_argument("--canary", action="store_true", help="promote through a canary")
+
+    def train_flags(sp: argparse.ArgumentParser, everything: bool) -> None:
+        sp.add_argument(
+            "--max-epochs", type=int, default=None, help="default: the spec's budget (only fewer)"
+        )
+        sp.add_argument("--learning-rate", type=float, default=None, help="default: the spec's")
+        sp.add_argument("--seed", type=int, default=None, help="default: the spec's")
+        if not everything:
+            return
+        sp.add_argument("--batch-size", type=int, default=None, help="default: the spec's")
+        sp.add_argument(
+            "--optimizer", choices=["adamw", "sgd"], default=None, help="default: the spec's"
+        )
+        sp.add_argument(
+            "--state-every",
+            type=int,
+            default=None,
+            help="steps between training-state checkpoints (resume after a crash)",
+        )
+        sp.add_argument(
+            "--record-out",
+            default=None,
+            help="also write the record to this file (rank 0 under torchrun)",
+        )
+
+    def inputs(sp: argparse.ArgumentParser, what: str) -> None:
         sp.add_argument(
             "--in",
             dest="inputs",
             action="append",
-            help="upstream record JSON file ('-' for stdin); repeat in order",
+            help=f"upstream record JSON file ('-' for stdin): {what}",
         )
-        sp.set_defaults(func=cmd_stage, stage=name)
+
+    def all_policy(sp: argparse.ArgumentParser) -> None:
+        gate_flags(sp)
+        sp.add_argument(
+            "--decay-margin", type=float, default=None, help="default: the spec's (only smaller)"
+        )
+        promotion_flags(sp)
+
+    # One command per DAG task, named by its task id, with exactly that task's options; the
+    # short names of earlier versions stay as aliases.
+    tasks: list[tuple[str, str, str, Any]] = [
+        ("ingest_batch", "ingest", "snapshot a landed batch", all_policy),
+        ("validate_batch", "validate", "validate the snapshot (--in ingest_batch)", None),
+        ("detect_drift", "drift", "drift and champion decay (--in ingest_batch)", None),
+        ("decide_retrain", "decide", "the retrain decision (--in detect_drift)", retrain_flags),
+        ("train_model", "train", "train and publish a checkpoint (--in ingest_batch)", None),
+        ("verify_checkpoint", "verify", "prove the checkpoint intact (--in train_model)", None),
+        (
+            "register_challenger",
+            "register",
+            "register the version (--in ingest_batch --in train_model --in verify_checkpoint)",
+            None,
+        ),
+        ("gate_promotion", "gate", "the promotion gate (--in register_challenger)", gate_flags),
+        ("approve_promotion", "approve", "record a human approval (--in gate_promotion)", None),
+        (
+            "promote_champion",
+            "promote",
+            "move champion (--in gate_promotion [--in approve_promotion])",
+            promotion_flags,
+        ),
+        ("publish_summary", "summary", "every stage's verdict, from the run", None),
+    ]
+    for task_id, alias, text, flags in tasks:
+        sp = sub.add_parser(task_id, aliases=[alias], help=text)
+        run_args(sp)
+        if flags is not None:
+            flags(sp)
+        if task_id == "ingest_batch":
+            sp.add_argument("--batch", required=True, help="the batch URI (Param batch_uri)")
+        if task_id == "train_model":
+            train_flags(sp, everything=True)
+        if task_id == "approve_promotion":
+            answer = sp.add_mutually_exclusive_group(required=True)
+            answer.add_argument("--approve", action="store_true")
+            answer.add_argument("--reject", action="store_true")
+            sp.add_argument("--who", required=True, help="who answers (recorded)")
+            sp.add_argument("--comment", default="", help="why (recorded)")
+        if task_id not in ("ingest_batch", "publish_summary"):
+            inputs(sp, text.split("(")[-1].rstrip(")"))
+        sp.set_defaults(func=cmd_stage, stage=task_id)
     r = sub.add_parser("run", help="all stages in order, without Airflow")
-    common(r)
+    run_args(r)
+    all_policy(r)
+    r.add_argument("--force-retrain", action="store_true", help="retrain even without drift")
+    train_flags(r, everything=False)
     r.add_argument("--batch", required=True)
     r.set_defaults(func=cmd_run)
 
@@ -606,11 +720,12 @@ class ProgressHandler(logging.StreamHandler):
 def setup_logging(args: argparse.Namespace, stream: Any = None) -> logging.Handler:
     """Root logging for ``python -m pipeline``: run key on every line, progress on a terminal."""
     import os
-    import re
+
+    from pipeline.names import run_key as key_of
 
     run_key = "-"  # commands outside a run (data generate, checkpoint verify)
-    if hasattr(args, "run_id"):  # the same key as steps.RunContext.run_key
-        run_key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{args.dag_id or 'cli'}__{args.run_id}")
+    if hasattr(args, "run_id"):  # the same key as stages.RunContext.run_key
+        run_key = key_of(args.dag_id or "cli", args.run_id)
     handler = ProgressHandler(stream)
     handler.addFilter(RunKeyFilter(run_key))
     if os.environ.get("PIPELINE_LOG_FORMAT", "").lower() == "json":

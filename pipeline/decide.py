@@ -11,9 +11,16 @@ below its threshold.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
+
+from pipeline import decisions
+from pipeline.names import RetrainVerdict
+
+KIND = "retrain"
+RECORD_VERSION = 1
 
 
 class RetrainReason(StrEnum):
@@ -55,6 +62,15 @@ class RetrainEvidence:
         if self.champion_age_days is not None and self.champion_age_days < 0:
             raise ValueError(f"champion_age_days must be >= 0, got {self.champion_age_days}")
 
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["drifted_columns"] = list(self.drifted_columns)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RetrainEvidence:
+        return cls(**{**d, "drifted_columns": tuple(d.get("drifted_columns") or ())})
+
     @property
     def metric_drop(self) -> float | None:
         if self.champion_metric_at_promotion is None or self.champion_metric_on_batch is None:
@@ -64,39 +80,36 @@ class RetrainEvidence:
 
 @dataclass(frozen=True)
 class RetrainDecision:
+    KIND: ClassVar[str] = KIND
+    RECORD_VERSION: ClassVar[int] = RECORD_VERSION
+
     retrain: bool
     reasons: list[RetrainReason]
     evidence: RetrainEvidence
     policy: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def verdict(self) -> str:
-        return "train" if self.retrain else "skip"
+    def verdict(self) -> RetrainVerdict:
+        return RetrainVerdict.TRAIN if self.retrain else RetrainVerdict.SKIP
 
     @property
     def reason(self) -> RetrainReason:
         """The primary reason (the first that applied)."""
         return self.reasons[0]
 
+    @property
     def message(self) -> str:
         """Every reason with the value and the threshold behind it."""
         return "; ".join(_explain(r, self.evidence, self.policy) for r in self.reasons)
 
     def to_dict(self) -> dict[str, Any]:
-        evidence = asdict(self.evidence)
-        evidence["drifted_columns"] = list(self.evidence.drifted_columns)
-        return {
-            "verdict": self.verdict,
-            "reason": self.reason.value,
-            "reasons": [r.value for r in self.reasons],
-            "message": self.message(),
-            "evidence": evidence,
-            "policy": self.policy,
-        }
+        return {**decisions.common(self, self.evidence.to_dict()), "policy": self.policy}
 
     def summary(self) -> str:
         return (
-            f"{self.verdict}: " + ", ".join(r.value for r in self.reasons) + f" — {self.message()}"
+            f"{self.verdict.value}: "
+            + ", ".join(r.value for r in self.reasons)
+            + f" — {self.message}"
         )
 
 
@@ -177,3 +190,20 @@ class RetrainPolicy:
             reasons.append(RetrainReason.MODEL_TOO_OLD)
         retrain = bool(reasons)
         return RetrainDecision(retrain, reasons or [RetrainReason.NOTHING_CHANGED], e, asdict(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record(
+        self, decision: RetrainDecision, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The replayable record: these thresholds, the evidence, the decision."""
+        return decisions.record(
+            decision, self.to_dict(), {"evidence": decision.evidence.to_dict()}, context
+        )
+
+
+def replay(record: Mapping[str, Any]) -> RetrainDecision:
+    decisions.check_version(record, KIND, [RECORD_VERSION])
+    policy = RetrainPolicy(**record["rule"])
+    return policy.decide(RetrainEvidence.from_dict(record["inputs"]["evidence"]))

@@ -29,10 +29,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from pipeline import decisions
 from pipeline.metrics import (
     BOOTSTRAP_METRICS,
     DIRECTION,
@@ -40,9 +41,10 @@ from pipeline.metrics import (
     classification_metrics,
     paired_bootstrap,
 )
+from pipeline.names import GateVerdict
 
 RECORD_KIND = "promotion_gate_decision"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the shared decision record (pipeline.decisions); 1 replays too
 
 
 class GateReason(StrEnum):
@@ -129,6 +131,65 @@ class GateInputs:
             latency_p95_ms=d.get("latency_p95_ms"),
         )
 
+    # -- the record: per-row arrays in a compressed side file, named by its digest ----------
+
+    def rows_npz(self) -> bytes:
+        """The per-row arrays (labels, both models' probabilities, slice values) as a
+        compressed ``.npz`` — numbers and text only, loaded back without pickle."""
+        import io
+
+        arrays: dict[str, np.ndarray] = {
+            "labels": self.labels,
+            "challenger_proba": self.challenger_proba,
+        }
+        if self.champion_proba is not None:
+            arrays["champion_proba"] = self.champion_proba
+        for k, v in self.slices.items():
+            arrays[f"slice:{k}"] = np.asarray(v, dtype=str)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    def to_record(self, rows_uri: str, rows_sha256: str) -> dict[str, Any]:
+        """The record's ``inputs``: the scalars, and where the per-row arrays are (with
+        their SHA-256) instead of the arrays themselves (~0.1 MB per 1,000 rows as JSON)."""
+        return {
+            "rows": {"uri": rows_uri, "sha256": rows_sha256, "count": int(len(self.labels))},
+            "champion_version": self.champion_version,
+            "slices": sorted(self.slices),
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "latency_p95_ms": self.latency_p95_ms,
+        }
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any], load: Any = None) -> GateInputs:
+        """Inputs from a record: inline arrays (records written before the side file), or
+        the side file read with ``load(uri) -> bytes`` and checked against its digest."""
+        if "rows" not in d:
+            return cls.from_dict(d)
+        import hashlib
+        import io
+
+        ref = d["rows"]
+        if load is None:
+            raise ValueError(
+                f"this gate record keeps its per-row inputs in {ref['uri']}: replay it with "
+                "load=<a function reading that URI's bytes> (pipeline.registry.read_artifact)"
+            )
+        data = load(ref["uri"])
+        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise ValueError(f"{ref['uri']} is not the file the gate recorded (sha256 differs)")
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(
+                labels=z["labels"],
+                challenger_proba=z["challenger_proba"],
+                champion_proba=z["champion_proba"] if "champion_proba" in z.files else None,
+                champion_version=d.get("champion_version"),
+                slices={k: z[f"slice:{k}"] for k in d.get("slices") or ()},
+                checkpoint_bytes=d.get("checkpoint_bytes"),
+                latency_p95_ms=d.get("latency_p95_ms"),
+            )
+
 
 def _matrix(a: Any) -> np.ndarray:
     m = np.asarray(a, dtype=np.float64)
@@ -138,7 +199,7 @@ def _matrix(a: Any) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Check:
+class GateCheck:
     """One line of the gate report. ``passed`` is None for information and not-applicable."""
 
     kind: str  # floor | champion | slice | size | latency | info
@@ -161,6 +222,9 @@ class Check:
 
 @dataclass(frozen=True)
 class GateDecision:
+    KIND: ClassVar[str] = RECORD_KIND
+    RECORD_VERSION: ClassVar[int] = RECORD_VERSION
+
     promote: bool
     reason: GateReason
     reasons: list[GateReason]
@@ -168,26 +232,25 @@ class GateDecision:
     challenger: float | None
     champion: float | None
     champion_version: str | None
-    checks: list[Check]
+    checks: list[GateCheck]
     challenger_metrics: dict[str, float]
     champion_metrics: dict[str, float] | None
     gate: dict[str, Any]
     message: str
 
     @property
-    def verdict(self) -> str:
-        return "promote" if self.promote else "reject"
+    def verdict(self) -> GateVerdict:
+        return GateVerdict.PROMOTE if self.promote else GateVerdict.REJECT
 
     @property
-    def failed(self) -> list[Check]:
+    def failed(self) -> list[GateCheck]:
         return [c for c in self.checks if c.passed is False]
 
     def to_dict(self) -> dict[str, Any]:
+        evidence = {"challenger": self.challenger, "champion": self.champion}
         return {
-            "verdict": self.verdict,
+            **decisions.common(self, evidence),
             "promote": self.promote,
-            "reason": self.reason.value,
-            "reasons": [r.value for r in self.reasons],
             "metric": self.metric,
             "challenger": self.challenger,
             "champion": self.champion,
@@ -196,7 +259,6 @@ class GateDecision:
             "challenger_metrics": self.challenger_metrics,
             "champion_metrics": self.champion_metrics,
             "gate": self.gate,
-            "message": self.message,
         }
 
 
@@ -204,7 +266,7 @@ class GateDecision:
 class PromotionGate:
     metric: str = "roc_auc"
     floors: dict[str, float] = field(default_factory=lambda: {"roc_auc": 0.7})
-    min_improvement: float = 0.005
+    margin: float = 0.005  # the spec's gate.margin: the required improvement
     improvement: Literal["absolute", "relative"] = "absolute"
     non_inferiority_margin: float | None = None
     slices: tuple[str, ...] = ()
@@ -224,10 +286,8 @@ class PromotionGate:
                 raise ValueError(f"floor for unknown metric {m!r}; known: {sorted(DIRECTION)}")
             if not math.isfinite(v):
                 raise ValueError(f"floor for {m} must be finite, got {v}")
-        if not 0 <= self.min_improvement < 1:
-            raise ValueError(
-                f"gate min_improvement (margin) must be in [0, 1), got {self.min_improvement}"
-            )
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"gate margin must be in [0, 1), got {self.margin}")
         if self.improvement not in ("absolute", "relative"):
             raise ValueError(
                 f"improvement must be 'absolute' or 'relative', got {self.improvement!r}"
@@ -266,14 +326,14 @@ class PromotionGate:
         m = self.metric
         chal = classification_metrics(y, chal_p)
         champ = classification_metrics(y, champ_p) if champ_p is not None else None
-        checks: list[Check] = []
+        checks: list[GateCheck] = []
 
         for fm, floor in self.floors.items():
             value = chal.get(fm)
             op = ">=" if DIRECTION[fm] > 0 else "<="
             if value is None or not math.isfinite(value):
                 checks.append(
-                    Check(
+                    GateCheck(
                         "floor",
                         fm,
                         None,
@@ -286,7 +346,7 @@ class PromotionGate:
                 continue
             ok = DIRECTION[fm] * (value - floor) >= 0
             checks.append(
-                Check(
+                GateCheck(
                     "floor",
                     fm,
                     value,
@@ -319,7 +379,7 @@ class PromotionGate:
                         seed=self.seed,
                     )
                     checks.append(
-                        Check(
+                        GateCheck(
                             "info",
                             info,
                             bs["a"],
@@ -334,7 +394,7 @@ class PromotionGate:
                 checks += self._slice_checks(col, inputs)
         elif self.slices:
             checks.append(
-                Check(
+                GateCheck(
                     "slice",
                     f"{m} [{', '.join(self.slices)}]",
                     None,
@@ -387,7 +447,7 @@ class PromotionGate:
         champ_p: np.ndarray,
         counts: np.ndarray,
         champion_version: str | None,
-    ) -> Check:
+    ) -> GateCheck:
         m, sign, pct = self.metric, DIRECTION[self.metric], f"{self.confidence:.0%}"
         bs = paired_bootstrap(
             m, y, chal_p, champ_p, counts=counts, confidence=self.confidence, seed=self.seed
@@ -402,7 +462,7 @@ class PromotionGate:
             "ci_high": bs["ci_high"],
         }
         if not all(math.isfinite(bs[k]) for k in ("a", "b", "ci_low", "ci_high")):
-            return Check(
+            return GateCheck(
                 **base,
                 threshold="defined on the evaluation set",
                 passed=False,
@@ -411,7 +471,7 @@ class PromotionGate:
             )
         # improvement oriented so that positive is better
         lo = sign * (bs["ci_low"] if sign > 0 else bs["ci_high"])
-        required = self.min_improvement * (abs(bs["b"]) if self.improvement == "relative" else 1.0)
+        required = self.margin * (abs(bs["b"]) if self.improvement == "relative" else 1.0)
         ci = f"{pct} CI [{bs['ci_low']:+.4f}, {bs['ci_high']:+.4f}]"
         vs = (
             f"challenger {m}={bs['a']:.4f} vs champion v{champion_version} {bs['b']:.4f}: "
@@ -420,7 +480,7 @@ class PromotionGate:
         word = "gain" if sign > 0 else "reduction"
         threshold = (
             f"CI lower bound of the {word} >= {required:.4f}"
-            + (f" ({self.min_improvement:.2%} relative)" if self.improvement == "relative" else "")
+            + (f" ({self.margin:.2%} relative)" if self.improvement == "relative" else "")
             + (
                 f", or > -{self.non_inferiority_margin:.4f} (non-inferiority)"
                 if self.non_inferiority_margin is not None
@@ -428,7 +488,7 @@ class PromotionGate:
             )
         )
         if lo >= required:
-            return Check(
+            return GateCheck(
                 **base,
                 threshold=threshold,
                 passed=True,
@@ -436,7 +496,7 @@ class PromotionGate:
                 detail=f"{vs}: the whole interval clears the required {word} {required:.4f}",
             )
         if self.non_inferiority_margin is not None and lo > -self.non_inferiority_margin:
-            return Check(
+            return GateCheck(
                 **base,
                 threshold=threshold,
                 passed=True,
@@ -448,7 +508,7 @@ class PromotionGate:
             if lo < 0 < sign * (bs["ci_high"] if sign > 0 else bs["ci_low"])
             else "not better by the margin"
         )
-        return Check(
+        return GateCheck(
             **base,
             threshold=threshold,
             passed=False,
@@ -461,13 +521,13 @@ class PromotionGate:
             ),
         )
 
-    def _budgets(self, inputs: GateInputs) -> list[Check]:
+    def _budgets(self, inputs: GateInputs) -> list[GateCheck]:
         out = []
         if self.max_checkpoint_bytes is not None:
             b, cap = inputs.checkpoint_bytes, self.max_checkpoint_bytes
             if b is None:
                 out.append(
-                    Check(
+                    GateCheck(
                         "size",
                         "checkpoint_bytes",
                         None,
@@ -480,7 +540,7 @@ class PromotionGate:
             else:
                 ok = b <= cap
                 out.append(
-                    Check(
+                    GateCheck(
                         "size",
                         "checkpoint_bytes",
                         float(b),
@@ -494,7 +554,7 @@ class PromotionGate:
             t, cap_ms = inputs.latency_p95_ms, self.max_latency_p95_ms
             if t is None:
                 out.append(
-                    Check(
+                    GateCheck(
                         "latency",
                         "latency_p95_ms",
                         None,
@@ -507,7 +567,7 @@ class PromotionGate:
             else:
                 ok = t <= cap_ms
                 out.append(
-                    Check(
+                    GateCheck(
                         "latency",
                         "latency_p95_ms",
                         float(t),
@@ -522,11 +582,11 @@ class PromotionGate:
                 )
         return out
 
-    def _slice_checks(self, col: str, inputs: GateInputs) -> list[Check]:
+    def _slice_checks(self, col: str, inputs: GateInputs) -> list[GateCheck]:
         m, sign = self.metric, DIRECTION[self.metric]
         if col not in inputs.slices:
             return [
-                Check(
+                GateCheck(
                     "slice",
                     m,
                     None,
@@ -548,7 +608,7 @@ class PromotionGate:
             classes = len(np.unique(y[mask]))
             if n < self.min_slice_rows or (m == "roc_auc" and classes < 2):
                 out.append(
-                    Check(
+                    GateCheck(
                         "slice",
                         name,
                         None,
@@ -570,7 +630,7 @@ class PromotionGate:
             improvement_hi = sign * (bs["ci_high"] if sign > 0 else bs["ci_low"])
             regressed = sign * bs["diff"] < -self.slice_tolerance and improvement_hi < 0
             out.append(
-                Check(
+                GateCheck(
                     "slice",
                     name,
                     bs["a"],
@@ -593,7 +653,7 @@ class PromotionGate:
         return out
 
 
-# -- the record, replay, and the report ------------------------------------------------------
+# -- the record and replay ------------------------------------------------------
 
 
 def decision_record(
@@ -601,79 +661,24 @@ def decision_record(
     inputs: GateInputs,
     decision: GateDecision,
     context: dict[str, Any] | None = None,
+    rows: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to audit and replay the decision (logged as an MLflow artifact)."""
-    return {
-        "kind": RECORD_KIND,
-        "record_version": RECORD_VERSION,
-        "gate": gate.to_dict(),
-        "champion_version": inputs.champion_version,
-        "context": context or {},
-        "decision": decision.to_dict(),
-        "inputs": inputs.to_dict(),
-    }
+    """Everything needed to audit and replay the decision (logged as an MLflow artifact):
+    ``pipeline.decisions``' record, with the gate's thresholds as the rule. ``rows``:
+    (URI, SHA-256) of the per-row arrays' side file (``GateInputs.rows_npz``); without it
+    the arrays are inline."""
+    recorded = inputs.to_record(*rows) if rows else inputs.to_dict()
+    rec = decisions.record(decision, gate.to_dict(), recorded, context)
+    rec["champion_version"] = inputs.champion_version
+    return rec
 
 
-def replay(record: dict[str, Any]) -> GateDecision:
-    """Recompute a recorded decision from its own thresholds and inputs."""
-    if record.get("kind") != RECORD_KIND:
-        raise ValueError(f"not a promotion gate record: kind={record.get('kind')!r}")
-    if record.get("record_version") != RECORD_VERSION:
-        raise ValueError(f"record version {record.get('record_version')} is not {RECORD_VERSION}")
-    return PromotionGate.from_dict(record["gate"]).decide(GateInputs.from_dict(record["inputs"]))
-
-
-def _f(v: float | None, signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:+.4f}" if signed else f"{v:.4f}"
-
-
-def report_table(decision: GateDecision) -> str:
-    """Markdown table: metric, champion, challenger, difference, CI, threshold, pass/fail."""
-    cv = decision.champion_version
-    pct = f"{decision.gate.get('confidence', 0.95):.0%}"
-    head = (
-        f"| metric | champion {'v' + cv if cv else '(none)'} | challenger | difference "
-        f"| {pct} CI | threshold | result |\n|---|---|---|---|---|---|---|"
-    )
-    rows = []
-    for c in decision.checks:
-        ci = (
-            f"[{_f(c.ci_low, True)}, {_f(c.ci_high, True)}]"
-            if c.ci_low is not None and c.ci_high is not None
-            else "—"
-        )
-        if c.kind in ("size", "latency"):
-            unit = " bytes" if c.kind == "size" else " ms"
-            value = (
-                "—"
-                if c.challenger is None
-                else (
-                    f"{c.challenger:,.0f}{unit}"
-                    if c.kind == "size"
-                    else f"{c.challenger:.2f}{unit}"
-                )
-            )
-            rows.append(
-                f"| {c.metric} | — | {value} | — | — | {c.threshold} | "
-                f"{'pass' if c.passed else '**FAIL**'} |"
-            )
-            continue
-        result = {True: "pass", False: "**FAIL**", None: "—"}[c.passed]
-        if c.passed is None and c.detail:
-            result = c.detail
-        rows.append(
-            f"| {c.metric} | {_f(c.champion)} | {_f(c.challenger)} | "
-            f"{_f(c.difference, True)} | {ci} | {c.threshold} | {result} |"
-        )
-    return head + "\n" + "\n".join(rows)
-
-
-def human_rejection_reason(responded_by: str | None, comment: str = "") -> str:
-    who = responded_by or "an approver"
-    return f"{GateReason.HUMAN_REJECTED.value}: rejected by {who} in human review" + (
-        f" ({comment})" if comment else ""
-    )
+def replay(record: dict[str, Any], load: Any = None) -> GateDecision:
+    """Recompute a recorded decision from its own thresholds and inputs (``load`` reads the
+    per-row side file, when the record has one). Version 1 records (before the shared
+    decision record) kept the thresholds under ``gate``."""
+    version = decisions.check_version(record, RECORD_KIND, [1, RECORD_VERSION], "promotion gate")
+    rule = dict(record["gate"]) if version == 1 else dict(record["rule"])
+    if "min_improvement" in rule:  # version 1's name for the margin
+        rule["margin"] = rule.pop("min_improvement")
+    return PromotionGate.from_dict(rule).decide(GateInputs.from_record(record["inputs"], load))

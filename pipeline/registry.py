@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineRejection
+from pipeline.names import Alias, RunTag
 from pipeline.settings import get_settings
 
 if TYPE_CHECKING:
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous_champion"
-RUN_KEY_TAG = "pipeline.run_key"
+# the vocabulary's names (pipeline.names), as plain strings for the MLflow client
+CHAMPION, CHALLENGER = Alias.CHAMPION.value, Alias.CHALLENGER.value
+PREVIOUS = Alias.PREVIOUS_CHAMPION.value
+RUN_KEY_TAG = RunTag.RUN_KEY.value
 
 
 class RegistryConflict(PipelineRejection):
@@ -90,7 +93,7 @@ def get_or_create_run(run_key: str, tags: dict[str, str] | None = None) -> str:
         return found[0].info.run_id
     run = c.create_run(
         exp,
-        tags={RUN_KEY_TAG: run_key, **(tags or {})},
+        tags={RUN_KEY_TAG: run_key, **{str(k): str(v) for k, v in (tags or {}).items()}},
         run_name=(tags or {}).get("airflow.run_id", run_key)[:60],
     )
     return run.info.run_id
@@ -103,6 +106,30 @@ def log_record(run_id: str, name: str, record: dict[str, Any]) -> None:
 
 def log_text(run_id: str, text: str, path: str) -> None:
     client().log_text(run_id, text, path)
+
+
+def log_bytes(run_id: str, data: bytes, path: str) -> str:
+    """``data`` as the run's artifact ``path``; returns its ``runs:/`` URI."""
+    import tempfile
+
+    folder, _, name = path.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(data)
+        client().log_artifact(run_id, str(local), folder or None)
+    return f"runs:/{run_id}/{path}"
+
+
+def read_artifact(uri: str) -> bytes:
+    """The bytes of a ``runs:/<run id>/<path>`` artifact (a decision record's side file)."""
+    import tempfile
+
+    import mlflow
+
+    client()  # sets the tracking URI
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp)
+        return Path(local).read_bytes()
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: int = 0) -> None:
@@ -135,7 +162,7 @@ def _log_batch(
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
-    _log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    _log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -205,7 +232,7 @@ def register_version(
         name,
         source=source,
         run_id=run_id,
-        tags={RUN_KEY_TAG: run_key, **{k: str(v) for k, v in tags.items()}},
+        tags={RUN_KEY_TAG: run_key, **{str(k): str(v) for k, v in tags.items()}},
         description=description,
         model_id=model_id,
     )
@@ -288,7 +315,7 @@ def tag_version(version: str, tags: dict[str, Any]) -> None:
     c = client()
     name = model_name()
     for k, v in tags.items():
-        c.set_model_version_tag(name, version, k, str(v))
+        c.set_model_version_tag(name, version, str(k), str(v))
 
 
 def describe_version(version: str, description: str) -> None:

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.errors import PipelineRejection
+from pipeline.names import safe_key
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def rollback_champion(
         import uuid
 
         run_key = f"rollback__{datetime.now(UTC):%Y%m%dT%H%M%S}__{uuid.uuid4().hex[:8]}"
-    run_key = re.sub(r"[^A-Za-z0-9._-]", "_", run_key)
+    run_key = safe_key(run_key)
     who = (who or "").strip() or "unknown"
     name = registry.model_name()
     c = registry.client()

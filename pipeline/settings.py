@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     airflow_token: SecretStr | None = Field(
         default=None, description="A JWT access token, instead of username/password."
     )
-    # -- scoring service and canary (pipeline/serving, pipeline/canary.py) --
+    # -- scoring service and canary (pipeline/serving, pipeline/canary/) --
     serving_url: str = Field(
         default="http://127.0.0.1:8000",
         description="Base URL of the scoring service; the canary analysis reads its /metrics.",

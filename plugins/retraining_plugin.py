@@ -61,6 +61,8 @@ from typing import Any, NamedTuple
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
 
+from pipeline.names import RETRAIN_DAG_PREFIX, ROLLBACK_DAG_PREFIX, Task
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:  # Airflow puts the plugins folder on sys.path; loading by path may not
     sys.path.append(_HERE)
@@ -88,9 +90,9 @@ __all__ = [
 ]
 
 RETURN_VALUE_KEY = "return_value"
-RUN_SOURCE_TASK = "ingest_batch"  # creates the DAG run's MLflow run; every later task shares it
-VERSION_SOURCE_TASK = "register_challenger"  # creates the model version
-DAG_PREFIXES = ("retrain_", "rollback_")  # one DAG of each per model spec: <prefix><spec name>
+RUN_SOURCE_TASK = Task.INGEST_BATCH.value  # creates the DAG run's MLflow run; later tasks share it
+VERSION_SOURCE_TASK = Task.REGISTER_CHALLENGER.value  # creates the model version
+DAG_PREFIXES = (RETRAIN_DAG_PREFIX, ROLLBACK_DAG_PREFIX)  # one DAG of each per spec: <prefix><name>
 SPEC_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")  # pipeline.spec.NAME_PATTERN
 
 

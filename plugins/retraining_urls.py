@@ -15,7 +15,7 @@ from urllib.parse import quote
 DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 UI_URL_ENV = "PIPELINE_MLFLOW_UI_URL"
 
-# Run artifacts a reviewer opens from Airflow: written by pipeline/steps.py and the trainer.
+# Run artifacts a reviewer opens from Airflow: written by pipeline/stages/ and the trainer.
 VALIDATION_REPORT = "validation/report.html"
 DRIFT_REPORT = "drift/report.html"
 GRADIENT_SNAPSHOTS = "telemetry"

@@ -8,11 +8,11 @@ MLflow through ``pipeline.registry.client()`` — each model's own experiment
 (``retrain_<name>``) and registered model. The page is server-side HTML with inline CSS and
 inline SVG sparklines: no script, no external asset, so it works offline and behind any proxy.
 
-What a row shows comes from what ``pipeline/steps.py`` writes: the ``stage.<stage>.verdict`` /
+What a row shows comes from what ``pipeline/stages/`` writes: the ``stage.<stage>.verdict`` /
 ``.summary`` tags of the run, and the gate's tags on the version (``gate.metric``,
 ``gate.margin``, ``gate.floor``, ``eval.<metric>``, ``policy.overrides``). The *Promotion*
 column is the ``promote_champion`` stage's verdict, which is also where a canary rollout
-(``steps.canary_rollout``) records its outcome (promoted, rolled_back,
+(``stages.canary_rollout``) records its outcome (promoted, rolled_back,
 rolled_back_after_bake, paused, aborted; summary ``canary: …``), qualified by the version's
 ``canary.*`` tags (status, step, weight reached) that ``pipeline.canary`` writes.
 
@@ -40,15 +40,17 @@ import retraining_urls as urls
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from pipeline.names import Alias, RunTag, Task, VersionTag, stage_summary_tag, stage_verdict_tag
+
 log = logging.getLogger(__name__)
 
 URL_PREFIX = "/retraining"
-ALIASES = ("champion", "challenger", "canary", "previous_champion")
+ALIASES = tuple(a.value for a in Alias)  # champion, challenger, canary, previous_champion
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 RUN_COLUMNS = 11
 
-# Verdict words written by pipeline/steps.py and pipeline/canary.py, grouped by how a reader
+# Verdict words written by pipeline/stages/ and pipeline/canary/, grouped by how a reader
 # should feel about them.
 GOOD = {
     "pass",
@@ -279,7 +281,7 @@ def gate_detail(tags: Mapping[str, str], metric: str = "metric") -> list[str]:
     ``roc_auc +0.0123 vs v3 (needs +0.005)``, ``95% CI [+0.0040, +0.0200]``, the reason.
     The metric is the one the gate judged on (``gate.metric``), else ``metric``."""
     champion = tags.get("gate.champion_version", "")
-    diff, margin = tags.get("gate.difference"), tags.get("gate.margin")
+    diff, margin = tags.get("gate.difference"), tags.get(VersionTag.GATE_MARGIN)
     metric = tags.get("gate.metric") or metric
     lines = []
     if diff and champion and champion != "none":
@@ -302,7 +304,7 @@ def gate_detail(tags: Mapping[str, str], metric: str = "metric") -> list[str]:
                 f"{metric} {_fmt(value)}"
                 + (f" (floor {_fmt(tags['gate.floor'])})" if tags.get("gate.floor") else "")
             )
-    if tags.get("gate.reason"):
+    if tags.get(VersionTag.GATE_REASON):
         lines.append(tags["gate.reason"])
     return lines
 
@@ -335,12 +337,12 @@ def promotion_view(tags: Mapping[str, str], vtags: Mapping[str, str]) -> tuple[s
     """(verdict, summary, via canary, canary detail) of a run's promotion.
 
     ``promote_champion`` writes its verdict on the run; on the canary path
-    (``steps.canary_rollout``) that verdict is the rollout's outcome and the summary starts
+    (``stages.canary_rollout``) that verdict is the rollout's outcome and the summary starts
     with ``canary:``. The version's ``canary.*`` tags (``pipeline.canary``) say how far it got,
     and are fresher when the rollout went on outside the DAG run (``pipeline canary --resume``
     / ``--abort`` after a pause) or is still running."""
-    verdict = tags.get("stage.promote_champion.verdict", "")
-    summary = tags.get("stage.promote_champion.summary", "")
+    verdict = tags.get(stage_verdict_tag(Task.PROMOTE_CHAMPION), "")
+    summary = tags.get(stage_summary_tag(Task.PROMOTE_CHAMPION), "")
     status = vtags.get("canary.status", "")
     canary = summary.startswith("canary:") or bool(status)
     notes = []
@@ -350,12 +352,11 @@ def promotion_view(tags: Mapping[str, str], vtags: Mapping[str, str]) -> tuple[s
         verdict = status
         summary = vtags.get("canary.summary") or summary
     if canary:
-        step, weight = vtags.get("canary.step"), _num(vtags.get("canary.weight_reached"))
+        step, weight = _num(vtags.get("canary.step")), _num(vtags.get("canary.weight_reached"))
         if weight is not None and weight > 0:
             notes.insert(
                 0,
-                f"reached {weight:.0%}"
-                + (f" (step {int(float(step)) + 1})" if _num(step) is not None else ""),
+                f"reached {weight:.0%}" + (f" (step {int(step) + 1})" if step is not None else ""),
             )
         if vtags.get("canary.reason"):
             notes.append(vtags["canary.reason"])
@@ -387,7 +388,7 @@ def mlflow_state(
             max_results=max(len(wanted) * 2, 50),
         )
         for r in runs:
-            rid = r.data.tags.get("airflow.run_id")
+            rid = r.data.tags.get(RunTag.RUN_ID)
             if rid in wanted and rid not in found:
                 found[rid] = {
                     "mlflow_run_id": r.info.run_id,
@@ -409,12 +410,12 @@ def mlflow_state(
         rm = c.get_registered_model(info.model_name)
     except MlflowException:  # no registered model yet
         return found, meta
-    meta["canary_weight"] = _num(rm.tags.get("canary.weight")) if rm.tags else None
+    meta["canary_weight"] = _num(rm.tags.get(VersionTag.CANARY_WEIGHT)) if rm.tags else None
     versions: dict[str, Any] = {}
     for mv in c.search_model_versions(f"name = '{info.model_name}'", max_results=1000):
         versions[str(mv.version)] = mv
     for rec in found.values():
-        v = rec["tags"].get("model.version")
+        v = rec["tags"].get(RunTag.MODEL_VERSION)
         if v and v in versions:
             rec["version_tags"] = dict(versions[v].tags)
     for alias, v in (rm.aliases or {}).items():
@@ -446,7 +447,7 @@ def build_section(
         rec = found.get(r["run_id"]) or {}
         tags: Mapping[str, str] = rec.get("tags") or {}
         vtags: Mapping[str, str] = rec.get("version_tags") or {}
-        version = tags.get("model.version", "")
+        version = tags.get(RunTag.MODEL_VERSION, "")
         ref = {
             "mlflow_run_id": rec.get("mlflow_run_id"),
             "mlflow_experiment_id": rec.get("mlflow_experiment_id"),
@@ -463,22 +464,29 @@ def build_section(
                 airflow_url=urls.airflow_run_path(info.dag_id, r["run_id"], airflow_base),
                 mlflow_url=urls.mlflow_run_url(ref, ui),
                 batch_uri=tags.get("data.batch_uri", ""),
-                validation=tags.get("stage.validate_batch.verdict", "")
+                validation=tags.get(stage_verdict_tag(Task.VALIDATE_BATCH), "")
                 or (
-                    "quarantined" if tags.get("stage.ingest_batch.verdict") == "quarantined" else ""
+                    "quarantined"
+                    if tags.get(stage_verdict_tag(Task.INGEST_BATCH)) == "quarantined"
+                    else ""
                 ),
-                validation_summary=tags.get("stage.validate_batch.summary", ""),
-                drift=tags.get("stage.detect_drift.verdict", ""),
-                drift_summary=tags.get("stage.detect_drift.summary", ""),
-                decision=tags.get("stage.decide_retrain.verdict", ""),
-                decision_summary=tags.get("stage.decide_retrain.summary", ""),
+                validation_summary=tags.get(stage_summary_tag(Task.VALIDATE_BATCH), ""),
+                drift=tags.get(stage_verdict_tag(Task.DETECT_DRIFT), ""),
+                drift_summary=tags.get(stage_summary_tag(Task.DETECT_DRIFT), ""),
+                decision=tags.get(stage_verdict_tag(Task.DECIDE_RETRAIN), ""),
+                decision_summary=tags.get(stage_summary_tag(Task.DECIDE_RETRAIN), ""),
                 stop_reason=tags.get("train.stop_reason", "")
-                or ("diverged" if tags.get("stage.train_model.verdict") == "diverged" else ""),
-                train_summary=tags.get("stage.train_model.summary", ""),
+                or (
+                    "diverged"
+                    if tags.get(stage_verdict_tag(Task.TRAIN_MODEL)) == "diverged"
+                    else ""
+                ),
+                train_summary=tags.get(stage_summary_tag(Task.TRAIN_MODEL), ""),
                 grad_norms=[float(v) for v in rec.get("grad_norms") or []],
-                gate=vtags.get("gate.verdict") or tags.get("stage.gate_promotion.verdict", ""),
+                gate=vtags.get(VersionTag.GATE_VERDICT)
+                or tags.get(stage_verdict_tag(Task.GATE_PROMOTION), ""),
                 gate_detail=gate_detail(vtags, metric) if vtags else [],
-                gate_summary=tags.get("stage.gate_promotion.summary", ""),
+                gate_summary=tags.get(stage_summary_tag(Task.GATE_PROMOTION), ""),
                 overrides=overrides_text(
                     vtags.get("policy.overrides") or tags.get("policy.overrides")
                 ),
@@ -503,7 +511,7 @@ def build_section(
         detail = " · ".join(
             x
             for x in (
-                f"gate {t['gate.verdict']}" if t.get("gate.verdict") else "",
+                f"gate {t['gate.verdict']}" if t.get(VersionTag.GATE_VERDICT) else "",
                 f"{m} {_fmt(t[f'eval.{m}'])}" if t.get(f"eval.{m}") else "",
                 f"canary {t['canary.status']}"
                 if alias == "canary" and t.get("canary.status")
@@ -520,7 +528,7 @@ def build_section(
                     {"model_name": info.model_name, "model_version": a["version"]}, ui
                 ),
                 detail,
-                run_id=t.get("airflow.run_id", ""),
+                run_id=t.get(RunTag.RUN_ID, ""),
             )
         )
     exp = meta.get("experiment_id")

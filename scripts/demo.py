@@ -33,13 +33,33 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = Path(os.environ.get("PIPELINE_HOME", ROOT / ".local")).resolve()
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 STATE = ("storage", "mlflow", "airflow", "keys", "demo")
+
+# The story below is written on a calendar of its own (early March 2026). It is moved so that
+# it ends yesterday: each batch's event times lie in the past week, and the DAG runs' logical
+# dates are a minute apart just before the demo started — so Airflow's UI shows each run
+# lasting the minutes it took, not the months since March.
+STARTED = datetime.now(UTC).replace(second=0, microsecond=0)
+STORY_TODAY = datetime(2026, 3, 8, tzinfo=UTC)
+
+
+def story_time(text: str) -> str:
+    """A time of the story's calendar on the real one (the story's 8 March is today)."""
+    today = STARTED.replace(hour=0, minute=0)
+    moved = datetime.fromisoformat(text.replace("Z", "+00:00")) + (today - STORY_TODAY)
+    return moved.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def logical_date(run: int) -> str:
+    """Run ``run`` (1-7) of the demo: minutes apart, all before the demo started."""
+    return (STARTED - timedelta(minutes=10 - run)).isoformat()
+
 
 STORY = [
     # (title, batch name, generator knobs, run date, eval set)
@@ -132,6 +152,7 @@ def land_data() -> dict[str, str]:
         storage.join(root, card.eval_location), storage.read_bytes(uris["eval-world-b"])
     )
     for _, batch, knobs, _, _ in [*STORY, ("", *CANARY_BATCH, "", "")]:
+        knobs = {**knobs, **({"start": story_time(knobs["start"])} if "start" in knobs else {})}
         spec = WorldSpec(**{"rows": 20_000, **knobs})
         uris[batch] = storage.write_bytes(
             storage.join(root, "landing", "card_fraud", f"{batch}.parquet"),
@@ -272,7 +293,7 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
             "canary": True,
             "gate_non_inferiority_margin": 0.05,
         }
-        rc, secs = run_dag("2026-03-05", conf, logs / "run-5.log", env=env)
+        rc, secs = run_dag(logical_date(5), conf, logs / "run-5.log", env=env)
         thread.join(timeout=1)
         return rc, secs, injected
     finally:
@@ -301,39 +322,40 @@ def main() -> int:
     print("landing reference data ...", flush=True)
     uris = land_data()
 
-    from pipeline import steps
+    from pipeline import stages
 
     results = []
-    for i, (title, batch, _, date, eval_set) in enumerate(STORY, 1):
+    for i, (title, batch, _, _, eval_set) in enumerate(STORY, 1):
+        date = logical_date(i)
         print(f"\n[{i}/7] {title}: airflow dags test {CARD_DAG} {date}", flush=True)
         # the story moves the world: the trusted set changes with it (card_fraud's spec allows
         # naming another set under trusted/; each use is tagged on the version)
         conf = {"batch_uri": uris[batch], "eval_uri": uris[eval_set]}
         rc, secs = run_dag(date, conf, logs / f"run-{i}.log")
         ctx = _run_context(conf["batch_uri"])
-        summary = steps.publish_summary(ctx) if ctx else None
+        summary = stages.publish_summary(ctx) if ctx else None
         results.append((title, rc, secs, summary))
         state = "succeeded" if rc == 0 else f"failed (exit {rc})"
         print(f"    DAG run {state} in {secs:.0f}s; log: {logs / f'run-{i}.log'}")
         if summary:
             print(
-                "\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:])
+                "\n".join("    " + line for line in stages.format_summary(summary).splitlines()[1:])
             )
 
     title = "canary under a fault: rolled back, champion stays"
     print(f"\n[5/7] {title}: scoring service + replayed traffic + airflow dags test", flush=True)
     rc, secs, injected = canary_story(uris, logs)
     ctx = _run_context(uris[CANARY_BATCH[0]])
-    summary = steps.publish_summary(ctx) if ctx else None
+    summary = stages.publish_summary(ctx) if ctx else None
     results.append((title, rc, secs, summary))
     print(
         f"    DAG run {'succeeded' if rc == 0 else f'failed (exit {rc})'} in {secs:.0f}s; "
         f"log: {logs / 'run-5.log'}"
     )
     if summary:
-        print("\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:]))
+        print("\n".join("    " + line for line in stages.format_summary(summary).splitlines()[1:]))
     canary_rolled_back = bool(
-        summary and summary["stages"]["promote_champion"]["verdict"] == "rolled_back" and injected
+        summary and summary.stages["promote_champion"]["verdict"] == "rolled_back" and injected
     )
 
     digits = digits_story(logs, results)
@@ -362,7 +384,7 @@ def digits_story(logs: Path, results: list) -> dict:
     import tempfile
 
     from models.digits import data
-    from pipeline import registry, spec, steps, storage
+    from pipeline import registry, spec, stages, storage
     from pipeline.settings import get_settings
 
     digits = spec.get_spec("digits")
@@ -405,7 +427,8 @@ def digits_story(logs: Path, results: list) -> dict:
             "2026-03-07",
         ),
     ]
-    for i, (title, name, extra, date) in enumerate(steps_, 6):
+    for i, (title, name, extra, _) in enumerate(steps_, 6):
+        date = logical_date(i)
         print(
             f"\n[{i}/7] {title}: python -m pipeline data land --model digits; "
             f"airflow dags test {DIGITS_DAG} {date}",
@@ -415,7 +438,7 @@ def digits_story(logs: Path, results: list) -> dict:
         rc, secs = run_dag(date, conf, logs / f"run-{i}.log", dag_id=DIGITS_DAG)
         with spec.use_spec(digits):
             ctx = _run_context(conf["batch_uri"])
-            summary = steps.publish_summary(ctx) if ctx else None
+            summary = stages.publish_summary(ctx) if ctx else None
             champ = registry.alias_version(registry.CHAMPION)
         if i == 6 and champ is not None:
             out["first"] = str(champ.version)
@@ -426,7 +449,7 @@ def digits_story(logs: Path, results: list) -> dict:
         )
         if summary:
             print(
-                "\n".join("    " + line for line in steps.format_summary(summary).splitlines()[1:])
+                "\n".join("    " + line for line in stages.format_summary(summary).splitlines()[1:])
             )
     return out
 
@@ -467,7 +490,7 @@ def print_registry(model: str) -> str | None:
 
 def _run_context(batch_uri: str):
     """The DAG run that processed ``batch_uri``, found through its MLflow run's tags."""
-    from pipeline import registry, steps
+    from pipeline import registry, stages
 
     found = registry.client().search_runs(
         [registry.experiment_id()],
@@ -478,7 +501,7 @@ def _run_context(batch_uri: str):
     if not found:
         return None
     tags = found[0].data.tags
-    return steps.RunContext(tags["airflow.dag_id"], tags["airflow.run_id"])
+    return stages.RunContext(tags["airflow.dag_id"], tags["airflow.run_id"])
 
 
 if __name__ == "__main__":

@@ -42,3 +42,114 @@ def contract():
     from pipeline.contract import load_contract
 
     return load_contract(ROOT / "models" / "card_fraud" / "contract.yaml")
+
+
+# --- lanes and the parallel run (`make test`) ---------------------------------------------------
+#
+# Each test belongs to one lane, named by its folder under tests/ and marked with it: ``unit``,
+# ``dags``, ``integration``, ``stack``; the browser tests (marker ``browser``, in
+# tests/integration) are a lane of their own. ``make test-<lane>`` runs one lane; ``make test``
+# runs them all at once under pytest-xdist (``-n N --dist loadgroup``) with the scheduler below:
+#
+# * a work unit is a module (its module-scoped fixtures are made once), or a group of modules
+#   that must share a process: the stack suite with Airflow (its session servers, its run order,
+#   the burst and the faults that need Airflow to themselves), the stack tests that need only
+#   PostgreSQL, S3 and MLflow (servers of their own, in another process), the UI stack's two
+#   modules, and the tests that time things in real time (the serving canary's windows, the
+#   promotion race, the kill mid-epoch: one at a time); a module in SPLIT (no shared fixtures)
+#   is one unit per test;
+# * units go out in collection order, which the workers report with the long poles first
+#   (FIRST, measured: the stack, the whole-DAG runs, ...; then the lanes in LANE_ORDER);
+# * the worker that takes the stack is given nothing else: a worker starts its last test only
+#   once it holds a next one, so a unit queued behind the stack would wait for the burst.
+#
+# (pytest-xdist 3.8's own xdist_group marker does not take effect with pytest 9, which no longer
+# lets it rename node ids; the groups are therefore named here, by module.)
+
+LANES = ("unit", "dags", "integration", "stack")
+GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack modules: "stack")
+    "stack/test_stack_faults.py": "stack-servers",
+    "stack/test_stack_security.py": "stack-servers",
+    "integration/test_trigger_form.py": "ui-stack",
+    "integration/test_browser.py": "ui-stack",
+    "integration/test_serving_canary.py": "timing",
+    "integration/test_promotion_race.py": "timing",
+    "integration/test_resume_sigkill.py": "timing",
+}
+SPLIT = {"integration/test_retrain_dag.py"}  # independent long tests: one unit each
+FIRST = (  # units (or modules) in this order, then the lanes in LANE_ORDER
+    "stack",
+    "integration/test_retrain_dag.py",
+    "timing",
+    "ui-stack",
+    "unit/test_spec.py",
+    "stack-servers",
+)
+LANE_ORDER = ("integration", "dags", "unit")
+DEDICATED = ("stack",)  # the worker that runs one of these runs nothing else
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].removeprefix("tests/")
+
+
+def lane_of(nodeid: str) -> str | None:
+    lane = _module(nodeid).split("/", 1)[0]
+    return lane if lane in LANES and nodeid.startswith("tests/") else None
+
+
+def unit_of(nodeid: str) -> str:
+    """The work unit of a test (``make test``): see above."""
+    module = _module(nodeid)
+    if module in GROUPS:
+        return GROUPS[module]
+    if lane_of(nodeid) == "stack":
+        return "stack"
+    if module in SPLIT:
+        return nodeid
+    return nodeid.split("::", 1)[0]
+
+
+def _rank(nodeid: str) -> int:
+    for key in (unit_of(nodeid), _module(nodeid)):
+        if key in FIRST:
+            return FIRST.index(key)
+    lane = lane_of(nodeid)
+    return len(FIRST) + (LANE_ORDER.index(lane) if lane in LANE_ORDER else len(LANE_ORDER))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    for item in items:
+        lane = lane_of(item.nodeid)
+        if lane is not None:
+            item.add_marker(getattr(pytest.mark, lane))
+    result = yield
+    if hasattr(config, "workerinput"):  # an xdist worker: the order it reports to the scheduler
+        items.sort(key=lambda item: _rank(item.nodeid))  # stable: each unit keeps its order
+    return result
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getoption("dist", "no") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    config.option.loadscopereorder = False  # the order above, not "most tests first"
+
+    class LaneScheduling(LoadGroupScheduling):
+        """Work units as above, in collection order; a dedicated unit's worker stops after it."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rfind("@") > nodeid.rfind("]"):  # an xdist_group suffix, where it works
+                return super()._split_scope(nodeid)
+            return unit_of(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            unit = next(iter(self.workqueue))
+            super()._assign_work_unit(node)
+            if unit in DEDICATED:
+                node.shutdown()  # after the unit's tests: nothing queued behind them
+
+    return LaneScheduling(config, log)

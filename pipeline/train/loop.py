@@ -10,9 +10,10 @@ for binary targets) and the best weights (lowest validation loss) are restored a
 Every ``check_every`` steps the ``GradientPlateauStopper`` decides from gradient
 statistics (log-norm plateau every check; the EB criterion from exact per-sample
 variances every ``eb_every`` steps), and at each epoch end from the validation loss;
-its decision trace is logged to the run. Defaults keep all of this, telemetry and
-state checkpoints included, near 2.5% of step-loop CPU on the reference MLP
-(``python -m benchmarks.training_overhead``).
+its decision trace is logged to the run (``training/decision_trace.json``, whose
+``records`` replay every non-continue decision: ``pipeline.decisions.replay``). Defaults
+keep all of this, telemetry and state checkpoints included, near 2.5% of step-loop CPU on
+the reference MLP (``python -m benchmarks.training_overhead``).
 Every ``snapshot_every`` steps ``GradientTelemetry`` takes per-tensor gradient
 statistics (one device→host copy, shipped by a background thread). Every
 ``state_every`` steps a training-state checkpoint is written atomically, so a killed or
@@ -44,6 +45,7 @@ from torch import nn
 
 from pipeline.contract import DataContract
 from pipeline.metrics import classification_metrics
+from pipeline.names import StopVerdict
 from pipeline.train import distributed
 from pipeline.train.features import FeatureSpec, fit_features, labels, transform
 from pipeline.train.model import (
@@ -63,7 +65,6 @@ from pipeline.train.stopping import (
     StopDecision,
     StopEvidence,
     TrainingDiverged,
-    Verdict,
 )
 from pipeline.train.telemetry import GradientTelemetry, TelemetrySink
 
@@ -75,6 +76,7 @@ __all__ = [
     "holdout_mask",
     "train",
     "iter_train",
+    "TrainingRun",
     "default_stopper",
     "val_patience_stopper",
     "no_stopper",
@@ -215,6 +217,7 @@ class TrainResult:
     rank: int = 0
     resumed_from: dict[str, Any] | None = None
     decision_trace: list[dict[str, Any]] = field(default_factory=list)
+    stop_records: list[dict[str, Any]] = field(default_factory=list)  # replayable decisions
     telemetry: dict[str, Any] = field(default_factory=dict)
 
 
@@ -411,274 +414,515 @@ def iter_train(
     code_file: Path | None = None,
 ) -> Generator[dict[str, float], None, TrainResult]:
     """``train`` one epoch at a time: yields each epoch's history row, returns the
-    TrainResult. Lets a caller interleave trainings (the overhead benchmark does)."""
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    ranks = distributed.ranks()  # one process, or one of torchrun's: see pipeline.train.distributed
-    device = distributed.place(pick_device(config.device), ranks)
-    if not ranks.main:
-        sink = None  # rank 0 alone writes: tracking, telemetry, training states
-    precision = resolve_precision(config.precision, device)
-    val_mask = holdout_mask(df, contract, config.val_fraction)
-    train_df, val_df = df[~val_mask], df[val_mask]
-    spec = fit_features(train_df, contract)
-    xtr_np, ytr_np = transform(train_df, spec), labels(train_df, spec)
-    xva_np, y_va = transform(val_df, spec), labels(val_df, spec)
-    if len(xtr_np) < 2 or len(xva_np) < 1:
-        raise ValueError(f"need training and validation rows, got {len(xtr_np)} / {len(xva_np)}")
-    fingerprint = _fingerprint(config, xtr_np, ytr_np, xva_np, y_va)
-    x_tr, y_tr = torch.from_numpy(xtr_np).to(device), torch.from_numpy(ytr_np).to(device)
-    x_va = torch.from_numpy(xva_np).to(device)
+    TrainResult. Lets a caller interleave trainings (the overhead benchmark does).
+    Nothing runs (not even the seeding) before the first ``next()``."""
+    run = TrainingRun(df, contract, config, sink=sink, state_dir=state_dir, code_file=code_file)
+    return (yield from run.run())
 
-    ref = model_ref_for(config.factory, config.factory_kwargs, code_file)
-    inputs = ModelInputs(
-        x_tr.shape[1], len(spec.classes), spec, "binary" if len(spec.classes) == 2 else "multiclass"
-    )
-    model = build_model(ref, inputs, code_file).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(config, model, device)
-    net = distributed.wrap(model, device, ranks)  # forward through this; weights live in model
-    n, bs = len(x_tr), config.batch_size
-    steps_per_epoch = distributed.steps_per_epoch(n, bs, ranks)  # = ceil(n / bs) in one process
-    total_steps = config.max_epochs * steps_per_epoch
-    schedule = LRSchedule(
-        config.learning_rate,
-        total_steps,
-        min(config.warmup_steps, total_steps),
-        config.lr_schedule,
-        config.min_lr_ratio,
-        config.lr_step_every,
-        config.lr_gamma,
-    )
-    stopper = GradientPlateauStopper(**config.stopper)
-    eb_stats = PerSampleGradStats(model) if stopper.eb else None
-    telemetry = (
-        GradientTelemetry(
-            list(model.named_parameters()),
-            snapshot_every=config.snapshot_every,
-            sink=sink,
-            spill_dir=state_dir,
+
+@dataclass
+class _Progress:
+    """Where a run is; a training state saves (and a resume restores) it as ``loop``."""
+
+    step: int = 0
+    epoch: int = 1
+    pos: int = 0  # batches done in this epoch
+    best_loss: float = math.inf
+    stopped: bool = False
+    finished: bool = False
+    epoch_seconds: float = 0.0  # this epoch's step loop: wall time
+    epoch_cpu_seconds: float = 0.0  # ... and the training thread's CPU time
+    tel_cpu_mark: float = 0.0  # the telemetry sender's CPU seconds at the epoch's start
+
+
+class TrainingRun:
+    """One run of ``train``: ``run()`` is the algorithm, each step of it a method.
+
+    Setup (``_setup``): seeds and device, data, model and optimizer, the stopper and the
+    instruments, then the resume from a training-state checkpoint. Then per epoch
+    (``_train_epoch``): the batch steps (``_step``: forward/backward, the per-step host
+    guard, the optimizer step, the one device→host read, the stopper check, the
+    training-state checkpoint), then the end of the epoch (``_end_epoch``: validation,
+    history row, best weights, the validation-loss decision). Then ``_finish``.
+
+    Construction only stores the arguments; everything happens in ``run()``.
+    """
+
+    def __init__(
+        self,
+        df: pd.DataFrame,
+        contract: DataContract,
+        config: TrainConfig,
+        *,
+        sink: TelemetrySink | None = None,
+        state_dir: Path | None = None,
+        code_file: Path | None = None,
+    ) -> None:
+        self.df, self.contract, self.config = df, contract, config
+        self.sink, self.state_dir, self.code_file = sink, state_dir, code_file
+
+    def run(self) -> Generator[dict[str, float], None, TrainResult]:
+        """Yields each epoch's history row (a partial one for an epoch cut short by a
+        stop), returns the TrainResult."""
+        self._setup()
+        if self.progress.finished:  # a completed run's state: nothing left to do
+            return self._already_finished()
+        try:
+            while self.progress.epoch <= self.config.max_epochs and not self.progress.stopped:
+                partial = self._train_epoch()
+                yield self.result.history[-1]
+                if not partial:
+                    self._next_epoch()
+            self._finish()
+        finally:
+            self._release()
+        return self.result
+
+    __iter__ = run
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self._place()
+        self._load_data()
+        self._build_model()
+        self._build_instruments()
+        self._start_result()
+        if self.store is not None:
+            self._resume()
+        self._tag_run()
+
+    def _place(self) -> None:
+        """Seeds, this process's rank and device, the precision."""
+        torch.manual_seed(self.config.seed)
+        np.random.seed(self.config.seed)
+        self.ranks = distributed.ranks()  # one process, or one of torchrun's
+        self.device = distributed.place(pick_device(self.config.device), self.ranks)
+        if not self.ranks.main:
+            self.sink = None  # rank 0 alone writes: tracking, telemetry, training states
+        self.precision = resolve_precision(self.config.precision, self.device)
+
+    def _load_data(self) -> None:
+        """Holdout split, features, the tensors on the device, the data's fingerprint."""
+        df, config, device = self.df, self.config, self.device
+        val_mask = holdout_mask(df, self.contract, config.val_fraction)
+        train_df, val_df = df[~val_mask], df[val_mask]
+        self.spec = spec = fit_features(train_df, self.contract)
+        xtr_np, ytr_np = transform(train_df, spec), labels(train_df, spec)
+        xva_np, self.y_va = transform(val_df, spec), labels(val_df, spec)
+        if len(xtr_np) < 2 or len(xva_np) < 1:
+            raise ValueError(
+                f"need training and validation rows, got {len(xtr_np)} / {len(xva_np)}"
+            )
+        self.fingerprint = _fingerprint(config, xtr_np, ytr_np, xva_np, self.y_va)
+        self.x_tr, self.y_tr = (
+            torch.from_numpy(xtr_np).to(device),
+            torch.from_numpy(ytr_np).to(device),
         )
-        if config.telemetry and ranks.main
-        else None
-    )
-    store = TrainingStateStore(state_dir) if state_dir is not None and config.state_every else None
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
-    use_bf16 = precision == "bf16"
-    clip = config.grad_clip if config.grad_clip is not None else math.inf
-    acc = _Accumulator(device)
-    eb_checks = max(1, config.eb_every // config.check_every)
+        self.x_va = torch.from_numpy(xva_np).to(device)
+        self.train_rows, self.val_rows = len(train_df), len(val_df)
 
-    result = TrainResult(
-        model,
-        spec,
-        ref,
-        config,
-        device=str(device),
-        precision=precision,
-        train_rows=len(train_df),
-        val_rows=len(val_df),
-        world_size=ranks.world,
-        rank=ranks.rank,
-    )
-    loop: dict[str, Any] = {
-        "step": 0,
-        "epoch": 1,
-        "pos": 0,
-        "best_loss": math.inf,
-        "stopped": False,
-        "finished": False,
-        "epoch_seconds": 0.0,
-        "epoch_cpu_seconds": 0.0,
-        "tel_cpu_mark": 0.0,
-    }
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    perm: torch.Tensor | None = None
+    def _build_model(self) -> None:
+        """The model, its optimizer, the (distributed) forward, the learning-rate schedule."""
+        config, spec, device = self.config, self.spec, self.device
+        self.ref = model_ref_for(config.factory, config.factory_kwargs, self.code_file)
+        task = "binary" if len(spec.classes) == 2 else "multiclass"
+        inputs = ModelInputs(self.x_tr.shape[1], len(spec.classes), spec, task)
+        self.model = build_model(self.ref, inputs, self.code_file).to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = _make_optimizer(config, self.model, device)
+        self.net = distributed.wrap(self.model, device, self.ranks)  # forward; weights: model
+        self.n, self.bs = len(self.x_tr), config.batch_size
+        self.steps_per_epoch = distributed.steps_per_epoch(self.n, self.bs, self.ranks)
+        total_steps = config.max_epochs * self.steps_per_epoch
+        self.schedule = LRSchedule(
+            config.learning_rate,
+            total_steps,
+            min(config.warmup_steps, total_steps),
+            config.lr_schedule,
+            config.min_lr_ratio,
+            config.lr_step_every,
+            config.lr_gamma,
+        )
 
-    def snapshot_state(final: bool = False) -> None:
-        if not ranks.main:
-            return
-        tensors: dict[str, torch.Tensor] = {}
-        state = {
-            "fingerprint": fingerprint,
-            "config": config.to_dict(),
-            "loop": dict(loop),
-            "history": result.history,
-            "best_epoch": result.best_epoch,
-            "val_metrics": result.val_metrics,
-            "stop_reason": result.stop_reason,
-            "schedule": schedule.state_dict(),
-            "stopper": stopper.state_dict(),
-            "optimizer": encode(opt.state_dict(), tensors, "optim"),
-            "model": encode(model.state_dict(), tensors, "model"),
-            "best": encode(best_state, tensors, "best"),
-            "acc": encode(acc.state(), tensors, "acc"),
-            "telemetry_taken": telemetry.taken if telemetry else 0,
-        }
-        tensors.update(rng_tensors(gen))
-        tensors["perm"] = perm if perm is not None else torch.zeros(0, dtype=torch.int64)
-        if telemetry:
-            tensors.update(telemetry.state_tensors())
-        assert store is not None
-        store.save(loop["step"], tensors, state, final=final)
+    def _build_instruments(self) -> None:
+        """Stopper, per-sample statistics, telemetry, state store, loss, shuffling RNG."""
+        config = self.config
+        self.stopper = GradientPlateauStopper(**config.stopper)
+        self.eb_stats = PerSampleGradStats(self.model) if self.stopper.eb else None
+        self.telemetry = (
+            GradientTelemetry(
+                list(self.model.named_parameters()),
+                snapshot_every=config.snapshot_every,
+                sink=self.sink,
+                spill_dir=self.state_dir,
+            )
+            if config.telemetry and self.ranks.main
+            else None
+        )
+        self.store = (
+            TrainingStateStore(self.state_dir)
+            if self.state_dir is not None and config.state_every
+            else None
+        )
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.use_bf16 = self.precision == "bf16"
+        self.clip = config.grad_clip if config.grad_clip is not None else math.inf
+        self.acc = _Accumulator(self.device)
+        self.eb_checks = max(1, config.eb_every // config.check_every)
 
-    if store is not None:
-        loaded = store.load_latest()
-        if loaded is not None and loaded.state.get("fingerprint") != fingerprint:
+    def _start_result(self) -> None:
+        self.result = TrainResult(
+            self.model,
+            self.spec,
+            self.ref,
+            self.config,
+            device=str(self.device),
+            precision=self.precision,
+            train_rows=self.train_rows,
+            val_rows=self.val_rows,
+            world_size=self.ranks.world,
+            rank=self.ranks.rank,
+        )
+        self.progress = _Progress()
+        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.perm: torch.Tensor | None = None
+        self._t0 = (0.0, 0.0)  # the step loop's lap start (``_train_epoch``, ``_lap``)
+
+    def _resume(self) -> None:
+        """Continue from the newest valid training state of this config and data, if any."""
+        assert self.store is not None
+        loaded = self.store.load_latest()
+        if loaded is not None and loaded.state.get("fingerprint") != self.fingerprint:
             log.warning(
-                "training state in %s is for another config or data; starting over", store.root
+                "training state in %s is for another config or data; starting over",
+                self.store.root,
             )
-            if ranks.main:
-                store.clear()
+            if self.ranks.main:
+                self.store.clear()
             loaded = None
-        if loaded is not None:
-            t, st = loaded.tensors, loaded.state
-            model.load_state_dict(decode(st["model"], t))
-            opt.load_state_dict(decode(st["optimizer"], t))
-            best_state = {k: v.to(device) for k, v in decode(st["best"], t).items()}
-            acc.load(decode(st["acc"], t))
-            schedule.load_state_dict(st["schedule"])
-            stopper.load_state_dict(st["stopper"])
-            restore_rng(t, gen)
-            perm = t["perm"] if t["perm"].numel() else None
-            loop.update(st["loop"])
-            loop["best_loss"] = float(loop["best_loss"])
-            result.history, result.best_epoch = st["history"], st["best_epoch"]
-            result.val_metrics, result.stop_reason = st["val_metrics"], st["stop_reason"]
-            if telemetry:
-                telemetry.load_state_tensors(t, st["telemetry_taken"])
-            result.resumed_from = {
-                "step": loaded.step,
-                "path": str(loaded.path),
-                "manifest_sha256": loaded.manifest_sha256,
-                "epoch": loop["epoch"],
-                "position_in_epoch": loop["pos"],
-            }
-            log.info(
-                "resumed from training state %s (step %d, epoch %d, batch %d of %d; "
-                "manifest sha256 %s)",
-                loaded.path.name,
-                loaded.step,
-                loop["epoch"],
-                loop["pos"],
-                steps_per_epoch,
-                loaded.manifest_sha256[:12],
-            )
+        if loaded is None:
+            return
+        self._restore(loaded.tensors, loaded.state)
+        p = self.progress
+        self.result.resumed_from = {
+            "step": loaded.step,
+            "path": str(loaded.path),
+            "manifest_sha256": loaded.manifest_sha256,
+            "epoch": p.epoch,
+            "position_in_epoch": p.pos,
+        }
+        log.info(
+            "resumed from training state %s (step %d, epoch %d, batch %d of %d; "
+            "manifest sha256 %s)",
+            loaded.path.name,
+            loaded.step,
+            p.epoch,
+            p.pos,
+            self.steps_per_epoch,
+            loaded.manifest_sha256[:12],
+        )
 
-    if sink is not None:
+    def _restore(self, t: dict[str, torch.Tensor], st: dict[str, Any]) -> None:
+        """Everything ``_snapshot_state`` saved, back in place."""
+        self.model.load_state_dict(decode(st["model"], t))
+        self.opt.load_state_dict(decode(st["optimizer"], t))
+        self.best_state = {k: v.to(self.device) for k, v in decode(st["best"], t).items()}
+        self.acc.load(decode(st["acc"], t))
+        self.schedule.load_state_dict(st["schedule"])
+        self.stopper.load_state_dict(st["stopper"])
+        restore_rng(t, self.gen)
+        self.perm = t["perm"] if t["perm"].numel() else None
+        self.progress = _Progress(**{**asdict(self.progress), **st["loop"]})
+        self.progress.best_loss = float(self.progress.best_loss)
+        r = self.result
+        r.history, r.best_epoch = st["history"], st["best_epoch"]
+        r.val_metrics, r.stop_reason = st["val_metrics"], st["stop_reason"]
+        if self.telemetry:
+            self.telemetry.load_state_tensors(t, st["telemetry_taken"])
+
+    def _tag_run(self) -> None:
+        if self.sink is None:
+            return
+        resumed = {"train.resumed_from_step": str(self.progress.step)}
         _safe(
-            sink.set_tags,
+            self.sink.set_tags,
             {
-                "train.device": str(device),
-                "train.precision": precision,
-                "train.optimizer": config.optimizer,
-                **({"train.resumed_from_step": str(loop["step"])} if result.resumed_from else {}),
+                "train.device": str(self.device),
+                "train.precision": self.precision,
+                "train.optimizer": self.config.optimizer,
+                **(resumed if self.result.resumed_from else {}),
             },
         )
 
-    if loop["finished"]:  # the state of a completed run (best weights restored): nothing left to do
-        model.eval()
-        result.steps = loop["step"]
-        result.decision_trace = stopper.trace
-        if telemetry:
-            result.telemetry = telemetry.close()
-        return result
+    def _already_finished(self) -> TrainResult:
+        self.model.eval()
+        self.result.steps = self.progress.step
+        self.result.decision_trace = self.stopper.trace
+        if self.telemetry:
+            self.result.telemetry = self.telemetry.close()
+        return self.result
 
-    def event(tag: str, decision: StopDecision | None = None) -> None:
-        trace = json.dumps({"decisions": stopper.trace, "config": stopper.config()}, default=str)
-        if sink is not None and not _safe(sink.log_text, trace, "training/decision_trace.json"):
-            keep = telemetry.spill_dir if telemetry else (state_dir or Path(tempfile.mkdtemp()))
+    # -- one epoch --------------------------------------------------------------------------
+
+    def _train_epoch(self) -> bool:
+        """The epoch's remaining batch steps, then its end. True: the epoch was cut short
+        (a stop mid-epoch), its history row is partial."""
+        p = self.progress
+        if self.perm is None:
+            self.perm = torch.randperm(self.n, generator=self.gen)
+        perm_dev = self.perm.to(self.device)
+        self.model.train()
+        self._t0 = self._now()
+        while p.pos < self.steps_per_epoch and not p.stopped:
+            self._step(perm_dev)
+        self._lap()
+        partial = p.pos < self.steps_per_epoch
+        self._end_epoch(partial)
+        return partial
+
+    def _next_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.pos = 0
+        self.perm = None
+
+    def _step(self, perm_dev: torch.Tensor) -> None:
+        """One optimizer step on the next batch; a stopper check every ``check_every``
+        steps, a training-state checkpoint every ``state_every``."""
+        config, p = self.config, self.progress
+        p.step += 1
+        step = p.step
+        lr = self.schedule.apply(self.opt, step)
+        idx = distributed.shard(perm_dev[p.pos * self.bs : (p.pos + 1) * self.bs], self.ranks)
+        check = step % config.check_every == 0
+        eb_due = (
+            check
+            and self.eb_stats is not None
+            and (step // config.check_every) % self.eb_checks == 0
+        )
+        snap = self.telemetry is not None and self.telemetry.due(step)
+        loss, norm, parts, batch = self._forward_backward(idx, eb_due, snap)
+        host_vals = self.acc.add(loss, norm, len(idx))
+        if host_vals is not None:
+            self._guard_host(step, *host_vals)
+        self.opt.step()
+        p.pos += 1
+        host = self._read_back(step, lr, loss, norm, parts, check, snap)
+        if check:
+            self._check(step, host, eb_due, batch)
+        if self.store is not None and step % config.state_every == 0 and not p.stopped:
+            self._t0 = self._lap()
+            self._snapshot_state()
+
+    def _forward_backward(
+        self, idx: torch.Tensor, eb_due: bool, snap: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int]:
+        """Loss, backward, the EB statistics and telemetry gradients when due, then the
+        clipped gradient norm: (loss, pre-clip norm, device parts to read, batch size)."""
+        if eb_due:
+            self.eb_stats.arm()  # type: ignore[union-attr]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            loss = self.loss_fn(self.net(self.x_tr[idx]).float(), self.y_tr[idx])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parts: dict[str, torch.Tensor] = {}  # everything the host needs, read in one copy
+        batch = len(idx)
+        if eb_due:
+            eb_sum, eb_dims, batch = self.eb_stats.collect()  # type: ignore[union-attr]
+            parts["eb"] = torch.stack([eb_sum, eb_dims])
+        if snap:
+            self.telemetry.capture_grads()  # type: ignore[union-attr]
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        return loss, norm, parts, batch
+
+    def _guard_host(self, step: int, loss: float, norm: float) -> None:
+        """Host mode (CPU) reads loss and norm every step: a non-finite one diverges at this
+        step, and an exploding norm is decided on now, on the check window so far."""
+        epoch = self.progress.epoch
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self._lap()
+            ev = StopEvidence(
+                step=step,
+                epoch=epoch,
+                loss=loss,
+                grad_norm=norm,
+                max_grad_norm=norm,
+                nonfinite=True,
+            )
+            self._diverge(self.stopper.update(ev))
+        if norm > self.stopper.divergence_limit(self.acc.check[6]):
+            self._lap()  # exploding between checks: decide now, on this window so far
+            ev = StopEvidence(step=step, epoch=epoch, **self.acc.evidence(None))
+            self._handle(self.stopper.update(ev))
+
+    def _read_back(
+        self,
+        step: int,
+        lr: float,
+        loss: torch.Tensor,
+        norm: torch.Tensor,
+        parts: dict[str, torch.Tensor],
+        check: bool,
+        snap: bool,
+    ) -> dict[str, np.ndarray]:
+        """The step's one device→host copy (telemetry snapshot and its scalars, EB terms,
+        the device-mode check window); the snapshot goes to telemetry."""
+        if snap:
+            parts["snap"] = self.telemetry.device_pack()  # type: ignore[union-attr]
+            parts["scalars"] = torch.stack([loss.detach().float(), norm.detach().float()])
+        if check and not self.acc.host:
+            parts["acc"] = self.acc.check
+        host = _to_host(parts)
+        if snap:
+            self.telemetry.ingest(  # type: ignore[union-attr]
+                step,
+                host["snap"],
+                {
+                    "loss": float(host["scalars"][0]),
+                    "lr": lr,
+                    "grad_norm": float(host["scalars"][1]),
+                },
+            )
+        return host
+
+    def _check(self, step: int, host: dict[str, np.ndarray], eb_due: bool, batch: int) -> None:
+        """The stopper's gradient check on the window since the last one."""
+        ev_acc = self.acc.evidence(host.get("acc"))
+        eb_part: dict[str, Any] = (
+            {"eb_sum": float(host["eb"][0]), "eb_dims": int(host["eb"][1]), "batch_size": batch}
+            if eb_due
+            else {}
+        )
+        self.acc.reset_check()
+        ev = StopEvidence(step=step, epoch=self.progress.epoch, **ev_acc, **eb_part)
+        self._handle(self.stopper.update(ev))
+
+    # -- the stopper's decisions --------------------------------------------------------------
+
+    def _handle(self, d: StopDecision) -> None:
+        if self.ranks.active:  # every rank acts on rank 0's decision and keeps rank 0's
+            d = distributed.from_main(d, self.ranks)  # stopper state, so the next checks
+            self.stopper.state = d.state  # agree as well
+        if d.verdict is StopVerdict.DIVERGED:
+            self._diverge(d)
+        elif d.verdict is StopVerdict.REDUCE_LR:
+            self.schedule.scale *= self.stopper.reduce_lr_factor or 1.0
+            log.info(
+                "step %d: %s — learning rate scale now %.3g",
+                d.step,
+                d.reason.value,
+                self.schedule.scale,
+            )
+            self._event(f"reduce_lr-step-{d.step}", d)
+        elif d.verdict is StopVerdict.STOP:
+            self.progress.stopped = True
+            self.result.stop_reason = d.reason.value
+            log.info("step %d: stop (%s)", d.step, d.reason.value)
+
+    def _diverge(self, d: StopDecision) -> None:
+        p = self.progress
+        if self.telemetry:  # the offending gradient, non-finite counts included
+            self.telemetry.snapshot_now(p.step)
+        self._event(f"diverged-step-{d.step}", d)
+        if self.telemetry:
+            self.result.telemetry = {**self.telemetry.close(), **self.result.telemetry}
+        raise TrainingDiverged(
+            f"training diverged: {d.message}, epoch {p.epoch}, learning rate "
+            f"{self.schedule.lr(max(d.step, 1)):.3g} ({self.config.optimizer}); lower the "
+            f"learning rate (now {self.config.learning_rate}) or clip gradients harder — "
+            "no checkpoint was written"
+        )
+
+    def _event(self, tag: str, decision: StopDecision | None = None) -> None:
+        """The decision trace (and the records of the non-continue decisions) to the run —
+        or to a local file when that fails —, and the event's telemetry artifacts."""
+        stopper = self.stopper
+        trace = json.dumps(
+            {"decisions": stopper.trace, "config": stopper.config(), "records": stopper.records},
+            default=str,
+        )
+        if self.sink is not None and not _safe(
+            self.sink.log_text, trace, "training/decision_trace.json"
+        ):
+            keep = (
+                self.telemetry.spill_dir
+                if self.telemetry
+                else (self.state_dir or Path(tempfile.mkdtemp()))
+            )
             keep.mkdir(parents=True, exist_ok=True)
             (keep / "decision_trace.json").write_text(trace)
-            result.telemetry["decision_trace_file"] = str(keep / "decision_trace.json")
+            self.result.telemetry["decision_trace_file"] = str(keep / "decision_trace.json")
             log.warning(
                 "decision trace not logged to the run; kept at %s", keep / "decision_trace.json"
             )
-        if telemetry:
-            telemetry.write_artifacts(
-                tag,
-                {
-                    "step": loop["step"],
-                    "epoch": loop["epoch"],
-                    **({"decision": decision.to_dict()} if decision else {}),
-                },
+        if self.telemetry:
+            summary: dict[str, Any] = {"step": self.progress.step, "epoch": self.progress.epoch}
+            if decision is not None:
+                summary["decision"] = decision.to_dict()
+                last = stopper.records[-1] if stopper.records else None
+                if last is not None and last["decision"]["step"] == decision.step:
+                    summary["record"] = last  # replayable: pipeline.decisions.replay
+            self.telemetry.write_artifacts(tag, summary)
+
+    # -- end of an epoch, end of the run --------------------------------------------------------
+
+    def _end_epoch(self, partial: bool) -> None:
+        """Validation, the history row, the best weights so far; after a whole epoch, the
+        validation-loss decision."""
+        p = self.progress
+        metrics = self._validate()
+        tel_cpu = self._record_epoch(metrics, partial)
+        if metrics["log_loss"] < p.best_loss:
+            p.best_loss = metrics["log_loss"]
+            self.best_state.update(
+                {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             )
+            self.result.best_epoch, self.result.val_metrics = p.epoch, metrics
+        self.acc.reset_epoch()
+        p.epoch_seconds = p.epoch_cpu_seconds = 0.0
+        p.tel_cpu_mark = tel_cpu
+        if not partial and not p.stopped:
+            ev = StopEvidence(step=p.step, epoch=p.epoch, val_loss=metrics["log_loss"])
+            self._handle(self.stopper.update(ev))
 
-    def diverge(d: StopDecision) -> None:
-        if telemetry:
-            telemetry.snapshot_now(
-                loop["step"]
-            )  # the offending gradient, non-finite counts included
-        event(f"diverged-step-{d.step}", d)
-        if telemetry:
-            result.telemetry = {**telemetry.close(), **result.telemetry}
-        raise TrainingDiverged(
-            f"training diverged: {d.message}, epoch {loop['epoch']}, learning rate "
-            f"{schedule.lr(max(d.step, 1)):.3g} ({config.optimizer}); lower the learning rate "
-            f"(now {config.learning_rate}) or clip gradients harder — no checkpoint was written"
-        )
+    def _validate(self) -> dict[str, float]:
+        """The validation set's metrics; weights that overflowed in the last step(s) diverge."""
+        p = self.progress
+        proba = predict_proba(self.model, self.x_va).float().cpu().numpy()
+        if not np.isfinite(proba).all():
+            ev = StopEvidence(step=p.step, epoch=p.epoch, val_loss=float("nan"))
+            self._diverge(self.stopper.update(ev))
+        return classification_metrics(self.y_va, proba)
 
-    def handle(d: StopDecision) -> None:
-        if ranks.active:  # every rank acts on rank 0's decision and keeps rank 0's stopper
-            d = distributed.from_main(d, ranks)  # state, so the next checks agree as well
-            stopper.state = d.state
-        if d.verdict is Verdict.DIVERGED:
-            diverge(d)
-        elif d.verdict is Verdict.REDUCE_LR:
-            schedule.scale *= stopper.reduce_lr_factor or 1.0
-            log.info(
-                "step %d: %s — learning rate scale now %.3g", d.step, d.reason.value, schedule.scale
-            )
-            event(f"reduce_lr-step-{d.step}", d)
-        elif d.verdict is Verdict.STOP:
-            loop["stopped"] = True
-            result.stop_reason = d.reason.value
-            log.info("step %d: stop (%s)", d.step, d.reason.value)
-
-    def _now() -> tuple[float, float]:
-        return time.perf_counter(), time.thread_time()
-
-    def _lap(t0: tuple[float, float]) -> tuple[float, float]:
-        """Add the wall and this thread's CPU time since ``t0`` to the epoch's step-loop time."""
-        now = _now()
-        loop["epoch_seconds"] += now[0] - t0[0]
-        loop["epoch_cpu_seconds"] += now[1] - t0[1]
-        return now
-
-    def end_epoch(partial: bool) -> None:
-        proba = predict_proba(model, x_va).float().cpu().numpy()
-        if not np.isfinite(proba).all():  # weights overflowed in the last step(s)
-            diverge(
-                stopper.update(
-                    StopEvidence(step=loop["step"], epoch=loop["epoch"], val_loss=float("nan"))
-                )
-            )
-        metrics = classification_metrics(y_va, proba)
-        ep_loss, ep_norm, ep_steps = acc.epoch_values()
-        tel_cpu = telemetry.sender_cpu_s if telemetry else 0.0  # the sender thread, this epoch
-        seen = min(loop["pos"] * bs, n) // ranks.world  # this process's rows (rank 0's share)
+    def _record_epoch(self, metrics: dict[str, float], partial: bool) -> float:
+        """Append and log the epoch's history row; returns the telemetry sender's CPU
+        seconds so far (the next epoch's mark)."""
+        config, p, history = self.config, self.progress, self.result.history
+        ep_loss, ep_norm, ep_steps = self.acc.epoch_values()
+        tel_cpu = self.telemetry.sender_cpu_s if self.telemetry else 0.0
+        seen = min(p.pos * self.bs, self.n) // self.ranks.world  # this process's rows
         row = {
-            "epoch": loop["epoch"],
-            "step": loop["step"],
+            "epoch": p.epoch,
+            "step": p.step,
             "train_loss": ep_loss / max(seen, 1),
             "grad_norm": ep_norm / max(ep_steps, 1),
-            "lr": schedule.lr(max(loop["step"], 1)),
-            "seconds": loop["epoch_seconds"],
-            "cpu_seconds": loop["epoch_cpu_seconds"],
-            "telemetry_cpu_seconds": tel_cpu - loop["tel_cpu_mark"],
+            "lr": self.schedule.lr(max(p.step, 1)),
+            "seconds": p.epoch_seconds,
+            "cpu_seconds": p.epoch_cpu_seconds,
+            "telemetry_cpu_seconds": tel_cpu - p.tel_cpu_mark,
             **({"partial": 1.0} if partial else {}),
             **{f"val_{k}": v for k, v in metrics.items()},
         }
-        result.history.append(row)
-        done = [h["seconds"] for h in result.history if not h.get("partial")]
-        eta = (config.max_epochs - loop["epoch"]) * sum(done) / max(len(done), 1)  # upper bound
+        history.append(row)
+        done = [h["seconds"] for h in history if not h.get("partial")]
+        eta = (config.max_epochs - p.epoch) * sum(done) / max(len(done), 1)  # upper bound
         log.info(
             "epoch %d/%d step %d train_loss=%.4f val_loss=%.4f val_roc_auc=%.4f grad_norm=%.4f "
             "rows/s=%.0f eta<=%.0fs",
-            loop["epoch"],
+            p.epoch,
             config.max_epochs,
-            loop["step"],
+            p.step,
             row["train_loss"],
             metrics["log_loss"],
             metrics.get("roc_auc", float("nan")),
@@ -687,148 +931,83 @@ def iter_train(
             eta,
             extra={"progress": True},
         )
-        if metrics["log_loss"] < loop["best_loss"]:
-            loop["best_loss"] = metrics["log_loss"]
-            best_state.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-            result.best_epoch, result.val_metrics = loop["epoch"], metrics
-        acc.reset_epoch()
-        loop["epoch_seconds"] = loop["epoch_cpu_seconds"] = 0.0
-        loop["tel_cpu_mark"] = tel_cpu
-        if not partial and not loop["stopped"]:
-            handle(
-                stopper.update(
-                    StopEvidence(
-                        step=loop["step"], epoch=loop["epoch"], val_loss=metrics["log_loss"]
-                    )
-                )
-            )
+        return tel_cpu
 
-    try:
-        while loop["epoch"] <= config.max_epochs and not loop["stopped"]:
-            if perm is None:
-                perm = torch.randperm(n, generator=gen)
-            perm_dev = perm.to(device)
-            model.train()
-            t0 = _now()
-            while loop["pos"] < steps_per_epoch and not loop["stopped"]:
-                loop["step"] += 1
-                step = loop["step"]
-                lr = schedule.apply(opt, step)
-                idx = distributed.shard(perm_dev[loop["pos"] * bs : (loop["pos"] + 1) * bs], ranks)
-                check = step % config.check_every == 0
-                eb_due = (
-                    check and eb_stats is not None and (step // config.check_every) % eb_checks == 0
-                )
-                snap = telemetry is not None and telemetry.due(step)
-                if eb_due:
-                    eb_stats.arm()  # type: ignore[union-attr]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = loss_fn(net(x_tr[idx]).float(), y_tr[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                parts: dict[str, torch.Tensor] = {}  # everything the host needs, read in one copy
-                batch = len(idx)
-                if eb_due:
-                    eb_sum, eb_dims, batch = eb_stats.collect()  # type: ignore[union-attr]
-                    parts["eb"] = torch.stack([eb_sum, eb_dims])
-                if snap:
-                    telemetry.capture_grads()  # type: ignore[union-attr]
-                norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                host_vals = acc.add(loss, norm, len(idx))
-                if host_vals is not None and not (
-                    math.isfinite(host_vals[0]) and math.isfinite(host_vals[1])
-                ):
-                    _lap(t0)
-                    ev = StopEvidence(
-                        step=step,
-                        epoch=loop["epoch"],
-                        loss=host_vals[0],
-                        grad_norm=host_vals[1],
-                        max_grad_norm=host_vals[1],
-                        nonfinite=True,
-                    )
-                    diverge(stopper.update(ev))
-                if host_vals is not None and host_vals[1] > stopper.divergence_limit(acc.check[6]):
-                    _lap(t0)  # exploding between checks: decide now, on this window so far
-                    handle(
-                        stopper.update(
-                            StopEvidence(step=step, epoch=loop["epoch"], **acc.evidence(None))
-                        )
-                    )
-                opt.step()
-                loop["pos"] += 1
-                if snap:
-                    parts["snap"] = telemetry.device_pack()  # type: ignore[union-attr]
-                    parts["scalars"] = torch.stack([loss.detach().float(), norm.detach().float()])
-                if check and not acc.host:
-                    parts["acc"] = acc.check
-                host = _to_host(parts)
-                if snap:
-                    telemetry.ingest(
-                        step,
-                        host["snap"],
-                        {
-                            "loss": float(host["scalars"][0]),
-                            "lr": lr,  # type: ignore[union-attr]
-                            "grad_norm": float(host["scalars"][1]),
-                        },
-                    )
-                if check:
-                    ev_acc = acc.evidence(host.get("acc"))
-                    eb_part: dict[str, Any] = (
-                        {
-                            "eb_sum": float(host["eb"][0]),
-                            "eb_dims": int(host["eb"][1]),
-                            "batch_size": batch,
-                        }
-                        if eb_due
-                        else {}
-                    )
-                    acc.reset_check()
-                    handle(
-                        stopper.update(
-                            StopEvidence(step=step, epoch=loop["epoch"], **ev_acc, **eb_part)
-                        )
-                    )
-                if store is not None and step % config.state_every == 0 and not loop["stopped"]:
-                    t0 = _lap(t0)
-                    snapshot_state()
-            _lap(t0)
-            partial = loop["pos"] < steps_per_epoch
-            end_epoch(partial)
-            yield result.history[-1]
-            if not partial:
-                loop["epoch"] += 1
-                loop["pos"] = 0
-                perm = None
-        if not result.stop_reason:
-            result.stop_reason = "max_epochs"
-        result.steps = loop["step"]
-        if telemetry and (not telemetry.steps or telemetry.steps[-1] != loop["step"]):
-            telemetry.snapshot_now(loop["step"])  # the gradient at the stop, for the record
-        if config.restore_best:
-            model.load_state_dict(best_state)
+    def _finish(self) -> None:
+        """The stop snapshot, the weights to keep, the final state and decision trace."""
+        r, p = self.result, self.progress
+        if not r.stop_reason:
+            r.stop_reason = "max_epochs"
+        r.steps = p.step
+        tel = self.telemetry
+        if tel and (not tel.steps or tel.steps[-1] != p.step):
+            tel.snapshot_now(p.step)  # the gradient at the stop, for the record
+        if self.config.restore_best:
+            self.model.load_state_dict(self.best_state)
         else:  # the last weights: report their validation metrics
-            result.best_epoch, result.val_metrics = (
-                int(result.history[-1]["epoch"]),
-                {
-                    k.removeprefix("val_"): v
-                    for k, v in result.history[-1].items()
-                    if k.startswith("val_")
-                },
-            )
-        model.eval()
-        loop["finished"] = True
-        result.decision_trace = stopper.trace
-        if store is not None:
-            snapshot_state(final=True)
-        event("final", None)
-    finally:
-        if eb_stats is not None:
-            eb_stats.disarm()
-        if telemetry is not None:
-            result.telemetry = {**telemetry.close(), **result.telemetry}
-    return result
+            last = r.history[-1]
+            r.best_epoch = int(last["epoch"])
+            r.val_metrics = {
+                k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")
+            }
+        self.model.eval()
+        p.finished = True
+        r.decision_trace = self.stopper.trace
+        r.stop_records = list(self.stopper.records)
+        if self.store is not None:
+            self._snapshot_state(final=True)
+        self._event("final", None)
+
+    def _release(self) -> None:
+        """However the run ends: hooks off, telemetry flushed and accounted."""
+        if self.eb_stats is not None:
+            self.eb_stats.disarm()
+        if self.telemetry is not None:
+            self.result.telemetry = {**self.telemetry.close(), **self.result.telemetry}
+
+    # -- training states and step-loop time ------------------------------------------------------
+
+    def _snapshot_state(self, final: bool = False) -> None:
+        """A training-state checkpoint of everything ``_restore`` needs (rank 0 only)."""
+        if not self.ranks.main:
+            return
+        r, tel = self.result, self.telemetry
+        tensors: dict[str, torch.Tensor] = {}
+        state = {
+            "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(),
+            "loop": asdict(self.progress),
+            "history": r.history,
+            "best_epoch": r.best_epoch,
+            "val_metrics": r.val_metrics,
+            "stop_reason": r.stop_reason,
+            "schedule": self.schedule.state_dict(),
+            "stopper": self.stopper.state_dict(),
+            "optimizer": encode(self.opt.state_dict(), tensors, "optim"),
+            "model": encode(self.model.state_dict(), tensors, "model"),
+            "best": encode(self.best_state, tensors, "best"),
+            "acc": encode(self.acc.state(), tensors, "acc"),
+            "telemetry_taken": tel.taken if tel else 0,
+        }
+        tensors.update(rng_tensors(self.gen))
+        perm = self.perm
+        tensors["perm"] = perm if perm is not None else torch.zeros(0, dtype=torch.int64)
+        if tel:
+            tensors.update(tel.state_tensors())
+        assert self.store is not None
+        self.store.save(self.progress.step, tensors, state, final=final)
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def _lap(self) -> tuple[float, float]:
+        """Add the wall and this thread's CPU time since ``_t0`` to the epoch's step-loop
+        time; returns now (the caller may make it the new ``_t0``)."""
+        now = self._now()
+        self.progress.epoch_seconds += now[0] - self._t0[0]
+        self.progress.epoch_cpu_seconds += now[1] - self._t0[1]
+        return now
 
 
 def _to_host(parts: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

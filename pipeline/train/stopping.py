@@ -33,28 +33,33 @@ norm seen so far stops as ``diverged``.
 Shape (STYLE.md item 10): a validating constructor, an Enum of reasons, one pure
 ``decide(evidence, state) -> StopDecision(verdict, reason, evidence)``, and
 ``state_dict()``/``load_state_dict()`` so a resumed run decides exactly as before.
+
+``StopDecision`` is a ``pipeline.decisions.Decision`` (kind ``training_stop``, verdicts
+``names.StopVerdict``). Every decision that is not ``continue`` is kept in
+``GradientPlateauStopper.records`` as a full decision record (:func:`decision_record`:
+the stopper's configuration, the evidence and the stopper state before the decision),
+which :func:`replay` — and ``decisions.replay`` — recompute from the record alone.
+Non-finite evidence values are written as strings (``"nan"``, ``"inf"``) in
+``to_dict()`` and in records, so both are strict JSON.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from pipeline import decisions
+from pipeline.names import StopVerdict
+
 
 class TrainingDiverged(RuntimeError):
     """Loss or gradient became non-finite or exploded: no checkpoint may come out of this run."""
-
-
-class Verdict(StrEnum):
-    CONTINUE = "continue"
-    REDUCE_LR = "reduce_lr"
-    STOP = "stop"
-    DIVERGED = "diverged"
 
 
 class StopReason(StrEnum):
@@ -117,7 +122,10 @@ class StopperState:
 
 @dataclass(frozen=True)
 class StopDecision:
-    verdict: Verdict
+    KIND: ClassVar[str] = "training_stop"
+    RECORD_VERSION: ClassVar[int] = 1
+
+    verdict: StopVerdict
     reason: StopReason
     evidence: dict[str, Any]
     step: int
@@ -125,7 +133,11 @@ class StopDecision:
 
     @property
     def stop(self) -> bool:
-        return self.verdict in (Verdict.STOP, Verdict.DIVERGED)
+        return self.verdict in (StopVerdict.STOP, StopVerdict.DIVERGED)
+
+    @property
+    def reasons(self) -> list[StopReason]:
+        return [self.reason]
 
     @property
     def message(self) -> str:
@@ -143,12 +155,29 @@ class StopDecision:
         return f"{self.verdict.value}: {self.reason.value} at step {self.step}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "verdict": self.verdict.value,
-            "reason": self.reason.value,
-            "evidence": self.evidence,
-        }
+        """``step`` and ``decisions.common``: verdict, reason, reasons, message, evidence."""
+        return {"step": self.step, **decisions.common(self, _json_safe(self.evidence))}
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as strings (``"nan"``, ``"inf"``, ``"-inf"``) and tuples
+    as lists: what a strict JSON file holds, so a record compares equal after a round trip."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _from_json(obj: Any) -> Any:
+    """Inverse of ``_json_safe`` for evidence and state (whose only strings are numbers)."""
+    if isinstance(obj, str):
+        return float(obj)
+    if isinstance(obj, list | tuple):
+        return tuple(_from_json(v) for v in obj)
+    return obj
 
 
 def _finite(x: float | None) -> bool:
@@ -231,6 +260,7 @@ class GradientPlateauStopper:
         self.cooldown_checks, self.divergence_ratio = cooldown_checks, divergence_ratio
         self.state = StopperState()
         self.trace: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []  # full records of the non-continue decisions
 
     # -- configuration ----------------------------------------------------------------
 
@@ -276,8 +306,8 @@ class GradientPlateauStopper:
             "max_grad_norm": ev.max_grad_norm,
         }
 
-        def out(verdict: Verdict, reason: StopReason, st: StopperState) -> StopDecision:
-            if verdict in (Verdict.STOP, Verdict.DIVERGED):
+        def out(verdict: StopVerdict, reason: StopReason, st: StopperState) -> StopDecision:
+            if verdict in (StopVerdict.STOP, StopVerdict.DIVERGED):
                 st = replace(st, stopped=True)
             return StopDecision(verdict, reason, e, ev.step, st)
 
@@ -294,7 +324,7 @@ class GradientPlateauStopper:
         ]
         if ev.nonfinite or bad:
             e["nonfinite_what"] = bad[0] if bad else "loss/gradient"
-            return out(Verdict.DIVERGED, StopReason.NONFINITE, s)
+            return out(StopVerdict.DIVERGED, StopReason.NONFINITE, s)
         low = ev.min_grad_norm if ev.min_grad_norm is not None else ev.grad_norm
         if low is not None and low > 0:
             s = replace(s, best_norm=low if s.best_norm is None else min(s.best_norm, low))
@@ -304,11 +334,11 @@ class GradientPlateauStopper:
             and s.best_norm is not None
             and ev.max_grad_norm > self.divergence_ratio * s.best_norm
         ):
-            return out(Verdict.DIVERGED, StopReason.DIVERGED, s)
+            return out(StopVerdict.DIVERGED, StopReason.DIVERGED, s)
 
         if self.max_steps is not None and ev.step >= self.max_steps:
             e["max_steps"] = self.max_steps
-            return out(Verdict.STOP, StopReason.MAX_STEPS, s)
+            return out(StopVerdict.STOP, StopReason.MAX_STEPS, s)
 
         if ev.val_loss is not None:
             return self._decide_val(ev, s, e, out)
@@ -333,15 +363,15 @@ class GradientPlateauStopper:
             val_min_delta=self.val_min_delta,
         )
         if self.val_mode == "off":
-            return out(Verdict.CONTINUE, StopReason.NOT_PLATEAUED, s)
+            return out(StopVerdict.CONTINUE, StopReason.NOT_PLATEAUED, s)
         if ev.step < max(self.warmup_steps, self.min_steps):
             reason = (
                 StopReason.WARMUP if ev.step < self.warmup_steps else StopReason.BELOW_MIN_STEPS
             )
-            return out(Verdict.CONTINUE, reason, s)
+            return out(StopVerdict.CONTINUE, reason, s)
         if s.bad_vals >= self.patience:
             return self._fire(StopReason.VAL_LOSS_PLATEAU, s, out)
-        return out(Verdict.CONTINUE, StopReason.NOT_PLATEAUED, s)
+        return out(StopVerdict.CONTINUE, StopReason.NOT_PLATEAUED, s)
 
     def _decide_grad(self, ev, s, e, out) -> StopDecision:  # type: ignore[no-untyped-def]
         """Each gradient signal keeps its own confirmation count, moved only by *fresh*
@@ -353,7 +383,7 @@ class GradientPlateauStopper:
             if ev.eb_sum is not None and ev.eb_dims > 0 and ev.batch_size > 3:
                 b = ev.batch_size
                 e["eb"] = 1.0 - (b - 3) / (b - 1) * ev.eb_sum / ev.eb_dims
-            return out(Verdict.CONTINUE, StopReason.WARMUP, s)
+            return out(StopVerdict.CONTINUE, StopReason.WARMUP, s)
         s = replace(s, checks=s.checks + 1)
         counts: dict[StopReason, int] = {}
         signals: dict[str, bool | None] = {}  # this check's fresh verdict; None: none/not ready
@@ -410,7 +440,7 @@ class GradientPlateauStopper:
         if s.cooldown_left > 0:
             s = replace(s, cooldown_left=s.cooldown_left - 1, eb_count=0, norm_count=0)
             e.update(cooldown_left=s.cooldown_left)
-            return out(Verdict.CONTINUE, StopReason.COOLDOWN, s)
+            return out(StopVerdict.CONTINUE, StopReason.COOLDOWN, s)
         confirmed = [k for k, n in counts.items() if n >= self.confirm]
         fires = bool(counts) and (
             len(confirmed) == len(counts) if self.require == "all" else bool(confirmed)
@@ -418,10 +448,12 @@ class GradientPlateauStopper:
         if not fires:
             pending = any(n > 0 for n in counts.values())
             return out(
-                Verdict.CONTINUE, StopReason.CONFIRMING if pending else StopReason.NOT_PLATEAUED, s
+                StopVerdict.CONTINUE,
+                StopReason.CONFIRMING if pending else StopReason.NOT_PLATEAUED,
+                s,
             )
         if ev.step < self.min_steps:
-            return out(Verdict.CONTINUE, StopReason.BELOW_MIN_STEPS, s)
+            return out(StopVerdict.CONTINUE, StopReason.BELOW_MIN_STEPS, s)
         return self._fire(confirmed[0], s, out)
 
     def _fire(self, reason: StopReason, s: StopperState, out) -> StopDecision:  # type: ignore[no-untyped-def]
@@ -437,10 +469,10 @@ class GradientPlateauStopper:
                 steps_seen=(),
                 cooldown_left=self.cooldown_checks,
             )
-            d = out(Verdict.REDUCE_LR, reason, s)
+            d = out(StopVerdict.REDUCE_LR, reason, s)
             d.evidence.update(reduce_lr_factor=self.reduce_lr_factor, lr_reductions=s.lr_reductions)
             return d
-        return out(Verdict.STOP, reason, s)
+        return out(StopVerdict.STOP, reason, s)
 
     def divergence_limit(self, window_min: float | None = None) -> float:
         """The gradient norm above which ``decide`` says DIVERGED now (inf: no baseline yet),
@@ -451,14 +483,23 @@ class GradientPlateauStopper:
     # -- the stateful shell --------------------------------------------------------------
 
     def update(self, ev: StopEvidence) -> StopDecision:
-        """Decide, commit the next state, and append the decision to the trace."""
+        """Decide, commit the next state, and append the decision to the trace (and, when it
+        is not ``continue``, its replayable record to ``records``)."""
+        before = self.state
         d = self.decide(ev)
         self.state = d.state
         self.trace.append(d.to_dict())
+        if d.verdict is not StopVerdict.CONTINUE:
+            self.records.append(decision_record(self, ev, before, d))
         return d
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config(), "state": asdict(self.state), "trace": list(self.trace)}
+        return {
+            "config": self.config(),
+            "state": asdict(self.state),
+            "trace": list(self.trace),
+            "records": list(self.records),
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("config") and sd["config"] != self.config():
@@ -468,6 +509,36 @@ class GradientPlateauStopper:
             st[k] = tuple(st[k])
         self.state = StopperState(**st)
         self.trace = list(sd.get("trace", []))
+        self.records = list(sd.get("records", []))
+
+
+# -- decision records: what the stopper decided, from what, and its replay ----------------
+
+
+def decision_record(
+    stopper: GradientPlateauStopper,
+    evidence: StopEvidence,
+    state: StopperState,
+    decision: StopDecision,
+) -> dict[str, Any]:
+    """``decisions.record`` of ``decision``: the stopper's configuration (the rule), and the
+    evidence and the stopper state *before* the decision (the inputs), as plain dicts."""
+    return decisions.record(
+        decision,
+        rule=stopper.config(),
+        inputs={"evidence": _json_safe(asdict(evidence)), "state": _json_safe(asdict(state))},
+    )
+
+
+def replay(record: Mapping[str, Any]) -> StopDecision:
+    """The decision a stopper with the record's configuration makes on the record's
+    evidence and state (``decisions.replay`` dispatches ``training_stop`` records here)."""
+    decisions.check_version(record, StopDecision.KIND, [1])
+    stopper = GradientPlateauStopper.from_config(dict(record["rule"]))
+    inputs = record["inputs"]
+    ev = StopEvidence(**{k: _from_json(v) for k, v in inputs["evidence"].items()})
+    state = StopperState(**{k: _from_json(v) for k, v in inputs["state"].items()})
+    return stopper.decide(ev, state)
 
 
 # -- per-sample gradient variance for the EB criterion ------------------------------------

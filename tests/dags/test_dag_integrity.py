@@ -25,7 +25,7 @@ HEAVY = [
     "great_expectations",
     "boto3",
     "sklearn",
-    "pipeline.steps",
+    "pipeline.stages",
 ]
 
 
@@ -216,3 +216,46 @@ def test_parse_time_is_light_and_touches_no_database(dag_file, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert not Path("/nonexistent/dir/airflow.db").exists()
+
+
+SHORT_CIRCUITS = {"retrain_gate", "approval_required"}  # decisions already made upstream
+
+
+@pytest.mark.parametrize("model", SPECS)
+def test_every_task_is_a_cli_command_with_its_options(dagbag, model):
+    """CLI parity: a failed task is replayed with ``python -m pipeline <task id>``; the names
+    are the vocabulary's (pipeline.names.Task), and every trigger Param is a flag of the
+    command that uses it (``gate_margin`` -> ``--gate-margin``)."""
+    import argparse
+
+    from pipeline.cli import build_parser
+    from pipeline.names import Task
+
+    dag = dagbag.dags[f"retrain_{model}"]
+    assert set(dag.task_ids) == {t.value for t in Task}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for task_id in set(dag.task_ids) - SHORT_CIRCUITS:
+        assert task_id in sub.choices, f"no `python -m pipeline {task_id}`"
+
+    def flags(command: str) -> set[str]:
+        return {o for a in sub.choices[command]._actions for o in a.option_strings}
+
+    wanted = {
+        "ingest_batch": ["batch_uri"],
+        "decide_retrain": ["force_retrain", "decay_margin"],
+        "train_model": ["max_epochs", "learning_rate"],
+        "gate_promotion": [p for p in dag.params if p.startswith("gate_")] + ["eval_uri"],
+        "promote_champion": ["require_approval", "canary"],
+    }
+    for command, params in wanted.items():
+        for p in params:
+            flag = "--batch" if p == "batch_uri" else "--" + p.replace("_", "-")
+            assert p in dag.params, p
+            assert flag in flags(command), f"{command} lacks {flag} (Param {p})"
+            assert flag in flags("run") or p == "batch_uri", f"run lacks {flag}"
+    # every Param has a flag somewhere
+    every = set().union(*(flags(c) for c in sub.choices))
+    missing = [
+        p for p in dag.params if p != "batch_uri" and "--" + p.replace("_", "-") not in every
+    ]
+    assert not missing, missing

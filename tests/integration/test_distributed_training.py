@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from pipeline import checkpoint, registry, settings, steps, storage
+from pipeline import checkpoint, registry, settings, stages, storage
 from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 from pipeline.train import distributed
 
@@ -36,34 +36,34 @@ def test_two_processes_train_like_one_and_rank_0_alone_publishes(
     ).uri
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    one_ctx = steps.RunContext(dag_id="ddp", run_id="one")
-    one = steps.train_model(one_ctx, steps.ingest_batch(one_ctx, batch), **ARGS)
+    one_ctx = stages.RunContext(dag_id="ddp", run_id="one")
+    one = stages.train_model(one_ctx, stages.ingest_batch(one_ctx, batch), **ARGS)
 
     monkeypatch.setenv("PIPELINE_TRAIN_PROCESSES", "2")
     settings.get_settings.cache_clear()
-    two_ctx = steps.RunContext(dag_id="ddp", run_id="two")
-    ingested = steps.ingest_batch(two_ctx, batch)
-    two = steps.train_model(two_ctx, ingested, **ARGS)
+    two_ctx = stages.RunContext(dag_id="ddp", run_id="two")
+    ingested = stages.ingest_batch(two_ctx, batch)
+    two = stages.train_model(two_ctx, ingested, **ARGS)
 
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert "x2 processes" in two["summary"]
+    assert (one.world_size, two.world_size) == (1, 2)
+    assert "x2 processes" in two.summary
     # the same global batches: the same number of steps per epoch, the same stopping point
-    assert two["steps"] == one["steps"] and two["stop_reason"] == one["stop_reason"], (one, two)
-    assert abs(two["val_metrics"]["roc_auc"] - one["val_metrics"]["roc_auc"]) < 0.01, (one, two)
+    assert two.steps == one.steps and two.stop_reason == one.stop_reason, (one, two)
+    assert abs(two.val_metrics["roc_auc"] - one.val_metrics["roc_auc"]) < 0.01, (one, two)
     w1, w2 = (
-        _weights(one["checkpoint_uri"], tmp_path / "one"),
-        _weights(two["checkpoint_uri"], tmp_path / "two"),
+        _weights(one.checkpoint_uri, tmp_path / "one"),
+        _weights(two.checkpoint_uri, tmp_path / "two"),
     )
     assert w1.keys() == w2.keys()
     drift = max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1)
     print(
-        f"\nDDP x2 vs one process: {two['steps']} steps each, max |weight difference| {drift:.2e}, "
-        f"val roc_auc {two['val_metrics']['roc_auc']:.4f} vs {one['val_metrics']['roc_auc']:.4f}"
+        f"\nDDP x2 vs one process: {two.steps} steps each, max |weight difference| {drift:.2e}, "
+        f"val roc_auc {two.val_metrics['roc_auc']:.4f} vs {one.val_metrics['roc_auc']:.4f}"
     )
     assert drift < 0.2  # dropout masks and summation order differ; the training does not
 
     # one MLflow run for the DAG run, written by rank 0 only, and it says how it trained
-    run = registry.client().get_run(ingested["mlflow_run_id"])
+    run = registry.client().get_run(ingested.mlflow_run_id)
     assert run.data.params["train.world_size"] == "2"
     assert run.data.tags["stage.train_model.verdict"] == "trained"
     runs = registry.client().search_runs(
@@ -71,8 +71,8 @@ def test_two_processes_train_like_one_and_rank_0_alone_publishes(
         filter_string=f"tags.`{registry.RUN_KEY_TAG}` = '{two_ctx.run_key}'",
     )
     assert len(runs) == 1
-    published = json.loads(storage.read_text(f"{two['checkpoint_uri']}/manifest.json"))
-    assert published["training"]["steps"] == two["steps"]
+    published = json.loads(storage.read_text(f"{two.checkpoint_uri}/manifest.json"))
+    assert published["training"]["steps"] == two.steps
 
 
 def test_a_small_last_batch_is_dropped_only_when_a_rank_would_get_nothing():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint, registry, steps, storage
+from pipeline import checkpoint, registry, stages, storage
 from pipeline.contract import default_contract
 from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 from pipeline.ingest import read_frame
@@ -42,10 +42,10 @@ def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
         f"{root}/landing/card_fraud/b.parquet",
         to_parquet_bytes(generate(WorldSpec(rows=4000, seed=11))),
     ).uri
-    ctx = steps.RunContext(dag_id="resume", run_id="r1")
-    ingested = steps.ingest_batch(ctx, batch)
+    ctx = stages.RunContext(dag_id="resume", run_id="r1")
+    ingested = stages.ingest_batch(ctx, batch)
     record = tmp_path / "ingested.json"
-    record.write_text(json.dumps(ingested))
+    record.write_text(json.dumps(ingested.to_xcom()))
     cmd = [
         sys.executable,
         "-m",
@@ -63,7 +63,7 @@ def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
     for k, v in ARGS.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     state_dir = get_settings().home_dir / "train-state" / ctx.run_key
-    df = read_frame(ingested["uri"])
+    df = read_frame(ingested.uri)
     train_rows = int((~split_by_id(df[default_contract().id_column], 0.2)).sum())
     steps_per_epoch = math.ceil(train_rows / ARGS["batch_size"])
 
@@ -112,6 +112,6 @@ def test_sigkill_mid_epoch_then_resume(pipeline_home, tmp_path):
 
     # 4. one MLflow run, and it says it was resumed
     runs = registry.client().search_runs([registry.experiment_id()])
-    assert len(runs) == 1 and runs[0].info.run_id == ingested["mlflow_run_id"]
+    assert len(runs) == 1 and runs[0].info.run_id == ingested.mlflow_run_id
     assert runs[0].data.tags["train.resumed_from_step"] == str(killed["step"])
     assert runs[0].data.tags["stage.train_model.verdict"] == "trained"

@@ -341,25 +341,43 @@ def _assert_rolled_back(env: Env, version: str, out: dict, reason: str) -> None:
 
 
 def test_good_canary_is_promoted_and_baked(fresh):
-    """Through ``steps.canary_rollout``: what the DAG's promote task runs with canary=true."""
-    from pipeline import registry, steps
+    """Through ``stages.canary_rollout``: what the DAG's promote task runs with canary=true."""
+    from pipeline import registry, stages
     from pipeline.serving import traffic
 
     env = fresh
     v = env.register("good_b")
     plan = env.plan(((0.25, 2.5), (0.5, 2.5), (1.0, 1.5)), bake=1.0)
     mv = _version(v)
-    gated = {
-        "verdict": "promote",
-        "model_version": v,
-        "champion_version": env.champion,
-        "mlflow_run_id": mv.run_id,
-    }  # what gate_promotion hands the DAG's promote task
+    gated = stages.Gated(
+        verdict="promote",
+        promote=True,
+        reason="non_inferior_to_champion",
+        reasons=["non_inferior_to_champion"],
+        message="non-inferior",
+        metric="roc_auc",
+        challenger=None,
+        champion=None,
+        champion_version=env.champion,
+        model_name=registry.model_name(),
+        model_version=v,
+        eval_uri="",
+        eval_sha256="",
+        latency_p95_ms=0.0,
+        record_uri="",
+        model_url="",
+        report_table="",
+        report_markdown="",
+        mlflow_run_id=mv.run_id,
+    )  # what gate_promotion hands the DAG's promote task
     with Traffic(env, labels_after=0.2) as t:
-        rec = steps.canary_rollout(
-            steps.RunContext("retrain_model", "run-good"), gated, plan=plan, service_url=env.url
+        rec = stages.canary_rollout(
+            stages.RunContext("retrain_model", "run-good", "2026-03-05T03:00:00+00:00"),
+            gated,
+            plan=plan,
+            service_url=env.url,
         )
-    assert rec["path"] == "canary" and rec["verdict"] == "promoted", rec["summary"]
+    assert rec.path == "canary" and rec.verdict == "promoted", rec.summary
     assert (
         registry.client().get_run(mv.run_id).data.tags["stage.promote_champion.verdict"]
         == "promoted"
@@ -374,6 +392,7 @@ def test_good_canary_is_promoted_and_baked(fresh):
     assert (
         tags["canary.status"] == "promoted" and tags["promoted.previous_champion"] == env.champion
     )
+    assert tags["promoted_at"] == "2026-03-05T03:00:00+00:00"  # the run's "now", as direct
     assert out["baseline"]["stats"]["requests"] > 0 and out["actor"] == "retrain_model/run-good"
     assert t.report.answered_2xx == t.report.sent and t.report.labels_sent > 0
     env.wait_serving(v, None)

@@ -251,12 +251,29 @@ def start_stack(base: Path) -> Stack:
 
 
 def shared_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    """The session's stack, started on first use and stopped when the session ends."""
+    """The session's stack, started on first use (from a module-scoped fixture) and stopped
+    when the last module of the session that uses it is done (at the latest, at the end)."""
     global _STACK
     if _STACK is None:
         _STACK = start_stack(tmp_path_factory.mktemp("ui-stack"))
         request.config.add_cleanup(_stop_shared)
+    request.addfinalizer(lambda: _release(request))
     return _STACK
+
+
+def _uses_stack(item: pytest.Item) -> bool:
+    return getattr(getattr(item, "module", None), "shared_stack", None) is shared_stack
+
+
+def _release(request: pytest.FixtureRequest) -> None:
+    """Stop the stack unless a later test of the session uses it: its servers (a scheduler, a
+    triggerer, a DAG processor, an API server, the MLflow UI) would otherwise keep running
+    through the rest of the suite. Under pytest-xdist the modules that use it are one work unit
+    (tests/conftest.py), so no later one comes to this worker."""
+    items = request.session.items
+    here = [i for i, item in enumerate(items) if getattr(item, "module", None) is request.module]
+    if not any(_uses_stack(item) for item in items[max(here, default=-1) + 1 :]):
+        _stop_shared()
 
 
 def _stop_shared() -> None:

@@ -414,7 +414,10 @@ def mlflow_env(pg: Postgres, s3: S3, workdir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(pg: Postgres, s3: S3, workdir: Path, airflow_migrated) -> Iterator[MlflowServer]:
+def mlflow_server(pg: Postgres, s3: S3, workdir: Path) -> Iterator[MlflowServer]:
+    # No Airflow here: the tests that need only PostgreSQL, S3 and MLflow (faults, security) may
+    # run in a process of their own (`make test`). Where Airflow is wanted too, ``airflow``
+    # asks for ``airflow_migrated`` first, so `airflow db migrate` still overlaps this start.
     port = free_port()
     server = MlflowServer(
         url=f"http://{HOST}:{port}",
@@ -644,7 +647,8 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
         # On: asset-triggered runs are created by the same scheduler loop as cron runs
         # (use_job_schedule=False would drop both). The only cron is retrain_card_fraud's
-        # 03:00 UTC (catchup off): a suite running across it gets one scheduled run, which
+        # 03:00 UTC (catchup off): unpausing creates a run for the latest slot gone by, failed
+        # at once (_fail_the_catchup_run); a suite running across 03:00 gets one more, which
         # finds no batch in its date folder and fails at ingest_batch (after its retries, about
         # a minute in the queue of max_active_runs=1), leaving no model version; the tests
         # look only at the runs they start.
@@ -732,10 +736,34 @@ def airflow(airflow_migrated: Airflow, mlflow_server: MlflowServer) -> Iterator[
         )
         status, out = af.api("PATCH", f"dags/{DAG_ID}", {"is_paused": False})
         assert status == 200, (status, out)
+        _fail_the_catchup_run(af)
         yield af
     finally:
         for name in ("scheduler", "dag-processor", "api-server"):
             af.stop(name)
+
+
+def _fail_the_catchup_run(af: Airflow, timeout: float = 60) -> None:
+    """Unpaused, the DAG gets one cron run at once: with catchup off Airflow still runs the
+    latest slot gone by (today's 03:00 UTC, whatever the hour). Its date folder holds no batch,
+    so it would fail at ingest_batch only after its retries (about two minutes), and with
+    max_active_runs=1 the suite's first run would queue behind it. It is marked failed as soon
+    as it appears (as an operator would); the tests look only at the runs they start."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, out = af.api("GET", f"dags/{DAG_ID}/dagRuns?limit=100")
+        cron = [
+            r["dag_run_id"]
+            for r in (out.get("dag_runs", []) if status == 200 else [])
+            if r.get("run_type") == "scheduled"
+        ]
+        if cron:
+            for run_id in cron:
+                path = f"dags/{DAG_ID}/dagRuns/{urllib.request.quote(run_id, safe='')}"
+                status, out = af.api("PATCH", path, {"state": "failed"})
+                assert status == 200, (status, out)
+            return
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session", autouse=True)

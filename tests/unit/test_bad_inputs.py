@@ -1,4 +1,4 @@
-"""Bad batches through the real stages: ``steps.ingest_batch`` then ``steps.validate_batch``.
+"""Bad batches through the real stages: ``stages.ingest_batch`` then ``stages.validate_batch``.
 
 Every bad input is rejected with an error that names the problem, moved (never deleted)
 to the quarantine with its report and a reason file, byte for byte; accepted and
@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import registry, steps, storage
+from pipeline import quarantine, registry, stages, storage
 from pipeline.data.generate import WorldSpec, generate
 from pipeline.errors import DataRejected
 from pipeline.ingest import parquet_bytes
@@ -62,9 +62,9 @@ def land(home: Path, name: str, data: bytes) -> str:
 
 
 def run_stages(uri: str, run_id: str = "r1") -> tuple[dict, dict]:
-    ctx = steps.RunContext(dag_id="test", run_id=run_id, run_after=NOW)
-    ingested = steps.ingest_batch(ctx, uri)
-    return ingested, steps.validate_batch(ctx, ingested)
+    ctx = stages.RunContext(dag_id="test", run_id=run_id, run_after=NOW)
+    ingested = stages.ingest_batch(ctx, uri)
+    return ingested, stages.validate_batch(ctx, ingested)
 
 
 def reject(home: Path, name: str, data: bytes, *fragments: str) -> tuple[str, str]:
@@ -78,7 +78,7 @@ def reject(home: Path, name: str, data: bytes, *fragments: str) -> tuple[str, st
     for fragment in fragments:
         assert fragment in message, message
     assert "rejected by the data contract" in message and "Report: " in message
-    root = steps.quarantine_root(sha)
+    root = quarantine.quarantine_root(sha)
     assert root in message
     assert not storage.exists(uri)  # moved, not copied
     kept = storage.read_bytes(storage.join(root, "batch.parquet"))
@@ -153,10 +153,10 @@ def test_renamed_column_names_both_sides(home: Path) -> None:
 def test_extra_column_is_allowed_and_reported(home: Path) -> None:
     uri = land(home, "extra", frame_bytes(lambda df: df.assign(debug_note="x")))
     _, validated = run_stages(uri)
-    assert validated["verdict"] == "pass"
-    assert validated["extra_columns"] == ["debug_note"]
-    assert "debug_note" in validated["summary"]
-    assert validated["ledger"] == {"accepted": 1, "rejected": 0}
+    assert validated.verdict == "pass"
+    assert validated.extra_columns == ["debug_note"]
+    assert "debug_note" in validated.summary
+    assert validated.ledger == {"accepted": 1, "rejected": 0}
     assert storage.exists(uri)  # accepted batches stay where they landed
 
 
@@ -269,16 +269,16 @@ def test_rerun_gives_the_same_verdict_and_counts_once(home: Path) -> None:
     bad_bytes = frame_bytes(lambda df: df.assign(hour=27))
     bad = land(home, "bad", bad_bytes)
     _, first = run_stages(good, run_id="a")
-    assert first["verdict"] == "pass"
-    ctx = steps.RunContext(dag_id="test", run_id="b", run_after=NOW)
-    ingested = steps.ingest_batch(ctx, bad)
+    assert first.verdict == "pass"
+    ctx = stages.RunContext(dag_id="test", run_id="b", run_after=NOW)
+    ingested = stages.ingest_batch(ctx, bad)
     with pytest.raises(DataRejected) as once:
-        steps.validate_batch(ctx, ingested)
+        stages.validate_batch(ctx, ingested)
     with pytest.raises(DataRejected) as twice:  # a retry of the task: same record, same bytes
-        steps.validate_batch(ctx, ingested)
+        stages.validate_batch(ctx, ingested)
     assert str(once.value) == str(twice.value)
     with pytest.raises(DataRejected, match="already rejected"):  # a re-run of the DAG
-        steps.ingest_batch(steps.RunContext(dag_id="test", run_id="c", run_after=NOW), bad)
+        stages.ingest_batch(stages.RunContext(dag_id="test", run_id="c", run_after=NOW), bad)
     # the same bytes landed again under another name: rejected again, counted once
     again = land(home, "bad_again", bad_bytes)
     with pytest.raises(DataRejected, match="hour in \\[0, 23\\]"):
@@ -286,8 +286,8 @@ def test_rerun_gives_the_same_verdict_and_counts_once(home: Path) -> None:
     _, second = run_stages(
         land(home, "good2", parquet_bytes(generate(WorldSpec(rows=ROWS, seed=12)))), "e"
     )
-    assert second["ledger"] == {"accepted": 2, "rejected": 1}
-    run = registry.client().get_run(second["mlflow_run_id"])
+    assert second.ledger == {"accepted": 2, "rejected": 1}
+    run = registry.client().get_run(second.mlflow_run_id)
     assert run.data.metrics["batches.accepted_total"] == 2
     assert run.data.metrics["batches.rejected_total"] == 1
 
@@ -318,7 +318,7 @@ def test_a_batch_from_an_allowed_source_is_copied_to_quarantine_and_left_in_plac
     with specs.use_spec(mine), pytest.raises(DataRejected, match="copied to"):
         run_stages(src.as_uri(), run_id="outside")
     assert src.read_bytes() == data  # the producer's file is untouched
-    root = steps.quarantine_root(storage.sha256_bytes(data))
+    root = quarantine.quarantine_root(storage.sha256_bytes(data))
     assert storage.read_bytes(storage.join(root, "batch.parquet")) == data  # and quarantined
     # the same file is still refused by a re-run, from the quarantine index, not moved again
     with specs.use_spec(mine), pytest.raises(DataRejected):

@@ -18,10 +18,10 @@ from pipeline.canary import (
     CanaryStep,
     CanaryThresholds,
     RunStatus,
-    Verdict,
     binned_auc,
     psi,
 )
+from pipeline.names import CanaryVerdict as Verdict
 from pipeline.serving import traffic
 from pipeline.serving.metrics import (
     LATENCY_BUCKETS,
@@ -382,3 +382,184 @@ def test_sticky_buckets_and_weights():
     assert traffic.parse_weight("0.05") == 0.05
     assert traffic.parse_weight("7") == 0.0 and traffic.parse_weight("x") == 0.0
     assert traffic.parse_weight(None) == 0.0
+
+
+# -- the package split, and the shared decision protocol ------------------------------------------
+
+
+def test_analysis_imports_no_io():
+    """``pipeline.canary.analysis`` (and the package itself) import nothing that does I/O."""
+    import subprocess
+    import sys
+
+    heavy = ["mlflow", "httpx", "requests", "boto3", "torch"]
+    for module in ("pipeline.canary.analysis", "pipeline.canary"):
+        code = f"import sys, {module}\nprint(','.join(m for m in {heavy!r} if m in sys.modules))"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert out.stdout.strip() == "", f"{module} imported {out.stdout.strip()}"
+
+
+LABELLED_BASE = stats(seed=0, labels=2000)
+REPLAY_CASES = [
+    *((c[0], BASE, c[1], {}) for c in CASES),
+    ("same_auc", LABELLED_BASE, stats(seed=1, labels=2000), {}),
+    ("worse_auc", LABELLED_BASE, stats(seed=1, labels=2000, auc_noise=0.6), {}),
+    (
+        "labelled_sides_given_apart",
+        BASE,
+        stats(seed=1),
+        {
+            "labelled_baseline": LABELLED_BASE,
+            "labelled_canary": stats(seed=1, labels=2000, auc_noise=0.6),
+            "baseline_kind": "champion since canary start",
+        },
+    ),
+    ("errors_and_latency_both_fail", BASE, stats(errors=40, latency_ms=200, seed=1), {}),
+]
+
+
+def _recorded(baseline, canary, kw, thresholds=None):
+    from pipeline.canary import decision_record
+
+    t = thresholds or CanaryThresholds()
+    d = CanaryAnalysis(t).decide(baseline, canary, **kw)
+    return d, decision_record(d, t, baseline, canary, **kw, context={"window": 0})
+
+
+@pytest.mark.parametrize(
+    ("baseline", "canary", "kw"),
+    [c[1:] for c in REPLAY_CASES],
+    ids=[c[0] for c in REPLAY_CASES],
+)
+def test_recorded_analysis_replays_to_the_same_decision(baseline, canary, kw):
+    import json
+
+    from pipeline import decisions
+
+    d, rec = _recorded(baseline, canary, kw)
+    assert (rec["kind"], rec["record_version"]) == ("canary_analysis", 1)
+    assert rec["rule"] == CanaryThresholds().to_dict() and rec["context"] == {"window": 0}
+    assert decisions.replay(rec).to_dict() == d.to_dict()
+    assert decisions.replays(rec)
+    on_disk = json.loads(json.dumps(rec, default=str))
+    assert decisions.replay(on_disk).to_dict() == d.to_dict()
+    assert decisions.replays(on_disk)
+
+
+def test_canary_decision_follows_the_protocol():
+    from pipeline import decisions
+    from pipeline.canary import CanaryCheck  # noqa: F401 - the check type's new name
+
+    d = CanaryAnalysis().decide(BASE, stats(errors=40, latency_ms=200, seed=1))
+    assert isinstance(d, decisions.Decision)
+    assert (d.KIND, d.RECORD_VERSION) == ("canary_analysis", 1)
+    assert d.reasons == [CanaryReason.ERROR_RATE, CanaryReason.LATENCY]
+    out = d.to_dict()
+    assert {"verdict", "reason", "message", "evidence"} <= set(out)
+    assert out["reasons"] == ["error_rate", "latency_p95"] and out["reason"] == "error_rate"
+    assert out["verdict"] == "fail" and out["message"] == d.message
+    ok = CanaryAnalysis().decide(BASE, stats(seed=1))
+    assert ok.reasons == [CanaryReason.HEALTHY] and ok.to_dict()["reason"] == "healthy"
+    bare = CanaryDecision(Verdict.INCONCLUSIVE, CanaryReason.ABORTED, "bake not judged")
+    assert bare.to_dict()["reasons"] == ["aborted"] and bare.to_dict()["evidence"] == {}
+
+
+def test_tampered_thresholds_replay_to_a_different_verdict():
+    from pipeline import decisions
+
+    d, rec = _recorded(BASE, stats(shift=0.3, seed=1), {})
+    assert d.verdict is Verdict.FAIL and decisions.replays(rec)
+    rec["rule"]["max_psi"] = 10.0
+    again = decisions.replay(rec)
+    assert again.verdict is Verdict.PASS and not decisions.replays(rec)
+
+
+def test_records_of_another_kind_or_version_are_refused():
+    from pipeline import decisions
+    from pipeline.canary import replay
+
+    _, rec = _recorded(BASE, stats(seed=1), {})
+    with pytest.raises(decisions.NotADecisionRecord, match="canary_analysis"):
+        replay({**rec, "kind": "promotion_gate_decision"})
+    with pytest.raises(decisions.NotADecisionRecord, match="version"):
+        replay({**rec, "record_version": 2})
+    with pytest.raises(decisions.NotADecisionRecord):
+        decisions.replay({**rec, "kind": "canary_rollout"})
+    with pytest.raises(decisions.NotADecisionRecord):
+        replay({**rec, "inputs": {**rec["inputs"], "canary": None}})
+
+
+def test_thresholds_and_stats_round_trip_through_json():
+    import json
+
+    t = CanaryThresholds(max_psi=0.4, psi_bins=8, min_requests=30)
+    assert CanaryThresholds.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    with pytest.raises(ValueError, match="unknown"):
+        CanaryThresholds.from_dict({**t.to_dict(), "max_cost": 1})
+    for s in (stats(seed=3, labels=500), VersionStats()):
+        assert VersionStats.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def _snapshot(champion: VersionStats, canary: VersionStats):
+    from pipeline.serving.metrics import Snapshot
+
+    return Snapshot(
+        {"1": champion, "2": canary},
+        {"champion": "1", "canary": "2"},
+        0.5,
+        frozenset(),
+        frozenset(),
+    )
+
+
+def test_rollout_keeps_each_window_record_and_a_failed_log_is_a_warning(monkeypatch, caplog):
+    """The rollout's windows become decision records (replayable, numbered, in context);
+    they are logged beside the outcome record, and a store that refuses them only warns."""
+    from pipeline import decisions, registry
+    from pipeline.canary import rollout
+
+    ro = rollout._Rollout("2", "1", CanaryPlan(), "http://127.0.0.1:9", "t-key", "me")
+    try:
+        ro.phase_start = start = _snapshot(VersionStats(), VersionStats())
+        ro.step_index, ro.weight = 0, 0.05
+        mid = _snapshot(BASE, stats(seed=1))
+        assert ro._record(ro._decide(mid, start), final=False) is RunStatus.RUNNING
+        end = _snapshot(BASE + BASE, stats(seed=1) + stats(errors=40, seed=2))
+        with pytest.raises(rollout._Stop) as stop:
+            ro._record(ro._decide(end, mid), final=True)
+    finally:
+        ro.http.close()
+    assert stop.value.reason is CanaryReason.ERROR_RATE
+    recs = ro.decision_records
+    assert [r["context"]["window"] for r in recs] == [0, 1]
+    assert [r["context"]["phase"] for r in recs] == ["interval", "step"]
+    assert [r["decision"]["verdict"] for r in recs] == ["pass", "fail"]
+    assert all(decisions.replays(r) for r in recs)
+
+    logged: dict[str, str] = {}
+    monkeypatch.setattr(
+        registry, "log_text", lambda run_id, text, path: logged.update({path: text})
+    )
+    rollout._log_decision_records("2", "run-1", recs)
+    assert sorted(logged) == [
+        "records/decisions/canary_analysis-step0.json",
+        "records/decisions/canary_analysis-step1.json",
+    ]
+    import json
+
+    assert decisions.replays(json.loads(logged["records/decisions/canary_analysis-step1.json"]))
+    rollout._log_decision_records("2", None, recs)  # no run: nothing to log on, nothing raised
+
+    def refuse(run_id, text, path):
+        raise OSError("artifact store down")
+
+    monkeypatch.setattr(registry, "log_text", refuse)
+    with caplog.at_level("WARNING", logger="pipeline.canary.rollout"):
+        rollout._log_decision_records("2", "run-1", recs)  # does not raise
+    assert "0 of 2" in caplog.text and "artifact store down" in caplog.text

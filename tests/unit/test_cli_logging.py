@@ -31,7 +31,7 @@ def _emit(stream, argv):
     log = logging.getLogger("pipeline.train.loop")
     log.info("epoch 1/3 rows/s=100 eta=2s", extra={"progress": True})
     log.info("epoch 2/3 rows/s=100 eta=1s", extra={"progress": True})
-    logging.getLogger("pipeline.steps").info("train_model: trained")
+    logging.getLogger("pipeline.stages").info("train_model: trained")
     return stream.getvalue()
 
 
@@ -49,7 +49,7 @@ def test_progress_rewrites_one_line_on_a_tty(restore_root):
     out = _emit(Tty(), ["train", "--run-id", "r1"])
     status, last, end = out.split("\n")  # the status line is closed once, before the plain line
     assert status.count("\r\x1b[K") == 2 and status.rsplit("\r\x1b[K", 1)[1].endswith("eta=1s")
-    assert last.endswith("pipeline.steps: train_model: trained") and end == ""
+    assert last.endswith("pipeline.stages: train_model: trained") and end == ""
 
 
 def test_json_lines_when_asked(restore_root, monkeypatch):
@@ -57,7 +57,7 @@ def test_json_lines_when_asked(restore_root, monkeypatch):
     out = _emit(io.StringIO(), ["ingest", "--batch", "x", "--run-id", "r2"])
     recs = [json.loads(line) for line in out.splitlines()]
     assert {r["run_key"] for r in recs} == {"cli__r2"}
-    assert recs[-1]["logger"] == "pipeline.steps" and recs[-1]["level"] == "INFO"
+    assert recs[-1]["logger"] == "pipeline.stages" and recs[-1]["level"] == "INFO"
 
 
 def test_commands_outside_a_run_say_so(restore_root):

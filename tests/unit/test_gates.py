@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
+from pipeline.gate_report import report_table
 from pipeline.gates import (
     GateInputs,
     GateReason,
     PromotionGate,
     decision_record,
     replay,
-    report_table,
 )
 from pipeline.metrics import bootstrap_counts, paired_bootstrap, rank_auc, weighted_auc
 
@@ -89,7 +89,7 @@ CASES = [
         "better, but by less than the required relative 10%",
         proba(1.5, 2),
         BASE,
-        {"improvement": "relative", "min_improvement": 0.1},
+        {"improvement": "relative", "margin": 0.1},
         False,
         [R.NOT_BETTER_THAN_CHAMPION],
     ),
@@ -240,7 +240,7 @@ def test_replay_from_the_json_record_gives_the_same_decision():
     decision = gate.decide(inp)
     record = json.loads(json.dumps(decision_record(gate, inp, decision, {"model_version": "4"})))
     assert record["champion_version"] == "3"
-    assert record["gate"]["non_inferiority_margin"] == 0.01
+    assert record["rule"]["non_inferiority_margin"] == 0.01
     assert record["decision"]["verdict"] == decision.verdict
     again = replay(record)
     assert again.to_dict() == decision.to_dict()
@@ -281,7 +281,7 @@ def test_report_table_has_every_column_and_a_row_per_check():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"min_improvement": 1.5}, "min_improvement"),
+        ({"margin": 1.5}, "margin"),
         ({"non_inferiority_margin": -0.1}, "non_inferiority"),
         ({"metric": "pr_auc"}, "gate metric"),
         ({"floors": {"f1": 0.5}}, "unknown metric"),

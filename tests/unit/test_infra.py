@@ -2,16 +2,20 @@
 
 Images are pinned (no `latest`, no untagged base), nothing runs as root, manifests parse and
 reference images that are built from a Dockerfile here, GPU resources are where training runs,
-and serving never unpickles (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false everywhere it runs).
+serving never unpickles (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false everywhere it runs), and no
+image carries the dev tooling (requirements-dev.txt: pytest, moto, ruff, mypy, pre-commit).
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -73,6 +77,129 @@ def test_pip_installs_use_the_lock(dockerfile):
     for word, args in _instructions(dockerfile):
         if word == "RUN" and "pip install" in args and "-r " in args:
             assert "-c " in args and "constraints.txt" in args, args
+
+
+# --- production images carry no dev tooling ---------------------------------------------------
+
+# Test and tooling packages: pinned in requirements-dev.txt only, never installed in an image.
+DEV_TOOLS = frozenset({"pytest", "pytest-timeout", "ruff", "mypy", "moto", "pre-commit"})
+# pip install options that take a value (the value is not a requirement)
+_PIP_VALUE_OPTIONS = frozenset(
+    "-r --requirement -c --constraint -e --editable -i --index-url --extra-index-url -f"
+    " --find-links -t --target --prefix --root --trusted-host --platform --python-version"
+    " --implementation --abi --src --upgrade-strategy --cache-dir --log --timeout --retries"
+    " --progress-bar --config-settings -C --global-option --report".split()
+)
+
+
+def _pip_installs(shell: str) -> list[tuple[list[str], list[str]]]:
+    """Each `pip install` in a shell command: (requirement files, package names)."""
+    out = []
+    for command in re.split(r"&&|\|\||;|\|", shell):
+        words = shlex.split(command, comments=True)
+        at = next(
+            (
+                i
+                for i in range(len(words) - 1)
+                if words[i].endswith(("pip", "pip3")) and words[i + 1] == "install"
+            ),
+            None,
+        )
+        if at is None:
+            continue
+        files, names, args = [], [], iter(words[at + 2 :])
+        for word in args:
+            option, eq, value = word.partition("=")
+            if option in _PIP_VALUE_OPTIONS:
+                value = value if eq else next(args, "")
+                if option in ("-r", "--requirement"):
+                    files.append(value)
+            elif not word.startswith("-") and not word.startswith((".", "/")):
+                names.append(canonicalize_name(Requirement(word).name))
+        out.append((files, names))
+    return out
+
+
+def _requirement_names(path: Path) -> set[str]:
+    """Package names a requirements file installs, following its `-r` includes."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(("-r ", "--requirement ")):
+            names |= _requirement_names(path.parent / line.split(None, 1)[1])
+        elif not line.startswith("-"):
+            names.add(canonicalize_name(Requirement(line).name))
+    return names
+
+
+@pytest.mark.parametrize(
+    "shell, bad",
+    [
+        ("pip install -r requirements.txt -c constraints.txt", False),
+        ('pip install --no-deps --index-url https://x/whl/cpu "torch==2.13.0"', False),
+        ('pip install -r /opt/req/requirements.txt "mlflow[auth]==3.17.2"', False),
+        ("pip install -r requirements-dev.txt -c constraints.txt", True),
+        ("apt-get update && python -m pip install --no-cache-dir pytest==9.2.0", True),
+        ("pip3 install -c constraints.txt 'moto[server]==5.2.5'", True),
+        ("pip install --requirement=requirements-dev.txt", True),
+        ("pip install ruff mypy pre_commit", True),
+    ],
+)
+def test_the_dev_tooling_check_catches_what_it_should(shell, bad):
+    installs = _pip_installs(shell)
+    assert installs
+    found = any(
+        any(Path(f).name != "requirements.txt" for f in files) or DEV_TOOLS & set(names)
+        for files, names in installs
+    )
+    assert found is bad
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_images_install_no_dev_tooling(dockerfile):
+    instructions = _instructions(dockerfile)
+    assert not [a for w, a in instructions if "requirements-dev" in a], (
+        "requirements-dev.txt (test and tooling pins) must not reach an image"
+    )
+    runs = [args for word, args in instructions if word == "RUN"]
+    installs = [i for args in runs for i in _pip_installs(args)]
+    assert installs, "no pip install found: the parser no longer reads this Dockerfile"
+    for files, names in installs:
+        for f in files:
+            assert Path(f).name == "requirements.txt", f"installs {f}: production pins only"
+        assert not DEV_TOOLS & set(names), f"installs dev tooling {sorted(DEV_TOOLS & set(names))}"
+
+
+def test_compose_installs_no_dev_tooling():
+    text = (ROOT / "docker-compose.yaml").read_text()
+    assert "requirements-dev" not in text
+    for files, names in _pip_installs(text) if "pip install" in text else []:
+        assert all(Path(f).name == "requirements.txt" for f in files), files
+        assert not DEV_TOOLS & set(names), names
+
+
+def test_requirements_split_production_from_dev():
+    prod = _requirement_names(ROOT / "requirements.txt")
+    assert {"apache-airflow", "mlflow", "torch"} <= prod
+    assert not DEV_TOOLS & prod, f"dev tooling in requirements.txt: {sorted(DEV_TOOLS & prod)}"
+    dev_file = ROOT / "requirements-dev.txt"
+    assert "-r requirements.txt" in dev_file.read_text().splitlines()
+    assert DEV_TOOLS <= _requirement_names(dev_file)
+    # every direct pin, production and dev, is in the lock at the same version
+    lock = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            lock[canonicalize_name(name)] = version
+    for path in (ROOT / "requirements.txt", dev_file):
+        for line in path.read_text().splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith(("#", "-")):
+                req = Requirement(line)
+                pinned = str(req.specifier).removeprefix("==")
+                assert lock.get(canonicalize_name(req.name)) == pinned, f"{path.name}: {line}"
 
 
 def test_serving_image_refuses_pickle():

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from pipeline import land, steps, storage
+from pipeline import land, quarantine, stages, storage
 from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 from pipeline.spec import get_spec, use_spec
 
@@ -143,13 +143,13 @@ def batch(tmp_path: Path) -> Path:
 def test_lands_under_the_landing_prefix_without_an_event(pipeline_home, batch):
     spec = get_spec("card_fraud")
     rec = land.land_batch(spec, batch, emit=False)
-    prefix = steps.landing_prefix_uri(spec)
+    prefix = quarantine.landing_prefix_uri(spec)
     assert rec["uri"].startswith(prefix + "/date=") and rec["uri"].endswith("-batch.parquet")
     assert rec["uri"].rsplit("/", 1)[1].startswith(rec["sha256"][:12])
     assert (rec["model"], rec["rows"], rec["event"]) == ("card_fraud", 60, None)
     assert storage.read_bytes(rec["uri"]) == batch.read_bytes()
     assert rec["sha256"] == storage.sha256_bytes(batch.read_bytes())
-    assert steps.check_batch_source(rec["uri"], spec) == storage.norm(
+    assert quarantine.check_batch_source(rec["uri"], spec) == storage.norm(
         rec["uri"]
     )  # a run may read it
 
@@ -160,14 +160,14 @@ def test_relanding_is_idempotent_and_other_bytes_never_overwrite(pipeline_home, 
     again = land.land_batch(spec, batch.as_uri(), emit=False)  # file:// spelling, same key
     assert again == first
     listed = [
-        unquote(u) for u in storage.list_uris(steps.landing_prefix_uri(spec))
+        unquote(u) for u in storage.list_uris(quarantine.landing_prefix_uri(spec))
     ]  # as_uri() quotes
     assert listed == [first["uri"]]
 
     other = tmp_path / "in" / "other.parquet"
     other.write_bytes(to_parquet_bytes(generate(WorldSpec(rows=61, seed=4))))
     named = land.land_batch(spec, batch, name="manual/b.parquet", emit=False)
-    assert named["uri"] == steps.landing_prefix_uri(spec) + "/manual/b.parquet"
+    assert named["uri"] == quarantine.landing_prefix_uri(spec) + "/manual/b.parquet"
     with pytest.raises(land.LandingRejected, match="already exists with different content"):
         land.land_batch(spec, other, name="manual/b.parquet", emit=False)
     assert storage.read_bytes(named["uri"]) == batch.read_bytes()
@@ -179,7 +179,7 @@ def test_a_non_parquet_file_is_refused_and_nothing_lands(pipeline_home, tmp_path
     bad.write_text("id,amount\n1,2\n")
     with pytest.raises(land.LandingRejected, match="not a readable Parquet file"):
         land.land_batch(spec, bad, emit=False)
-    assert storage.list_uris(steps.landing_prefix_uri(spec)) == []
+    assert storage.list_uris(quarantine.landing_prefix_uri(spec)) == []
     with pytest.raises(land.LandingRejected, match="cannot read"):
         land.land_batch(spec, tmp_path / "missing.parquet", emit=False)
 
@@ -207,7 +207,9 @@ def test_the_event_carries_the_landed_uri(fake_airflow, batch):
         "asset_id": 3,
         "extra": {"batch_uri": rec["uri"], "model": "card_fraud", "sha256": rec["sha256"]},
     }
-    assert steps.check_batch_source(post["body"]["extra"]["batch_uri"], spec)  # inside the prefix
+    assert quarantine.check_batch_source(
+        post["body"]["extra"]["batch_uri"], spec
+    )  # inside the prefix
 
 
 def test_a_landed_local_batch_is_what_the_run_reads(pipeline_home, batch):
@@ -216,11 +218,13 @@ def test_a_landed_local_batch_is_what_the_run_reads(pipeline_home, batch):
     spec = get_spec("card_fraud")
     rec = land.land_batch(spec, batch, emit=False)
     with use_spec(spec):
-        resolved = steps.resolve_batch_uri(
+        resolved = stages.resolve_batch_uri(
             "", [{"batch_uri": rec["uri"]}], "2026-03-01T00:00:00+00:00"
         )
         assert storage.exists(resolved), resolved
-        assert storage.exists(steps.check_batch_source(resolved)), resolved  # ingest_batch's check
+        assert storage.exists(quarantine.check_batch_source(resolved)), (
+            resolved
+        )  # ingest_batch's check
 
 
 def test_a_token_from_settings_skips_the_login(fake_airflow, batch, monkeypatch):
@@ -240,7 +244,9 @@ def test_401_is_reported_as_a_credentials_error(fake_airflow, batch):
     assert "HTTP 401" in msg and "credentials" in msg and f"{fake_airflow.url}/auth/token" in msg
     assert "s3cret" not in msg
     assert len(fake_airflow.seen) == 1  # a 4xx is not retried
-    assert storage.list_uris(steps.landing_prefix_uri(get_spec("card_fraud")))  # the copy stays
+    assert storage.list_uris(
+        quarantine.landing_prefix_uri(get_spec("card_fraud"))
+    )  # the copy stays
 
 
 def test_503_then_success_is_retried(fake_airflow, batch):
@@ -292,7 +298,7 @@ def test_cli_prints_the_record(fake_airflow, batch, capsys):
     assert main(["data", "land", "--model", "card_fraud", "--file", str(batch)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["event"]["id"] == 41 and out["uri"].startswith(
-        steps.landing_prefix_uri(get_spec("card_fraud"))
+        quarantine.landing_prefix_uri(get_spec("card_fraud"))
     )
     fake_airflow.password = "wrong"
     assert main(["data", "land", "--model", "card_fraud", "--file", str(batch)]) == 2

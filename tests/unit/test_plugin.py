@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from _records import gated_record
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS_DIR = ROOT / "plugins"
@@ -50,14 +51,17 @@ def test_module_imports_no_heavy_libraries():
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('p', {str(PLUGIN_FILE)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "print(','.join(x for x in ('mlflow', 'torch', 'pandas', 'pipeline') if x in sys.modules))\n"
+        "print(','.join(x for x in ('mlflow', 'torch', 'pandas') if x in sys.modules))\n"
+        "print(','.join(sorted(x for x in sys.modules if x.startswith('pipeline'))))\n"
     )
     import subprocess
 
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
-    assert out.stdout.strip() == ""
+    heavy, ours = out.stdout.split("\n")[:2]
+    assert heavy == ""
+    assert ours == "pipeline,pipeline.names"  # the vocabulary only: stdlib, no I/O
 
 
 def test_run_url_from_xcom(plugin):
@@ -677,15 +681,15 @@ SAME_RUN = "scheduled__2026-03-01T03:00:00+00:00"  # one run id in both models' 
 
 def _stage_tags(spec, airflow_run_id: str, verdicts: dict[str, str]):
     """A DAG run's MLflow run with stage verdicts, as ingest_batch and the stages write them."""
-    from pipeline import registry, steps
+    from pipeline import registry, stages
 
-    ctx = steps.RunContext(spec.retrain_dag_id, airflow_run_id)
+    ctx = stages.RunContext(spec.retrain_dag_id, airflow_run_id)
     rid = registry.get_or_create_run(
         ctx.run_key,
         {"airflow.dag_id": ctx.dag_id, "airflow.run_id": ctx.run_id, "pipeline.model": spec.name},
     )
     for stage, verdict in verdicts.items():
-        steps._stage(
+        stages.context.write_stage(
             rid, stage, verdict, f"{stage}: {verdict}", {"stage": stage, "verdict": verdict}
         )
     return ctx, rid
@@ -696,7 +700,7 @@ def _challenger(
 ) -> dict:
     """A registered, gated challenger: registry calls of register_challenger, and the version
     tags gate_promotion writes (metric named by the spec, overrides from the run's policy)."""
-    from pipeline import registry, steps
+    from pipeline import registry, stages
 
     ctx, rid = _stage_tags(
         spec,
@@ -718,7 +722,7 @@ def _challenger(
     )
     registry.set_alias(registry.CHALLENGER, version)
     registry.set_tags(rid, {"model.version": version})
-    pol = steps.run_policy(requested)
+    pol = stages.run_policy(requested)
     metric = spec.primary_metric
     registry.tag_version(
         version,
@@ -740,16 +744,10 @@ def _challenger(
             ),
         },
     )
-    steps._stage(
+    stages.context.write_stage(
         rid, "gate_promotion", "promote", f"v{version} promotes", {"stage": "gate_promotion"}
     )
-    gated = {
-        "verdict": "promote",
-        "model_version": version,
-        "champion_version": champion,
-        "mlflow_run_id": rid,
-        "model": spec.name,
-    }
+    gated = gated_record(version, rid, champion_version=champion, model=spec.name)
     return {"ctx": ctx, "rid": rid, "version": version, "gated": gated}
 
 
@@ -766,7 +764,7 @@ def _start_canary(version: str) -> None:
 @pytest.fixture
 def two_models(pipeline_home, migrated_db, tmp_path, monkeypatch):
     """card_fraud and digits in one MLflow store, beside a broken spec; returns the Airflow runs."""
-    from pipeline import canary, registry, settings, steps
+    from pipeline import canary, registry, settings, stages
     from pipeline.spec import get_spec, use_spec
 
     dst = pipeline_home / "mlflow" / "mlflow.db"
@@ -791,20 +789,20 @@ def two_models(pipeline_home, migrated_db, tmp_path, monkeypatch):
             champion=None,
             requested={"gate_non_inferiority_margin": 0.02},
         )
-        assert steps.promote_champion(c1["ctx"], c1["gated"])["verdict"] == "promoted"
+        assert stages.promote_champion(c1["ctx"], c1["gated"]).verdict == "promoted"
         # 2. a canary a reviewer aborted; the task (re)runs canary_rollout: rolled back
         c2 = _challenger(card, "manual__c2", value=0.85, champion="1")
         _start_canary(c2["version"])
         canary.abort_canary(c2["version"], "p95 latency doubled", who="alice")
-        assert steps.canary_rollout(c2["ctx"], c2["gated"])["verdict"] == "rolled_back"
+        assert stages.canary_rollout(c2["ctx"], c2["gated"]).verdict == "rolled_back"
         # 3. a canary rollout in progress: no promote_champion verdict yet
         c3 = _challenger(card, "manual__c3", value=0.86, champion="1")
         _start_canary(c3["version"])
     with use_spec(get_spec("digits")) as digits:
         # the first digits champion, through the canary path: no champion, promoted directly
         d1 = _challenger(digits, SAME_RUN, value=0.9, champion=None)
-        out = steps.canary_rollout(d1["ctx"], d1["gated"], service_url="http://127.0.0.1:9")
-        assert out["verdict"] == "promoted" and out["path"] == "canary"
+        out = stages.canary_rollout(d1["ctx"], d1["gated"], service_url="http://127.0.0.1:9")
+        assert out.verdict == "promoted" and out.path == "canary"
     runs = {
         "retrain_card_fraud": [
             {
@@ -977,3 +975,33 @@ def test_collect_turns_a_dead_source_into_a_problem_line(view, two_models, monke
     monkeypatch.setattr(view, "discover_models", boom)
     page = view.collect(5)
     assert page.models == [] and page.problems == ["Model specs: ConnectionError: refused"]
+
+
+def test_the_view_reads_the_tags_a_real_run_wrote(pipeline_home, view):
+    """Not a fixture of hand-written tags: the data stages run for real, and every column the
+    view fills from them shows what they recorded (a renamed tag key leaves a column empty)."""
+    from pipeline import stages, storage
+    from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
+    from pipeline.spec import get_spec, use_spec
+
+    root = (pipeline_home / "storage").as_uri()
+    batch = storage.write_bytes(
+        f"{root}/landing/card_fraud/real.parquet",
+        to_parquet_bytes(generate(WorldSpec(rows=2000, seed=3))),
+    ).uri
+    with use_spec(get_spec("card_fraud")) as spec:
+        ctx = stages.RunContext(spec.retrain_dag_id, "manual__real", "2026-03-01T00:00:00Z")
+        ingested = stages.ingest_batch(ctx, batch)
+        validated = stages.validate_batch(ctx, ingested)
+        drifted = stages.detect_drift(ctx, ingested)
+        decided = stages.decide_retrain(ctx, drifted)
+        info = view.model_info(spec)
+        found, meta = view.mlflow_state(info, [ctx.run_id])
+    runs = [{"run_id": ctx.run_id, "state": "running", "run_after": "", "run_type": "manual"}]
+    (row,) = view.build_section(info, runs, found, meta, mlflow_ui="http://ui").runs
+    assert (row.validation, row.validation_summary) == (validated.verdict, validated.summary)
+    assert (row.drift, row.drift_summary) == ("no_reference", drifted.summary)
+    assert (row.decision, row.decision_summary) == ("train", decided.summary)
+    assert (
+        row.mlflow_url.endswith(ingested.mlflow_run_id) or ingested.mlflow_run_id in row.mlflow_url
+    )

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _records import gated_record
 
 from pipeline import locks, registry, storage
 
@@ -137,13 +138,13 @@ def _policy(**requested):
     """A run's policy for these tests: the card_fraud spec, with the floor and the
     evaluation set opened to overrides (untrained models cannot clear the real floor)."""
     from pipeline import spec as specs
-    from pipeline import steps
+    from pipeline import stages
 
     card = specs.get_spec("card_fraud")
     loose = card.model_copy(
         update={"overrides": specs.OverridesSpec(allow=["gate.floors", "evaluation.uri"])}
     )
-    return steps.run_policy(requested, spec=loose)
+    return stages.run_policy(requested, spec=loose)
 
 
 # -- models from code, the gate record, human approval -----------------------------------------
@@ -182,6 +183,8 @@ def world(pipeline_home, contract, tmp_path):
         checkpoint.publish(local, uri)
         ckpts.append(
             {
+                "verdict": "trained",
+                "steps": 1,
                 "checkpoint_uri": uri,
                 "manifest_sha256": digest,
                 "stop_reason": "max_epochs",
@@ -195,11 +198,12 @@ def world(pipeline_home, contract, tmp_path):
 
 
 def _register(world, i: int):
-    from pipeline import steps
+    from pipeline import stages
 
-    ctx = steps.RunContext(dag_id="retrain_model", run_id=f"manual__{i}")
+    ctx = stages.RunContext(dag_id="retrain_model", run_id=f"manual__{i}")
     rid = registry.get_or_create_run(ctx.run_key)
     ingested = {
+        "verdict": "ok",
         "mlflow_run_id": rid,
         "uri": world["eval_uri"],
         "sha256": "f" * 64,
@@ -207,8 +211,15 @@ def _register(world, i: int):
         "rows": 2000,
     }
     tr = world["trained"][i]
-    return ctx, steps.register_challenger(
-        ctx, ingested, tr, {"manifest_sha256": tr["manifest_sha256"]}
+    return ctx, stages.register_challenger(
+        ctx,
+        ingested,
+        tr,
+        {
+            "verdict": "intact",
+            "checkpoint_uri": tr["checkpoint_uri"],
+            "manifest_sha256": tr["manifest_sha256"],
+        },
     )
 
 
@@ -219,7 +230,7 @@ def test_registered_version_is_a_model_from_code_without_pickle(world):
     from pipeline.train.features import FeatureSpec
 
     ctx, reg = _register(world, 0)
-    v = reg["model_version"]
+    v = reg.model_version
     mv = registry.client().get_model_version(_name(), v)
     assert mv.source.startswith("models:/m-")
     assert "challenger" in mv.aliases
@@ -264,41 +275,41 @@ def test_registered_version_is_a_model_from_code_without_pickle(world):
     assert got.columns.tolist() == want.columns.tolist()
     assert abs(got.to_numpy() - want.to_numpy()).max() < 1e-6
     # a retry registers nothing new
-    assert _register(world, 0)[1]["model_version"] == v
+    assert _register(world, 0)[1].model_version == v
 
 
 def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
     import mlflow
 
-    from pipeline import gates, steps
+    from pipeline import gates, stages
 
     ctx0, reg0 = _register(world, 0)
-    g0 = steps.gate_promotion(
+    g0 = stages.gate_promotion(
         ctx0, reg0, policy=_policy(gate_floor=0.0, eval_uri=world["eval_uri"]), resamples=200
     )
-    assert g0["verdict"] == "promote" and g0["reason"] == "no_champion_floors_met"
+    assert g0.verdict == "promote" and g0.reason == "no_champion_floors_met"
     # every override the run used is on the version, with the spec's value and the run's
     used = json.loads(
-        registry.client().get_model_version(_name(), reg0["model_version"]).tags["policy.overrides"]
+        registry.client().get_model_version(_name(), reg0.model_version).tags["policy.overrides"]
     )
     assert {(o["param"], o["kind"]) for o in used} == {
         ("gate_floor", "loosen_allowed"),
         ("eval_uri", "loosen_allowed"),
     }
     assert next(o for o in used if o["param"] == "gate_floor")["spec"] == 0.7
-    assert steps.promote_champion(ctx0, g0)["verdict"] == "promoted"
+    assert stages.promote_champion(ctx0, g0).verdict == "promoted"
 
     ctx1, reg1 = _register(world, 1)
-    g1 = steps.gate_promotion(
+    g1 = stages.gate_promotion(
         ctx1,
         reg1,
         policy=_policy(gate_floor=0.0, gate_margin=0.05, eval_uri=world["eval_uri"]),
         resamples=200,
     )
-    assert g1["champion_version"] == reg0["model_version"]
-    assert g1["verdict"] == "reject"  # two untrained models: no 0.05 gain
-    assert len(json.dumps(g1, default=str)) < 20_000  # XCom stays small
-    mv = registry.client().get_model_version(_name(), reg1["model_version"])
+    assert g1.champion_version == reg0.model_version
+    assert g1.verdict == "reject"  # two untrained models: no 0.05 gain
+    assert len(json.dumps(g1.to_xcom(), default=str)) < 20_000  # XCom stays small
+    mv = registry.client().get_model_version(_name(), reg1.model_version)
     assert mv.tags["rejected"] == "true" and "champion v1 stays" in mv.tags["rejection_reason"]
     assert mv.tags["gate.champion_version"] == "1" and mv.tags["gate.ci"].startswith("[")
     assert "challenger" not in mv.aliases and "champion" not in mv.aliases
@@ -306,45 +317,51 @@ def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
         "| metric | champion v1 | challenger | difference | 95% CI | threshold | result |"
         in mv.description
     )
-    record = json.loads(Path(mlflow.artifacts.download_artifacts(g1["record_uri"])).read_text())
+    record = json.loads(Path(mlflow.artifacts.download_artifacts(g1.record_uri)).read_text())
     assert record["champion_version"] == "1"
     assert record["context"]["eval_sha256"] == storage.digest_of(world["eval_uri"])
-    again = gates.replay(record)
-    assert again.verdict == g1["verdict"] and [r.value for r in again.reasons] == g1["reasons"]
+    # the per-row inputs are a side file named by its digest, not inline
+    assert set(record["inputs"]["rows"]) == {"uri", "sha256", "count"}
+    assert record["inputs"]["rows"]["count"] == len(world["df"])
+    assert len(json.dumps(record)) < 20_000
+    with pytest.raises(ValueError, match="per-row inputs"):
+        gates.replay(record)  # it says how to read them
+    again = gates.replay(record, load=registry.read_artifact)
+    assert again.verdict.value == g1.verdict and [r.value for r in again.reasons] == g1.reasons
     assert again.to_dict() == record["decision"]
-    assert steps.promote_champion(ctx1, g1)["verdict"] == "not_promoted"
+    from pipeline import decisions
+
+    assert decisions.replays(record, load=registry.read_artifact)
+    swapped = lambda uri: registry.read_artifact(uri)[:-1] + b"x"  # noqa: E731
+    with pytest.raises(ValueError, match="not the file the gate recorded"):
+        gates.replay(record, load=swapped)
+    assert stages.promote_champion(ctx1, g1).verdict == "not_promoted"
     assert _aliases()[0] == "1"
 
 
 @pytest.mark.parametrize(("choice", "promoted"), [("Approve", True), ("Reject", False)])
 def test_human_approval(pipeline_home, choice, promoted):
-    from pipeline import steps
+    from pipeline import stages
 
     (v1,) = _versions(1)
     rid = registry.get_or_create_run("retrain_model__manual__9")
     registry.set_alias(registry.CHALLENGER, v1)
-    gated = {
-        "verdict": "promote",
-        "model_version": v1,
-        "champion_version": None,
-        "mlflow_run_id": rid,
-        "record_uri": f"runs:/{rid}/gate/decision_record.json",
-    }
+    gated = gated_record(v1, rid)
     approval = {
         "chosen_options": [choice],
         "params_input": {},
         "responded_by_user": {"id": "7", "name": "alice"},
         "responded_at": "2026-01-02T03:04:05+00:00",
     }
-    ctx = steps.RunContext(dag_id="retrain_model", run_id="manual__9")
-    rec = steps.promote_champion(ctx, gated, approval=approval)
+    ctx = stages.RunContext(dag_id="retrain_model", run_id="manual__9")
+    rec = stages.promote_champion(ctx, gated, approval=approval)
     tags = registry.client().get_model_version(_name(), v1).tags
     assert tags["approval.by"] == "alice"
     if promoted:
-        assert rec["verdict"] == "promoted" and _aliases() == ("1", None)
+        assert rec.verdict == "promoted" and _aliases() == ("1", None)
         assert tags["approval.verdict"] == "approved"
     else:
-        assert rec["verdict"] == "not_promoted" and _aliases() == (None, None)
+        assert rec.verdict == "not_promoted" and _aliases() == (None, None)
         assert tags["rejected"] == "true" and tags["approval.verdict"] == "rejected"
         assert tags["rejection_reason"] == "human_rejected: rejected by alice in human review"
         assert registry.alias_version(registry.CHALLENGER) is None
@@ -352,22 +369,25 @@ def test_human_approval(pipeline_home, choice, promoted):
 
         rec = json.loads(
             Path(
-                mlflow.artifacts.download_artifacts(f"runs:/{rid}/gate/approval_record.json")
+                mlflow.artifacts.download_artifacts(
+                    f"runs:/{rid}/records/decisions/human_approval.json"
+                )
             ).read_text()
         )
-        assert rec["reason"] == "human_rejected" and rec["responded_by"] == "alice"
+        assert rec["decision"]["reason"] == "human_rejected"
+        assert rec["decision"]["evidence"]["responded_by"] == "alice"
+        from pipeline import decisions
+
+        assert decisions.replays(rec)  # the human decision replays from its record
 
 
 def test_skipped_approval_promotes(pipeline_home):
-    from pipeline import steps
+    from pipeline import stages
 
     (v1,) = _versions(1)
     rid = registry.get_or_create_run("retrain_model__manual__8")
-    gated = {
-        "verdict": "promote",
-        "model_version": v1,
-        "champion_version": None,
-        "mlflow_run_id": rid,
-    }
-    rec = steps.promote_champion(steps.RunContext(), gated, approval=None)  # approval step skipped
-    assert rec["verdict"] == "promoted" and _aliases() == ("1", None)
+    gated = gated_record(v1, rid)
+    rec = stages.promote_champion(
+        stages.RunContext(), gated, approval=None
+    )  # approval step skipped
+    assert rec.verdict == "promoted" and _aliases() == ("1", None)

@@ -296,9 +296,9 @@ def test_for_a_lower_is_better_metric_a_tighter_floor_is_lower(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
-        (["--floor", "0.5"], "gate_floor=0.5 loosens the policy"),
-        (["--floor", "0"], "gate_floor=0.0 loosens the policy"),  # 0 is a value, not "unset"
-        (["--margin", "0"], "gate_margin=0.0 loosens the policy"),
+        (["--gate-floor", "0.5"], "gate_floor=0.5 loosens the policy"),
+        (["--gate-floor", "0"], "gate_floor=0.0 loosens the policy"),  # 0 is a value, not "unset"
+        (["--gate-margin", "0"], "gate_margin=0.0 loosens the policy"),
         (["--max-epochs", "31"], "outside model 'card_fraud''s budget 1..30"),
     ],
 )
@@ -387,7 +387,7 @@ def test_iris_without_id_or_time_column_gets_its_first_champion(pipeline_home, t
     its holdout by row content (no id column)."""
     from sklearn.datasets import load_iris
 
-    from pipeline import registry, steps, storage
+    from pipeline import registry, stages, storage
     from pipeline.ingest import parquet_bytes
 
     folder = tmp_path / "iris"
@@ -405,23 +405,20 @@ def test_iris_without_id_or_time_column_gets_its_first_champion(pipeline_home, t
     ).uri
     storage.write_bytes(f"{root}/trusted/iris/eval.parquet", parquet_bytes(shuffled.iloc[120:]))
     with specs.use_spec(specs.load_spec(folder / "model.yaml")):
-        ctx = steps.RunContext("test", "iris-1", "2026-03-01T00:00:00Z")
-        ing = steps.ingest_batch(ctx, batch)
-        validated = steps.validate_batch(ctx, ing)
-        assert validated["verdict"] == "pass"
+        ctx = stages.RunContext("test", "iris-1", "2026-03-01T00:00:00Z")
+        ing = stages.ingest_batch(ctx, batch)
+        validated = stages.validate_batch(ctx, ing)
+        assert validated.verdict == "pass"
         assert (
-            "no time column" in validated["summary"]
-            and "leakage check skipped" in validated["summary"]
+            "no time column" in validated.summary and "leakage check skipped" in validated.summary
         )
-        assert "petal_length" in validated["summary"]  # named as close to the bar, not rejected
-        decision = steps.decide_retrain(ctx, steps.detect_drift(ctx, ing))
-        trained = steps.train_model(ctx, ing)
-        verified = steps.verify_checkpoint(ctx, trained)
-        gated = steps.gate_promotion(ctx, steps.register_challenger(ctx, ing, trained, verified))
-        promoted = steps.promote_champion(ctx, gated)
-        assert decision["verdict"] == "train" and promoted["verdict"] == "promoted", gated[
-            "summary"
-        ]
+        assert "petal_length" in validated.summary  # named as close to the bar, not rejected
+        decision = stages.decide_retrain(ctx, stages.detect_drift(ctx, ing))
+        trained = stages.train_model(ctx, ing)
+        verified = stages.verify_checkpoint(ctx, trained)
+        gated = stages.gate_promotion(ctx, stages.register_challenger(ctx, ing, trained, verified))
+        promoted = stages.promote_champion(ctx, gated)
+        assert decision.verdict == "train" and promoted.verdict == "promoted", gated.summary
         champ = registry.alias_version(registry.CHAMPION)
         assert champ is not None and float(champ.tags["eval.accuracy"]) > 0.8
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from pipeline import decisions
+from pipeline.names import StopVerdict
+from pipeline.train import stopping
 from pipeline.train.stopping import (
     GradientPlateauStopper,
     PerSampleGradStats,
     StopEvidence,
     StopReason,
-    Verdict,
+    decision_record,
     eb_terms,
 )
 
@@ -60,7 +64,7 @@ def decaying_stream(
 def first_stop(stopper: GradientPlateauStopper, stream) -> tuple[int, object] | None:
     for i, ev in enumerate(stream, 1):
         d = stopper.update(ev)
-        if d.verdict is not Verdict.CONTINUE:
+        if d.verdict is not StopVerdict.CONTINUE:
             return i, d
     return None
 
@@ -102,7 +106,7 @@ def test_zero_mean_noise_gradient_fires_eb_within_bounded_checks(seed, batch, di
     hit = first_stop(s, noise_stream(seed, batch, dims, checks=40))
     assert hit is not None, "EB never fired on a pure-noise gradient"
     checks, d = hit
-    assert d.verdict is Verdict.STOP and d.reason is StopReason.EB_CRITERION
+    assert d.verdict is StopVerdict.STOP and d.reason is StopReason.EB_CRITERION
     # Under the null the (bias-corrected) smoothed EB sits at 0, so each check is a coin
     # flip; hysteresis keeps near-misses from resetting the count, which bounds the wait.
     assert checks <= 30
@@ -153,16 +157,16 @@ def test_log_norm_plateau_fires_on_a_flat_norm():
 def test_nonfinite_stops_at_once_even_in_warmup(evidence):
     s = GradientPlateauStopper(warmup_steps=1000, min_steps=1000, confirm=10)
     d = s.update(evidence)
-    assert (d.verdict, d.reason) == (Verdict.DIVERGED, StopReason.NONFINITE)
+    assert (d.verdict, d.reason) == (StopVerdict.DIVERGED, StopReason.NONFINITE)
     assert d.stop and "non-finite" in d.message and "step 3" in d.message
 
 
 @pytest.mark.parametrize(
     ("spike", "ratio", "verdict"),
     [
-        (2_000.0, 1e3, Verdict.DIVERGED),
-        (500.0, 1e3, Verdict.CONTINUE),
-        (60.0, 50.0, Verdict.DIVERGED),
+        (2_000.0, 1e3, StopVerdict.DIVERGED),
+        (500.0, 1e3, StopVerdict.CONTINUE),
+        (60.0, 50.0, StopVerdict.DIVERGED),
     ],
 )
 def test_exploding_norm_stops_as_diverged(spike, ratio, verdict):
@@ -170,11 +174,11 @@ def test_exploding_norm_stops_as_diverged(spike, ratio, verdict):
     for i in range(1, 6):
         assert (
             s.update(StopEvidence(step=i, grad_norm=1.0, max_grad_norm=1.2)).verdict
-            is Verdict.CONTINUE
+            is StopVerdict.CONTINUE
         )
     d = s.update(StopEvidence(step=6, grad_norm=spike / 2, max_grad_norm=spike))
     assert d.verdict is verdict
-    if verdict is Verdict.DIVERGED:
+    if verdict is StopVerdict.DIVERGED:
         assert d.reason is StopReason.DIVERGED
         assert d.evidence["best_norm"] == 1.0 and "step 6" in d.message and "exceeded" in d.message
 
@@ -195,7 +199,7 @@ def test_exploding_norm_stops_as_diverged(spike, ratio, verdict):
 def test_val_loss_plateau_modes(mode, min_delta, losses, stops_at):
     s = GradientPlateauStopper(val_mode=mode, val_min_delta=min_delta, patience=3)
     verdicts = [s.update(StopEvidence(step=i, val_loss=v)).verdict for i, v in enumerate(losses, 1)]
-    stopped = [i for i, v in enumerate(verdicts, 1) if v is Verdict.STOP]
+    stopped = [i for i, v in enumerate(verdicts, 1) if v is StopVerdict.STOP]
     assert (stopped[0] if stopped else None) == stops_at
     if stops_at:
         assert s.trace[-1]["reason"] == "val_loss_plateau"
@@ -249,9 +253,9 @@ def test_reduce_lr_then_stop():
         for i in range(1, 30)
     ]
     verdicts = [s.update(e).verdict for e in flat]
-    first = verdicts.index(Verdict.REDUCE_LR)
-    stop = verdicts.index(Verdict.STOP)
-    assert verdicts.count(Verdict.REDUCE_LR) == 1 and stop > first
+    first = verdicts.index(StopVerdict.REDUCE_LR)
+    stop = verdicts.index(StopVerdict.STOP)
+    assert verdicts.count(StopVerdict.REDUCE_LR) == 1 and stop > first
     assert s.trace[first]["evidence"]["reduce_lr_factor"] == 0.5
     assert [t["reason"] for t in s.trace[first + 1 : first + 3]] == ["cooldown", "cooldown"]
 
@@ -277,7 +281,7 @@ def test_state_round_trips_through_state_dict(split):
         a.update(ev)
     b = GradientPlateauStopper(**kwargs)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # JSON, as in a training state
-    assert b.state == a.state and b.trace == a.trace
+    assert b.state == a.state and b.trace == a.trace and b.records == a.records
     rest = [a.update(ev).to_dict() for ev in stream[split:]]
     assert [b.update(ev).to_dict() for ev in stream[split:]] == rest
 
@@ -364,5 +368,243 @@ def test_explosion_inside_the_first_window_is_caught_by_the_window_minimum():
     s = GradientPlateauStopper(divergence_ratio=1e3, warmup_steps=10_000)
     assert s.divergence_limit() == math.inf and s.divergence_limit(0.5) == 500.0
     d = s.update(StopEvidence(step=32, grad_norm=80.0, max_grad_norm=1800.0, min_grad_norm=0.5))
-    assert (d.verdict, d.reason) == (Verdict.DIVERGED, StopReason.DIVERGED)
+    assert (d.verdict, d.reason) == (StopVerdict.DIVERGED, StopReason.DIVERGED)
     assert d.evidence["best_norm"] == 0.5 and "lowest norm seen" in d.message
+
+
+# -- decision records: every non-continue decision replays from its record alone ------------
+
+
+def flat_norm(n: int = 30, **kw) -> list[StopEvidence]:
+    return [
+        StopEvidence(step=i * 10, grad_norm=1.0, log_grad_norm=0.0, max_grad_norm=1.0, **kw)
+        for i in range(1, n)
+    ]
+
+
+def spiking(spike: float) -> list[StopEvidence]:
+    calm = [StopEvidence(step=i, grad_norm=1.0, max_grad_norm=1.2) for i in range(1, 6)]
+    return [*calm, StopEvidence(step=6, grad_norm=spike / 2, max_grad_norm=spike)]
+
+
+def vals(losses: list[float]) -> list[StopEvidence]:
+    return [StopEvidence(step=i * 100, epoch=i, val_loss=v) for i, v in enumerate(losses, 1)]
+
+
+# id -> (stopper kwargs, evidence stream, which record (n-th non-continue; None: the last
+# decision, whatever it is), expected verdict, expected reason)
+REPLAY_CASES = {
+    "eb_criterion": (
+        {"eb": True, "norm_plateau": False, "eb_window": 4, "confirm": 3},
+        lambda: list(noise_stream(0, 64, 400, checks=40)),
+        0,
+        StopVerdict.STOP,
+        StopReason.EB_CRITERION,
+    ),
+    "grad_norm_plateau": (
+        {"eb": False, "norm_window": 5, "confirm": 2},
+        flat_norm,
+        0,
+        StopVerdict.STOP,
+        StopReason.GRAD_NORM_PLATEAU,
+    ),
+    "val_loss_plateau": (
+        {"eb": False, "norm_plateau": False, "val_mode": "rel", "patience": 3},
+        lambda: vals([10.0, 9.996, 9.993, 9.991]),
+        0,
+        StopVerdict.STOP,
+        StopReason.VAL_LOSS_PLATEAU,
+    ),
+    "reduce_lr": (
+        {"eb": False, "norm_window": 3, "confirm": 2, "reduce_lr_factor": 0.5},
+        flat_norm,
+        0,
+        StopVerdict.REDUCE_LR,
+        StopReason.GRAD_NORM_PLATEAU,
+    ),
+    "stop_after_reduce_lr": (
+        {"eb": False, "norm_window": 3, "confirm": 2, "reduce_lr_factor": 0.5},
+        flat_norm,
+        1,
+        StopVerdict.STOP,
+        StopReason.GRAD_NORM_PLATEAU,
+    ),
+    "max_steps": (
+        {"eb": False, "norm_window": 3, "confirm": 10, "max_steps": 50},
+        flat_norm,
+        0,
+        StopVerdict.STOP,
+        StopReason.MAX_STEPS,
+    ),
+    "nan_loss": (
+        {"warmup_steps": 1000},
+        lambda: [*flat_norm(4), StopEvidence(step=40, loss=float("nan"), grad_norm=1.0)],
+        0,
+        StopVerdict.DIVERGED,
+        StopReason.NONFINITE,
+    ),
+    "inf_gradient": (
+        {},
+        lambda: [StopEvidence(step=3, loss=1.0, grad_norm=float("inf"), nonfinite=True)],
+        0,
+        StopVerdict.DIVERGED,
+        StopReason.NONFINITE,
+    ),
+    "exploding": (
+        {"divergence_ratio": 1e3, "warmup_steps": 10_000},
+        lambda: spiking(2_000.0),
+        0,
+        StopVerdict.DIVERGED,
+        StopReason.DIVERGED,
+    ),
+    "continue_in_warmup": (
+        {"warmup_steps": 1000},
+        lambda: flat_norm(5),
+        None,
+        StopVerdict.CONTINUE,
+        StopReason.WARMUP,
+    ),
+    "continue_confirming": (
+        {"eb": False, "norm_window": 3, "confirm": 5},
+        lambda: flat_norm(5),
+        None,
+        StopVerdict.CONTINUE,
+        StopReason.CONFIRMING,
+    ),
+}
+
+
+def recorded(case: str):
+    """(record, decision, stopper) of the case: the stopper's own record of its n-th
+    non-continue decision, or ``decision_record`` of its last decision."""
+    kwargs, stream, nth, _, _ = REPLAY_CASES[case]
+    s = GradientPlateauStopper(**kwargs)
+    for ev in stream():
+        before = s.state
+        d = s.update(ev)
+        if nth is not None and len(s.records) > nth:
+            return s.records[nth], d, s
+    assert nth is None, f"{case}: fewer than {nth + 1} non-continue decisions"
+    return decision_record(s, ev, before, d), d, s
+
+
+@pytest.mark.parametrize("case", list(REPLAY_CASES))
+def test_a_recorded_decision_replays_from_its_record_alone(case):
+    rec, d, s = recorded(case)
+    *_, verdict, reason = REPLAY_CASES[case]
+    assert (d.verdict, d.reason) == (verdict, reason)
+    assert isinstance(d, decisions.Decision) and d.reasons == [d.reason]
+    assert (rec["kind"], rec["record_version"]) == ("training_stop", 1)
+    assert rec["rule"] == s.config() and rec["decision"] == d.to_dict()
+    assert set(rec["inputs"]) == {"evidence", "state"}
+    assert {"step", "verdict", "reason", "evidence"} <= set(d.to_dict())
+    assert d.to_dict()["message"] == d.message
+    assert decisions.replay(rec).to_dict() == d.to_dict()
+    again = json.loads(json.dumps(rec, allow_nan=False))  # strict JSON: non-finite as strings
+    assert decisions.replays(again)
+    assert stopping.replay(again).to_dict() == d.to_dict()
+    assert stopping.replay(again).state == d.state  # the next state too
+
+
+def test_the_record_holds_the_state_before_the_decision():
+    rec, d, s = recorded("stop_after_reduce_lr")
+    before = rec["inputs"]["state"]
+    assert before["lr_reductions"] == 1 and before["stopped"] is False
+    assert d.state.stopped is True and s.state == d.state
+    assert [r["decision"]["verdict"] for r in s.records] == ["reduce_lr", "stop"]
+
+
+@pytest.mark.parametrize(
+    ("case", "change"),
+    [
+        ("val_loss_plateau", {"patience": 5}),
+        ("grad_norm_plateau", {"confirm": 10}),
+        ("exploding", {"divergence_ratio": 1e6}),
+        ("max_steps", {"max_steps": 10_000}),
+        ("eb_criterion", {"eb_threshold": 0.5}),
+    ],
+)
+def test_a_record_with_changed_thresholds_replays_differently(case, change):
+    rec, d, _ = recorded(case)
+    changed = json.loads(json.dumps({**rec, "rule": {**rec["rule"], **change}}))
+    again = decisions.replay(changed)
+    assert again.verdict is StopVerdict.CONTINUE and again.to_dict() != d.to_dict()
+    assert not decisions.replays(changed) and decisions.replays(rec)
+
+
+def test_a_record_of_another_kind_or_version_is_refused():
+    rec, _, _ = recorded("grad_norm_plateau")
+    for other in (
+        {**rec, "kind": "promotion_gate_decision"},
+        {**rec, "kind": "retrain"},
+        {**rec, "record_version": 2},
+        {"rule": rec["rule"], "inputs": rec["inputs"]},
+    ):
+        with pytest.raises(decisions.NotADecisionRecord):
+            stopping.replay(other)
+    with pytest.raises(decisions.NotADecisionRecord):
+        decisions.replay({**rec, "kind": "training_stopper"})
+
+
+class RecordingSink:
+    """A TelemetrySink keeping the texts and the event summaries a training run logs."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+        self.summaries: dict[str, dict] = {}
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_artifacts(self, local_dir, artifact_path):
+        summary = Path(local_dir) / "summary.json"
+        if summary.exists():
+            self.summaries[artifact_path] = json.loads(summary.read_text())
+
+    def log_text(self, text, artifact_file):
+        self.texts[artifact_file] = text
+
+    def set_tags(self, tags):
+        pass
+
+
+def test_a_training_run_keeps_its_stop_decision_as_a_record_that_replays(contract):
+    from pipeline.data.generate import WorldSpec, generate
+    from pipeline.train.loop import TrainConfig, train, val_patience_stopper
+
+    df = generate(WorldSpec(rows=1500, seed=3))
+    cfg = TrainConfig(
+        max_epochs=10,
+        batch_size=128,
+        stopper=val_patience_stopper(patience=1, min_delta=1.0),  # the 2nd epoch stops
+        telemetry=False,
+        state_every=0,
+    )
+    sink = RecordingSink()
+    r = train(df, contract, cfg, sink=sink)
+    assert r.stop_reason == "val_loss_plateau" and len(r.history) == 2
+    trace = json.loads(sink.texts["training/decision_trace.json"])
+    assert trace["decisions"] == r.decision_trace and trace["config"]["val_mode"] == "abs"
+    (rec,) = trace["records"]  # the one non-continue decision
+    assert rec["decision"] == r.decision_trace[-1]
+    assert (rec["decision"]["verdict"], rec["decision"]["reason"]) == ("stop", "val_loss_plateau")
+    assert rec["inputs"]["evidence"]["val_loss"] == r.history[-1]["val_log_loss"]
+    assert decisions.replays(rec)
+
+
+def test_a_diverged_training_run_keeps_a_record_that_replays(contract):
+    from pipeline.data.generate import WorldSpec, generate
+    from pipeline.train.loop import TrainConfig, TrainingDiverged, train
+
+    df = generate(WorldSpec(rows=3000, seed=7))
+    cfg = TrainConfig(
+        max_epochs=10, learning_rate=100.0, optimizer="sgd", snapshot_every=5, state_every=0
+    )
+    sink = RecordingSink()
+    with pytest.raises(TrainingDiverged):
+        train(df, contract, cfg, sink=sink)
+    (rec,) = json.loads(sink.texts["training/decision_trace.json"])["records"]
+    assert rec["decision"]["verdict"] == "diverged" and decisions.replays(rec)
+    (tag,) = [t for t in sink.summaries if t.startswith("telemetry/diverged-step-")]
+    summary = sink.summaries[tag]
+    assert summary["record"] == rec and summary["decision"] == rec["decision"]

@@ -333,7 +333,7 @@ def test_exploding_learning_rate_raises_with_the_step(contract, data, kwargs, ma
 
 
 def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_home):
-    from pipeline import registry, steps, storage
+    from pipeline import registry, stages, storage
     from pipeline.data.generate import to_parquet_bytes
     from pipeline.errors import PipelineRejection
     from pipeline.settings import get_settings
@@ -343,14 +343,14 @@ def test_diverging_train_model_fails_the_task_and_registers_nothing(pipeline_hom
         f"{root}/landing/card_fraud/b.parquet",
         to_parquet_bytes(generate(WorldSpec(rows=5000, seed=7))),
     ).uri
-    ctx = steps.RunContext(dag_id="t", run_id="diverge")
-    ingested = steps.ingest_batch(ctx, batch)
+    ctx = stages.RunContext(dag_id="t", run_id="diverge")
+    ingested = stages.ingest_batch(ctx, batch)
     with pytest.raises(PipelineRejection, match=r"training diverged: gradient norm .* at step \d+"):
-        steps.train_model(ctx, ingested, learning_rate=100.0, optimizer="sgd", max_epochs=10)
+        stages.train_model(ctx, ingested, learning_rate=100.0, optimizer="sgd", max_epochs=10)
     assert storage.list_uris(f"{root}/checkpoints/") == []
     c = registry.client()
     assert c.search_model_versions(f"name = '{registry.model_name()}'") == []
-    run = c.get_run(ingested["mlflow_run_id"])
+    run = c.get_run(ingested.mlflow_run_id)
     assert run.data.tags["stage.train_model.verdict"] == "diverged"
     assert "diverged" in run.data.tags["stage.train_model.summary"]
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "telemetry")}

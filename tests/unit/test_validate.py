@@ -307,6 +307,7 @@ def test_id_hashes_are_equal_for_equal_values_and_collisions_are_resolved(
     import pyarrow as pa
 
     from pipeline import validate
+    from pipeline.validate import scan
 
     a = pa.array(["a", "bb", "", None, "bb", "ccc", "a" * 300])
     h = validate.hash_values(a)
@@ -316,7 +317,7 @@ def test_id_hashes_are_equal_for_equal_values_and_collisions_are_resolved(
     assert validate.hash_values(fixed)[0] == validate.hash_values(fixed)[2]
     assert validate.hash_values(pa.array([5, 7, 5])).tolist()[0] == 5
     # every id collides: the second pass on the values still counts only true duplicates
-    monkeypatch.setattr(validate, "hash_values", lambda arr: np.zeros(len(arr), dtype=np.uint64))
+    monkeypatch.setattr(scan, "hash_values", lambda arr: np.zeros(len(arr), dtype=np.uint64))
     report = validate_frame(batch("duplicate_ids"), contract, NOW)
     ids = next(r for r in report.results if r.expectation == "expect_column_values_to_be_unique")
     assert ids.observed["unexpected_count"] == 100
@@ -621,3 +622,26 @@ def test_contract_with_time_column_still_checks_future_times(tmp_path: Path) -> 
     assert failed(validate_frame(df, contract, NOW)) == {
         ("expect_column_values_to_be_between", "ts")
     }
+
+
+# ----------------------------------------------------------------------------- import cost
+
+
+def test_pure_modules_import_no_gx_mlflow_or_storage() -> None:
+    """The report, checks and exact-mapping modules (and the package itself) load neither
+    Great Expectations (seconds to import) nor MLflow, boto3 or the storage layer."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import pipeline.validate.report, pipeline.validate.checks, pipeline.validate.exact\n"
+        "import pipeline.validate\n"
+        "heavy = ['great_expectations', 'mlflow', 'boto3', 'pipeline.storage']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

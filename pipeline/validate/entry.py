@@ -1,0 +1,202 @@
+"""The entry points: validate a frame, a Parquet object or an open table source.
+
+``pipeline.ingest`` (storage) is imported inside the functions that read, so importing the
+package reads nothing and loads no storage backend.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from pipeline.contract import DataContract
+from pipeline.validate.checks import ContractCheck, contract_checks
+from pipeline.validate.leakage import Reference, reference_from_frame, reference_from_uri
+from pipeline.validate.report import (
+    NO_LEAKAGE,
+    NO_TIME_COLUMN_NOTE,
+    READABLE,
+    SET_PREVIEW,
+    ExpectationResult,
+    ValidationReport,
+    display_name,
+    leak_text,
+    with_changes,
+)
+from pipeline.validate.scan import Scan
+from pipeline.validate.suite import run_gx
+
+if TYPE_CHECKING:
+    from pipeline.ingest import TableSource
+
+SAMPLE_ROWS = 20_000
+# What pyarrow raises on bytes that are not (valid) Parquet: ArrowInvalid is a ValueError,
+# a failed page checksum or a short read an OSError.
+_READ_ERRORS = (OSError, ValueError, EOFError)
+
+
+def validate_frame(
+    df: pd.DataFrame,
+    contract: DataContract,
+    now: pd.Timestamp,
+    *,
+    sample_rows: int = SAMPLE_ROWS,
+    seed: int = 0,
+    reference: pd.DataFrame | None = None,
+) -> ValidationReport:
+    """Validate ``df`` against ``contract``; never raises on bad data, only reports it.
+
+    ``reference``: the champion's training data (same contract), for the leakage check;
+    a seeded sample of at most ``sample_rows`` of its rows is used."""
+    from pipeline.ingest import TableSource
+
+    source, untyped = TableSource.from_frame(df)
+    ref = (
+        None if reference is None else reference_from_frame(reference, contract, sample_rows, seed)
+    )
+    return validate_source(
+        source, contract, now, sample_rows=sample_rows, seed=seed, untyped=untyped, reference=ref
+    )
+
+
+def validate_uri(
+    uri: str,
+    contract: DataContract,
+    now: pd.Timestamp,
+    *,
+    sample_rows: int = SAMPLE_ROWS,
+    seed: int = 0,
+    reference_uri: str | None = None,
+) -> ValidationReport:
+    """Validate the Parquet object at ``uri``, streaming; an unreadable file is a report.
+
+    ``reference_uri``: the champion's training snapshot (Parquet, same contract); the
+    leakage check compares each feature's AUC with its AUC on a seeded sample of at most
+    ``sample_rows`` reference rows. ``None`` (no champion yet), or a reference that cannot
+    be read (the report says so): the stricter no-reference rule applies."""
+    from pipeline.ingest import open_source
+
+    try:
+        source = open_source(uri, dictionary_columns=contract.categorical_features)
+    except _READ_ERRORS as exc:
+        return _unreadable(exc, contract, now)
+    ref = (
+        None
+        if reference_uri is None
+        else reference_from_uri(reference_uri, contract, sample_rows, seed)
+    )
+    return validate_source(source, contract, now, sample_rows=sample_rows, seed=seed, reference=ref)
+
+
+def validate_source(
+    source: TableSource,
+    contract: DataContract,
+    now: pd.Timestamp,
+    *,
+    sample_rows: int = SAMPLE_ROWS,
+    seed: int = 0,
+    untyped: dict[str, str] | None = None,
+    reference: Reference | None = None,
+) -> ValidationReport:
+    """Validate an open table source: the exact pass, then GX on the sample."""
+    now = _utc(now)
+    checks = contract_checks(contract, now)
+    try:
+        scan = Scan(source, contract, now, untyped or {}, sample_rows, seed, reference)
+        scan.run()
+    except _READ_ERRORS as exc:  # a corrupted page, a truncated row group
+        return _unreadable(exc, contract, now, rows=source.num_rows)
+    sample = scan.sample_frame()
+    exact = scan.results(checks, sample)
+    gx_results = run_gx(checks, sample, now, contract.name)
+    results = _merge(checks, exact, gx_results, len(sample), scan.sample_is_everything)
+    order = {c.name: i for i, c in enumerate(contract.columns)}
+    results.sort(
+        key=lambda r: (
+            -1 if r.column is None else order.get(r.column, len(order)),
+            r.column or "",
+            r.expectation,
+            repr(r.expected),
+        )
+    )
+    return ValidationReport(
+        success=all(r.success for r in results),
+        rows=scan.rows,
+        results=results,
+        extra_columns=[display_name(n) for n in scan.extra_columns],
+        sample_rows=len(sample),
+        notes=_notes(contract, results, reference),
+    )
+
+
+def _merge(
+    checks: list[ContractCheck],
+    exact: dict[int, ExpectationResult],
+    gx_results: dict[int, ExpectationResult],
+    sample_rows: int,
+    full: bool,
+) -> list[ExpectationResult]:
+    """One result per check, in check order: the exact verdict (with GX's view of the
+    sample) for a generated check, GX's verdict for a user expectation."""
+    results: list[ExpectationResult] = []
+    for i, check in enumerate(checks):
+        gx_res = gx_results.get(i)
+        if check.exact:
+            r = exact[i]
+            if gx_res is not None:
+                r = with_changes(r, observed={**r.observed, "gx_sample_success": gx_res.success})
+            results.append(r)
+        elif gx_res is not None:
+            observed = gx_res.observed if full else {**gx_res.observed, "sample_rows": sample_rows}
+            results.append(
+                with_changes(gx_res, source="gx" if full else "gx-sample", observed=observed)
+            )
+    return results
+
+
+def _notes(
+    contract: DataContract, results: list[ExpectationResult], reference: Reference | None
+) -> list[str]:
+    """What a reviewer should know beyond pass/fail: skipped checks and near misses."""
+    notes = []
+    if contract.time_column is None:
+        notes.append(NO_TIME_COLUMN_NOTE)
+    leak = [r for r in results if r.expectation == NO_LEAKAGE and isinstance(r.observed, dict)]
+    if reference is not None and reference.error is not None:
+        notes.append(
+            f"leakage reference not used ({reference.error}): features judged on the batch alone"
+        )
+    skipped = [r for r in leak if r.observed.get("too_few_rows")]
+    if skipped:
+        notes.append(
+            f"leakage check skipped for {len(skipped)} features: {skipped[0].observed['skipped']}"
+        )
+    near = sorted(
+        (r for r in leak if r.observed.get("near")),
+        key=lambda r: -(r.observed.get("observed_value") or 0.0),
+    )
+    if near:
+        shown = ", ".join(
+            f"{display_name(r.column or '')} {leak_text(r.observed)}" for r in near[:SET_PREVIEW]
+        )
+        more = len(near) - SET_PREVIEW
+        notes.append(
+            "strong features, came close to the leakage bar (passed): "
+            + shown
+            + (f" and {more} more" if more > 0 else "")
+        )
+    return notes
+
+
+def _unreadable(
+    exc: BaseException, contract: DataContract, now: pd.Timestamp, rows: int = 0
+) -> ValidationReport:
+    message = f"batch is not readable as Parquet: {type(exc).__name__}: {exc}"
+    result = ExpectationResult(READABLE, None, False, {"error": message}, {}, "exact")
+    return ValidationReport(success=False, rows=rows, results=[result], error=message)
+
+
+def _utc(now: pd.Timestamp) -> pd.Timestamp:
+    now = pd.Timestamp(now)
+    return now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
