@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,15 @@ def _rank(nodeid: str) -> int:
     return len(FIRST) + (LANE_ORDER.index(lane) if lane in LANE_ORDER else len(LANE_ORDER))
 
 
+def _loadgroup(config: pytest.Config) -> bool:
+    """``--dist loadgroup``: on the controller as given, on a worker as xdist records it."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return False
+    return (
+        bool(getattr(config.option, "loadgroup", False)) or config.getoption("dist") == "loadgroup"
+    )
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
     for item in items:
@@ -128,6 +138,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if hasattr(config, "workerinput"):  # an xdist worker: the order it reports to the scheduler
         items.sort(key=lambda item: _rank(item.nodeid))  # stable: each unit keeps its order
     return result
+
+
+TERMINAL_ENV = ("COLUMNS", "LINES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    node.workerinput["terminal_env"] = {k: os.environ.get(k) for k in TERMINAL_ENV}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker: the controller's environment (GNU readline, imported in every worker,
+    stdin not a terminal, exports COLUMNS=80 LINES=24, which shutil.get_terminal_size, the CLI's
+    progress line, would read), and one torch/OpenMP thread per process unless OMP_NUM_THREADS
+    says otherwise (N workers, each training with a thread per core, would oversubscribe)."""
+    if not hasattr(config, "workerinput"):
+        return
+    for k, v in (config.workerinput.get("terminal_env") or {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+NICE = 10  # the niceness of the workers that do not run the stack
+_niced = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under ``make test`` the stack's DAG runs are the critical path: the other workers (and
+    the processes they start) run at a lower CPU priority and take the CPU the stack leaves."""
+    global _niced
+    config = item.config
+    if _niced or not hasattr(config, "workerinput") or not _loadgroup(config):
+        return
+    if unit_of(item.nodeid) not in DEDICATED:
+        os.nice(NICE)
+        _niced = True
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -149,7 +199,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         def _assign_work_unit(self, node) -> None:
             unit = next(iter(self.workqueue))
             super()._assign_work_unit(node)
-            if unit in DEDICATED:
+            if unit in DEDICATED and len(self.nodes) > 1:
                 node.shutdown()  # after the unit's tests: nothing queued behind them
 
     return LaneScheduling(config, log)
