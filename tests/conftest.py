@@ -62,7 +62,10 @@ def contract():
 # * units go out in collection order, which the workers report with the long poles first
 #   (FIRST, measured: the stack, the whole-DAG runs, ...; then the lanes in LANE_ORDER);
 # * the worker that takes the stack is given nothing else: a worker starts its last test only
-#   once it holds a next one, so a unit queued behind the stack would wait for the burst.
+#   once it holds a next one, so a unit queued behind the stack would wait for the burst;
+# * a worker runs at a lower CPU priority (NICE) while it runs anything but the stack or the
+#   tests that measure throughput or wait in real time, so the critical path keeps its CPU;
+#   each worker's torch uses one thread (OMP_NUM_THREADS, unless set), not one per core.
 #
 # (pytest-xdist 3.8's own xdist_group marker does not take effect with pytest 9, which no longer
 # lets it rename node ids; the groups are therefore named here, by module.)
@@ -163,21 +166,37 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-NICE = 10  # the niceness of the workers that do not run the stack
-_niced = False
+NICE = 5  # added to a worker's niceness while it runs anything but the units below
+FULL_PRIORITY = (  # units or modules: the critical path, and the tests that time themselves
+    "stack",
+    "timing",
+    "ui-stack",
+    "unit/test_telemetry.py",  # 20 snapshots in under 2 s
+    "unit/test_gates.py",  # 1000 bootstrap resamples in under 5 s
+)
+_base_nice: int | None = None
+_nice: int | None = None
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Under ``make test`` the stack's DAG runs are the critical path: the other workers (and
-    the processes they start) run at a lower CPU priority and take the CPU the stack leaves."""
-    global _niced
+    """Under ``make test`` the stack's DAG runs are the critical path: a worker running other
+    units (and the processes it starts meanwhile) yields the CPU to it; the tests that measure
+    throughput or wait in real time (serving canary, promotion race, browser) do not."""
+    global _base_nice, _nice
     config = item.config
-    if _niced or not hasattr(config, "workerinput") or not _loadgroup(config):
+    if not hasattr(config, "workerinput") or not _loadgroup(config):
         return
-    if unit_of(item.nodeid) not in DEDICATED:
-        os.nice(NICE)
-        _niced = True
+    if _base_nice is None:
+        _base_nice = _nice = os.getpriority(os.PRIO_PROCESS, 0)
+    full = unit_of(item.nodeid) in FULL_PRIORITY or _module(item.nodeid) in FULL_PRIORITY
+    want = _base_nice + (0 if full else NICE)
+    if want != _nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, want)  # back up needs CAP_SYS_NICE (root)
+            _nice = want
+        except OSError:
+            pass
 
 
 @pytest.hookimpl(optionalhook=True)
