@@ -11,7 +11,8 @@ temporary PIPELINE_HOME):
     bodies; then rows/s through the router with 64-row bodies.
 (b) time from an injected fault (``POST /admin/faults {"error_rate": 0.5}`` on the canary
     version, with replayed traffic flowing) to the canary weight reading 0 in the registry,
-    with the analysis interval the canary ran with.
+    with the analysis interval the canary ran with. ``/admin`` is off by default: the
+    benchmark's own service is started with it on and a token generated for the run.
 
 The last line is one JSON object: bench, p50_ratio, p99_ratio, rows_per_s,
 rollback_seconds, analysis_interval_seconds (and the raw numbers). Targets: p99_ratio <=
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -55,11 +57,12 @@ def serve_with_bare_route(port: int) -> None:
     import uvicorn
 
     from pipeline.evaluate import score_model
+    from pipeline.serving.access import AccessPolicy
     from pipeline.serving.app import build_service, create_app
 
     torch.set_num_threads(1)
     service = build_service(POLL)
-    app = create_app(service)
+    app = create_app(service, access=AccessPolicy.from_settings())
     bound: dict = {}
 
     @app.post("/bare/predict")
@@ -112,13 +115,16 @@ def _setup(home: Path) -> tuple[str, str]:
     )
     uri = storage.join(settings.get_settings().storage_root, "checkpoints", "bench")
     checkpoint.publish(local, uri)
+    tags = {  # what register_challenger and an accepting gate record: the service needs them
+        "checkpoint.uri": uri,
+        "checkpoint.manifest_sha256": checkpoint.manifest_digest(local),
+        "gate.verdict": "promote",
+    }
     versions = []
     for i in (1, 2):
         run_id = registry.get_or_create_run(f"bench-{i}")
         versions.append(
-            registry.register_version(
-                run_id, f"bench-{i}", uri, {"checkpoint.uri": uri}, description="benchmark"
-            )
+            registry.register_version(run_id, f"bench-{i}", uri, tags, description="benchmark")
         )
     registry.set_alias(registry.CHAMPION, versions[0])
     return versions[0], versions[1]
@@ -214,7 +220,10 @@ def _rollback_time(url: str, champion: str, canary: str, traffic_rows) -> dict: 
         time.sleep(0.05)
     time.sleep(2.3 * ANALYSIS_INTERVAL)
     httpx.post(
-        url + "/admin/faults", json={"version": canary, "error_rate": 0.5}, timeout=5
+        url + "/admin/faults",
+        json={"version": canary, "error_rate": 0.5},
+        headers={"Authorization": f"Bearer {os.environ['PIPELINE_SERVING_ADMIN_TOKEN']}"},
+        timeout=5,
     ).raise_for_status()
     t_fault = time.monotonic()
     registry_zero = service_zero = None
@@ -253,6 +262,9 @@ def main() -> int:
         os.environ["PIPELINE_HOME"] = str(home)
         for var in ("PIPELINE_STORAGE_URI", "PIPELINE_MLFLOW_TRACKING_URI", "PIPELINE_SERVING_URL"):
             os.environ.pop(var, None)
+        # the service subprocess inherits these: /admin on, with this run's own token
+        os.environ["PIPELINE_SERVING_ADMIN_ENABLED"] = "true"
+        os.environ["PIPELINE_SERVING_ADMIN_TOKEN"] = secrets.token_hex(32)
         champion, canary = _setup(home)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"

@@ -47,6 +47,7 @@ from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, t
 
 from assets import batch_asset, champion_asset
 from pipeline.names import APPROVE_OPTION, REJECT_OPTION, Task
+from pipeline.spec import batch_uri_pattern
 from placement import train_task_kwargs
 from specs import POLICY_PARAMS, good_specs, policy_request
 
@@ -111,7 +112,7 @@ def build_retrain_dag(spec):
             type=["null", "string"],
             title="Batch URI",
             maxLength=2048,
-            pattern=r"^(|file://\S+|s3://\S+|/\S+)$",
+            pattern=batch_uri_pattern(spec),  # a first line; the task's check is the authority
             description=f"Parquet batch under the landing prefix `{spec.landing_prefix}` "
             "(or a source the spec allows). Empty: the triggering asset event, else "
             "the run date's landing folder.",

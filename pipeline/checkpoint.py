@@ -12,16 +12,19 @@ Layout of a checkpoint directory::
                            after digests and signature verified)
     manifest.json          sha256 + size per file, tensor shapes/dtypes, finite flag, stop
                            reason, model factory + kwargs + code digest, feature spec, data snapshot, code version
-    manifest.sig           HMAC-SHA256 over manifest.json
+    manifest.sig           Ed25519 signature over manifest.json: {"alg", "key_id", "sig"}
 
-Why HMAC-SHA256: it needs nothing beyond the standard library, and the key is an
-ordinary secret — inside Airflow the Connection ``checkpoint_signing`` (password =
-key, login or extra ``key_id`` = key id), elsewhere ``PIPELINE_SIGNING_KEY`` from
-the environment or a secret store, and with neither a per-installation key made
-once under ``PIPELINE_HOME/keys`` (git-ignored). A key never comes from the
-repository. Its limit is that verifiers hold the same secret as signers; an
-asymmetric signature (``model-signing``, Sigstore) can replace
-``sign``/``check_signature`` without touching the format.
+Why Ed25519: verifiers (the gate, the scoring service) hold only public keys, so none of
+them can forge what it checks; the private key stays with the trainer — inside Airflow
+the Connection ``checkpoint_signing``, elsewhere ``PIPELINE_SIGNING_KEY`` from a secret
+store, and with neither (the embedded default) a pair made once under
+``PIPELINE_HOME/keys`` (git-ignored). A key never comes from the repository. The key id
+in each signature and a keyring of trusted public keys (``PIPELINE_SIGNING_PUBLIC_KEYS``)
+make rotation possible; keys, keyring and their checks are in :mod:`pipeline.signing`.
+Checkpoints signed with the former HMAC-SHA256 key verify only when
+``PIPELINE_SIGNING_LEGACY_HMAC_KEY`` is set; :func:`resign` (``python -m pipeline
+checkpoint resign <uri>``) moves them to Ed25519 without touching anything but
+``manifest.sig``.
 
 Nothing is ever unpickled: weights and optimizer tensors are read with safetensors,
 everything else is JSON or Parquet, and ``torch.load`` is never called — so
@@ -36,12 +39,12 @@ signature last, so a reader never sees a signed, half-published checkpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import hmac
 import json
 import math
 import os
-import secrets
+import re
 import shutil
 import subprocess
 import tempfile
@@ -53,8 +56,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import __version__, storage
-from pipeline.settings import PROJECT_ROOT, get_settings
+from pipeline import __version__, signing, storage
+from pipeline.settings import PROJECT_ROOT
 from pipeline.train.features import FeatureSpec, transform
 from pipeline.train.model import (
     CODE_FILE,
@@ -83,56 +86,17 @@ class CheckpointError(RuntimeError):
     pass
 
 
-# -- signing ---------------------------------------------------------------------------
-
-
-def signing_key() -> tuple[bytes, str]:
-    """(key, key id): from settings (inside Airflow the DAG hands the Connection
-    ``checkpoint_signing`` over as settings: ``dags/connections.py``), else a local key.
-
-    The local key is made once (mode 0600) under ``PIPELINE_HOME/keys`` — state, not
-    source: never read from or written to the repository.
-    """
-    s = get_settings()
-    if s.signing_key is not None:
-        return s.signing_key.get_secret_value().encode(), s.signing_key_id
-    path = s.home_dir / "keys" / "checkpoint-signing.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # made concurrently
-            pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
-    return path.read_text().strip().encode(), "local-" + hashlib.sha256(
-        path.read_bytes()
-    ).hexdigest()[:8]
+# -- signing (keys, keyring and their checks: pipeline/signing.py) ------------------------
 
 
 def sign(manifest_bytes: bytes) -> str:
-    key, key_id = signing_key()
-    mac = hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
-    return json.dumps({"alg": "HMAC-SHA256", "key_id": key_id, "mac": mac})
+    """The ``manifest.sig`` text: an Ed25519 signature by this process's signing key."""
+    return signing.configured_signer().sign(manifest_bytes)
 
 
 def check_signature(manifest_bytes: bytes, signature: str) -> str | None:
-    """None when valid, else the problem."""
-    try:
-        sig = json.loads(signature)
-    except json.JSONDecodeError:
-        return "signature file is not valid JSON"
-    key, key_id = signing_key()
-    if sig.get("alg") != "HMAC-SHA256":
-        return f"unsupported signature algorithm {sig.get('alg')!r}"
-    expected = hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, str(sig.get("mac", ""))):
-        return (
-            f"signature does not verify with key {key_id} (signed with {sig.get('key_id')!r}): "
-            "manifest edited after signing, or signed by another key"
-        )
-    return None
+    """None when valid (by a key of this process's keyring), else the problem."""
+    return signing.configured_keyring().check(manifest_bytes, signature)[0]
 
 
 def code_version() -> str:
@@ -265,6 +229,7 @@ def save_checkpoint(
         )
     if (model_ref.code_sha256 is None) != (code_file is None):
         raise CheckpointError("model_ref.code_sha256 and code_file go together")
+    signer = signing.configured_signer()  # a bad key is refused before any work
     if directory.exists():
         raise CheckpointError(f"{directory} exists; checkpoints are never overwritten")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +282,7 @@ def save_checkpoint(
         }
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         (tmp / MANIFEST).write_bytes(manifest_bytes)
-        (tmp / SIGNATURE).write_text(sign(manifest_bytes))
+        (tmp / SIGNATURE).write_text(signer.sign(manifest_bytes))
         for p in tmp.iterdir():
             with p.open("rb") as fh:
                 os.fsync(fh.fileno())
@@ -325,9 +290,31 @@ def save_checkpoint(
         os.rename(tmp, directory)
         storage.fsync_path(directory.parent)
         return manifest
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(exc)
+        if full is not None:
+            raise storage.StorageFullError(
+                f"checkpoint {directory} not written: {os.strerror(full)} in "
+                f"{directory.parent}; nothing was left behind (its temporary folder was "
+                "removed) and earlier checkpoints are untouched. Free space there (or raise "
+                "the file-size limit) and retry the task.",
+                full,
+            ) from exc
         raise
+
+
+# errno of a full disk, a file over RLIMIT_FSIZE, a quota; safetensors reports them as text
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException) -> int | None:
+    """The errno when ``exc`` (an OSError, or safetensors' own error, which carries only its
+    message: "... (os error 28)") says the disk or the file-size limit is full."""
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        return exc.errno
+    text = str(exc)
+    return next((n for n in _FULL_ERRNOS if f"(os error {n})" in text), None)
 
 
 def _inputs(features: FeatureSpec) -> ModelInputs:
@@ -364,6 +351,8 @@ class Verification:
     problems: list[str] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
     manifest_sha256: str = ""
+    signature_alg: str = ""  # set when the signature verified: "Ed25519" (or legacy HMAC)
+    signature_key_id: str = ""
 
     @property
     def intact(self) -> bool:
@@ -375,7 +364,9 @@ class Verification:
 
 
 def verify_checkpoint(directory: Path) -> Verification:
-    """Every check, each failure its own line. Never unpickles anything."""
+    """Every check, each failure its own line. Never unpickles anything. Unsafe signing
+    settings (a malformed keyring, a weak legacy key) raise ``signing.SigningKeyError``: they
+    are this process's fault, not the checkpoint's."""
     v = Verification(path=str(directory))
     if not directory.is_dir():
         v.problem(f"{directory}: not a checkpoint directory")
@@ -392,11 +383,13 @@ def verify_checkpoint(directory: Path) -> Verification:
     manifest_bytes = (directory / MANIFEST).read_bytes()
     v.manifest_sha256 = hashlib.sha256(manifest_bytes).hexdigest()
     if SIGNATURE in present:
-        problem = check_signature(
+        problem, alg, key_id = signing.configured_keyring().check(
             manifest_bytes, (directory / SIGNATURE).read_text(errors="replace")
         )
         if problem:
             v.problem(problem)
+        else:
+            v.signature_alg, v.signature_key_id = alg, key_id
     try:
         manifest = json.loads(manifest_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -522,3 +515,89 @@ def load_for_inference(uri: str) -> tuple[torch.nn.Module, FeatureSpec, Verifica
             return load_local_for_inference(local)
         except CheckpointError as exc:
             raise CheckpointError(str(exc).replace(str(local), uri, 1)) from None
+
+
+# -- re-signing -------------------------------------------------------------------------------
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:100] or "unknown"
+
+
+def _replace_local(directory: Path, data: bytes, keep_dir: Path) -> None:
+    """Swap ``directory/manifest.sig`` for ``data`` in one rename (the temp file is made in
+    ``keep_dir``, so the checkpoint never shows a stray file), and its storage digest
+    sidecar when it has one (a checkpoint published to ``file://`` storage)."""
+    for name, content in (
+        (SIGNATURE, data),
+        (SIGNATURE + storage.SIDECAR, hashlib.sha256(data).hexdigest().encode()),
+    ):
+        target = directory / name
+        if name != SIGNATURE and not target.exists():
+            continue
+        fd, tmp = tempfile.mkstemp(dir=keep_dir, prefix=".resign-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    storage.fsync_path(directory)
+
+
+def resign(target: str) -> dict[str, str]:
+    """Re-sign a checkpoint with this process's Ed25519 key, after verifying it whole
+    (digests, signature — with ``PIPELINE_SIGNING_LEGACY_HMAC_KEY`` for an HMAC one —,
+    safe load, reload parity). Only ``manifest.sig`` changes: weights and manifest are
+    never written, so ``checkpoint.manifest_sha256`` tags stay true. The previous signature
+    is kept beside the checkpoint, in ``<checkpoint>.signatures/<alg>-<key id>.sig``.
+
+    ``target``: a local directory (or ``file://`` path; a checkpoint published to file
+    storage included) or an ``s3://`` prefix. On S3 the new signature is staged under
+    ``.signatures/``, the old one moved there, then the staged one moved in; a run cut off
+    in between is finished by running it again (Ed25519 is deterministic: same bytes).
+    Raises CheckpointError listing every problem when the checkpoint does not verify."""
+    signer = signing.configured_signer()
+    remote = "://" in target and not target.startswith("file://")
+    base = target.rstrip("/")
+    kept = base + ".signatures"
+    staged = f"{kept}/pending-{_safe_name(signer.key_id)}.sig"
+    recovered = False
+    with tempfile.TemporaryDirectory() as tmp:
+        if remote:
+            local = fetch(base, Path(tmp) / "ckpt")
+            if not (local / SIGNATURE).exists() and storage.exists(staged):
+                (local / SIGNATURE).write_bytes(storage.read_bytes(staged))
+                recovered = True  # cut off after the old signature was moved away
+        else:
+            # A copy without storage sidecars: what a reader fetches and verifies.
+            local = fetch(storage.file_uri(Path(base.removeprefix("file://"))), Path(tmp) / "c")
+        v = verify_checkpoint(local)
+        if not v.intact:
+            raise CheckpointError(
+                f"checkpoint {target} does not verify, so it is not re-signed: "
+                + "; ".join(v.problems)
+            )
+        old = (local / SIGNATURE).read_bytes()
+        new = signer.sign((local / MANIFEST).read_bytes()).encode()
+    was = f"{v.signature_alg} key {v.signature_key_id}"
+    now = f"{signing.ALG} key {signer.key_id}"
+    result = {"checkpoint": target, "was": was, "now": now}
+    if old == new:
+        if recovered:
+            storage.move(staged, storage.join(base, SIGNATURE))
+            return {**result, "status": "resigned (finished an interrupted re-sign)"}
+        return {**result, "status": "unchanged: already signed by this key"}
+    keep_name = f"{_safe_name(v.signature_alg)}-{_safe_name(v.signature_key_id)}.sig"
+    if remote:
+        storage.write_bytes(staged, new)
+        storage.move(storage.join(base, SIGNATURE), f"{kept}/{keep_name}")
+        storage.move(staged, storage.join(base, SIGNATURE))
+    else:
+        directory = Path(base.removeprefix("file://"))
+        keep_dir = directory.parent / (directory.name + ".signatures")
+        keep_dir.mkdir(exist_ok=True)
+        if not (keep_dir / keep_name).exists():
+            (keep_dir / keep_name).write_bytes(old)
+        _replace_local(directory, new, keep_dir)
+    return {**result, "status": "resigned", "previous_signature": f"{kept}/{keep_name}"}

@@ -158,6 +158,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_resign(args: argparse.Namespace) -> int:
+    """Re-sign one checkpoint (see ``checkpoint.resign``): one line, exit 0; or ``FAIL …``."""
+    from pipeline import checkpoint
+
+    try:
+        done = checkpoint.resign(args.path)
+    except checkpoint.CheckpointError as exc:
+        print(f"FAIL {args.path}: {' '.join(str(exc).split())}")
+        return 1
+    kept = (
+        f"; previous signature kept at {done['previous_signature']}"
+        if "previous_signature" in done
+        else ""
+    )
+    print(f"{done['status'].upper()} {args.path}: {done['was']} -> {done['now']}{kept}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    """Write an Ed25519 pair and say where each half goes (the private key is not printed)."""
+    from pipeline import signing
+
+    private, public, entry = signing.generate_key_pair(args.out, args.key_id)
+    print(
+        f"private key: {private} (mode 0600): the trainer only, as {signing.KEY} (the file's "
+        f"text, or its base64 line) with {signing.KEY_ID}={args.key_id}, or the Airflow "
+        f"Connection checkpoint_signing (password = the key, login = {args.key_id})\n"
+        f"public key:  {public}\n"
+        f"every verifier (workers, scoring service), added to the keyring:\n"
+        f"  {signing.PUBLIC_KEYS}={entry}"
+    )
+    return 0
+
+
 def _record_out(args: argparse.Namespace, rec: dict[str, Any]) -> None:
     """``--record-out``: rank 0 (or the only process) writes the stage's record there."""
     if getattr(args, "record_out", None) and os.environ.get("RANK", "0") == "0":
@@ -464,6 +498,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = ck.add_parser("verify", help="verify a checkpoint; exit 0 when intact")
     v.add_argument("path", help="local directory, file:// or s3:// prefix")
     v.set_defaults(func=cmd_verify)
+    rs = ck.add_parser(
+        "resign",
+        help="verify a checkpoint (an HMAC one with PIPELINE_SIGNING_LEGACY_HMAC_KEY set), then "
+        "replace its signature by this process's Ed25519 one; weights and manifest untouched",
+    )
+    rs.add_argument("path", help="local directory, file:// or s3:// prefix")
+    rs.set_defaults(func=cmd_resign)
+
+    keys = sub.add_parser("keys", help="checkpoint signing keys").add_subparsers(
+        dest="keys_cmd", required=True
+    )
+    kg = keys.add_parser(
+        "generate", help="make an Ed25519 key pair: ID.key (private, 0600) and ID.pub"
+    )
+    kg.add_argument("--out", required=True, type=Path, help="folder for the two files")
+    kg.add_argument("--key-id", required=True, help="the id signatures will name, e.g. prod-1")
+    kg.set_defaults(func=cmd_keys_generate)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         which = sp.add_mutually_exclusive_group()

@@ -636,7 +636,9 @@ def detect_drift_uris(
     seed: int = 0,
     html: bool = True,
 ) -> tuple[DriftReport, str]:
-    """:func:`detect_drift` on two Parquet objects, streaming (never a whole frame)."""
+    """:func:`detect_drift` on two Parquet objects, streaming (never a whole frame, nor a
+    whole S3 object); a storage service that does not answer raises
+    :class:`~pipeline.storage.TransientStorageError` (retry), never a verdict."""
     cats = contract.categorical_features
     return detect_drift_sources(
         open_source(reference_uri, cats),

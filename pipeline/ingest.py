@@ -3,7 +3,9 @@ every later stage uses on it.
 
 Batches are Parquet. Readers never need the whole frame: :class:`TableSource` hands out
 record batches (row-group sized or smaller) of only the columns asked for, one column in
-full when a statistic needs it exact, or a seeded row sample. Page checksums are verified
+full when a statistic needs it exact, or a seeded row sample. Nor the whole object: a
+local file is read by path, an S3 object by ranged GETs (:func:`pipeline.storage.open_read`),
+each column chunk through a buffer of :data:`READ_BUFFER_BYTES`. Page checksums are verified
 on every read (``page_checksum_verification=True``), so a corrupted data page written with
 ``write_page_checksum=True`` (as :func:`parquet_bytes` writes) is an error, never silent
 garbage. Column names are data: they select columns and are never used as paths.
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
 BATCH_ROWS = 262_144  # rows per record batch when streaming
+READ_BUFFER_BYTES = 8 << 20  # per column chunk being read: bounds memory, sizes each S3 GET
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,25 @@ def parquet_bytes(data: pd.DataFrame | pa.Table, *, row_group_size: int | None =
 
 
 def _open(uri: str, dictionary_columns: Sequence[str] = ()) -> pq.ParquetFile:
-    """A verifying ParquetFile; local files are read in buffered chunks (no mmap, no
-    pre-buffering of whole row groups), so RSS stays near one record batch."""
+    """A verifying ParquetFile that never holds the object: a local file is read by path
+    (no mmap), an S3 object through ranged GETs (:func:`pipeline.storage.open_read`). No
+    pre-buffering of whole row groups, and column chunks are read through a buffer of
+    :data:`READ_BUFFER_BYTES`, so memory stays near one record batch plus one buffer per
+    column, whatever row groups the producer wrote. A transient storage failure raises
+    :class:`~pipeline.storage.TransientStorageError` (never a Parquet error)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if uri.startswith("file://") or "://" not in uri:
         source: Any = str(storage.local_path(uri))
     else:
-        source = pa.BufferReader(storage.read_bytes(uri))
-    pf = pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=False)
+        source = storage.open_read(uri)
+    options: dict[str, Any] = {
+        "page_checksum_verification": True,
+        "pre_buffer": False,
+        "buffer_size": READ_BUFFER_BYTES,
+    }
+    pf = pq.ParquetFile(source, **options)
     if not dictionary_columns:
         return pf
     # Low-cardinality string columns decode to Arrow dictionaries: counting them is then a
@@ -80,9 +92,7 @@ def _open(uri: str, dictionary_columns: Sequence[str] = ()) -> pq.ParquetFile:
     ]
     if not wanted:
         return pf
-    return pq.ParquetFile(
-        source, page_checksum_verification=True, pre_buffer=False, read_dictionary=wanted
-    )
+    return pq.ParquetFile(source, metadata=pf.metadata, read_dictionary=wanted, **options)
 
 
 class TableSource:
@@ -225,7 +235,9 @@ def snapshot(batch_uri: str) -> tuple[Snapshot, str | None]:
 
     Returns the snapshot and the parse error if the footer is unreadable (the rows are
     read from the footer; pages are checked by validation, which reads them all). The
-    landing file is left where it is; nothing is deleted.
+    landing file is left where it is; nothing is deleted. A storage service that does not
+    answer raises :class:`~pipeline.storage.TransientStorageError` (nothing written: retry),
+    a full disk :class:`~pipeline.storage.StorageFullError` (nothing left half-written).
     """
     import pyarrow.parquet as pq
 

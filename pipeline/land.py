@@ -75,6 +75,8 @@ def _read_parquet(file: str | Path) -> tuple[str, bytes, int]:
     src = _source_uri(file)
     try:
         data = storage.read_bytes(src)
+    except storage.TransientStorageError:
+        raise  # the store failed, not the file: retry, never reject
     except (storage.StorageError, OSError) as exc:
         raise LandingRejected(f"cannot read {file}: {exc}") from None
     return src, data, _parquet_rows(data, str(file))

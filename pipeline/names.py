@@ -135,6 +135,7 @@ class VersionTag(StrEnum):
     GATE_REASON = "gate.reason"
     GATE_MARGIN = "gate.margin"
     GATE_RECORD = "gate.record"
+    APPROVAL_REQUIRED = "approval.required"  # written by the gate: "true" | "false"
     APPROVAL_VERDICT = "approval.verdict"
     APPROVAL_BY = "approval.by"
     APPROVAL_AT = "approval.at"

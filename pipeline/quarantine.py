@@ -1,7 +1,8 @@
 """Where a batch may come from, where a rejected one goes, and the count of both.
 
 * **Sources** — a batch is read only from its model's landing prefix or a source the spec
-  lists (``landing.allowed_sources``); anything else is refused before it is read.
+  lists (``landing.allowed_sources``); anything else is refused before it is read
+  (``pipeline.uris.confine``: literal URIs, symlinks resolved, whole segments).
 * **Quarantine** — ``quarantine/<model>/<sha>/``: the rejected bytes beside their report and
   a reason file, written once. A batch inside the landing prefix (the pipeline's own) is
   moved there; one from anywhere else is copied and left where it was.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from pipeline import storage
+from pipeline import storage, uris
 from pipeline.settings import get_settings
-from pipeline.spec import ModelSpec, PolicyViolation, active
+from pipeline.spec import ModelSpec, active
 
 if TYPE_CHECKING:
     from pipeline.stages.records import Ingested
@@ -31,38 +32,20 @@ def write_once(uri: str, text: str) -> None:
 
 
 def landing_prefix_uri(spec: ModelSpec | None = None) -> str:
-    return storage.join(get_settings().storage_root, (spec or active()).landing_prefix)
+    return uris.landing_root(spec)
 
 
 def under(uri: str, prefix: str) -> bool:
-    u, p = storage.norm(uri), storage.norm(prefix).rstrip("/") + "/"
-    return u.startswith(p)
+    """``uri`` inside the folder ``prefix``, by whole segments and after resolving symlinks
+    (``pipeline.uris``: the same rules as the source check)."""
+    return uris.within(uri, prefix)
 
 
 def check_batch_source(uri: str, spec: ModelSpec | None = None) -> str:
     """A batch may be read only from the model's landing prefix or a source its spec lists
-    (``landing.allowed_sources``); anything else is refused before it is read."""
-    spec = spec or active()
-    if (
-        not isinstance(uri, str)
-        or not uri
-        or len(uri) > 2048
-        or any(ch in uri for ch in "\x00\n\r")
-    ):
-        raise PolicyViolation(f"batch URI {uri!r} is not a URI")
-    norm = storage.norm(uri)
-    if "/../" in norm + "/" or "/./" in norm + "/":
-        raise PolicyViolation(f"batch URI {uri!r} contains '.' or '..' segments")
-    allowed = [landing_prefix_uri(spec)] + [
-        get_settings().resolve(a) for a in spec.landing.allowed_sources
-    ]
-    if not any(under(norm, a) for a in allowed):
-        raise PolicyViolation(
-            f"batch {uri} is outside model {spec.name!r}'s landing prefix and allowed sources "
-            f"{allowed}; land it with `python -m pipeline data land --model {spec.name} --file PATH`, "
-            f"or the model's owner adds its folder to landing.allowed_sources in {spec.path}"
-        )
-    return norm
+    (``landing.allowed_sources``); anything else is refused before it is read. Returns the
+    canonical URI (symlinks resolved), the one to read. The rules: :func:`pipeline.uris.confine`."""
+    return uris.batch_source(uri, spec)
 
 
 def quarantine_root(snapshot_sha: str) -> str:

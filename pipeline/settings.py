@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".local"), description="Root of all embedded state.")
     storage_uri: str = Field(default="", description="file:// or s3:// root for data objects.")
     s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, moto).")
+    s3_connect_timeout_s: float = Field(
+        default=10.0, gt=0, description="S3 connect timeout, seconds (then botocore retries)."
+    )
+    s3_read_timeout_s: float = Field(
+        default=60.0, gt=0, description="S3 read timeout, seconds, per socket read."
+    )
     mlflow_tracking_uri: str = Field(default="", description="MLflow tracking/registry URI.")
     mlflow_artifact_uri: str = Field(default="", description="Artifact root for new experiments.")
     models_root: Path = Field(
@@ -35,10 +41,26 @@ class Settings(BaseSettings):
         default="card_fraud",
         description="The model a command or task acts on when none is named (--spec / --model).",
     )
+    # -- checkpoint signatures (pipeline/signing.py): Ed25519, private key with the trainer --
     signing_key: SecretStr | None = Field(
-        default=None, description="HMAC key for checkpoint manifests (hex or text)."
+        default=None,
+        description="Ed25519 private key (PEM text or its base64 body) that signs checkpoint "
+        "manifests: the trainer only. Unset with no keyring: a local pair under home/keys.",
     )
-    signing_key_id: str = "local"
+    signing_key_id: str = Field(
+        default="",
+        description="Key id written into each signature (default: ed25519-<fingerprint>).",
+    )
+    signing_public_keys: str | None = Field(
+        default=None,
+        description="Trusted public keys: inline ID=BASE64[,ID=BASE64] or a path (a folder "
+        "of ID.pub files, or a file of ID=BASE64 lines). Unset: the signer's own key.",
+    )
+    signing_legacy_hmac_key: SecretStr | None = Field(
+        default=None,
+        description="Off unless set: also accept HMAC-SHA256 signatures made with this old "
+        "key (checkpoints from before Ed25519) until `checkpoint resign` re-signs them.",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
     train_processes: int = Field(
         default=1,
@@ -81,7 +103,45 @@ class Settings(BaseSettings):
         description="How often the service re-reads aliases and the canary weight.",
     )
     serving_admin_enabled: bool = Field(
-        default=True, description="Loopback-only /admin/faults chaos switch (false disables it)."
+        default=False,
+        description="The /admin/* routes (fault switch, poll now); off: 404. On, they need "
+        "serving_admin_token (the service refuses to start without a strong one).",
+    )
+    serving_admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for /admin/* (at least 32 characters: openssl rand -hex 32).",
+    )
+    serving_feedback_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the /feedback routes (unset: feedback is refused, 403); "
+        "the replayer sends it with the labels.",
+    )
+    serving_max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="Largest request body the service reads (413 beyond, before parsing).",
+    )
+    # -- several replicas of the scoring service (pipeline/serving/replicas.py) --
+    serving_metrics_urls: str = Field(
+        default="",
+        description="Base URLs of EVERY scoring replica, comma-separated: the canary "
+        "analysis reads and sums all of them (empty: serving_url alone).",
+    )
+    serving_replicas_dns: str = Field(
+        default="",
+        description="host:port of a headless Service: every address it resolves to is a "
+        "replica the canary analysis reads (re-resolved at each measurement).",
+    )
+    serving_advertise_url: str = Field(
+        default="",
+        description="This replica's own base URL (e.g. http://$(POD_IP):8000): named in the "
+        "request ids it issues, so feedback reaching another replica is forwarded here.",
+    )
+    serving_request_id_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of the request ids, the same on every replica and held by no "
+        "client (needed with serving_advertise_url; unset: derived from the feedback token).",
     )
     canary_steps: list[float] = Field(
         default=[0.05, 0.25, 0.5, 1.0], description="Canary traffic weights, in order."

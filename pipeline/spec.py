@@ -179,6 +179,30 @@ class EvaluationSpec(_Strict):
         description="trusted labelled set; relative to the "
         "storage root or a URI; None: trusted/<name>/eval.parquet",
     )
+    trusted_prefix: str | None = Field(
+        default=None,
+        description="the folder a run may name another set under (only when "
+        "overrides.allow lists evaluation.uri); relative to the storage root or a URI; "
+        "None: trusted/ under the storage root",
+    )
+
+    @field_validator("trusted_prefix")
+    @classmethod
+    def _a_plain_folder(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        body = v.split("://", 1)[-1].strip("/")
+        if (
+            not body
+            or any(seg in ("", ".", "..") for seg in body.split("/"))
+            or re.search(r"[\\%?#\s]", v)
+        ):
+            raise ValueError(
+                f"{v!r} is not a plain folder: give one relative to the storage root "
+                "(trusted/<name>) or an s3:// / file:// URI, without '.', '..', empty "
+                "segments, backslashes, '%', '?', '#' or spaces"
+            )
+        return v
 
 
 LOOSENABLE = (
@@ -311,6 +335,11 @@ class ModelSpec(_Strict):
     @property
     def eval_location(self) -> str:
         return self.evaluation.uri or f"trusted/{self.name}/eval.parquet"
+
+    @property
+    def trusted_prefix(self) -> str:
+        """The folder a run may name another evaluation set under (``pipeline.uris``)."""
+        return (self.evaluation.trusted_prefix or "trusted").rstrip("/")
 
     @property
     def factory_module_file(self) -> Path | None:
@@ -683,6 +712,10 @@ def resolve_policy(spec: ModelSpec, requested: dict[str, Any] | None = None) -> 
                 f"{spec_v!r} in {spec.path}); a run may only tighten it. To allow this, the "
                 f"model's owner adds {knob.field!r} to overrides.allow in the spec"
             )
+        if knob.param == "eval_uri":  # and it must lie under the spec's trusted prefix
+            from pipeline.uris import eval_source
+
+            eval_source(str(run_v), spec)
         values[knob.field] = run_v
         used.append(
             {
@@ -878,9 +911,67 @@ def param_schema(spec: ModelSpec) -> dict[str, dict[str, Any]]:
             "type": ["null", "string"],
             "maxLength": 2048,
             **({} if loose("evaluation.uri") else {"maxLength": 0}),
+            **({"pattern": eval_uri_pattern(spec)} if loose("evaluation.uri") else {}),
             "title": "Evaluation set URI",
             "description": f"Empty: the spec's trusted set ({spec.eval_location})."
-            + ("" if loose("evaluation.uri") else " This model's spec does not allow another."),
+            + (
+                f" Another one must lie under the trusted prefix `{spec.trusted_prefix}`."
+                if loose("evaluation.uri")
+                else " This model's spec does not allow another."
+            ),
         },
     }
     return out
+
+
+# -- the trigger form's first line against hostile URIs ------------------------------------------
+#
+# A loose pattern, checked by the UI form and the REST API before a run exists: it refuses
+# what is obviously outside the model's roots (``/proc/self/environ``, ``/etc/passwd``,
+# another scheme, ``..``, ``%2e``, backslashes, ``?``/``#``, ``//``). The storage root is the
+# deployment's (not known when the DAG is parsed), so a relative root matches wherever it
+# appears as whole segments; the stage's check (``pipeline.uris.confine``) is the authority.
+
+#: one path segment: no separator, backslash, percent, query, fragment or space; not . or ..
+_SEG = r"(?!\.\.?(?:/|$))[^/\\%?#\s]+"
+
+
+def _rx(text: str) -> str:
+    """``text`` literally, in a regex that both Python and ECMAScript (``u`` flag) read."""
+    return re.sub(r"[\\^$.*+?()[\]{}|/]", lambda m: "\\" + m.group(0), text)
+
+
+def _location_rx(location: str, *, inside: bool, relative_ok: bool) -> str:
+    """URIs at (``inside``: under) a spec location: an absolute one exactly; a relative one
+    after any storage root, or as written when the run may give it relative."""
+    tail = rf"(?:/{_SEG})+" if inside else ""
+    loc = location.rstrip("/") if inside else location
+    if loc.startswith("s3://"):
+        return _rx(loc) + tail
+    if loc.startswith("file://"):
+        loc = loc[len("file://") :]
+    if loc.startswith("/"):
+        return rf"(?:file://)?{_rx(loc)}{tail}"
+    rel = _rx(loc.strip("/"))
+    anywhere = rf"(?:file://|s3://{_SEG})?(?:/{_SEG})*/{rel}{tail}"
+    return rf"{rel}{tail}|{anywhere}" if relative_ok else anywhere
+
+
+def batch_uri_pattern(spec: ModelSpec) -> str:
+    """The ``batch_uri`` Param's pattern: empty, or a URI under the landing prefix or an
+    allowed source."""
+    alts = [
+        _location_rx(r, inside=True, relative_ok=False)
+        for r in [spec.landing_prefix, *spec.landing.allowed_sources]
+    ]
+    return "^(|" + "|".join(alts) + ")$"
+
+
+def eval_uri_pattern(spec: ModelSpec) -> str:
+    """The ``eval_uri`` Param's pattern: empty, the spec's own set, or one under its trusted
+    prefix (relative to the storage root, or a URI)."""
+    alts = [
+        _location_rx(spec.trusted_prefix, inside=True, relative_ok=True),
+        _location_rx(spec.eval_location, inside=False, relative_ok=True),
+    ]
+    return "^(|" + "|".join(alts) + ")$"

@@ -36,6 +36,11 @@ def env() -> dict[str, str]:
     e.setdefault("AIRFLOW__API__HOST", "127.0.0.1")
     e.setdefault("AIRFLOW__API__PORT", "8080")
     e.setdefault("AIRFLOW__API__WORKERS", "1")
+    # tasks report to the API server they were started by (Airflow's default assumes :8080)
+    e.setdefault(
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
+        f"http://{e['AIRFLOW__API__HOST']}:{e['AIRFLOW__API__PORT']}/execution/",
+    )
     e.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
     e.setdefault("AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG", "4")
     e.setdefault("AIRFLOW__SCHEDULER__PARSING_PROCESSES", "1")

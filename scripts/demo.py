@@ -208,6 +208,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | None]:
     """Start the scoring service and a traffic replayer, run a canary, inject a fault."""
+    import secrets
     import threading
     import urllib.request
 
@@ -215,11 +216,31 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, **CANARY_ENV, "PIPELINE_SERVING_URL": url}
+    admin_token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        **CANARY_ENV,
+        "PIPELINE_SERVING_URL": url,
+        # this service's own fault switch, on for the demo only, behind a fresh token; the
+        # replayer posts its labels with the feedback token (both read from this env)
+        "PIPELINE_SERVING_ADMIN_ENABLED": "true",
+        "PIPELINE_SERVING_ADMIN_TOKEN": admin_token,
+        "PIPELINE_SERVING_FEEDBACK_TOKEN": secrets.token_hex(32),
+    }
     py = sys.executable
+    # the scoring service holds public keys only (it refuses to start with a private key): a
+    # signing key set in this shell becomes its keyring entry, never the service's to hold
+    serve_env = {k: v for k, v in env.items() if k != "PIPELINE_SIGNING_KEY"}
+    if env.get("PIPELINE_SIGNING_KEY") and not env.get("PIPELINE_SIGNING_PUBLIC_KEYS"):
+        from pipeline import signing
+
+        signer = signing.configured_signer()
+        serve_env["PIPELINE_SIGNING_PUBLIC_KEYS"] = signing.keyring_entry(
+            signer.key_id, signer.public_key()
+        )
     serve = subprocess.Popen(
         [py, "-m", "pipeline", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
+        env=serve_env,
         stdout=(logs / "serve.log").open("w"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -274,7 +295,10 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
                         f"{url}/admin/faults",
                         data=body,
                         method="POST",
-                        headers={"Content-Type": "application/json"},
+                        headers={
+                            "Content-Type": "application/json",
+                            "Authorization": f"Bearer {admin_token}",
+                        },
                     )
                     urllib.request.urlopen(req, timeout=5).close()
                     injected["version"] = str(canary.version)

@@ -29,6 +29,9 @@ def pipeline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         "PIPELINE_STORAGE_URI",
         "PIPELINE_MLFLOW_TRACKING_URI",
         "PIPELINE_SIGNING_KEY",
+        "PIPELINE_SIGNING_KEY_ID",
+        "PIPELINE_SIGNING_PUBLIC_KEYS",
+        "PIPELINE_SIGNING_LEGACY_HMAC_KEY",
         "PIPELINE_EVAL_URI",
         "PIPELINE_S3_ENDPOINT_URL",
     ):
@@ -76,6 +79,7 @@ GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack 
     "stack/test_stack_security.py": "stack-servers",
     "integration/test_trigger_form.py": "ui-stack",
     "integration/test_browser.py": "ui-stack",
+    "integration/test_hostile_uris.py": "ui-stack",
     "integration/test_serving_canary.py": "timing",
     "integration/test_promotion_race.py": "timing",
     "integration/test_resume_sigkill.py": "timing",
@@ -86,6 +90,8 @@ FIRST = (  # units (or modules) in this order, then the lanes in LANE_ORDER
     "integration/test_retrain_dag.py",
     "timing",
     "ui-stack",
+    "integration/test_resource_limits.py",
+    "integration/test_transient_reads.py",
     "unit/test_spec.py",
     "stack-servers",
 )

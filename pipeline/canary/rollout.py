@@ -11,7 +11,12 @@ parsed with ``prometheus_client.parser``): in production real traffic flows and 
 code only reads. The service serves every model: a rollout reads only the series
 labelled with its own model (``model`` = the active spec's name). A window is the
 difference of two scrapes, per version, judged by
-:class:`~pipeline.canary.analysis.CanaryAnalysis`.
+:class:`~pipeline.canary.analysis.CanaryAnalysis`. With several replicas every one is
+read at each measurement and they are summed
+(:class:`~pipeline.serving.replicas.ReplicaSet`: ``PIPELINE_SERVING_METRICS_URLS`` or
+``PIPELINE_SERVING_REPLICAS_DNS``; by default ``PIPELINE_SERVING_URL`` alone): a
+replica that does not answer is a measurement error, never a smaller sample, and a
+weight or alias counts as applied once every replica applied it.
 
 **Run semantics** (:class:`~pipeline.canary.analysis.AnalysisRun`): a failure rolls back;
 an unmeasurable canary (consecutive measurement errors over the limit) is *aborted*: out
@@ -62,6 +67,7 @@ from pipeline.canary.analysis import (
 )
 from pipeline.names import CanaryVerdict
 from pipeline.serving.metrics import MeasurementError, Snapshot, VersionStats
+from pipeline.serving.replicas import ReplicaSet
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +82,21 @@ class _Stop(Exception):  # noqa: N818 - control flow inside the rollout
 
 class _Rollout:
     def __init__(
-        self, version: str, champion: str, plan: CanaryPlan, url: str, run_key: str, actor: str
+        self,
+        version: str,
+        champion: str,
+        plan: CanaryPlan,
+        url: str,
+        run_key: str,
+        actor: str,
+        replicas: ReplicaSet | None = None,
     ) -> None:
         import httpx
 
         from pipeline.spec import active
 
         self.version, self.champion, self.plan, self.url = version, champion, plan, url
+        self.replicas = replicas or ReplicaSet.fixed([url])
         self.run_key, self.actor = run_key, actor
         self.model = active().name  # the service serves many models: read this one's series
         self.analysis = CanaryAnalysis(plan.thresholds)
@@ -102,11 +116,10 @@ class _Rollout:
 
     # measurements
     def _scrape(self) -> Snapshot | None:
-        from pipeline.serving.metrics import scrape
-
+        """One measurement: every replica's series of this model, summed."""
         try:
-            snap = scrape(
-                self.url, client=self.http, timeout=self.http.timeout.read or 10.0, model=self.model
+            snap = self.replicas.scrape(
+                client=self.http, timeout=self.http.timeout.read or 10.0, model=self.model
             )
         except MeasurementError as exc:
             status = self.run.record_error(str(exc))
@@ -124,8 +137,8 @@ class _Rollout:
             raise _Stop(
                 "rolled_back",
                 CanaryReason.CANARY_REFUSED,
-                f"the scoring service refused v{self.version}: its checkpoint failed "
-                "verification (see /readyz)",
+                f"the scoring service refused v{self.version} (see /readyz `refusals` for "
+                "the reason)",
             )
         self.last_snapshot = snap
         return snap
@@ -152,8 +165,8 @@ class _Rollout:
                 raise _Stop(
                     "aborted",
                     CanaryReason.MEASUREMENT_ERRORS,
-                    f"the scoring service at {self.url} did not {what} within "
-                    f"{self.plan.load_timeout_s:g}s",
+                    f"the scoring service ({self.replicas.describe()}) did not {what} "
+                    f"within {self.plan.load_timeout_s:g}s",
                 )
             time.sleep(pause)
 
@@ -390,6 +403,7 @@ def run_canary_rollout(
     version = str(version)
     plan = plan or CanaryPlan.from_spec(active())
     url = service_url or get_settings().serving_url
+    replicas = ReplicaSet.for_analysis(service_url)  # who each measurement reads
     actor = actor or "unknown"
     mv = registry.client().get_model_version(registry.model_name(), version)
     champ = registry.alias_version(registry.CHAMPION)
@@ -399,6 +413,7 @@ def run_canary_rollout(
         "model_version": version,
         "champion_version": expected_champion,
         "service_url": url,
+        "replicas": replicas.describe(),
         "plan": plan.to_dict(),
         "run_key": run_key,
         "actor": actor,
@@ -446,7 +461,7 @@ def run_canary_rollout(
         )
         return rec
 
-    ro = _Rollout(version, champ_v, plan, url, run_key, actor)
+    ro = _Rollout(version, champ_v, plan, url, run_key, actor, replicas)
     start_step = 0
     if resume and mv.tags.get("canary.state"):
         state = json.loads(mv.tags["canary.state"])

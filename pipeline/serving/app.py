@@ -12,11 +12,14 @@ model's name, ``card-fraud``, is accepted too):
   answer: ``{"model_name", "model_version", "id", "parameters": {"alias", "request_id"},
   "outputs": [{"name": "probability_<class>", "datatype": "FP32", "shape": [N], "data":
   [...]}, ...]}`` — one output per class; ``"outputs": [{"name": ...}]`` in the request
-  picks some. ``id`` (or ``X-Request-Id``, or a new one) is the id feedback refers to.
+  picks some. ``id`` echoes the request's ``id`` (the caller's correlation id; a new one
+  when none was given); ``parameters.request_id`` is the id feedback refers to, issued by
+  the service (a caller's ``id`` or ``X-Request-Id`` is never a feedback key).
 * ``GET /v2/models/{name}`` — metadata: versions served, platform, inputs (from the
   served checkpoint's feature spec, typed and bounded by the contract), outputs, and the
   routing state in ``parameters``; ``GET /v2/models/{name}/ready`` (200 / 503).
-* ``POST /v2/models/{name}/feedback`` — labels for earlier requests of that model.
+* ``POST /v2/models/{name}/feedback`` — labels for earlier requests of that model
+  (``Authorization: Bearer <PIPELINE_SERVING_FEEDBACK_TOKEN>``; see Feedback below).
 * ``GET /v2/health/live``, ``GET /v2/health/ready`` (every model that has a champion in
   its registry serves one, or refused it; at least one serves), ``GET /v2`` (server
   metadata), ``GET /v2/models`` (the models served, and the broken specs).
@@ -31,9 +34,37 @@ a probability per class per row, in the order of ``classes``), ``POST /feedback`
 model's detail, plus every model's readiness and the broken specs), ``GET /metrics``
 (Prometheus text, every series labelled ``model``).
 
-Status codes: 200 scored; 400 the body is not JSON or not rows/tensors; 404 unknown
-model; 422 a row breaks the model's contract; 500 the model failed (counted as the
-answering version's error); 503 no verified champion of that model is loaded yet.
+Feedback (both routes): ``{"feedback": [{"request_id": "...", "labels": [0, 1]}]}`` (or
+``"label": 1`` for a one-row request; a single item may be posted without the wrapper),
+with the feedback bearer token: 401 without it, 403 with a wrong one or when the service
+has none configured. Only ids the service issued are taken (``request_id`` of
+``/predict``, ``parameters.request_id`` of an OIP answer), each once, all or nothing:
+200 ``{"matched", "unknown", "mismatched"}`` when every item was recorded; otherwise
+nothing is recorded and the answer lists ``refused`` items (``index``, ``request_id``,
+``result``, ``message``) with 404 when an id was never issued here (``forged``) or is no
+longer pending (``unknown``), 409 when it was labelled before (``duplicate``: a second
+label never overwrites the first), 422 when the label count is not the row count.
+
+Several replicas (``PIPELINE_SERVING_ADVERTISE_URL`` set on each): an id names the
+replica that issued it, and feedback for another replica's id is forwarded once to that
+replica (:mod:`pipeline.serving.replicas`). Items are then grouped by the replica that
+scored them, each group all or nothing: the 200 answer adds ``forwarded`` (items recorded
+elsewhere); a refused batch may have recorded other groups (its message says how many
+labels), and its items can be ``misrouted`` (421: a forwarded request never hops again)
+or ``unreachable`` (502: that replica did not answer; send those again later).
+
+``/admin/*`` (the fault switch, ``POST /admin/poll``) is served only with
+``PIPELINE_SERVING_ADMIN_ENABLED=true`` and then only to ``Authorization: Bearer
+<PIPELINE_SERVING_ADMIN_TOKEN>`` (401 / 403); see :mod:`pipeline.serving.access` for why
+no client address is trusted.
+
+Status codes: 200 scored; 400 the body is not JSON, not rows/tensors, or holds a number
+out of range (``NaN``, ``Infinity``, ``1e400``, an integer beyond 64 bits); 401/403 a
+token missing or wrong; 404 unknown model; 413 the body is larger than
+``PIPELINE_SERVING_MAX_BODY_BYTES`` (1 MiB by default; refused before it is parsed); 422
+a row breaks the model's contract; 500 the model failed (counted as the answering
+version's error); 503 no verified champion of that model is loaded yet. Every 4xx is
+counted in ``scoring_rejected_requests_total{model, status}``.
 """
 
 from __future__ import annotations
@@ -42,7 +73,6 @@ import asyncio
 import gc
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -52,30 +82,50 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from pipeline.serving.access import (
+    AccessPolicy,
+    BodyLimit,
+    bearer,
+    token_matches,
+)
 from pipeline.serving.faults import FaultSpec
+from pipeline.serving.replicas import FORWARDED_HEADER, forward_client, forward_feedback
 from pipeline.serving.schema import (
     OIP_DATATYPE,
     BadRequest,
     InferRequest,
     RowsInvalid,
     infer_request,
+    parse_json,
     rows_of,
 )
 from pipeline.serving.service import ScoringService, ServedModel, Slot
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 INLINE_ROWS = 64  # bigger batches are scored on the thread pool, off the event loop
 ROUTING_KEY_HEADER = "x-routing-key"
 PROM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PLATFORM = "pytorch_torchscript"  # OIP's name for a PyTorch model (served here as nn.Module)
+# A refused feedback batch's status: the first row whose results it holds (else 422).
+FEEDBACK_STATUS: tuple[tuple[int, frozenset[str]], ...] = (
+    (404, frozenset({"forged", "unknown"})),
+    (502, frozenset({"unreachable"})),
+    (421, frozenset({"misrouted"})),
+    (409, frozenset({"duplicate"})),
+)
 
 
-def _json(status: int, payload: Any) -> Response:
-    return Response(json.dumps(payload).encode(), status_code=status, media_type="application/json")
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(payload).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 class _Refused(Exception):  # noqa: N818 - an answer, not a failure of the service
@@ -104,9 +154,14 @@ def _version_of(served: ServedModel, version: str) -> Slot | None:
     return None
 
 
-def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True) -> FastAPI:
-    """The app over ``service``. ``poll``: poll the registry on startup and keep polling
-    (off in unit tests that drive ``service.poll_once`` themselves)."""
+def create_app(
+    service: ScoringService, *, access: AccessPolicy | None = None, poll: bool = True
+) -> FastAPI:
+    """The app over ``service``. ``access``: who may use ``/admin`` and ``/feedback``, and
+    the body limit (default: admin off, feedback off, 1 MiB). ``poll``: poll the registry
+    on startup and keep polling (off in unit tests that drive ``service.poll_once``)."""
+    access = access or AccessPolicy()
+    ids = access.request_ids()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -122,10 +177,33 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
             yield
         finally:
             service.stop()
+            client = forwarder.pop("client", None)
+            if client is not None:
+                await client.aclose()
 
     app = FastAPI(title="retrain-pipeline scoring service", lifespan=lifespan, description=__doc__)
     app.state.service = service
+    app.state.access = access
     m = service.metrics
+
+    def model_label(path: str) -> str:
+        """The ``model`` label of a request refused before routing (by its path)."""
+        if path.startswith("/v2/models/"):
+            name = path.split("/")[3]
+            served = service.model(name) if name else None
+            return served.name if served is not None else ""
+        if path in ("/predict", "/feedback"):
+            served = service.model(None)
+            return served.name if served is not None else ""
+        return ""
+
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=access.max_body_bytes,
+        on_refused=lambda scope, status: m.rejected.labels(
+            model_label(scope.get("path", "")), str(status)
+        ).inc(),
+    )
 
     def unknown(name: str | None) -> _Refused:
         what = f"unknown model {name!r}" if name is not None else "no default model is served"
@@ -142,7 +220,6 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
         served: ServedModel,
         rows: list[Any],
         key: str | None,
-        request_id: str | None,
         t0: float,
         version: str | None = None,
     ) -> _Scored:
@@ -196,7 +273,7 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
                 alias=slot.alias,
                 version=model.version,
             ) from None
-        request_id = request_id or uuid.uuid4().hex
+        request_id = ids.issue()  # the feedback key: the service's own, never the caller's
         kept = served.scores_of(model, proba)
         served.feedback.remember(request_id, slot.alias, model.version, kept)
         observe = sm.score.observe
@@ -216,11 +293,7 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
         return _json(r.status, {"error": r.message, **r.extra})
 
     async def json_body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
+        return parse_json(await request.body())
 
     # -- the default model's routes ---------------------------------------------------------
 
@@ -241,13 +314,7 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
         if key is None and isinstance(body, dict):
             key = body.get("routing_key")
         try:
-            out = await score(
-                served,
-                rows,
-                None if key is None else str(key),
-                request.headers.get("x-request-id"),
-                t0,
-            )
+            out = await score(served, rows, None if key is None else str(key), t0)
         except _Refused as r:
             return legacy_error(r)
         model = out.slot.model
@@ -264,31 +331,182 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
             payload["scores"] = out.proba[:, model.positive_index].tolist()
         return _json(200, payload)
 
+    def feedback_refused(request: Request, name: str | None) -> Response | None:
+        """The feedback token's check: None when the caller may post labels."""
+        served = service.model(name)
+        label = served.name if served is not None else ""
+        expected = access.feedback_token
+        if expected is None:
+            status, msg = (
+                403,
+                (
+                    "feedback is disabled on this service: no PIPELINE_SERVING_FEEDBACK_TOKEN "
+                    "is configured"
+                ),
+            )
+        else:
+            given = bearer(request.headers)
+            if given is None:
+                m.rejected.labels(label, "401").inc()
+                msg = "feedback needs 'Authorization: Bearer <PIPELINE_SERVING_FEEDBACK_TOKEN>'"
+                return _json(
+                    401, {"detail": msg, "error": msg}, headers={"WWW-Authenticate": "Bearer"}
+                )
+            if token_matches(given, expected):
+                return None
+            status, msg = 403, "the feedback token is not the service's"
+        m.rejected.labels(label, str(status)).inc()
+        return _json(status, {"detail": msg, "error": msg})
+
+    forwarder: dict[str, Any] = {}  # the forwarding HTTP client, made on first use
+
+    async def settle(
+        served: ServedModel,
+        pairs: list[tuple[str, list[Any]]],
+        owners: list[str | None],
+        hopped: bool,
+    ) -> tuple[dict[str, int], list[tuple[int, str, str]]]:
+        """Record every (verified) item where it was scored: here, or at the replica its
+        id names, forwarded once (never when this request was itself forwarded). Each
+        replica's group is all or nothing; (counts, refusals by index in ``pairs``)."""
+        here = access.advertise_url
+        local: list[int] = []
+        remote: dict[str, list[int]] = {}
+        refused: list[tuple[int, str, str]] = []
+        for i, owner in enumerate(owners):
+            if owner is None or owner == here:
+                local.append(i)
+            elif here is not None and not hopped:
+                remote.setdefault(owner, []).append(i)
+            else:  # no second hop; a service without an address of its own forwards nothing
+                why = "it was forwarded here already" if hopped else "this one forwards none"
+                refused.append(
+                    (i, "misrouted", f"request {pairs[i][0][:80]} was scored by {owner}; {why}")
+                )
+                m.feedback.labels(served.name, "misrouted").inc(len(pairs[i][1]) or 1)
+        counts = {"matched": 0, "unknown": 0, "mismatched": 0}
+        if refused:
+            counts["misrouted"] = len(refused)
+
+        def add(
+            found: dict[str, int], idx: list[int], refusals: list[tuple[int, str, str]]
+        ) -> None:
+            for k, v in found.items():
+                counts[k] = counts.get(k, 0) + v
+            refused.extend((idx[j], result, why) for j, result, why in refusals)
+
+        if local:
+            found, refusals = await run_in_threadpool(
+                served.record_labels, [pairs[i] for i in local]
+            )
+            add(found, local, refusals)
+        if remote:
+            assert here is not None and access.feedback_token is not None
+            if "client" not in forwarder:
+                forwarder["client"] = forward_client()
+            answers = await asyncio.gather(
+                *(
+                    forward_feedback(
+                        forwarder["client"],
+                        owner,
+                        served.name,
+                        [pairs[i] for i in idx],
+                        token=access.feedback_token,
+                        sender=here,
+                    )
+                    for owner, idx in remote.items()
+                )
+            )
+            for idx, (found, refusals) in zip(remote.values(), answers, strict=True):
+                add(found, idx, refusals)
+                rows = sum(len(pairs[i][1]) or 1 for i in idx)
+                if not refusals:
+                    m.feedback.labels(served.name, "forwarded").inc(rows)
+                    counts["forwarded"] = counts.get("forwarded", 0) + len(idx)
+                elif any(r == "unreachable" for _, r, _ in refusals):
+                    m.feedback.labels(served.name, "unreachable").inc(rows)
+                    log.warning(
+                        "feedback for %d item(s) not forwarded: %s", len(idx), refusals[0][2]
+                    )
+        refused.sort()
+        return counts, refused
+
     async def feedback_for(request: Request, name: str | None, by_body: bool) -> Response:
         """``{"feedback": [{"request_id": "...", "labels": [0, 1]}]}`` (or ``"label": 1``
         for a one-row request); a single item may be posted without the wrapper."""
+        denied = feedback_refused(request, name)
+        if denied is not None:
+            return denied
         try:
             body = await json_body(request)
             if by_body and isinstance(body, dict) and body.get("model") is not None:
                 name = str(body["model"])
             items = body.get("feedback", [body]) if isinstance(body, dict) else body
-            pairs = []
+            if not isinstance(items, list) or not items:
+                raise ValueError("no feedback items")
+            pairs: list[tuple[str, list[Any]]] = []
             for i, it in enumerate(items):
                 labels = it["labels"] if "labels" in it else [it["label"]]
                 if not isinstance(labels, list):
                     raise ValueError(f"item {i}: labels must be an array")
-                pairs.append((str(it["request_id"]), labels))
+                rid = it["request_id"]
+                if not isinstance(rid, str):
+                    raise ValueError(f"item {i}: request_id must be a string")
+                pairs.append((rid, labels))
         except (BadRequest, TypeError, KeyError, AttributeError, ValueError) as exc:
             msg = (
                 f"feedback must be {{'feedback': [{{'request_id', 'labels'}}]}}: "
                 f"{type(exc).__name__}: {exc}"
             )
+            served = service.model(name)
+            m.rejected.labels(served.name if served else "", "400").inc()
             return _json(400, {"detail": msg, "error": msg})
         served = service.model(name)
         if served is None:
             m.rejected.labels("", "404").inc()
             return oip_error(unknown(name))
-        return _json(200, await run_in_threadpool(served.record_labels, pairs))
+        verified = [ids.verify(rid) for rid, _ in pairs]
+        forged = [
+            (i, "forged", f"request id {rid[:80]!r} was not issued by this service")
+            for i, ((rid, _), v) in enumerate(zip(pairs, verified, strict=True))
+            if v is None
+        ]
+        if forged:  # nothing is recorded, nor forwarded anywhere
+            served.count_refused(pairs, forged)
+            counts = {"matched": 0, "unknown": 0, "mismatched": 0, "forged": len(forged)}
+            refused = forged
+        else:
+            owners = [v.owner for v in verified if v is not None]
+            hopped = request.headers.get(FORWARDED_HEADER) is not None
+            counts, refused = await settle(served, pairs, owners, hopped)
+            if not refused:
+                return _json(200, counts)
+        results = {r for _, r, _ in refused}
+        status = next(
+            (code for code, found in FEEDBACK_STATUS if results & found),
+            422,
+        )
+        m.rejected.labels(served.name, str(status)).inc()
+        first = refused[0][2]
+        recorded = counts.get("matched", 0)
+        done = (
+            "nothing recorded"
+            if not recorded
+            else f"the {recorded} label(s) of the other items recorded"
+        )
+        msg = f"{len(refused)} of {len(pairs)} feedback item(s) refused, {done}; first: {first}"
+        return _json(
+            status,
+            {
+                **counts,
+                "detail": msg,
+                "error": msg,
+                "refused": [
+                    {"index": i, "request_id": pairs[i][0][:80], "result": r, "message": why}
+                    for i, r, why in refused
+                ],
+            },
+        )
 
     @app.post("/feedback")
     async def feedback(request: Request) -> Response:
@@ -383,8 +601,7 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
                 m.rejected.labels(served.name, "400").inc()
                 raise _Refused(400, f"unknown output(s) {bad}; model {served.name!r} has {names}")
             key = request.headers.get(ROUTING_KEY_HEADER) or req.parameters.get("routing_key")
-            rid = req.id or request.headers.get("x-request-id")
-            out = await score(served, req.rows, None if key is None else str(key), rid, t0, version)
+            out = await score(served, req.rows, None if key is None else str(key), t0, version)
         except _Refused as r:
             return oip_error(r)
         return _json(200, _infer_response(served, req, out))
@@ -401,8 +618,8 @@ def create_app(service: ScoringService, *, admin: bool = True, poll: bool = True
     async def model_feedback(request: Request, name: str) -> Response:
         return await feedback_for(request, name, False)
 
-    if admin:
-        _admin_routes(app, service)
+    if access.admin_token is not None:
+        _admin_routes(app, service, access.admin_token)
     return app
 
 
@@ -427,7 +644,7 @@ def _infer_response(served: ServedModel, req: InferRequest, out: _Scored) -> dic
     return {
         "model_name": served.name,
         "model_version": model.version,
-        "id": out.request_id,
+        "id": req.id if req.id is not None else out.request_id,
         "parameters": {
             "alias": out.slot.alias,
             "request_id": out.request_id,
@@ -487,14 +704,24 @@ def _metadata(served: ServedModel) -> dict[str, Any]:
     }
 
 
-def _loopback_only(request: Request) -> None:
-    host = request.client.host if request.client else None
-    if host not in LOOPBACK:
-        raise HTTPException(403, f"/admin answers loopback clients only (you are {host})")
+def _admin_routes(app: FastAPI, service: ScoringService, token: str) -> None:
+    """``/admin/*``, each behind the admin bearer token (no address is trusted: see
+    :mod:`pipeline.serving.access`)."""
 
+    def admin_token(request: Request) -> None:
+        given = bearer(request.headers)
+        if given is None:
+            service.metrics.rejected.labels("", "401").inc()
+            raise HTTPException(
+                401,
+                "/admin needs 'Authorization: Bearer <PIPELINE_SERVING_ADMIN_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not token_matches(given, token):
+            service.metrics.rejected.labels("", "403").inc()
+            raise HTTPException(403, "the admin token is not the service's")
 
-def _admin_routes(app: FastAPI, service: ScoringService) -> None:
-    guard = [Depends(_loopback_only)]
+    guard = [Depends(admin_token)]
 
     def publish() -> dict[str, Any]:
         service.metrics.fault.clear()
@@ -519,7 +746,15 @@ def _admin_routes(app: FastAPI, service: ScoringService) -> None:
         return _json(200, service.faults.to_dict())
 
     @app.post("/admin/faults", dependencies=guard)
-    async def set_fault(spec: FaultSpec) -> Response:
+    async def set_fault(request: Request) -> Response:
+        try:
+            spec = FaultSpec.model_validate(parse_json(await request.body()))
+        except BadRequest as exc:
+            service.metrics.rejected.labels("", "400").inc()
+            return _json(400, {"detail": str(exc), "error": str(exc)})
+        except ValidationError as exc:
+            service.metrics.rejected.labels("", "422").inc()
+            return _json(422, {"detail": json.loads(exc.json(include_url=False))})
         served = resolve(spec.model)
         if isinstance(served, Response):
             return served
@@ -573,6 +808,31 @@ def build_service(poll_seconds: float | None = None, root: Any = None) -> Scorin
     )
 
 
+def startup_checks() -> AccessPolicy:
+    """What the service refuses to start with, checked before anything slow: unsafe access
+    settings (ServingConfigError) and bad signing keys, or a private key in the service
+    (``signing.verifier_startup_check(serving=True)``: SigningKeyError). Logs what it
+    trusts and, with several replicas, the address it names in its request ids."""
+    from pipeline.signing import verifier_startup_check
+
+    access = AccessPolicy.from_settings()
+    log.info("checkpoint signatures: %s", verifier_startup_check(serving=True))
+    if access.advertise_url:
+        log.info("replica %s: feedback for its ids is forwarded here", access.advertise_url)
+    return access
+
+
+def app_from_settings(
+    poll_seconds: float | None = None, *, access: AccessPolicy | None = None
+) -> FastAPI:
+    """The service as settings describe it (``PIPELINE_SERVING_*``): what ``serve`` runs,
+    and an app factory for any ASGI server's own flags, e.g. ``uvicorn --factory
+    pipeline.serving.app:app_from_settings --workers 1 --proxy-headers``. Raises (before
+    any model is read) what :func:`startup_checks` refuses; ``access``: already checked."""
+    access = access or startup_checks()
+    return create_app(build_service(poll_seconds), access=access)
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -583,11 +843,10 @@ def serve(
 ) -> None:
     """Run the service until interrupted. Binds loopback unless a host is given
     explicitly (``--host 0.0.0.0`` in a container)."""
+    access = startup_checks()  # unsafe access settings, bad keys: refused before slow imports
     import torch
     import uvicorn
 
-    from pipeline.settings import get_settings
-
     torch.set_num_threads(torch_threads)  # small batches: one thread has the lowest latency
-    app = create_app(build_service(poll_seconds), admin=get_settings().serving_admin_enabled)
+    app = app_from_settings(poll_seconds, access=access)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -1,16 +1,18 @@
 """The fault switch: injected latency, errors and score shifts per model and version.
 
 An operational feature for chaos testing and demos — proving that the canary analysis
-catches what it claims to catch, against the real service and real traffic::
+catches what it claims to catch, against the real service and real traffic. Off unless
+the service runs with ``PIPELINE_SERVING_ADMIN_ENABLED=true`` and
+``PIPELINE_SERVING_ADMIN_TOKEN`` (``A="Authorization: Bearer $TOKEN"`` below)::
 
-    curl -X POST 127.0.0.1:8000/admin/faults -H 'content-type: application/json' \\
+    curl -X POST 127.0.0.1:8000/admin/faults -H "$A" -H 'content-type: application/json' \\
          -d '{"version": "3", "latency_ms": 200, "error_rate": 0.5, "score_shift": 0.3}'
-    curl -X POST 127.0.0.1:8000/admin/faults -H 'content-type: application/json' \\
+    curl -X POST 127.0.0.1:8000/admin/faults -H "$A" -H 'content-type: application/json' \\
          -d '{"model": "digits", "version": "2", "error_rate": 1}'
-    curl 127.0.0.1:8000/admin/faults                         # what is active, by model
-    curl -X DELETE 127.0.0.1:8000/admin/faults/3             # one version (default model)
-    curl -X DELETE '127.0.0.1:8000/admin/faults/2?model=digits'
-    curl -X DELETE 127.0.0.1:8000/admin/faults               # clear all
+    curl -H "$A" 127.0.0.1:8000/admin/faults                 # what is active, by model
+    curl -H "$A" -X DELETE 127.0.0.1:8000/admin/faults/3     # one version (default model)
+    curl -H "$A" -X DELETE '127.0.0.1:8000/admin/faults/2?model=digits'
+    curl -H "$A" -X DELETE 127.0.0.1:8000/admin/faults       # clear all
 
 ``model`` is a model spec's name; left out, the service's default model
 (``PIPELINE_MODEL``).
@@ -23,9 +25,11 @@ renormalised). A fault lives in the process only (a restart clears it) and is vi
 as ``scoring_fault_active{model, version}``, so an injected fault is never mistaken for
 a real one.
 
-Guard rails: the ``/admin`` routes answer only clients on the loopback interface (a
-pod's own shell, or the tests and demo on one host) with 403 for anyone else, and
-``PIPELINE_SERVING_ADMIN_ENABLED=false`` removes them (404).
+Guard rails: the ``/admin`` routes do not exist unless enabled (404; off by default and
+in every shipped config), and then answer only the admin bearer token (401 without it,
+403 with another) — whatever the client's address or proxy headers say (see
+:mod:`pipeline.serving.access`). The service refuses to start with admin on and no
+strong token.
 """
 
 from __future__ import annotations

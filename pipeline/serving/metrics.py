@@ -21,18 +21,31 @@ version means something only beside its ``model``):
                                                   (multiclass: micro-averaged one-vs-rest)
 ``scoring_model_info``                 gauge      1 per slot now serving (+ manifest)
 ``scoring_canary_weight``              gauge      the weight applied (0 when no canary)
-``scoring_model_refused``              gauge      1 per version refused by verification
+``scoring_model_refused``              gauge      1 per version refused while it stands
+``scoring_refusals_total``             counter    refusals to serve a version, by
+                                                  ``alias`` and ``reason`` (rejected,
+                                                  rolled_back, not_gated,
+                                                  manifest_mismatch, model_code,
+                                                  verification_failed, ...: see
+                                                  ``service.RefusalReason``)
 ``scoring_fault_active``               gauge      1 per version with an injected fault
-``scoring_rejected_requests_total``    counter    400/404/422 answers (never a model's
-                                                  fault; ``model=""``: an unknown model)
+``scoring_rejected_requests_total``    counter    400/401/403/404/409/413/422 answers
+                                                  (never a model's fault; ``model=""``:
+                                                  no model named, or an unknown one)
 ``scoring_registry_polls_total``       counter    registry polls, by ``result``
-``scoring_feedback_total``             counter    feedback rows, by ``result``
+``scoring_feedback_total``             counter    feedback rows, by ``result`` (matched,
+                                                  unknown, forged, duplicate,
+                                                  mismatched, held_back; with
+                                                  replicas: forwarded, misrouted,
+                                                  unreachable)
 =====================================  =========  =====================================
 
 Bad input is refused before routing, so it never counts against a model. Windows are
 differences of two scrapes (:meth:`Snapshot.since`): a counter that went backwards (the
 service restarted) makes the measurement impossible rather than wrong. A reader passes
 ``model`` to :func:`parse_snapshot` / :func:`scrape` to see one model's series only.
+Several replicas are read by :class:`pipeline.serving.replicas.ReplicaSet` and summed by
+:func:`merge_snapshots`; their windows are taken replica by replica.
 """
 
 from __future__ import annotations
@@ -153,7 +166,13 @@ class ServiceMetrics:
             "scoring_canary_weight", "Canary traffic weight applied.", ["model"], registry=r
         )
         self.refused = Gauge(
-            "scoring_model_refused", "1 per version refused by verification.", mv, registry=r
+            "scoring_model_refused", "1 per version refused while it stands.", mv, registry=r
+        )
+        self.refusals = Counter(
+            "scoring_refusals",
+            "Refusals to serve a version, by alias and reason.",
+            [*av, "reason"],
+            registry=r,
         )
         self.fault = Gauge(
             "scoring_fault_active", "1 per version with an injected fault.", mv, registry=r
@@ -340,20 +359,72 @@ class VersionStats:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One scrape of ``/metrics``: cumulative stats per version and what is serving."""
+    """One scrape of ``/metrics``: cumulative stats per version and what is serving.
+    ``parts``: the replicas' own snapshots when this one sums several
+    (:func:`merge_snapshots`), by base URL; empty for a single scrape."""
 
     versions: dict[str, VersionStats]
     serving: dict[str, str]  # alias -> version
     canary_weight: float | None
     refused: frozenset[str]
     faults: frozenset[str]
+    parts: dict[str, Snapshot] = field(default_factory=dict)
 
     def stats(self, version: str) -> VersionStats:
         return self.versions.get(str(version), VersionStats())
 
     def since(self, earlier: Snapshot, version: str) -> VersionStats:
-        """What ``version`` did between ``earlier`` and this scrape."""
-        return self.stats(version) - earlier.stats(version)
+        """What ``version`` did between ``earlier`` and this scrape. Over replicas: replica
+        by replica, then summed, so one replica's reset is seen even while the others'
+        growth would hide it in a sum; a different set of replicas in the two scrapes
+        makes the window unmeasurable (MeasurementError)."""
+        if not self.parts and not earlier.parts:
+            return self.stats(version) - earlier.stats(version)
+        now = self.parts or {"(one scrape)": self}
+        then = earlier.parts or {"(one scrape)": earlier}
+        if set(now) != set(then):
+            gone, new = sorted(set(then) - set(now)), sorted(set(now) - set(then))
+            raise MeasurementError(
+                "the scoring replicas changed between the two measurements (gone: "
+                f"{gone or 'none'}; new: {new or 'none'}): this window cannot be measured, "
+                "the next one can"
+            )
+        total = VersionStats()
+        for url in sorted(now):
+            try:
+                total = total + now[url].since(then[url], version)
+            except MeasurementError as exc:
+                raise MeasurementError(f"replica {url}: {exc}") from None
+        return total
+
+
+def merge_snapshots(parts: dict[str, Snapshot]) -> Snapshot:
+    """Several replicas' scrapes (by base URL) as one service: counters and histograms
+    summed per version; an alias counts as serving a version, and the canary weight as
+    applied, only when every replica says so (a rollout waits for all of them); a version
+    refused, or with a fault, on any replica is so for the service."""
+    if not parts:
+        raise MeasurementError("no scoring replica to measure")
+    snaps = list(parts.values())
+    versions: dict[str, VersionStats] = {}
+    for snap in snaps:
+        for v, st in snap.versions.items():
+            versions[v] = versions[v] + st if v in versions else st
+    serving: dict[str, str] = {}
+    for alias in sorted({a for snap in snaps for a in snap.serving}):
+        seen = {snap.serving.get(alias) for snap in snaps}
+        if len(seen) == 1 and None not in seen:
+            serving[alias] = str(seen.pop())
+    weights = {snap.canary_weight for snap in snaps}
+    weight = weights.pop() if len(weights) == 1 else None
+    return Snapshot(
+        versions,
+        serving,
+        weight,
+        frozenset().union(*(snap.refused for snap in snaps)),
+        frozenset().union(*(snap.faults for snap in snaps)),
+        parts=dict(parts),
+    )
 
 
 def _cumulative_to_hist(buckets: dict[float, float]) -> Histogram:

@@ -8,8 +8,10 @@ at most ``concurrency`` in flight — each with ``rows_per_request`` rows of the
 feature columns, in order, wrapping around. With ``--labels-after S`` each answered
 request's labels (the contract's target column) are posted to ``/feedback`` S seconds
 after the answer, as a real label feed would arrive, so the service can compute the
-labelled metric per alias. It always stops by itself: after the last request, pending
-labels are sent once they are due, and nothing else.
+labelled metric per alias: keyed by the id the service issued for that answer, with the
+feedback bearer token (``feedback_token``; default ``PIPELINE_SERVING_FEEDBACK_TOKEN``,
+the service's own setting). It always stops by itself: after the last request,
+pending labels are sent once they are due, and nothing else.
 
 ``--key-column`` sends that column's value as ``X-Routing-Key`` (sticky routing).
 ``model`` (a spec's name) sends to that model's OIP routes instead
@@ -32,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.serving.access import bearer_auth_headers
+
 
 @dataclass(frozen=True)
 class ReplayConfig:
@@ -45,6 +49,17 @@ class ReplayConfig:
     timeout_s: float = 10.0
     key_column: str | None = None
     model: str | None = None  # None: /predict and /feedback (the service's default model)
+    # Bearer token for /feedback; None: PIPELINE_SERVING_FEEDBACK_TOKEN
+    feedback_token: str | None = field(default=None, repr=False)
+
+    def feedback_auth(self) -> dict[str, str]:
+        token = self.feedback_token
+        if token is None:
+            from pipeline.settings import get_settings
+
+            secret = get_settings().serving_feedback_token
+            token = secret.get_secret_value() if secret is not None else None
+        return bearer_auth_headers(token)
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -163,6 +178,7 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
     score_path = f"/v2/models/{cfg.model}/infer" if cfg.model else "/predict"
     feedback_path = f"/v2/models/{cfg.model}/feedback" if cfg.model else "/feedback"
     n = cfg.total_requests
+    feedback_headers = cfg.feedback_auth() if cfg.labels_after_s is not None else {}
     limits = httpx.Limits(
         max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
     )
@@ -197,7 +213,7 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
                     pending.append(
                         (
                             time.monotonic() + cfg.labels_after_s,
-                            body.get("request_id") or body["id"],
+                            body.get("request_id") or body["parameters"]["request_id"],
                             traffic.labels[k],
                         )
                     )
@@ -211,10 +227,14 @@ async def _replay(cfg: ReplayConfig, traffic: Traffic, stop: threading.Event) ->
                 pending.remove(p)
             items = [{"request_id": rid, "labels": labels} for _, rid, labels in due]
             try:
-                resp = await client.post(base + feedback_path, json={"feedback": items})
+                resp = await client.post(
+                    base + feedback_path, json={"feedback": items}, headers=feedback_headers
+                )
                 if resp.status_code == 200:
                     for k, v in resp.json().items():
                         feedback[k] += int(v)
+                else:
+                    feedback[f"refused_{resp.status_code}"] += len(items)
                 report.labels_sent += sum(len(x["labels"]) for x in items)
             except httpx.HTTPError:
                 feedback["transport_error"] += len(items)

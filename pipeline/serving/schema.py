@@ -9,10 +9,16 @@ Two request forms give the rows: ``/predict``'s (one row object, an array of the
 ``/v2/models/{name}/infer`` (:func:`infer_request`): one input tensor per feature column,
 ``{"inputs": [{"name": "<column>", "datatype": "FP64", "shape": [2], "data": [12.5, 80]},
 ...]}`` — or, for convenience, ``{"inputs": [row objects]}``.
+
+Bodies are parsed strictly (:func:`parse_json`): ``NaN``, ``Infinity``, a number beyond
+float range (``1e400``) and an integer beyond 64 bits (one 400 characters long) are refused as
+400 before anything reads them, so no number ever reaches a model, a comparison or a
+float conversion it could break.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +26,7 @@ from typing import Any
 from pipeline.contract import Column, DataContract
 
 MAX_ERRORS = 50
+INT_LIMIT = 1 << 64  # |int| below this: what OIP's INT64 / UINT64 tensors carry
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,36 @@ class RowsInvalid(ValueError):
         self.problems = problems
         more = "" if len(problems) < MAX_ERRORS else f" (first {MAX_ERRORS} shown)"
         super().__init__(f"{len(problems)} problem(s){more}; first: {problems[0]}")
+
+
+def _constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a JSON number: send a finite number or null")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"number {text[:40]} is out of range (beyond a 64-bit float)")
+    return value
+
+
+def _int(text: str) -> int:
+    magnitude = text.lstrip("-")
+    if len(magnitude) > 20 or abs(int(text)) >= INT_LIMIT:
+        shown = text if len(text) <= 40 else f"{text[:20]}...({len(magnitude)} characters)"
+        raise BadRequest(f"integer {shown} is out of range (at most 64 bits)")
+    return int(text)
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON, strictly: BadRequest (400) for invalid JSON, ``NaN`` /
+    ``Infinity``, or a number out of range."""
+    try:
+        return json.loads(raw, parse_constant=_constant, parse_float=_float, parse_int=_int)
+    except BadRequest:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
 
 
 def rows_of(body: Any, max_rows: int) -> list[Any]:

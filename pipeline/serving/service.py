@@ -11,6 +11,34 @@ Each routing table is one immutable object; the poller builds a new one and repl
 reference in a single assignment, so a request reads either the old table or the new
 one, never a mix, and finishes on the model it started with. Models are loaded only by
 the poller, never on the request path.
+
+**Serve only what the gate allowed** (:func:`load_version`). An alias is a pointer anyone
+with registry write access can move (the MLflow UI does it in two clicks), so the
+service does not take it as the decision. Before it loads a version it checks, in
+order, and refuses (:class:`RefusalReason`) a version that is
+
+1. tagged ``rejected`` (the gate or a human reviewer said no) or ``rolled_back`` (a
+   canary, a bake or an operator took it out of service);
+2. not accepted by the gate (``gate.verdict`` is not ``promote``);
+3. without the checkpoint URI or the manifest digest recorded at registration
+   (``checkpoint.uri``, ``checkpoint.manifest_sha256``);
+4. a checkpoint whose ``manifest.json`` is not the one registered (its SHA-256 differs
+   from the recorded digest: edited, re-signed or swapped in storage);
+5. built by another factory than its spec's in git (name or module digest differ); the
+   checkpoint's own copy of the code (``model_code.py``) is never executed: the spec's
+   module file is imported first and the checkpoint's identical bytes resolve to it;
+6. a checkpoint that fails ``checkpoint`` verification (digests, signature, finite
+   tensors, reload parity), or a model that cannot score a plain row.
+
+A refused version never takes traffic; the last good model keeps serving. ``/readyz``
+names the refusal (``refused``, ``refusals``, ``notes``), and the metrics count it:
+``scoring_refusals_total{model, alias, version, reason}`` once per refusal and
+``scoring_model_refused{model, version}`` = 1 while it stands. A refusal read from tags
+(1-3) is re-checked on each poll (one registry call), so re-gating or re-tagging a
+version is followed without a restart; one read from the checkpoint (4-6) lasts for the
+process, as the checkpoint is immutable. Nothing on this path unpickles, calls
+``torch.load`` or loads an MLflow pyfunc: weights are safetensors, the rest JSON and
+Parquet.
 """
 
 from __future__ import annotations
@@ -21,11 +49,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.names import GateVerdict, VersionTag
 from pipeline.serving import traffic
 from pipeline.serving.faults import FaultSwitch
 from pipeline.serving.metrics import ServiceMetrics, SlotMetrics
@@ -87,28 +118,230 @@ def warm_up(model: LoadedModel, rounds: int = 3) -> None:
             model.proba([row] * n)
 
 
+class RefusalReason(StrEnum):
+    """Why the service refuses to serve a version (the ``reason`` label)."""
+
+    REJECTED = "rejected"  # tagged rejected: the gate or a human reviewer said no
+    ROLLED_BACK = "rolled_back"  # tagged rolled_back: a canary, bake or operator said no
+    NOT_GATED = "not_gated"  # the gate never accepted it (gate.verdict is not promote)
+    NOT_APPROVED = "not_approved"  # its policy required a human approval it never got
+    NO_CHECKPOINT = "no_checkpoint"  # no checkpoint.uri tag
+    NO_MANIFEST_DIGEST = "no_manifest_digest"  # no checkpoint.manifest_sha256 tag
+    MANIFEST_MISMATCH = "manifest_mismatch"  # manifest.json is not the one registered
+    MODEL_CODE = "model_code"  # built by another factory than its spec's in git
+    VERIFICATION_FAILED = "verification_failed"  # digests, signature, parity, ...
+    WRONG_TASK = "wrong_task"  # binary vs multiclass
+    WARM_UP_FAILED = "warm_up_failed"  # cannot score a plain row
+
+
+# Refusals read from the version's tags: re-checked each poll (one registry call).
+TAG_REASONS = frozenset(
+    {
+        RefusalReason.REJECTED,
+        RefusalReason.ROLLED_BACK,
+        RefusalReason.NOT_GATED,
+        RefusalReason.NOT_APPROVED,
+        RefusalReason.NO_CHECKPOINT,
+        RefusalReason.NO_MANIFEST_DIGEST,
+    }
+)
+
+
 class ModelRefused(RuntimeError):
-    """The version's checkpoint failed verification (or names none): never served."""
+    """The version may not be served (``reason``): never takes traffic."""
+
+    def __init__(
+        self, message: str, reason: RefusalReason = RefusalReason.VERIFICATION_FAILED
+    ) -> None:
+        super().__init__(message)
+        self.reason = RefusalReason(reason)
 
 
-def load_version(registered_model: str, version: str, positive_label: Any = None) -> LoadedModel:
-    """Registry version of ``registered_model`` -> verified model. ModelRefused on
-    integrity failure; any other exception (registry or storage unreachable) is
-    transient and retried next poll."""
-    from pipeline.checkpoint import CheckpointError, load_for_inference
+@dataclass(frozen=True)
+class Refusal:
+    reason: RefusalReason
+    message: str
+    alias: str
+
+    @property
+    def lasting(self) -> bool:
+        """Read from the checkpoint (immutable): not re-checked while the process lives."""
+        return self.reason not in TAG_REASONS
+
+    def to_dict(self) -> dict[str, str]:
+        return {"reason": self.reason.value, "message": self.message, "alias": self.alias}
+
+
+def gate_refusal(version: str, tags: dict[str, str]) -> ModelRefused | None:
+    """What the version's tags say against serving it (None: the gate allowed it)."""
+    if tags.get(VersionTag.REJECTED) == "true":
+        why = tags.get(VersionTag.REJECTION_REASON) or "no reason recorded"
+        return ModelRefused(
+            f"v{version} is tagged rejected ({why[:300]}): a rejected version is never "
+            "served, whatever the aliases say",
+            RefusalReason.REJECTED,
+        )
+    if tags.get(VersionTag.ROLLED_BACK) == "true":
+        why = tags.get(VersionTag.ROLLBACK_REASON) or tags.get("rollback.reason") or "no reason"
+        return ModelRefused(
+            f"v{version} is tagged rolled_back ({why[:300]}): it was taken out of service; "
+            "promote a new version through the gate instead",
+            RefusalReason.ROLLED_BACK,
+        )
+    verdict = tags.get(VersionTag.GATE_VERDICT)
+    if verdict != GateVerdict.PROMOTE:
+        return ModelRefused(
+            f"v{version} was never accepted by the promotion gate ({VersionTag.GATE_VERDICT}="
+            f"{verdict!r}, needs {GateVerdict.PROMOTE.value!r}): an alias moved by hand does "
+            "not make a version servable; run it through retrain's gate_promotion",
+            RefusalReason.NOT_GATED,
+        )
+    if (
+        tags.get(VersionTag.APPROVAL_REQUIRED) == "true"
+        and tags.get(VersionTag.APPROVAL_VERDICT) != "approved"  # as approve_promotion tags it
+    ):
+        return ModelRefused(
+            f"v{version}'s policy required a human approval ({VersionTag.APPROVAL_REQUIRED}="
+            f"true) and it has none ({VersionTag.APPROVAL_VERDICT}="
+            f"{tags.get(VersionTag.APPROVAL_VERDICT)!r}): answer approve_promotion in "
+            "Airflow, or `python -m pipeline approve_promotion --approve`",
+            RefusalReason.NOT_APPROVED,
+        )
+    if not tags.get(VersionTag.CHECKPOINT_URI):
+        return ModelRefused(
+            f"v{version} has no {VersionTag.CHECKPOINT_URI} tag", RefusalReason.NO_CHECKPOINT
+        )
+    if not tags.get(VersionTag.MANIFEST_SHA256):
+        return ModelRefused(
+            f"v{version} has no {VersionTag.MANIFEST_SHA256} tag: the manifest digest recorded "
+            "at registration is what the served checkpoint is compared with",
+            RefusalReason.NO_MANIFEST_DIGEST,
+        )
+    return None
+
+
+def check_model_code(version: str, manifest: dict[str, Any], spec: ModelSpec | None) -> None:
+    """The checkpoint's model must be built by its spec's factory, from the spec's code in
+    git: same factory, and for a spec-local module the same file digest. ModelRefused
+    (model_code) otherwise. Without a spec (a bare loader), only importable factories."""
+    from pipeline.train.model import BUILTIN_MLP, file_sha256
+
+    ref = manifest.get("model") or {"factory": BUILTIN_MLP}  # pre-factory: the built-in MLP
+    factory, code_sha = str(ref.get("factory")), ref.get("code_sha256")
+    if spec is None:
+        if code_sha is not None:
+            raise ModelRefused(
+                f"v{version}'s factory {factory!r} is code carried in the checkpoint, and no "
+                "model spec says which code in git it must be",
+                RefusalReason.MODEL_CODE,
+            )
+        return
+    if factory != spec.model.factory:
+        raise ModelRefused(
+            f"v{version} was built by factory {factory!r}, but spec {spec.name!r} names "
+            f"{spec.model.factory!r}: the service builds models only with the spec's factory",
+            RefusalReason.MODEL_CODE,
+        )
+    git_file = spec.factory_module_file
+    if git_file is None:
+        if code_sha is not None:
+            raise ModelRefused(
+                f"v{version} carries its factory's code (sha256 {str(code_sha)[:12]}) but "
+                f"spec {spec.name!r}'s factory {factory!r} is no file next to the spec",
+                RefusalReason.MODEL_CODE,
+            )
+        return
+    git_sha = file_sha256(git_file)
+    if code_sha != git_sha:
+        raise ModelRefused(
+            f"v{version} was trained with {factory!r} code sha256 "
+            f"{str(code_sha)[:12] if code_sha else 'none'}, but the spec's module {git_file} "
+            f"is sha256 {git_sha[:12]}: code from the artifact store is never executed; "
+            "serve a version trained with this code (retrain), or deploy the service at the "
+            "commit the version was trained from (its code.version tag)",
+            RefusalReason.MODEL_CODE,
+        )
+
+
+def _import_spec_factory(spec: ModelSpec) -> None:
+    """Import the spec's factory module from git (a spec-local file is imported under its
+    digest's name, so loading a checkpoint whose code has that digest uses this module and
+    never executes the checkpoint's copy)."""
+    from pipeline.train.model import resolve_factory
+
+    resolve_factory(spec.model.factory, spec.factory_module_file)
+
+
+def load_version(
+    registered_model: str,
+    version: str,
+    positive_label: Any = None,
+    spec: ModelSpec | None = None,
+) -> LoadedModel:
+    """Registry version of ``registered_model`` -> verified model, if the gate allowed it
+    (see the module's docstring for the checks, in order). ModelRefused says why not; any
+    other exception (registry or storage unreachable) is transient and retried next poll."""
+    import json
+    import tempfile
+
+    from pipeline import checkpoint, storage
     from pipeline.registry import client
 
     mv = client().get_model_version(registered_model, version)
-    uri = mv.tags.get("checkpoint.uri")
-    if not uri:
-        raise ModelRefused(f"v{version} has no checkpoint.uri tag")
-    try:
-        model, spec, verification = load_for_inference(uri)
-    except CheckpointError as exc:
-        raise ModelRefused(str(exc)) from None
-    classes = list(spec.classes)
+    tags = {str(k): str(v) for k, v in (mv.tags or {}).items()}
+    refused = gate_refusal(str(version), tags)
+    if refused is not None:
+        raise refused
+    uri, recorded = tags[VersionTag.CHECKPOINT_URI], tags[VersionTag.MANIFEST_SHA256]
+    with tempfile.TemporaryDirectory(prefix="serving-ckpt-") as tmp:
+        local = checkpoint.fetch(uri, Path(tmp) / "ckpt")
+        manifest_path = local / checkpoint.MANIFEST
+        if not manifest_path.is_file():
+            raise ModelRefused(
+                f"checkpoint {uri} of v{version} has no {checkpoint.MANIFEST}",
+                RefusalReason.VERIFICATION_FAILED,
+            )
+        digest = storage.sha256_file(manifest_path)
+        if digest != recorded:
+            raise ModelRefused(
+                f"checkpoint {uri} of v{version}: {checkpoint.MANIFEST} sha256 {digest[:12]} "
+                f"is not the {recorded[:12]} recorded at registration "
+                f"({VersionTag.MANIFEST_SHA256}): the checkpoint in storage is not the one "
+                "the gate judged",
+                RefusalReason.MANIFEST_MISMATCH,
+            )
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelRefused(
+                f"checkpoint {uri}: {checkpoint.MANIFEST} is not JSON: {exc}",
+                RefusalReason.VERIFICATION_FAILED,
+            ) from None
+        if not isinstance(manifest, dict):
+            raise ModelRefused(
+                f"checkpoint {uri}: {checkpoint.MANIFEST} is not an object",
+                RefusalReason.VERIFICATION_FAILED,
+            )
+        check_model_code(str(version), manifest, spec)
+        if spec is not None:
+            from pipeline.train.model import FactoryError
+
+            try:
+                _import_spec_factory(spec)
+            except FactoryError as exc:
+                raise ModelRefused(
+                    f"spec {spec.name!r}'s factory cannot be imported: {exc}",
+                    RefusalReason.MODEL_CODE,
+                ) from None
+        try:
+            model, features, verification = checkpoint.load_local_for_inference(local)
+        except checkpoint.CheckpointError as exc:
+            raise ModelRefused(
+                str(exc).replace(str(local), uri, 1), RefusalReason.VERIFICATION_FAILED
+            ) from None
+    classes = list(features.classes)
     idx = classes.index(positive_label) if positive_label in classes else len(classes) - 1
-    return LoadedModel(str(version), uri, verification.manifest_sha256, model, spec, idx)
+    return LoadedModel(str(version), uri, verification.manifest_sha256, model, features, idx)
 
 
 @dataclass(frozen=True)
@@ -131,12 +364,15 @@ class RoutingTable:
 
 
 class FeedbackStore:
-    """One model's scores of recent requests by id, until their labels arrive (bounded,
-    oldest first out), and the most recent (score, is-positive) pairs per (alias,
-    version) for the AUC (multiclass: one pair per class of each row, one-vs-rest)."""
+    """One model's scores of recent requests by (server-issued) id, until their labels
+    arrive (bounded, oldest first out); the ids already labelled (bounded too), so a second
+    label for a request is refused rather than taken; and the most recent (score,
+    is-positive) pairs per (alias, version) for the AUC (multiclass: one pair per class of
+    each row, one-vs-rest)."""
 
     def __init__(self, capacity: int = 100_000, auc_window: int = 20_000) -> None:
         self._pending: OrderedDict[str, tuple[str, str, np.ndarray]] = OrderedDict()
+        self._done: OrderedDict[str, None] = OrderedDict()
         self._labelled: dict[tuple[str, str], deque[tuple[float, int]]] = {}
         self.capacity, self.auc_window = capacity, auc_window
         self._lock = threading.Lock()
@@ -147,9 +383,44 @@ class FeedbackStore:
             while len(self._pending) > self.capacity:
                 self._pending.popitem(last=False)
 
-    def take(self, request_id: str) -> tuple[str, str, np.ndarray] | None:
+    def claim(
+        self, items: list[tuple[str, list[Any]]]
+    ) -> tuple[list[tuple[str, str, np.ndarray, list[Any]]], list[tuple[int, str, str]]]:
+        """All or nothing: every item's (alias, version, scores, labels), taken out of the
+        pending store — or, when any item cannot be taken, nothing taken and the refusals
+        ``(index, result, message)``: ``duplicate`` (already labelled, or twice in this
+        batch), ``unknown`` (not pending here) or ``mismatched`` (label count != rows)."""
+        refused: list[tuple[int, str, str]] = []
+        seen: set[str] = set()
         with self._lock:
-            return self._pending.pop(request_id, None)
+            for i, (rid, labels) in enumerate(items):
+                if rid in self._done or rid in seen:
+                    refused.append((i, "duplicate", f"request {rid} is already labelled"))
+                elif rid not in self._pending:
+                    refused.append(
+                        (
+                            i,
+                            "unknown",
+                            f"request {rid} is not pending here (expired, a restart, or "
+                            "scored by another replica)",
+                        )
+                    )
+                elif len(labels) != len(self._pending[rid][2]):
+                    n = len(self._pending[rid][2])
+                    refused.append(
+                        (i, "mismatched", f"request {rid} scored {n} row(s), {len(labels)} labels")
+                    )
+                seen.add(rid)
+            if refused:
+                return [], refused
+            out = []
+            for rid, labels in items:
+                alias, version, scores = self._pending.pop(rid)
+                self._done[rid] = None
+                out.append((alias, version, scores, labels))
+            while len(self._done) > self.capacity:
+                self._done.popitem(last=False)
+            return out, []
 
     def add_labels(
         self, alias: str, version: str, scores: list[float], positive: list[int]
@@ -215,7 +486,8 @@ class ServedModel:
         self.metrics = metrics or ServiceMetrics()
         self.faults = faults or FaultSwitch()
         self.table = RoutingTable()
-        self.refused: dict[str, str] = {}
+        self.refused: dict[str, str] = {}  # version -> why (the message)
+        self.refusals: dict[str, Refusal] = {}  # version -> reason, message, alias
         self.status = PollStatus()
         self.feedback = FeedbackStore(feedback_capacity)
         self._models: dict[str, LoadedModel] = {}
@@ -228,7 +500,10 @@ class ServedModel:
         """The model of ``spec``: registry calls name ``spec.model_name`` explicitly."""
         contract = spec.contract_obj()
         kw.setdefault(
-            "loader", partial(load_version, spec.model_name, positive_label=contract.positive_label)
+            "loader",
+            partial(
+                load_version, spec.model_name, positive_label=contract.positive_label, spec=spec
+            ),
         )
         kw.setdefault("read_state", partial(traffic.read_state, spec.model_name))
         return cls(
@@ -295,8 +570,8 @@ class ServedModel:
                 log.warning("registry poll for %s failed: %s", self.name, exc)
                 return self.table
             errors: list[str] = []
-            champ = self._resolve(state.champion, errors)
-            canary = self._resolve(state.canary, errors)
+            champ = self._resolve(state.champion, CHAMPION, errors)
+            canary = self._resolve(state.canary, CANARY, errors)
             old = self.table
             champion_slot = self._slot(CHAMPION, champ) if champ else old.champion
             canary_slot = self._slot(CANARY, canary) if canary else None
@@ -313,22 +588,37 @@ class ServedModel:
             )
             return new
 
-    def _refuse(self, version: str, why: str) -> None:
+    def _refuse(self, version: str, alias: str, refused: ModelRefused) -> None:
+        why, reason = str(refused), refused.reason
+        before = self.refusals.get(version)
         self.refused[version] = why
+        self.refusals[version] = Refusal(reason, why, alias)
         self.metrics.refused.labels(self.name, version).set(1)
-        log.error("%s: refusing v%s: %s", self.name, version, why)
+        if before is None or before.reason != reason or before.alias != alias:
+            self.metrics.refusals.labels(self.name, alias, version, reason.value).inc()
+            log.error("%s: refusing %s v%s (%s): %s", self.name, alias, version, reason, why)
 
-    def _resolve(self, version: str | None, errors: list[str]) -> LoadedModel | None:
+    def _unrefuse(self, version: str) -> None:
+        if self.refusals.pop(version, None) is not None:
+            self.refused.pop(version, None)
+            try:
+                self.metrics.refused.remove(self.name, version)
+            except KeyError:
+                pass
+            log.info("%s: v%s is no longer refused", self.name, version)
+
+    def _resolve(self, version: str | None, alias: str, errors: list[str]) -> LoadedModel | None:
         if version is None:
             return None
         if version in self._models:
             return self._models[version]
-        if version in self.refused:
+        known = self.refusals.get(version)
+        if known is not None and known.lasting:
             return None
         try:
             loaded = self.loader(version)
         except ModelRefused as exc:
-            self._refuse(version, str(exc))
+            self._refuse(version, alias, exc)
             return None
         except Exception as exc:  # noqa: BLE001 - transient: retried on the next poll
             errors.append(f"loading v{version}: {type(exc).__name__}: {exc}")
@@ -337,14 +627,27 @@ class ServedModel:
         k = len(loaded.classes)
         if (k > 2) != self.multiclass:
             self._refuse(
-                version, f"the checkpoint has {k} classes but model {self.name!r} is {self.task}"
+                version,
+                alias,
+                ModelRefused(
+                    f"the checkpoint has {k} classes but model {self.name!r} is {self.task}",
+                    RefusalReason.WRONG_TASK,
+                ),
             )
             return None
         try:
             warm_up(loaded)
         except Exception as exc:  # noqa: BLE001 - a model that cannot score a plain row is refused
-            self._refuse(version, f"warm-up scoring failed: {type(exc).__name__}: {exc}")
+            self._refuse(
+                version,
+                alias,
+                ModelRefused(
+                    f"warm-up scoring failed: {type(exc).__name__}: {exc}",
+                    RefusalReason.WARM_UP_FAILED,
+                ),
+            )
             return None
+        self._unrefuse(version)
         self._models[version] = loaded
         log.info("%s: loaded v%s (manifest %s)", self.name, version, loaded.manifest_sha256[:12])
         return loaded
@@ -379,20 +682,22 @@ class ServedModel:
 
     # -- feedback ---------------------------------------------------------------------
 
-    def record_labels(self, items: list[tuple[str, list[Any]]]) -> dict[str, int]:
-        """(request id, labels of its rows) pairs; returns counts by result."""
+    def record_labels(
+        self, items: list[tuple[str, list[Any]]]
+    ) -> tuple[dict[str, int], list[tuple[int, str, str]]]:
+        """(request id, labels of its rows) pairs, all or nothing: (counts by result,
+        refusals ``(index, result, message)``). Nothing is recorded when any item is
+        refused (see :meth:`FeedbackStore.claim`)."""
         counts = {"matched": 0, "unknown": 0, "mismatched": 0}
+        claimed, refused = self.feedback.claim(items)
+        if refused:
+            self.count_refused(items, refused)
+            for _, result, _ in refused:
+                counts[result] = counts.get(result, 0) + 1
+            return counts, refused
         touched: set[tuple[str, str]] = set()
         hist = self.metrics.labelled
-        for request_id, labels in items:
-            found = self.feedback.take(request_id)
-            if found is None:
-                counts["unknown"] += len(labels) or 1
-                continue
-            alias, version, scores = found
-            if len(labels) != len(scores):
-                counts["mismatched"] += len(labels)
-                continue
+        for alias, version, scores, labels in claimed:
             if scores.ndim == 2:  # multiclass: one-vs-rest, a pair per class of each row
                 classes = self._classes_of(version, scores.shape[1])
                 flat = scores.reshape(-1).tolist()
@@ -410,10 +715,21 @@ class ServedModel:
             auc = self.feedback.auc(alias, version)
             if auc is not None:
                 self.metrics.auc.labels(self.name, alias, version).set(auc)
-        for result, n in counts.items():
-            if n:
-                self.metrics.feedback.labels(self.name, result).inc(n)
-        return counts
+        if counts["matched"]:
+            self.metrics.feedback.labels(self.name, "matched").inc(counts["matched"])
+        return counts, []
+
+    def count_refused(
+        self, items: list[tuple[str, list[Any]]], refused: list[tuple[int, str, str]]
+    ) -> None:
+        """``scoring_feedback_total``: each refused item's rows under its result, the rest
+        of its batch (not recorded either) under ``held_back``."""
+        bad = {i for i, _, _ in refused}
+        for i, result, _ in refused:
+            self.metrics.feedback.labels(self.name, result).inc(len(items[i][1]) or 1)
+        held = sum(len(labels) or 1 for i, (_, labels) in enumerate(items) if i not in bad)
+        if held:
+            self.metrics.feedback.labels(self.name, "held_back").inc(held)
 
     def _loaded(self, version: str) -> LoadedModel | None:
         for s in (self.table.champion, self.table.canary):
@@ -451,6 +767,7 @@ class ServedModel:
             if desired
             else None,
             "refused": dict(self.refused),
+            "refusals": {v: r.to_dict() for v, r in sorted(self.refusals.items())},
             "last_poll": {
                 "ok": st.ok,
                 "age_s": None if st.at is None else round(time.time() - st.at, 3),
@@ -466,7 +783,7 @@ class ServedModel:
             and t.champion
             and desired.champion != t.champion.model.version
         ):
-            why = self.refused.get(desired.champion, "not loaded yet")
+            why = self._why(desired.champion)
             notes.append(
                 f"registry champion v{desired.champion} is not served ({why}); "
                 f"serving the last good champion v{t.champion.model.version}"
@@ -476,7 +793,7 @@ class ServedModel:
             and desired.canary
             and (t.canary is None or t.canary.model.version != desired.canary)
         ):
-            why = self.refused.get(desired.canary, "not loaded yet")
+            why = self._why(desired.canary)
             notes.append(
                 f"registry canary v{desired.canary} is not served ({why}); "
                 "all traffic goes to the champion"
@@ -486,10 +803,22 @@ class ServedModel:
                 notes.append(
                     f"registered model {self.registered_model!r} has no champion: not ready"
                 )
+            elif desired is not None and desired.champion in self.refusals:
+                notes.append(
+                    f"registry champion v{desired.champion} is not served "
+                    f"({self._why(desired.champion)}) and no earlier good champion was "
+                    "served by this process: not ready"
+                )
             else:
                 notes.append("no verified champion loaded: not ready")
         out["notes"] = notes
         return out
+
+    def _why(self, version: str) -> str:
+        r = self.refusals.get(version)
+        if r is None:
+            return self.refused.get(version, "not loaded yet")
+        return f"refused, {r.reason.value}: {r.message}"
 
     @property
     def settled(self) -> bool:
@@ -609,6 +938,7 @@ class ScoringService:
                 "canary_weight": 0.0,
                 "registry": None,
                 "refused": {},
+                "refusals": {},
                 "last_poll": None,
                 "faults": {},
                 "notes": [

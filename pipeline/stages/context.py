@@ -6,9 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline import names, registry, storage
-from pipeline.settings import get_settings
-from pipeline.spec import ModelSpec, Policy, PolicyViolation, active, resolve_policy
+from pipeline import names, registry
+from pipeline.spec import ModelSpec, Policy, active, resolve_policy
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,19 +66,12 @@ def contract() -> DataContract:
 
 
 def eval_uri(policy: Policy) -> str:
-    """The trusted set's URI: the spec's location, or an override the spec allows — which
-    must still lie under the storage root's ``trusted/`` folder (never a landing batch, never
-    an arbitrary file the worker can read)."""
-    from pipeline.quarantine import under
+    """The trusted set's URI, canonical: the spec's own ``evaluation.uri``, or a set the run
+    names (when the spec allows it) under the spec's trusted prefix — never a landing batch,
+    never an arbitrary file the worker can read (``pipeline.uris.eval_source``)."""
+    from pipeline.uris import eval_source
 
-    uri = get_settings().resolve(policy.eval_uri)
-    trusted = storage.join(get_settings().storage_root, "trusted")
-    if policy.eval_uri != active().eval_location and not under(uri, trusted):
-        raise PolicyViolation(
-            f"evaluation set {uri} is not under the trusted folder {trusted}; "
-            "an evaluation set a run names must be one the data owners put there"
-        )
-    return uri
+    return eval_source(policy.eval_uri)
 
 
 def short(text: str, limit: int = 160) -> str:

@@ -97,7 +97,11 @@ def ingest_batch(ctx: RunContext, batch_uri: str, policy: Policy | None = None) 
 
 def validate_batch(ctx: RunContext, ingested: Ingested) -> Validated:
     """Validate the snapshot (streaming); store the report beside it and on the MLflow run;
-    count the batch in the ledger; on rejection quarantine it and stop the run."""
+    count the batch in the ledger; on rejection quarantine it and stop the run.
+
+    Only the content is judged: a storage failure while reading (timeout, dropped
+    connection, 5xx) raises ``storage.TransientStorageError`` before anything is written,
+    quarantined or counted, so Airflow retries the task on the same snapshot."""
     from pipeline import validate
 
     ingested = Ingested.from_xcom(ingested)

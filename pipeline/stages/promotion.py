@@ -117,7 +117,7 @@ def version_tags(
         else "none (no champion)",
         VersionTag.CHECKPOINT_URI: trained.checkpoint_uri,
         VersionTag.MANIFEST_SHA256: v.manifest_sha256,
-        "checkpoint.signature": f"verified HMAC-SHA256 key {key_id}",
+        "checkpoint.signature": f"verified {v.signature_alg} key {key_id}",
         "checkpoint.bytes": checkpoint.checkpoint_bytes(m),
         "checkpoint.all_finite": m.get("all_finite"),
         "train.stop_reason": m.get("stop_reason") or trained.stop_reason,
@@ -298,6 +298,8 @@ def gate_promotion(
         else "off",
         "gate.champion_version": champ_version or "none",
         VersionTag.GATE_RECORD: record_uri,
+        # serving refuses a version that needed an approval it never got (aliased by hand)
+        VersionTag.APPROVAL_REQUIRED: "true" if pol.require_approval else "false",
         f"eval.{metric}": f"{decision.challenger if decision.challenger is not None else float('nan'):.6f}",
         "eval.set_uri": uri,
         "eval.set_sha256": eval_sha,

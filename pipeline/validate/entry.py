@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 SAMPLE_ROWS = 20_000
 # What pyarrow raises on bytes that are not (valid) Parquet: ArrowInvalid is a ValueError,
-# a failed page checksum or a short read an OSError.
+# a failed page checksum or a short read an OSError. A storage service that does not answer
+# is not among them: botocore's timeouts are OSErrors too, so each caught error is asked
+# first (:func:`_raise_if_transient`) and a transient one propagates, never a report.
 _READ_ERRORS = (OSError, ValueError, EOFError)
 
 
@@ -71,6 +73,10 @@ def validate_uri(
 ) -> ValidationReport:
     """Validate the Parquet object at ``uri``, streaming; an unreadable file is a report.
 
+    Only the content is judged: a storage service that times out, drops the connection or
+    answers 5xx raises :class:`pipeline.storage.TransientStorageError` (retry the task),
+    and the batch is neither reported unreadable nor rejected.
+
     ``reference_uri``: the champion's training snapshot (Parquet, same contract); the
     leakage check compares each feature's AUC with its AUC on a seeded sample of at most
     ``sample_rows`` reference rows. ``None`` (no champion yet), or a reference that cannot
@@ -80,6 +86,7 @@ def validate_uri(
     try:
         source = open_source(uri, dictionary_columns=contract.categorical_features)
     except _READ_ERRORS as exc:
+        _raise_if_transient(exc)
         return _unreadable(exc, contract, now)
     ref = (
         None
@@ -106,6 +113,7 @@ def validate_source(
         scan = Scan(source, contract, now, untyped or {}, sample_rows, seed, reference)
         scan.run()
     except _READ_ERRORS as exc:  # a corrupted page, a truncated row group
+        _raise_if_transient(exc)
         return _unreadable(exc, contract, now, rows=source.num_rows)
     sample = scan.sample_frame()
     exact = scan.results(checks, sample)
@@ -187,6 +195,18 @@ def _notes(
             + (f" and {more} more" if more > 0 else "")
         )
     return notes
+
+
+def _raise_if_transient(exc: BaseException) -> None:
+    """Re-raise a storage or network failure that reached a Parquet error handler as what
+    it is (:class:`~pipeline.storage.TransientStorageError`): it says nothing of the bytes."""
+    from pipeline import storage
+
+    if storage.is_transient(exc):
+        raise storage.TransientStorageError(
+            f"reading the batch failed on the storage service, not on its content "
+            f"({type(exc).__name__}: {exc}); the task is retried"
+        ) from exc
 
 
 def _unreadable(

@@ -51,8 +51,11 @@ def _leakage_columns(contract: DataContract) -> list[str]:
 
 def reference_from_uri(uri: str, contract: DataContract, sample_rows: int, seed: int) -> Reference:
     """A seeded sample of at most ``sample_rows`` rows of the Parquet object at ``uri``
-    (leakage columns and label only); a reference that cannot be read says why."""
+    (leakage columns and label only); a reference that cannot be read says why. A
+    transient storage failure propagates (retry): judging the batch without its reference
+    would apply the stricter rule because of the network, not the data."""
     from pipeline.ingest import open_source
+    from pipeline.storage import TransientStorageError, is_transient
 
     try:
         source = open_source(uri)
@@ -62,7 +65,14 @@ def reference_from_uri(uri: str, contract: DataContract, sample_rows: int, seed:
         columns = [c for c in _leakage_columns(contract) if names.get(c) == 1] + [contract.target]
         table = source.sample(columns, sample_rows, seed)
         sample = table.to_pandas()
+    except TransientStorageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a bad reference is reported, never raised
+        if is_transient(exc):
+            raise TransientStorageError(
+                f"reading the leakage reference {uri} failed on the storage service "
+                f"({type(exc).__name__}: {exc}); the task is retried"
+            ) from exc
         return Reference(None, 0, f"reference {uri} unreadable: {type(exc).__name__}: {exc}"[:500])
     return Reference(sample, source.num_rows)
 

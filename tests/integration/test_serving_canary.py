@@ -1,7 +1,10 @@
 """The scoring service and canary rollouts, for real: uvicorn over HTTP on 127.0.0.1 (a
 subprocess, ``python -m pipeline serve``), the embedded MLflow SQLite registry, signed
 checkpoints trained here in seconds, traffic from the replayer, faults from the service's
-own fault switch. Short intervals (0.5 s analysis, 0.2 s registry poll) keep it quick.
+own fault switch (``/admin``, enabled here with a bearer token; labels go to ``/feedback``
+with the feedback token). Short intervals (0.5 s analysis, 0.2 s registry poll) keep it
+quick. Versions are registered with what the gate records on an accepted one (checkpoint
+URI, manifest digest, ``gate.verdict=promote``): the service serves nothing else.
 
 The service serves every model spec under models/ (card_fraud, digits, ...); these tests
 drive card_fraud (the default model: ``/predict``, ``/feedback``, the canary's series
@@ -11,8 +14,10 @@ without disturbing it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -42,6 +47,8 @@ THRESHOLDS = {
     "max_metric_drop": 0.05,
 }
 ROWS_PER_REQUEST = 16
+ADMIN_TOKEN, FEEDBACK_TOKEN = secrets.token_hex(32), secrets.token_hex(32)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 LAUNCH = """
@@ -70,16 +77,22 @@ class Env:
         self._n = 0
 
     def register(self, kind: str) -> str:
-        from pipeline import registry
+        from pipeline import checkpoint, registry, storage
 
         self._n += 1
         key = f"test-{kind}-{self._n}"
         run_id = registry.get_or_create_run(key)
+        uri = self.uris[kind]
+        manifest = storage.read_bytes(storage.join(uri, checkpoint.MANIFEST), verify=False)
         return registry.register_version(
             run_id,
             key,
-            self.uris[kind],
-            {"checkpoint.uri": self.uris[kind]},
+            uri,
+            {  # what register_challenger and an accepting gate_promotion record
+                "checkpoint.uri": uri,
+                "checkpoint.manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+                "gate.verdict": "promote",
+            },
             description=f"{kind} model for the canary tests",
         )
 
@@ -156,7 +169,14 @@ def env(tmp_path_factory):
     root = settings.get_settings().storage_root
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc_env = {**os.environ, "PIPELINE_HOME": str(home), "PIPELINE_SERVING_POLL_SECONDS": "0.2"}
+    proc_env = {
+        **os.environ,
+        "PIPELINE_HOME": str(home),
+        "PIPELINE_SERVING_POLL_SECONDS": "0.2",
+        "PIPELINE_SERVING_ADMIN_ENABLED": "true",
+        "PIPELINE_SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
+        "PIPELINE_SERVING_FEEDBACK_TOKEN": FEEDBACK_TOKEN,
+    }
     home.mkdir(parents=True)
     log = (home / "serve.log").open("w")
     # The service process starts first and imports (seconds) while this one creates the
@@ -270,7 +290,7 @@ def fresh(env):
     registry.delete_alias(traffic.CANARY)
     registry.delete_alias(registry.PREVIOUS)
     registry.set_alias(registry.CHAMPION, env.champion)
-    env.http.delete("/admin/faults")
+    assert env.http.delete("/admin/faults", headers=ADMIN).status_code == 200
     env.wait_serving(env.champion, None)
     return env
 
@@ -289,6 +309,7 @@ class Traffic:
             duration_s=duration,
             labels_after_s=labels_after,
             rows_per_request=ROWS_PER_REQUEST,
+            feedback_token=FEEDBACK_TOKEN,
         )
         self.env, self.stop, self.report = env, threading.Event(), None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -414,7 +435,8 @@ def test_injected_fault_is_rolled_back_within_its_step(fresh, fault, reason, ste
 
     env = fresh
     v = env.register("good_b")
-    assert env.http.post("/admin/faults", json={"version": v, **fault}).status_code == 200
+    fault_set = env.http.post("/admin/faults", json={"version": v, **fault}, headers=ADMIN)
+    assert fault_set.status_code == 200
     plan = env.plan(((0.5, 2.5), (1.0, 2.0)))
     with Traffic(env):
         out = run_canary_rollout(
@@ -438,6 +460,26 @@ def test_worse_labelled_metric_is_rolled_back(fresh):
         out = run_canary_rollout(v, env.champion, plan=plan, service_url=env.url, run_key="t-auc")
     _assert_rolled_back(env, v, out, "labelled_roc_auc")
     assert out["step_reached"] == 0
+    # someone moves champion to the rolled-back version by hand (the MLflow UI's alias
+    # edit): the service refuses it and keeps serving the last good champion
+    from pipeline import registry
+
+    registry.client().set_registered_model_alias(registry.model_name(), "champion", v)
+    deadline = time.monotonic() + 10
+    while v not in env.http.get("/readyz").json()["refusals"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ready = env.http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["champion"]["version"] == env.champion
+    assert ready.json()["refusals"][v]["reason"] == "rolled_back"
+    answer = env.http.post(
+        "/predict", content=env.traffic.bodies[0], headers={"content-type": "application/json"}
+    )
+    assert answer.json()["version"] == env.champion
+    metrics = env.http.get("/metrics").text
+    assert (
+        f'scoring_refusals_total{{alias="champion",model="card_fraud",reason="rolled_back",'
+        f'version="{v}"}} 1.0' in metrics
+    )
 
 
 def test_too_little_traffic_pauses_for_a_human_then_resumes(fresh):
@@ -501,6 +543,7 @@ def test_version_failing_integrity_is_refused_by_the_service(fresh):
     _assert_rolled_back(env, v, out, "canary_refused_by_service")
     ready = env.http.get("/readyz").json()
     assert "signature does not verify" in ready["refused"][v]
+    assert ready["refusals"][v]["reason"] == "verification_failed"
     assert (
         f'scoring_model_refused{{model="card_fraud",version="{v}"}} 1.0'
         in env.http.get("/metrics").text
@@ -526,7 +569,9 @@ def test_bake_regression_rolls_back_to_previous_champion(fresh):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if traffic.read_state().champion == v:
-                env.http.post("/admin/faults", json={"version": v, "error_rate": 0.6})
+                env.http.post(
+                    "/admin/faults", json={"version": v, "error_rate": 0.6}, headers=ADMIN
+                )
                 return
             time.sleep(0.05)
 

@@ -8,8 +8,9 @@ Session fixtures, each a real process on 127.0.0.1 and a free port:
               checkpoints) and bucket ``mlflow`` (MLflow artifacts).
 * ``mlflow``  ``mlflow server --app-name basic-auth`` on PostgreSQL, artifacts proxied to
               ``s3://mlflow/artifacts`` on moto (``--serve-artifacts``), one worker, no job runner.
-* ``airflow`` api-server + scheduler + dag-processor, LocalExecutor on PostgreSQL, parallelism
-              2, simple auth manager, a shared JWT secret.
+* ``airflow`` api-server + scheduler + dag-processor, LocalExecutor (its workers preloading the
+              pipeline: ``plugins/pipeline_executor.py``) on PostgreSQL, parallelism 2, simple
+              auth manager, a shared JWT secret.
 
 Every process is started in its own session (``start_new_session=True``) and stopped with
 ``os.killpg`` (SIGTERM, then SIGKILL) so no child outlives the suite; at the end every port
@@ -45,6 +46,25 @@ HOST = "127.0.0.1"
 S3_KEY, S3_SECRET = "stack-access-key", "stack-s3-" + secrets.token_hex(12)
 MLFLOW_ADMIN, MLFLOW_ADMIN_PASSWORD = "admin", "stack-admin-" + secrets.token_hex(12)
 AIRFLOW_USER = "admin"
+
+
+def _signing_pair() -> tuple[str, str]:
+    """A throw-away Ed25519 pair: the PEM private key and its keyring entry (``stack=…``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from pipeline.signing import keyring_entry
+
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return pem, keyring_entry("stack", key.public_key())
+
+
+SIGNING_KEY_PEM, SIGNING_KEYRING = _signing_pair()
 PORTS_USED: list[int] = []
 
 
@@ -57,11 +77,12 @@ def pytest_collection_modifyitems(items):
     # run is the long pole: trigger it first, check it last, the rest runs meanwhile.
     # The scheduling faults (scheduler killed, eight runs at once) need Airflow to themselves:
     # they run at the very end.
+    # After the first run (they need its champion) and before the scheduling faults: the
+    # retrain checks and the scoring service started from the shipped configs.
+    after_first = ("test_stack_retrain.py", "test_stack_shipped_config.py")
     first = [i for i in stack if i.name == "test_trigger_retrain_run"]
     runs = [i for i in stack if Path(str(i.fspath)).name == "test_stack_runs.py"]
-    last = [
-        i for i in stack if Path(str(i.fspath)).name == "test_stack_retrain.py" and i not in first
-    ]
+    last = [i for i in stack if Path(str(i.fspath)).name in after_first and i not in first]
     middle = [i for i in stack if i not in first and i not in last and i not in runs]
     items[:] = [i for i in items if i not in stack] + first + middle + last + runs
 
@@ -326,7 +347,10 @@ class S3:
 def s3(workdir: Path) -> Iterator[S3]:
     port = free_port()
     log = workdir / "moto.log"
-    proc = spawn([str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], dict(os.environ), log)
+    # moto's request recorder (off unless a test starts it: test_stack_shipped_config.py)
+    # writes here, not into the repository (its default is ./moto_recording).
+    env = {**os.environ, "MOTO_RECORDER_FILEPATH": str(workdir / "moto-recording.jsonl")}
+    proc = spawn([str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], env, log)
     try:
         wait_for(lambda: port_open(port), "moto_server", 60, proc, log)
         s = S3(
@@ -628,7 +652,8 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # Airflow's LocalExecutor, its workers preloading the pipeline (plugins/pipeline_executor.py)
+        "AIRFLOW__CORE__EXECUTOR": "pipeline_executor.PreloadingLocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "2",
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
@@ -672,7 +697,10 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         # experiment name that gives mlflow-artifacts://retrain_card_fraud, a *host* the server
         # refuses (MLflow 3.17 host policy); a path keeps it host-less.
         "PIPELINE_MLFLOW_ARTIFACT_URI": "mlflow-artifacts:/pipeline",
-        "PIPELINE_SIGNING_KEY": "stack-signing-" + secrets.token_hex(16),
+        # the trainer's Ed25519 key (a task's private key) and the keyring that trusts it
+        "PIPELINE_SIGNING_KEY": SIGNING_KEY_PEM,
+        "PIPELINE_SIGNING_KEY_ID": "stack",
+        "PIPELINE_SIGNING_PUBLIC_KEYS": SIGNING_KEYRING,
         "PIPELINE_DEVICE": "cpu",
         "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
         "MLFLOW_TRACKING_PASSWORD": MLFLOW_ADMIN_PASSWORD,

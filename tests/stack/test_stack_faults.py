@@ -75,15 +75,18 @@ def test_s3_500s_within_the_retry_budget_are_absorbed(s3_env):
 
 
 def test_s3_500s_beyond_the_budget_fail_and_leave_no_object(s3_env):
+    """Past botocore's retries the failure is transient (the task is retried, the content is
+    never judged), and says so; nothing partial is left."""
     from botocore.exceptions import ClientError
 
     key = f"faults/{uuid.uuid4().hex}/b.bin"
     seen = _fail_first(100)
     t0 = time.monotonic()
-    with pytest.raises(ClientError) as exc:
+    with pytest.raises(storage.TransientStorageError, match="says nothing about the") as exc:
         storage.write_bytes(f"s3://pipeline/{key}", b"payload")
     assert time.monotonic() - t0 < 30
-    assert exc.value.response["Error"]["Code"] == "InternalError"
+    cause = exc.value.__cause__
+    assert isinstance(cause, ClientError) and cause.response["Error"]["Code"] == "InternalError"
     assert len(seen) == 3  # AWS_MAX_ATTEMPTS, then it gives up
     listed = s3_env.client().list_objects_v2(Bucket="pipeline", Prefix=key.rsplit("/", 1)[0])
     assert listed.get("KeyCount", 0) == 0  # nothing partial left behind

@@ -1,18 +1,14 @@
 """retrain_card_fraud end to end on real servers: triggered through Airflow's REST API (JWT), data
 in S3 (moto), MLflow with basic-auth on PostgreSQL; the result read back through MLflow's REST
-API with credentials. Then: the scoring service, with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, loads that champion
-(signed safetensors checkpoint from S3, version from MLflow with credentials) and scores over
-HTTP. And: no secret of an Airflow Connection or of the environment reached
-MLflow params/tags/artifacts or the task logs.
+API with credentials. And: no secret of an Airflow Connection or of the environment reached
+MLflow params/tags/artifacts or the task logs. The scoring service serving that champion (with
+``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``) is started from the shipped configs'
+environment, not this one: ``test_stack_shipped_config.py``.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
-from tests.stack.conftest import DAG_ID, HOST, MODEL, free_port, http, spawn, stop, wait_for
+from tests.stack.conftest import DAG_ID, MODEL, http
 
 
 def test_trigger_retrain_run(retrain_triggered):
@@ -77,7 +73,8 @@ def test_no_secret_reaches_mlflow_or_task_logs(first_run, airflow, mlflow_server
             "AWS_SECRET_ACCESS_KEY"
         ],
         "MLFLOW_TRACKING_PASSWORD": mlflow_server.admin[1],
-        "PIPELINE_SIGNING_KEY": airflow.env["PIPELINE_SIGNING_KEY"],
+        # the private key's base64 body (the PEM's middle line)
+        "PIPELINE_SIGNING_KEY": airflow.env["PIPELINE_SIGNING_KEY"].splitlines()[1],
         "AIRFLOW__API_AUTH__JWT_SECRET": airflow.env["AIRFLOW__API_AUTH__JWT_SECRET"],
     }
     _, out = mlflow_server.api("GET", f"registered-models/alias?name={MODEL}&alias=champion")
@@ -90,39 +87,11 @@ def test_no_secret_reaches_mlflow_or_task_logs(first_run, airflow, mlflow_server
         assert value not in logs, f"{name} appears unmasked in the Airflow task logs"
 
 
-def test_scoring_service_serves_the_champion_with_pickle_disabled(
-    first_run, airflow, mlflow_server, workdir
-):
-    from pipeline.contract import default_contract
-    from pipeline.data.generate import WorldSpec, generate
-
-    port = free_port()
-    env = {k: v for k, v in airflow.env.items() if not k.startswith("AIRFLOW")}
-    env.update(
-        {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false", "PIPELINE_SERVING_POLL_SECONDS": "1"}
-    )
-    log = workdir / "scoring.log"
-    proc = spawn(
-        [sys.executable, "-m", "pipeline", "serve", "--host", HOST, "--port", str(port)], env, log
-    )
-    url = f"http://{HOST}:{port}"
-    try:
-        wait_for(
-            lambda: http("GET", f"{url}/readyz", timeout=3)[0] == 200,
-            "scoring service",
-            180,
-            proc,
-            log,
-        )
-        _, out = mlflow_server.api("GET", f"registered-models/alias?name={MODEL}&alias=champion")
-        champion = out["model_version"]["version"]
-        features = [c.name for c in default_contract().features]
-        rows = json.loads(generate(WorldSpec(rows=5, seed=77))[features].to_json(orient="records"))
-        status, body = http("POST", f"{url}/predict", {"rows": rows})
-        assert status == 200, body
-        assert (body["alias"], body["version"]) == ("champion", champion)
-        assert len(body["scores"]) == 5 and all(0.0 <= x <= 1.0 for x in body["scores"])
-        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-        assert b"MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in environ
-    finally:
-        stop(proc)
+def test_tasks_are_forked_from_workers_that_preloaded_the_pipeline(first_run, airflow):
+    """The scheduler runs plugins/pipeline_executor.PreloadingLocalExecutor: each worker
+    imported the pipeline once (its log line), nothing failed to preload, and the run's tasks
+    succeeded on those workers."""
+    log = airflow.tail("scheduler", n=2_000_000)
+    assert "preloaded the pipeline in" in log, log[-3000:]
+    assert "could not preload" not in log, log[-3000:]
+    assert first_run["states"]["validate_batch"] == "success"

@@ -112,11 +112,15 @@ def manifest_edited(ck, _):
     (ck / "manifest.json").write_text(json.dumps(m))
 
 
-def other_key(ck, monkeypatch):
-    from pipeline.settings import get_settings
+def other_key(ck, _):
+    """A forgery: signed by some other key under the trusted key's id."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    monkeypatch.setenv("PIPELINE_SIGNING_KEY", "another-key")
-    get_settings.cache_clear()
+    from pipeline import signing
+
+    key_id = json.loads((ck / "manifest.sig").read_text())["key_id"]
+    forger = signing.Signer(key_id, Ed25519PrivateKey.generate(), "forger")
+    (ck / "manifest.sig").write_text(forger.sign((ck / "manifest.json").read_bytes()))
 
 
 def shape_vs_config(ck, _):
@@ -176,7 +180,7 @@ DAMAGE = [
     ("missing signature", lambda ck, _: (ck / "manifest.sig").unlink(), "missing manifest.sig"),
     ("missing manifest", lambda ck, _: (ck / "manifest.json").unlink(), "missing manifest.json"),
     ("manifest edited after signing", manifest_edited, "signature does not verify"),
-    ("signed with another key", other_key, "signature does not verify"),
+    ("signed with another key under the trusted id", other_key, "does not verify with trusted key"),
     (
         "pickle file beside the weights",
         lambda ck, _: shutil.copy(ck / "model.safetensors", ck / "model.pt"),
@@ -362,10 +366,208 @@ def test_optimizer_state_with_non_data_objects_is_refused(pipeline_home, trained
 
 # -- the signing key --------------------------------------------------------------------------
 
+SIGNING_VARS = (
+    "PIPELINE_SIGNING_KEY",
+    "PIPELINE_SIGNING_KEY_ID",
+    "PIPELINE_SIGNING_PUBLIC_KEYS",
+    "PIPELINE_SIGNING_LEGACY_HMAC_KEY",
+)
 
-def test_local_key_lives_in_pipeline_home_not_the_repository(pipeline_home):
-    key, key_id = checkpoint.signing_key()
-    path = pipeline_home / "keys" / "checkpoint-signing.key"
+
+@pytest.fixture
+def signing_env(pipeline_home, monkeypatch):
+    """Set PIPELINE_SIGNING_* (a None value unsets); nothing inherited from outside."""
+    from pipeline.settings import get_settings
+
+    for var in SIGNING_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+    def set_env(**values: str | None) -> None:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(f"PIPELINE_SIGNING_{name}", raising=False)
+            else:
+                monkeypatch.setenv(f"PIPELINE_SIGNING_{name}", value)
+        get_settings.cache_clear()
+
+    yield set_env
+    get_settings.cache_clear()
+
+
+def test_local_key_lives_in_pipeline_home_not_the_repository(signing_env, pipeline_home):
+    from pipeline import signing
+
+    signer = signing.configured_signer()
+    path = pipeline_home / "keys" / signing.LOCAL_PRIVATE
     assert path.is_file() and oct(path.stat().st_mode & 0o777) == "0o600"
     assert ROOT not in path.resolve().parents or ".local" in path.parts
-    assert key_id.startswith("local-") and len(key) == 64
+    assert signer.key_id.startswith("local-")
+    assert (pipeline_home / "keys" / signing.LOCAL_PUBLIC).is_file()
+
+
+def _pair(tmp_path: Path, key_id: str) -> tuple[str, str]:
+    """(private key PEM, keyring entry) of a fresh pair made by the real command."""
+    from pipeline.cli import main
+
+    assert main(["keys", "generate", "--out", str(tmp_path / "keys"), "--key-id", key_id]) == 0
+    from pipeline import signing
+
+    pem = (tmp_path / "keys" / f"{key_id}.key").read_text()
+    return pem, signing.keyring_entry(key_id, signing.parse_private_key(pem).public_key())
+
+
+def test_rotation_old_checkpoints_verify_while_their_key_is_trusted(
+    signing_env, trained, tmp_path, capsys
+):
+    old_pem, old_entry = _pair(tmp_path, "k-old")
+    new_pem, new_entry = _pair(tmp_path, "k-new")
+    capsys.readouterr()
+    signing_env(KEY=old_pem, KEY_ID="k-old", PUBLIC_KEYS=old_entry)
+    _save(tmp_path / "old", trained)
+    signing_env(KEY=new_pem, KEY_ID="k-new", PUBLIC_KEYS=f"{old_entry},{new_entry}")
+    _save(tmp_path / "new", trained)
+    for name, key_id in (("old", "k-old"), ("new", "k-new")):
+        v = checkpoint.verify_checkpoint(tmp_path / name)
+        assert v.intact and (v.signature_alg, v.signature_key_id) == ("Ed25519", key_id)
+    signing_env(PUBLIC_KEYS=new_entry)  # the old key retired
+    assert "signed by key 'k-old', which is not trusted" in problems(tmp_path / "old")
+    assert "['k-new']" in problems(tmp_path / "old")
+    assert checkpoint.verify_checkpoint(tmp_path / "new").intact
+
+
+def test_signing_refuses_a_bad_key_before_writing_anything(signing_env, trained, tmp_path):
+    from pipeline import signing
+
+    signing_env(KEY="change-me-pipeline-signing-key")
+    with pytest.raises(signing.SigningKeyError, match="PIPELINE_SIGNING_KEY is a placeholder"):
+        _save(tmp_path / "ck", trained)
+    assert not (tmp_path / "ck").exists()
+    assert not (tmp_path / "keys").exists()  # and no local key made behind the setting's back
+
+
+LEGACY_KEY = "legacy-" + "0123456789abcdef" * 3
+
+
+def _legacy_sign(ck: Path, key: str = LEGACY_KEY) -> None:
+    """What checkpoints from before Ed25519 carry: HMAC-SHA256 over manifest.json."""
+    import hashlib
+    import hmac
+
+    mac = hmac.new(key.encode(), (ck / "manifest.json").read_bytes(), hashlib.sha256).hexdigest()
+    sig = {"alg": "HMAC-SHA256", "key_id": "local-1a2b3c4d", "mac": mac}
+    (ck / "manifest.sig").write_text(json.dumps(sig))
+
+
+def test_legacy_hmac_checkpoint_verifies_only_with_the_legacy_setting(signing_env, ckpt):
+    _legacy_sign(ckpt)
+    msg = problems(ckpt)
+    assert "legacy HMAC-SHA256 key ('local-1a2b3c4d'), not trusted by default" in msg
+    assert "PIPELINE_SIGNING_LEGACY_HMAC_KEY" in msg
+    assert "python -m pipeline checkpoint resign <uri>" in msg
+    signing_env(LEGACY_HMAC_KEY=LEGACY_KEY)
+    v = checkpoint.verify_checkpoint(ckpt)
+    assert v.intact and v.signature_alg == "HMAC-SHA256", v.problems
+    signing_env(LEGACY_HMAC_KEY="another-" + "fedcba9876543210" * 3)
+    assert "does not verify with PIPELINE_SIGNING_LEGACY_HMAC_KEY" in problems(ckpt)
+
+
+def _env(**signing: str) -> dict[str, str]:
+    """This environment without any PIPELINE_* setting, plus the given signing ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    return {**env, **{f"PIPELINE_SIGNING_{k}": v for k, v in signing.items()}}
+
+
+def test_resign_command_moves_a_legacy_checkpoint_to_ed25519_weights_untouched(
+    signing_env, trained, tmp_path, capsys
+):
+    from pipeline import storage
+    from pipeline.settings import get_settings
+
+    pem, entry = _pair(tmp_path, "prod-2")
+    capsys.readouterr()
+    local = tmp_path / "ck"
+    _save(local, trained)
+    _legacy_sign(local)
+    uri = storage.join(get_settings().storage_root, "checkpoints", "legacy")  # file:// storage
+    checkpoint.publish(local, uri)
+    published = storage.local_path(uri)
+    before = {p.name: p.read_bytes() for p in published.iterdir() if p.name != "manifest.sig"}
+    trainer = {
+        **_env(KEY=pem, KEY_ID="prod-2", PUBLIC_KEYS=entry, LEGACY_HMAC_KEY=LEGACY_KEY),
+        "PIPELINE_HOME": str(tmp_path / "trainer-home"),
+    }
+    cmd = [sys.executable, "-m", "pipeline", "checkpoint", "resign", uri]
+    without_legacy = {k: v for k, v in trainer.items() if k != "PIPELINE_SIGNING_LEGACY_HMAC_KEY"}
+    refused = subprocess.run(
+        cmd, env=without_legacy, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 1 and "not trusted by default" in refused.stdout, refused
+    done = subprocess.run(cmd, env=trainer, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESIGNED" in done.stdout and "HMAC-SHA256 key local-1a2b3c4d -> Ed25519 key prod-2" in (
+        done.stdout
+    )
+    after = {p.name: p.read_bytes() for p in published.iterdir() if p.name != "manifest.sig"}
+    sig_digest = after.pop("manifest.sig.sha256").decode()
+    before.pop("manifest.sig.sha256")
+    assert after == before  # weights, probe, manifest and their digests: byte for byte
+    assert sig_digest == storage.sha256_file(published / "manifest.sig")
+    kept = published.parent / "legacy.signatures" / "HMAC-SHA256-local-1a2b3c4d.sig"
+    assert json.loads(kept.read_text())["alg"] == "HMAC-SHA256"  # the old signature kept
+    signing_env(PUBLIC_KEYS=entry)  # a verifier: keyring only, no legacy key
+    _model, _spec, v = checkpoint.load_for_inference(uri)
+    assert v.intact and (v.signature_alg, v.signature_key_id) == ("Ed25519", "prod-2")
+    again = subprocess.run(cmd, env=trainer, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.startswith("UNCHANGED"), again
+
+    from pipeline.cli import main  # the same for a plain local directory, in-process
+
+    names = sorted(p.name for p in local.iterdir())
+    weights = (local / "model.safetensors").read_bytes()
+    signing_env(KEY=pem, KEY_ID="prod-2", LEGACY_HMAC_KEY=LEGACY_KEY)
+    assert main(["checkpoint", "resign", str(local)]) == 0
+    signing_env(KEY=None, LEGACY_HMAC_KEY=None)
+    assert checkpoint.verify_checkpoint(local).signature_key_id == "prod-2"
+    assert sorted(p.name for p in local.iterdir()) == names  # no stray file in the checkpoint
+    assert (local / "model.safetensors").read_bytes() == weights
+
+
+VERIFY_ONLY = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from pipeline import checkpoint, signing
+v = checkpoint.verify_checkpoint(Path({ck!r}))
+try:
+    checkpoint.sign(b"anything")
+    could_sign = True
+except signing.SigningKeyError as exc:
+    could_sign = str(exc)
+print(json.dumps({{"intact": v.intact, "problems": v.problems, "key": v.signature_key_id,
+                  "trust": signing.verifier_startup_check(serving=True),
+                  "could_sign": could_sign}}))
+"""
+
+
+def test_scoring_side_verifies_with_only_the_public_keyring(signing_env, trained, tmp_path, capsys):
+    pem, entry = _pair(tmp_path, "prod-1")
+    capsys.readouterr()
+    signing_env(KEY=pem, KEY_ID="prod-1", PUBLIC_KEYS=entry)
+    ck = tmp_path / "ck"
+    _save(ck, trained)
+    scoring_home = tmp_path / "scoring-home"
+    env = {**_env(PUBLIC_KEYS=entry), "PIPELINE_HOME": str(scoring_home)}
+    assert not any("PRIVATE" in v for v in env.values())
+    out = subprocess.run(
+        [sys.executable, "-c", VERIFY_ONLY.format(root=str(ROOT), ck=str(ck))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["intact"] and got["key"] == "prod-1", got["problems"]
+    assert "['prod-1'] from PIPELINE_SIGNING_PUBLIC_KEYS" in got["trust"]
+    assert "PIPELINE_SIGNING_KEY is not set" in got["could_sign"]  # it cannot sign at all
+    assert not (scoring_home / "keys").exists()  # and no key was made for it

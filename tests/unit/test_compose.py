@@ -119,6 +119,7 @@ def test_expected_services_present(services):
         "minio",
         "minio-init",
         "mlflow",
+        "mlflow-init",
         "airflow-init",
         "airflow-apiserver",
         "airflow-scheduler",
@@ -132,7 +133,7 @@ def test_expected_services_present(services):
 
 
 def test_one_shots_are_the_init_jobs(services):
-    assert _one_shots(services) == {"minio-init", "airflow-init"}
+    assert _one_shots(services) == {"minio-init", "mlflow-init", "airflow-init"}
 
 
 def test_every_long_running_service_has_a_healthcheck(services):
@@ -376,7 +377,8 @@ def test_mlflow_basic_auth_config(compose):
     section = parser["mlflow"]
     assert section["database_uri"].startswith("postgresql+psycopg2://mlflow:")
     assert "admin_password" not in section
-    assert section["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    # the scoring service's own user is a plain user: it reads the registry through this
+    assert section["default_permission"] == "READ"
 
 
 # --- other services ---------------------------------------------------------------------------
@@ -438,15 +440,15 @@ def test_training_pod_template_requests_a_gpu():
 
 def test_serving_manifest_probes():
     docs = list(yaml.safe_load_all((INFRA / "k8s" / "serving.yaml").read_text()))
-    kinds = {d["kind"]: d for d in docs}
-    assert set(kinds) == {"Deployment", "Service"}
-    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Service", "Service"]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["ports"][0]["containerPort"] == 8000
-    selector = kinds["Service"]["spec"]["selector"]
-    labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert selector.items() <= labels.items()
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    for service in (d for d in docs if d["kind"] == "Service"):
+        assert service["spec"]["selector"].items() <= labels.items(), service["metadata"]["name"]
 
 
 def test_helm_values():
@@ -459,3 +461,137 @@ def test_helm_values():
     for key in ("fernetKey", "apiSecretKey", "jwtSecret", "webserverSecretKey"):
         assert key not in values
     assert values["data"]["metadataSecretName"]
+
+
+# --- the scoring service's trust boundary -----------------------------------------------------
+
+# What may never reach the scoring service: write-capable storage keys, the MLflow admin, the
+# signing private key (or the legacy HMAC secret), Airflow's secrets.
+FORBIDDEN_FOR_SCORING = {
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+    "MLFLOW_ADMIN_PASSWORD",
+    "PIPELINE_SIGNING_KEY",
+    "PIPELINE_SIGNING_LEGACY_HMAC_KEY",
+    "AIRFLOW_FERNET_KEY",
+    "AIRFLOW_API_SECRET_KEY",
+    "AIRFLOW_JWT_SECRET",
+    "POSTGRES_PASSWORD",
+    "MLFLOW_DB_PASSWORD",
+    "AIRFLOW_DB_PASSWORD",
+    "REDIS_PASSWORD",
+}
+# The only secrets it holds: its own.
+SCORING_SECRETS = {
+    "SCORING_S3_ACCESS_KEY",
+    "SCORING_S3_SECRET_KEY",
+    "MLFLOW_SCORING_PASSWORD",
+    "PIPELINE_SERVING_FEEDBACK_TOKEN",
+}
+
+
+def _vars_in(node: Any) -> set[str]:
+    return {m.group(1) for text in _strings(node) for m in VAR_RE.finditer(text)}
+
+
+def _script(svc: dict[str, Any]) -> str:
+    return svc["command"] if isinstance(svc["command"], str) else "\n".join(svc["command"])
+
+
+def test_scoring_gets_no_write_credential_no_private_key_no_admin_password(services):
+    svc = services["scoring"]
+    env = svc["environment"]
+    used = _vars_in(svc)
+    assert not used & FORBIDDEN_FOR_SCORING, sorted(used & FORBIDDEN_FOR_SCORING)
+    assert {v for v in used if _is_secret(v)} <= SCORING_SECRETS
+    for name in ("PIPELINE_SIGNING_KEY", "PIPELINE_SIGNING_LEGACY_HMAC_KEY"):
+        assert name not in env, f"scoring must not hold {name}: it verifies with public keys"
+    assert "PIPELINE_SIGNING_PUBLIC_KEYS" in env
+    assert not any(k.startswith(("AIRFLOW", "_AIRFLOW")) for k in env)
+    # not built from the Airflow anchor (which carries the pipeline's admin credentials)
+    assert svc["image"] != services["airflow-worker"]["image"]
+
+
+def test_scoring_reads_the_checkpoints_where_the_workers_write_them(services, env_example):
+    scoring, worker = services["scoring"]["environment"], services["airflow-worker"]["environment"]
+    for name in (
+        "PIPELINE_STORAGE_URI",
+        "PIPELINE_S3_ENDPOINT_URL",
+        "PIPELINE_MLFLOW_TRACKING_URI",
+    ):
+        assert name in scoring, f"scoring lacks {name}"
+        assert _resolve(str(scoring[name]), env_example) == _resolve(
+            str(worker[name]), env_example
+        ), name
+    assert _resolve(scoring["PIPELINE_STORAGE_URI"], env_example).startswith("s3://")
+    assert scoring["AWS_ACCESS_KEY_ID"].startswith("${SCORING_S3_ACCESS_KEY:?")
+    assert scoring["AWS_SECRET_ACCESS_KEY"].startswith("${SCORING_S3_SECRET_KEY:?")
+    user = _resolve(scoring["MLFLOW_TRACKING_USERNAME"], env_example)
+    admin = _resolve(worker["MLFLOW_TRACKING_USERNAME"], env_example)
+    assert user != admin, "scoring must have its own MLflow user, not the admin"
+    assert scoring["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_SCORING_PASSWORD:?")
+
+
+def _scoring_policy(services, env_example) -> dict[str, Any]:
+    script = _script(services["minio-init"])
+    body = script.split("<<EOF", 1)[1].split("\nEOF", 1)[0]
+    bucket = _resolve(services["minio-init"]["environment"]["PIPELINE_BUCKET"], env_example)
+    return json.loads(body.replace("$${PIPELINE_BUCKET}", bucket))
+
+
+def test_minio_init_makes_the_read_only_scoring_user(services, env_example):
+    svc = services["minio-init"]
+    script = _script(svc)
+    env = svc["environment"]
+    assert env["SCORING_S3_ACCESS_KEY"] == services["scoring"]["environment"]["AWS_ACCESS_KEY_ID"]
+    assert (
+        env["SCORING_S3_SECRET_KEY"] == services["scoring"]["environment"]["AWS_SECRET_ACCESS_KEY"]
+    )
+    assert 'mc admin user add local "$${SCORING_S3_ACCESS_KEY}" "$${SCORING_S3_SECRET_KEY}"' in (
+        script
+    )
+    assert "mc admin policy create local scoring-read /tmp/scoring-read.json" in script
+    assert 'mc admin policy attach local scoring-read --user "$${SCORING_S3_ACCESS_KEY}"' in script
+    policy = _scoring_policy(services, env_example)
+    storage = _resolve(services["scoring"]["environment"]["PIPELINE_STORAGE_URI"], env_example)
+    bucket, _, prefix = storage.removeprefix("s3://").partition("/")
+    checkpoints = f"{prefix}/checkpoints/"
+    actions: set[str] = set()
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow"
+        actions |= set(st["Action"])
+        for resource in st["Resource"]:
+            assert resource in (
+                f"arn:aws:s3:::{bucket}",
+                f"arn:aws:s3:::{bucket}/{checkpoints}*",
+            ), resource
+        if "s3:ListBucket" in st["Action"]:
+            assert st["Condition"] == {"StringLike": {"s3:prefix": [f"{checkpoints}*"]}}
+    # reads only: no Put/Delete/multipart/ACL action, no wildcard
+    assert actions == {"s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"}
+
+
+def test_mlflow_init_makes_the_scoring_users_login(services, env_example):
+    svc, scoring = services["mlflow-init"], services["scoring"]["environment"]
+    env = svc["environment"]
+    assert svc["entrypoint"] == ["python", "/opt/retrain/ensure_user.py"]
+    assert "./infra/mlflow/ensure_user.py:/opt/retrain/ensure_user.py:ro" in svc["volumes"]
+    assert env["MLFLOW_URL"] == scoring["PIPELINE_MLFLOW_TRACKING_URI"]
+    assert env["MLFLOW_NEW_USERNAME"] == scoring["MLFLOW_TRACKING_USERNAME"]
+    assert env["MLFLOW_NEW_PASSWORD"] == scoring["MLFLOW_TRACKING_PASSWORD"]
+    assert _resolve(env["MLFLOW_NEW_USERNAME"], env_example) != _resolve(
+        env["MLFLOW_ADMIN_USERNAME"], env_example
+    )
+    assert svc["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
+    deps = services["scoring"]["depends_on"]
+    for init in ("mlflow-init", "minio-init"):
+        assert deps[init] == {"condition": "service_completed_successfully"}, init
+
+
+def test_every_worker_has_the_scoring_services_url(services):
+    port = next(str(p).rsplit(":", 1)[-1] for p in services["scoring"]["ports"])
+    workers = _workers_by_queue(services).values()
+    assert workers
+    for name in workers:
+        url = services[name]["environment"].get("PIPELINE_SERVING_URL")
+        assert url == f"http://scoring:{port}", f"{name}: PIPELINE_SERVING_URL={url!r}"

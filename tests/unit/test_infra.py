@@ -301,3 +301,104 @@ def test_mlflow_artifact_uris_never_name_a_host():
     assert len(found) == 3
     for v in found:
         assert not urlparse(v.rstrip("/") + "/retrain_model").netloc, v
+
+
+# --- the scoring Deployment: its own credentials, every replica read -----------------------
+
+
+def _serving() -> tuple[dict, list[dict]]:
+    docs = _docs(INFRA / "k8s" / "serving.yaml")
+    return next(d for d in docs if d["kind"] == "Deployment"), [
+        d for d in docs if d["kind"] == "Service"
+    ]
+
+
+def _helm_env() -> dict[str, str]:
+    values = yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
+    return {e["name"]: e["value"] for e in values["env"]}
+
+
+# Variables the scoring container may get; each from where it must come.
+SCORING_FROM_SECRET = {
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "PIPELINE_SERVING_FEEDBACK_TOKEN",
+    "PIPELINE_SERVING_REQUEST_ID_KEY",
+}
+
+
+def test_serving_deployment_gets_no_write_credential_and_no_private_key():
+    deploy, _ = _serving()
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    # every variable is named: a whole Secret (envFrom) could carry a write key or the
+    # signing private key without anyone seeing it here
+    assert "envFrom" not in c
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("PIPELINE_SIGNING_KEY", "PIPELINE_SIGNING_LEGACY_HMAC_KEY"):
+        assert name not in env, f"the scoring service must not hold {name}"
+    assert "configMapKeyRef" in env["PIPELINE_SIGNING_PUBLIC_KEYS"]["valueFrom"]
+    secret_refs = {
+        n: e["valueFrom"]["secretKeyRef"]
+        for n, e in env.items()
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert set(secret_refs) == SCORING_FROM_SECRET
+    assert {r["name"] for r in secret_refs.values()} == {"retrain-scoring-env"}
+    assert all(r["key"] == n for n, r in secret_refs.items())
+    for name, e in env.items():  # no literal secret
+        if re.search(r"PASSWORD|SECRET|TOKEN|_KEY$", name):
+            assert "value" not in e, name
+    # the checkpoints' storage and the registry: the same the pipeline writes
+    helm = _helm_env()
+    for name in (
+        "PIPELINE_STORAGE_URI",
+        "PIPELINE_S3_ENDPOINT_URL",
+        "PIPELINE_MLFLOW_TRACKING_URI",
+    ):
+        assert env[name]["value"] == helm[name], name
+    assert env["PIPELINE_SERVING_ADMIN_ENABLED"]["value"] == "false"
+
+
+def test_several_replicas_are_each_read_and_feedback_reaches_the_one_that_scored():
+    from pipeline.serving.access import AccessPolicy
+    from pipeline.serving.replicas import ReplicaSet
+    from pipeline.settings import Settings
+
+    deploy, services = _serving()
+    assert deploy["spec"]["replicas"] >= 2
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    port = c["ports"][0]["containerPort"]
+    names = [e["name"] for e in c["env"]]
+    env = {e["name"]: e for e in c["env"]}
+    # the analysis: a headless Service over the same pods, on the pods' own port
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+    assert len(headless) == 1
+    h = headless[0]
+    assert h["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert h["spec"]["ports"][0]["port"] == port and not h["spec"].get("publishNotReadyAddresses")
+    helm = _helm_env()
+    dns = f"{h['metadata']['name']}.retrain.svc.cluster.local:{port}"
+    assert helm["PIPELINE_SERVING_REPLICAS_DNS"] == dns
+    lb = next(s for s in services if s is not h)
+    assert (
+        helm["PIPELINE_SERVING_URL"] == f"http://{lb['metadata']['name']}.retrain.svc.cluster.local"
+    )
+    analysis = ReplicaSet.for_analysis(
+        settings=Settings(serving_replicas_dns=helm["PIPELINE_SERVING_REPLICAS_DNS"])
+    )
+    assert analysis.dns == (dns.rsplit(":", 1)[0], port)
+    # feedback: each pod names itself (Downward API), under a key no client holds
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert names.index("POD_IP") < names.index("PIPELINE_SERVING_ADVERTISE_URL")  # $(POD_IP)
+    advertise = env["PIPELINE_SERVING_ADVERTISE_URL"]["value"]
+    assert advertise == f"http://$(POD_IP):{port}"
+    policy = AccessPolicy.from_settings(
+        Settings(
+            serving_feedback_token="f" * 40,
+            serving_request_id_key="k" * 40,
+            serving_advertise_url=advertise.replace("$(POD_IP)", "10.1.2.3"),
+        )
+    )
+    assert policy.advertise_url == f"http://10.1.2.3:{port}"

@@ -236,7 +236,7 @@ def test_registered_version_is_a_model_from_code_without_pickle(world):
     assert "challenger" in mv.aliases
     tags = mv.tags
     assert tags["checkpoint.manifest_sha256"] == world["trained"][0]["manifest_sha256"]
-    assert tags["checkpoint.signature"].startswith("verified HMAC-SHA256 key local-")
+    assert tags["checkpoint.signature"].startswith("verified Ed25519 key local-")
     assert tags["train.stop_reason"] == "max_epochs" and tags["train.final_grad_norm"] == "0.25"
     assert tags["airflow.dag_id"] == "retrain_model" and tags["airflow.run_id"] == "manual__0"
     for key in (
@@ -297,6 +297,8 @@ def test_gate_record_in_mlflow_replays_and_rejection_is_tagged(world):
         ("eval_uri", "loosen_allowed"),
     }
     assert next(o for o in used if o["param"] == "gate_floor")["spec"] == 0.7
+    tags0 = registry.client().get_model_version(_name(), reg0.model_version).tags
+    assert tags0["approval.required"] == "false"  # what serving reads before serving it
     assert stages.promote_champion(ctx0, g0).verdict == "promoted"
 
     ctx1, reg1 = _register(world, 1)

@@ -10,6 +10,7 @@ registry. tests/integration/test_serving_canary.py runs the service over HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from fastapi.testclient import TestClient
 from pipeline.contract import load_contract
 from pipeline.data.generate import WorldSpec, generate
 from pipeline.serving import traffic
+from pipeline.serving.access import AccessPolicy
 from pipeline.serving.app import create_app
 from pipeline.serving.metrics import parse_snapshot
 from pipeline.serving.schema import RowValidator
@@ -33,6 +35,13 @@ from pipeline.train.model import MLP, ModelConfig
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = ("127.0.0.1", 50000)
 FRAUD, SHAPES = "card_fraud", "shapes"
+ADMIN_TOKEN, FEEDBACK_TOKEN = (
+    "a" * 16 + "dmin-token-for-tests",
+    "f" * 16 + "eedback-token-for-tests",
+)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
+ACCESS = AccessPolicy(admin_token=ADMIN_TOKEN, feedback_token=FEEDBACK_TOKEN)
 
 # A small three-class contract (no time column), to serve a multiclass model beside fraud.
 SHAPES_CONTRACT = """
@@ -142,7 +151,7 @@ def world(trained, trained_shapes, contract, shapes_contract):
         classes=(0, 1, 2),
     )
     service = ScoringService([fraud, multi], default=FRAUD, poll_seconds=60)
-    app = create_app(service, poll=False)
+    app = create_app(service, access=ACCESS, poll=False)
     service.poll_once()
     rows = records(df.head(20), [c.name for c in contract.features])
     srows = records(sdf.head(20), [c.name for c in shapes_contract.features])
@@ -307,9 +316,13 @@ def test_registry_outage_keeps_serving(world):
     assert world.shapes.status.ok and world.shapes.status.error is None
 
 
-def test_fault_switch_is_loopback_only_and_visible(world):
+def test_fault_switch_needs_the_admin_token_and_is_visible(world):
     client, rows = world.client, world.rows
-    r = client.post("/admin/faults", json={"version": "1", "error_rate": 1.0, "score_shift": 0.2})
+    r = client.post(
+        "/admin/faults",
+        json={"version": "1", "error_rate": 1.0, "score_shift": 0.2},
+        headers=ADMIN,
+    )
     assert r.status_code == 200 and r.json()[FRAUD]["1"]["error_rate"] == 1.0
     assert client.post("/predict", json=rows[0]).status_code == 500
     # the fault is card_fraud's v1, not every model's v1
@@ -318,31 +331,44 @@ def test_fault_switch_is_loopback_only_and_visible(world):
     snap = parse_snapshot(client.get("/metrics").text, FRAUD)
     assert snap.faults == {"1"} and snap.stats("1").errors == 1
     assert parse_snapshot(client.get("/metrics").text, SHAPES).faults == frozenset()
-    client.post("/admin/faults", json={"version": "1", "score_shift": 0.5})
+    client.post("/admin/faults", json={"version": "1", "score_shift": 0.5}, headers=ADMIN)
     shifted = client.post("/predict", json=rows[0]).json()["scores"][0]
     assert shifted >= 0.5
     assert (
         client.post(
-            "/admin/faults", json={"model": "nope", "version": "1", "error_rate": 1}
+            "/admin/faults",
+            json={"model": "nope", "version": "1", "error_rate": 1},
+            headers=ADMIN,
         ).status_code
         == 404
     )
-    assert client.delete("/admin/faults").json() == {}
-    assert client.post("/admin/faults", json={"version": "x", "error_rate": 2}).status_code == 422
-    with TestClient(client.app, client=("10.0.0.8", 5000)) as outsider:
-        assert outsider.get("/admin/faults").status_code == 403
+    assert client.delete("/admin/faults", headers=ADMIN).json() == {}
+    bad = {"version": "x", "error_rate": 2}
+    assert client.post("/admin/faults", json=bad, headers=ADMIN).status_code == 422
+    # loopback is no credential: without the token (or with another one) nothing changes
+    assert client.get("/admin/faults").status_code == 401
+    wrong = {"Authorization": "Bearer " + "x" * 40}
+    assert (
+        client.post(
+            "/admin/faults", json={"version": "1", "error_rate": 1}, headers=wrong
+        ).status_code
+        == 403
+    )
+    assert client.get("/admin/faults", headers=ADMIN).json() == {}
 
 
 def test_fault_on_a_multiclass_model_is_its_own(world):
     client = world.client
-    r = client.post("/admin/faults", json={"model": SHAPES, "version": "1", "score_shift": 0.9})
+    r = client.post(
+        "/admin/faults", json={"model": SHAPES, "version": "1", "score_shift": 0.9}, headers=ADMIN
+    )
     assert r.status_code == 200 and set(r.json()) == {SHAPES}
     out = client.post(f"/v2/models/{SHAPES}/infer", json={"inputs": world.srows[:4]}).json()
     probs = np.array([o["data"] for o in out["outputs"]])  # classes x rows
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs, 1 / 3, atol=0.02)  # shifted almost flat
     assert client.post("/predict", json=world.rows[0]).status_code == 200  # fraud untouched
-    assert client.delete(f"/admin/faults/1?model={SHAPES}").json() == {}
+    assert client.delete(f"/admin/faults/1?model={SHAPES}", headers=ADMIN).json() == {}
     assert client.get("/readyz").json()["faults"] == {}
 
 
@@ -350,23 +376,24 @@ def test_feedback_feeds_labelled_histograms_and_auc(world):
     client, rows = world.client, world.rows
     ids = [client.post("/predict", json=rows[i]).json()["request_id"] for i in range(20)]
     labels = [i % 2 for i in range(20)]
+    items = [{"request_id": rid, "labels": [y]} for rid, y in zip(ids, labels, strict=True)]
+    # one id the service never issued refuses the batch: nothing is recorded
     r = client.post(
         "/feedback",
-        json={
-            "feedback": [
-                {"request_id": rid, "labels": [y]} for rid, y in zip(ids, labels, strict=True)
-            ]
-            + [{"request_id": "nope", "label": 1}]
-        },
+        json={"feedback": [*items, {"request_id": "nope", "label": 1}]},
+        headers=FEEDBACK,
     )
-    assert r.json() == {"matched": 20, "unknown": 1, "mismatched": 0}
+    assert r.status_code == 404 and r.json()["refused"][0]["result"] == "forged"
+    r = client.post("/feedback", json={"feedback": items}, headers=FEEDBACK)
+    assert r.json() == {"matched": 20, "unknown": 0, "mismatched": 0}
     text = client.get("/metrics").text
     snap = parse_snapshot(text, FRAUD)
     assert snap.stats("1").labelled_pos.total == 10 and snap.stats("1").labelled_neg.total == 10
     assert 'scoring_labelled_roc_auc{alias="champion",model="card_fraud",version="1"}' in text
-    # labels are taken once: a repeat is unknown
-    again = client.post("/feedback", json={"request_id": ids[0], "label": 1}).json()
-    assert again["unknown"] == 1
+    # labels are taken once: a repeat is a conflict, never a second label
+    again = client.post("/feedback", json={"request_id": ids[0], "label": 1}, headers=FEEDBACK)
+    assert again.status_code == 409 and again.json()["refused"][0]["result"] == "duplicate"
+    assert parse_snapshot(client.get("/metrics").text, FRAUD).stats("1").labelled_pos.total == 10
 
 
 def test_swap_is_atomic_for_requests_in_flight(world):
@@ -407,9 +434,17 @@ def test_oip_infer_one_input_per_column_and_one_output_per_class(world, contract
         json={"inputs": nested, "outputs": [{"name": "probability_1"}]},
     )
     assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["probability_1"]
-    # feedback refers to the request's id
+    # feedback refers to the id the service issued, never the caller's
     fb = client.post(
-        f"/v2/models/{FRAUD}/feedback", json={"request_id": "req-42", "labels": [0, 1, 0]}
+        f"/v2/models/{FRAUD}/feedback",
+        json={"request_id": "req-42", "labels": [0, 1, 0]},
+        headers=FEEDBACK,
+    )
+    assert fb.status_code == 404
+    fb = client.post(
+        f"/v2/models/{FRAUD}/feedback",
+        json={"request_id": out["parameters"]["request_id"], "labels": [0, 1, 0]},
+        headers=FEEDBACK,
     )
     assert fb.json()["matched"] == 3
 
@@ -435,7 +470,9 @@ def test_oip_multiclass_scores_every_class(world, shapes_contract):
     # labels per row feed the one-vs-rest labelled metric (3 pairs a row)
     labels = [0, 1, 2, 1, 0]
     fb = client.post(
-        f"/v2/models/{SHAPES}/feedback", json={"request_id": out["id"], "labels": labels}
+        f"/v2/models/{SHAPES}/feedback",
+        json={"request_id": out["parameters"]["request_id"], "labels": labels},
+        headers=FEEDBACK,
     )
     assert fb.json() == {"matched": 5, "unknown": 0, "mismatched": 0}
     snap = parse_snapshot(client.get("/metrics").text, SHAPES)
@@ -445,12 +482,10 @@ def test_oip_multiclass_scores_every_class(world, shapes_contract):
     )  # every class's probability
     # feedback for another model through /feedback's "model" field
     rid = client.post(f"/v2/models/{SHAPES}/infer", json={"inputs": srows[:1]}).json()["id"]
-    assert (
-        client.post("/feedback", json={"model": SHAPES, "request_id": rid, "label": 2}).json()[
-            "matched"
-        ]
-        == 1
+    fb = client.post(
+        "/feedback", json={"model": SHAPES, "request_id": rid, "label": 2}, headers=FEEDBACK
     )
+    assert fb.json()["matched"] == 1
 
 
 def test_oip_contract_and_tensor_errors(world, shapes_contract):
@@ -500,7 +535,7 @@ def test_unknown_model_is_404_naming_the_known_ones(world):
         body = (
             {"inputs": world.srows[:1], "request_id": "x", "label": 1} if method == "post" else None
         )
-        r = client.request(method.upper(), path, json=body)
+        r = client.request(method.upper(), path, json=body, headers=FEEDBACK)
         assert r.status_code == 404, path
         assert r.json()["known_models"] == [FRAUD, SHAPES]
         assert "unknown model 'nope'" in r.json()["error"] and "card_fraud" in r.json()["error"]
@@ -629,6 +664,19 @@ def _publish(home: Path, name: str, model, features, probe: pd.DataFrame) -> str
     return uri
 
 
+def gated_tags(uri: str) -> dict[str, str]:
+    """What register_challenger + gate_promotion record on an accepted version: the
+    checkpoint, its manifest's digest, and the gate's verdict."""
+    from pipeline import checkpoint, storage
+
+    manifest = storage.read_bytes(storage.join(uri, checkpoint.MANIFEST), verify=False)
+    return {
+        "checkpoint.uri": uri,
+        "checkpoint.manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "gate.verdict": "promote",
+    }
+
+
 def test_build_service_serves_every_spec_from_the_registry_and_skips_broken_ones(
     pipeline_home, tmp_path, monkeypatch, trained, trained_shapes
 ):
@@ -651,7 +699,7 @@ def test_build_service_serves_every_spec_from_the_registry_and_skips_broken_ones
                 run_id = registry.get_or_create_run(f"{name}-{i}")
                 versions.setdefault(name, []).append(
                     registry.register_version(
-                        run_id, f"{name}-{i}", uri, {"checkpoint.uri": uri}, description="test"
+                        run_id, f"{name}-{i}", uri, gated_tags(uri), description="test"
                     )
                 )
             registry.set_alias(registry.CHAMPION, versions[name][-1])
@@ -670,6 +718,7 @@ def test_build_service_serves_every_spec_from_the_registry_and_skips_broken_ones
     assert "use task: multiclass" in service.broken[str(root / "broken" / "model.yaml")]
     with TestClient(create_app(service, poll=False), client=LOOPBACK) as client:
         service.poll_once()
+        assert service.model(FRAUD).refusals == {} and service.model(SHAPES).refusals == {}
         assert traffic.read_state("card-fraud") == traffic.ServingState("2", None, 0.0)
         assert traffic.read_state("shapes") == traffic.ServingState("1", "1", 1.0)
         out = client.post(
@@ -716,7 +765,7 @@ def test_a_model_never_registered_is_not_ready_and_does_not_block_the_others(
     uri = _publish(pipeline_home, "fraud", result.model, result.features, df.head(64))
     with use_spec(get_spec(FRAUD)):
         v = registry.register_version(
-            registry.get_or_create_run("k"), "k", uri, {"checkpoint.uri": uri}, description="test"
+            registry.get_or_create_run("k"), "k", uri, gated_tags(uri), description="test"
         )
         registry.set_alias(registry.CHAMPION, v)
     service = build_service(poll_seconds=60)

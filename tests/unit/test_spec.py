@@ -279,6 +279,162 @@ def test_another_evaluation_set_is_refused_unless_the_spec_allows_it(card):
     assert specs.resolve_policy(strict, {"eval_uri": ""}).eval_uri == card.eval_location
 
 
+# -- where a run may read from: the spec's roots; the trigger form refuses the obvious -------------
+
+
+def test_an_allowed_evaluation_set_must_still_lie_under_the_trusted_prefix(card, pipeline_home):
+    """card_fraud's owner lets a run name another set (overrides.allow: evaluation.uri); the
+    first task's policy still refuses one outside the trusted prefix, naming it."""
+    from pipeline.uris import UriRefused
+
+    with pytest.raises(UriRefused, match="outside model 'card_fraud''s evaluation.uri and "):
+        specs.resolve_policy(card, {"eval_uri": "/etc/passwd"})
+    root = (pipeline_home / "storage" / "trusted").as_uri()
+    policy = specs.resolve_policy(card, {"eval_uri": f"{root}/world-b.parquet"})
+    assert policy.overrides[0]["kind"] == "loosen_allowed"
+
+
+def test_the_trusted_prefix_is_the_spec_s_and_narrows_what_a_run_may_name(tmp_path, pipeline_home):
+    from pipeline.uris import UriRefused, eval_source
+
+    s = specs.load_spec(
+        write_spec(
+            tmp_path / "narrow",
+            "contract: contract.yaml\ntask: binary\n"
+            "evaluation: {trusted_prefix: trusted/narrow}\n"
+            "overrides: {allow: [evaluation.uri]}\n",
+        )
+    )
+    assert s.trusted_prefix == "trusted/narrow"
+    assert eval_source("trusted/narrow/b.parquet", s).endswith("/storage/trusted/narrow/b.parquet")
+    with pytest.raises(UriRefused, match="trusted/narrow"):
+        specs.resolve_policy(s, {"eval_uri": "trusted/card_fraud/eval.parquet"})
+    pattern = specs.param_schema(s)["eval_uri"]["pattern"]
+    assert re.search(pattern, "trusted/narrow/b.parquet")
+    assert not re.search(pattern, "trusted/card_fraud/eval.parquet")
+
+
+@pytest.mark.parametrize(
+    "prefix", ["../keys", "trusted/../keys", "trusted//x", "a\\b", "t%2e", "/"]
+)
+def test_a_trusted_prefix_that_is_not_a_plain_folder_is_a_bad_spec(tmp_path, prefix):
+    path = write_spec(
+        tmp_path / "bad",
+        "contract: contract.yaml\ntask: binary\n"
+        + yaml.safe_dump({"evaluation": {"trusted_prefix": prefix}}),
+    )
+    with pytest.raises(specs.SpecError, match="evaluation.trusted_prefix.*not a plain folder"):
+        specs.load_spec(path)
+
+
+BATCH_OK = [
+    "",
+    "/srv/p/storage/landing/{name}/date=2026-03-05/batch.parquet",
+    "file:///srv/p/storage/landing/{name}/b.parquet",
+    "s3://pipeline/data/landing/{name}/stack/batch.parquet",
+    "/srv/p/storage/landing/{name}/..hidden/b.parquet",
+]
+BATCH_HOSTILE = [
+    "file:///proc/self/environ",
+    "/etc/passwd",
+    "/srv/p/storage/landing/{name}",
+    "/srv/p/storage/landing/{name}/",
+    "/srv/p/storage/landing/{name}_other/b.parquet",
+    "/srv/p/storage/landing/{name}/../../keys/k",
+    "/srv/p/storage/landing/{name}/./b.parquet",
+    "/srv/p/storage/landing/{name}/%2e%2e/k",
+    "/srv/p/storage/landing/{name}/a%2fb",
+    "/srv/p/storage//landing/{name}/b.parquet",
+    "/srv/p/storage/landing/{name}//b.parquet",
+    "/srv/p/storage/landing/{name}\\..\\k",
+    "file://host/srv/p/storage/landing/{name}/b.parquet",
+    "/srv/p/storage/landing/{name}/b.parquet?x=1",
+    "/srv/p/storage/landing/{name}/b.parquet#f",
+    "FILE:///srv/p/storage/landing/{name}/b.parquet",
+    "S3://pipeline/data/landing/{name}/b.parquet",
+    "ftp://elsewhere/landing/{name}/b.parquet",
+    "relative/landing/{name}/b.parquet",
+    "landing/{name}/b.parquet",
+    "/srv/p/storage/landing/{name}/b c.parquet",
+]
+EVAL_OK = [
+    "",
+    "trusted/world-b.parquet",
+    "trusted/card_fraud/eval.parquet",
+    "/srv/p/storage/trusted/card_fraud/eval.parquet",
+    "s3://pipeline/data/trusted/x.parquet",
+]
+EVAL_HOSTILE = [
+    "/etc/passwd",
+    "file:///proc/self/environ",
+    "/srv/p/storage/landing/card_fraud/b.parquet",
+    "trusted",
+    "trusted/../keys/k",
+    "trusted/%2e%2e/keys/k",
+    "trusted//x.parquet",
+    "/srv/p/storage/trusted_other/x.parquet",
+    "file://host/srv/p/storage/trusted/x.parquet",
+    "/srv/p/storage/trusted/x.parquet?x",
+    "FILE:///srv/p/storage/trusted/x.parquet",
+]
+
+
+def _node_matches(pattern: str, values: list[str]) -> list[bool] | None:
+    """The same pattern as ECMAScript reads it (JSON Schema's dialect, the browser's form)."""
+    import json
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        return None
+    script = (
+        "const [p, vs] = JSON.parse(process.argv[1]);"
+        "const r = new RegExp(p, 'u');"
+        "console.log(JSON.stringify(vs.map((v) => r.test(v))));"
+    )
+    out = subprocess.run(
+        [node, "-e", script, json.dumps([pattern, values])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("name", ["card_fraud", "digits"])
+def test_the_batch_uri_param_refuses_the_obvious_hostile_uris(name):
+    """A first line in the trigger form and the REST API (the task's check is the authority):
+    JSON Schema's pattern, read by Python's re (the API server) and ECMAScript alike."""
+    spec = specs.get_spec(name)
+    pattern = specs.batch_uri_pattern(spec)
+    ok = [u.format(name=name) for u in BATCH_OK]
+    hostile = [u.format(name=name) for u in BATCH_HOSTILE]
+    assert [u for u in ok if not re.search(pattern, u)] == []
+    assert [u for u in hostile if re.search(pattern, u)] == []
+    in_js = _node_matches(pattern, ok + hostile)
+    if in_js is not None:
+        assert in_js == [True] * len(ok) + [False] * len(hostile)
+
+
+def test_the_eval_uri_param_refuses_a_set_outside_the_trusted_prefix(card):
+    import jsonschema
+
+    schema = {k: v for k, v in specs.param_schema(card)["eval_uri"].items() if k != "default"}
+    for uri in EVAL_OK:
+        jsonschema.validate(uri, schema)
+    for uri in EVAL_HOSTILE:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(uri, schema)
+    in_js = _node_matches(schema["pattern"], EVAL_OK + EVAL_HOSTILE)
+    if in_js is not None:
+        assert in_js == [True] * len(EVAL_OK) + [False] * len(EVAL_HOSTILE)
+    # digits' spec names no other set: the Param takes none at all
+    digits = specs.param_schema(specs.get_spec("digits"))["eval_uri"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate("trusted/digits/other.parquet", digits)
+
+
 def test_for_a_lower_is_better_metric_a_tighter_floor_is_lower(tmp_path):
     s = specs.load_spec(
         write_spec(
