@@ -295,8 +295,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     """All stages in order, in-process: the DAG's path without Airflow."""
     from pipeline import stages
 
+    from pipeline.quarantine import check_batch_source
+
     _use_spec(args)
     policy = _policy(args)  # a loosening is refused here, before any data is read
+    check_batch_source(args.batch)  # and a batch outside the model's roots, before the imports
     stages.train_config(max_epochs=args.max_epochs, learning_rate=args.learning_rate)  # budget
     ctx = _ctx(args)
     ing = stages.ingest_batch(ctx, args.batch, policy=policy)

@@ -40,10 +40,11 @@ def ingest_batch(ctx: RunContext, batch_uri: str, policy: Policy | None = None) 
     """Snapshot the batch (content-addressed). The source is checked against the model's
     landing prefix and allowed sources first, and ``policy`` (the run's, already resolved:
     a loosening was refused before this) is recorded on the run."""
+    batch_uri = quarantine.check_batch_source(batch_uri)  # first: refused before the imports
+
     from pipeline.ingest import snapshot
     from pipeline.train.model import FactoryError, check_factory
 
-    batch_uri = quarantine.check_batch_source(batch_uri)
     spec = active()
     try:  # a factory that cannot build the spec's model fails the run before any data is read
         check_factory(spec)
