@@ -126,10 +126,17 @@ class Watch(threading.Thread):
 
 @pytest.fixture(scope="module")
 def burst(first_run, airflow, mlflow_server, s3):
-    # run 0 meets the scheduler kill, run 1 the MLflow outage: its larger batch trains for a few
-    # seconds, so the outage begins while it trains and lasts past its end
+    # run 0 meets the scheduler kill, run 1 the MLflow outage: their larger batches train for a
+    # few seconds, so each fault lands while its run trains (tasks start warm, from preloaded
+    # workers: a small batch's train_model is over within a second or two)
+    faulted = (0, 1)
     batches = [
-        land(s3, f"{LANDING}/stack/burst-{i}.parquet", rows=40_000 if i == 1 else 3000, seed=40 + i)
+        land(
+            s3,
+            f"{LANDING}/stack/burst-{i}.parquet",
+            rows=40_000 if i in faulted else 3000,
+            seed=40 + i,
+        )
         for i in range(RUNS)
     ]
     # the spec's floors, margin and budgets (a run may only tighten them); its
@@ -139,7 +146,9 @@ def burst(first_run, airflow, mlflow_server, s3):
     watch.aliases.append(_aliases(mlflow_server))
     t0 = time.monotonic()
     run_ids = [
-        airflow.trigger(DAG, {**conf, "batch_uri": b, **({"max_epochs": 10} if i == 1 else {})})
+        airflow.trigger(
+            DAG, {**conf, "batch_uri": b, **({"max_epochs": 10} if i in faulted else {})}
+        )
         for i, b in enumerate(batches)
     ]
     watch.run_ids.extend(run_ids)
@@ -165,6 +174,28 @@ def _next_training(airflow, burst, cond=lambda tis: True, timeout: float = 600) 
     raise AssertionError(f"no burst run reached train_model within {timeout:.0f}s: {states}")
 
 
+def _training_started(mlflow_server):
+    """A ``_next_training`` condition: the run's training parameters reached its MLflow run
+    (so train_model is past its imports and setup, and training)."""
+    _, exp = mlflow_server.api("GET", f"experiments/get-by-name?experiment_name={EXPERIMENT}")
+    exp_id = exp["experiment"]["experiment_id"]
+
+    def started(tis) -> bool:
+        rid = tis["train_model"]["dag_run_id"]
+        _, out = mlflow_server.api(
+            "POST",
+            "runs/search",
+            {"experiment_ids": [exp_id], "filter": f"tags.`airflow.run_id` = '{rid}'"},
+        )
+        return any(
+            p["key"].startswith("train.")
+            for r in out.get("runs", [])
+            for p in r["data"].get("params", [])
+        )
+
+    return started
+
+
 def _wait_done(airflow, run_id: str, timeout: float = 600) -> str:
     state = airflow.wait_run(DAG, run_id, timeout=timeout)
     tis = _tis(airflow, run_id)
@@ -185,14 +216,15 @@ def test_scheduler_killed_mid_task_is_retried_once_with_the_same_outputs(
         assert time.monotonic() < deadline
         time.sleep(0.5)
     before = _checkpoints(s3)  # before this run's train_model publishes anything
-    assert _next_training(airflow, burst) == run_id  # runs start in the order triggered
-    time.sleep(3)  # mid-task
+    # runs start in the order triggered; killed as soon as it trains: mid-task
+    assert _next_training(airflow, burst, _training_started(mlflow_server)) == run_id
     scheduler = airflow.procs["scheduler"]
     airflow.stop("scheduler", signal.SIGKILL)
     assert not group_alive(scheduler.pid), "a process of the killed scheduler is still running"
     killed_at = time.monotonic()
-    assert _tis(airflow, run_id)["train_model"]["state"] == "running"  # as the database last saw it
-    airflow.start("scheduler")
+    seen = _tis(airflow, run_id)["train_model"]["state"]
+    airflow.start("scheduler")  # first: the tests after this one need a scheduler either way
+    assert seen == "running", seen  # as the database last saw it: killed mid-task
     _wait_done(airflow, run_id)
     print(
         f"\nscheduler killed mid-train_model: run succeeded {time.monotonic() - killed_at:.0f}s after the kill"
@@ -209,23 +241,8 @@ def test_scheduler_killed_mid_task_is_retried_once_with_the_same_outputs(
 
 
 def test_mlflow_stopped_mid_training_the_run_recovers(burst, airflow, mlflow_server):
-    _, exp = mlflow_server.api("GET", f"experiments/get-by-name?experiment_name={EXPERIMENT}")
-    exp_id = exp["experiment"]["experiment_id"]
-
-    def training_started(tis) -> bool:  # its training parameters reached the MLflow run
-        rid = tis["train_model"]["dag_run_id"]
-        _, out = mlflow_server.api(
-            "POST",
-            "runs/search",
-            {"experiment_ids": [exp_id], "filter": f"tags.`airflow.run_id` = '{rid}'"},
-        )
-        return any(
-            p["key"].startswith("train.")
-            for r in out.get("runs", [])
-            for p in r["data"].get("params", [])
-        )
-
-    assert _next_training(airflow, burst, training_started) == (run_id := burst["run_ids"][1])
+    started = _training_started(mlflow_server)
+    assert _next_training(airflow, burst, started) == (run_id := burst["run_ids"][1])
     mlflow_server.stop(signal.SIGKILL)  # gone at once, mid-training
     stopped = datetime.now().astimezone()
     time.sleep(OUTAGE_S)
