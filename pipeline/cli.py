@@ -294,7 +294,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """All stages in order, in-process: the DAG's path without Airflow."""
     from pipeline import stages
-
     from pipeline.quarantine import check_batch_source
 
     _use_spec(args)
