@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.moto import moto_server
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +53,6 @@ columns:
   - {{name: bucket, type: int, min: 0, max: 999}}
   - {{name: label, type: int, min: 0, max: 1}}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _child(args: list[str], env: dict[str, str], prefix: list[str] | None = None) -> dict[str, Any]:
@@ -136,27 +131,8 @@ def big_batch(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def moto_big() -> Any:
     """moto's server, keeping objects in memory (a ranged GET slices the value instead of
     spooling the whole object from a temporary file)."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(4 << 30)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("moto_server did not start")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
+    with moto_server({"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(4 << 30)}) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 S3_ENV = {

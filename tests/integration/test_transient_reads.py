@@ -14,12 +14,8 @@ counted in the ledger, then that the same call succeeds once the service is back
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +28,7 @@ import pytest
 from pipeline import registry, settings, stages, storage
 from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 from pipeline.errors import DataRejected
+from tests.integration.moto import free_port, moto_server
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +40,6 @@ UNAVAILABLE = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>ServiceUnavailable</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ----------------------------------------------------------------------------- the proxy
@@ -135,7 +126,7 @@ class FaultyProxy:
     ``start()``)."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port, self.port = upstream_port, _free_port()
+        self.upstream_port, self.port = upstream_port, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.mode = "pass"
         self.stall_paths: tuple[str, ...] = ()
@@ -174,26 +165,8 @@ class FaultyProxy:
 
 @pytest.fixture(scope="module")
 def moto_port() -> Iterator[int]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("moto_server did not start")
-            time.sleep(0.2)
-    yield port
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=10)
+    with moto_server() as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

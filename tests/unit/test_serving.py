@@ -10,7 +10,6 @@ registry. tests/integration/test_serving_canary.py runs the service over HTTP.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +30,8 @@ from pipeline.serving.schema import RowValidator
 from pipeline.serving.service import LoadedModel, ModelRefused, ScoringService, ServedModel
 from pipeline.train.features import fit_features
 from pipeline.train.model import MLP, ModelConfig
+from tests.unit._serving import gated_tags, records
+from tests.unit._serving import publish_checkpoint as _publish
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = ("127.0.0.1", 50000)
@@ -71,11 +72,6 @@ def shapes_frame(n: int, seed: int) -> pd.DataFrame:
             "kind": kind,
         }
     )
-
-
-def records(df: pd.DataFrame, columns: list[str]) -> list[dict]:
-    part = df[columns]
-    return part.astype(object).where(part.notna(), None).to_dict(orient="records")
 
 
 @pytest.fixture(scope="module")
@@ -644,37 +640,6 @@ def _write_specs(root: Path) -> None:
     (root / "broken" / "model.yaml").write_text("contract: contract.yaml\ntask: binary\n")
     (root / "garbled").mkdir()
     (root / "garbled" / "model.yaml").write_text("contract: [unclosed\n")
-
-
-def _publish(home: Path, name: str, model, features, probe: pd.DataFrame) -> str:
-    from pipeline import checkpoint, storage
-    from pipeline.settings import get_settings
-
-    local = home / "ckpt" / name
-    checkpoint.save_checkpoint(
-        local,
-        model,
-        features,
-        probe,
-        data_snapshot={"uri": "test", "sha256": name},
-        training={"stop_reason": "max_steps"},
-    )
-    uri = storage.join(get_settings().storage_root, "checkpoints", name)
-    checkpoint.publish(local, uri)
-    return uri
-
-
-def gated_tags(uri: str) -> dict[str, str]:
-    """What register_challenger + gate_promotion record on an accepted version: the
-    checkpoint, its manifest's digest, and the gate's verdict."""
-    from pipeline import checkpoint, storage
-
-    manifest = storage.read_bytes(storage.join(uri, checkpoint.MANIFEST), verify=False)
-    return {
-        "checkpoint.uri": uri,
-        "checkpoint.manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-        "gate.verdict": "promote",
-    }
 
 
 def test_build_service_serves_every_spec_from_the_registry_and_skips_broken_ones(

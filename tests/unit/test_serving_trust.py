@@ -41,6 +41,9 @@ from pipeline.serving.schema import RowValidator
 from pipeline.serving.service import LoadedModel, ScoringService, ServedModel
 from pipeline.train.features import fit_features
 from pipeline.train.model import MLP, ModelConfig
+from tests.unit._serving import gated_tags as gated
+from tests.unit._serving import publish_checkpoint as _publish
+from tests.unit._serving import records
 
 ROOT = Path(__file__).resolve().parents[2]
 FRAUD, SHAPES = "card_fraud", "shapes"
@@ -79,11 +82,6 @@ def build(inputs, width=8):
 """
 
 
-def records(df, columns):
-    part = df[columns]
-    return part.astype(object).where(part.notna(), None).to_dict(orient="records")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,40 +96,11 @@ def _local(uri: str) -> Path:
 # -- the registry side -----------------------------------------------------------------------
 
 
-def _publish(home: Path, name: str, model, features, probe, **kw) -> str:
-    from pipeline import checkpoint, storage
-    from pipeline.settings import get_settings
-
-    local = home / "ckpt" / name
-    checkpoint.save_checkpoint(
-        local,
-        model,
-        features,
-        probe,
-        data_snapshot={"uri": "test", "sha256": name},
-        training={"stop_reason": "max_steps"},
-        **kw,
-    )
-    uri = storage.join(get_settings().storage_root, "checkpoints", name)
-    checkpoint.publish(local, uri)
-    return uri
-
-
 def _manifest_sha(uri: str) -> str:
     from pipeline import checkpoint, storage
 
     data = storage.read_bytes(storage.join(uri, checkpoint.MANIFEST), verify=False)
     return hashlib.sha256(data).hexdigest()
-
-
-def gated(uri: str, **extra: str) -> dict[str, str]:
-    """The tags register_challenger and gate_promotion write on an accepted version."""
-    return {
-        "checkpoint.uri": uri,
-        "checkpoint.manifest_sha256": _manifest_sha(uri),
-        "gate.verdict": "promote",
-        **extra,
-    }
 
 
 def _register(spec_name: str, uri: str, tags: dict[str, str]) -> str:
