@@ -135,6 +135,12 @@ class GateSpec(_Strict):
     max_checkpoint_mb: float | None = Field(default=50.0, gt=0, le=100_000)
     max_latency_p95_ms: float | None = Field(default=250.0, gt=0, le=600_000)
     require_approval: bool = False
+    approval_timeout_hours: float = Field(
+        default=72.0,
+        gt=0,
+        le=24 * 30,
+        description="no answer to the approval within this many hours counts as Reject",
+    )
     resamples: int = Field(default=1000, ge=100, le=100_000)
 
     @field_validator("floors")
@@ -205,6 +211,80 @@ class EvaluationSpec(_Strict):
         return v
 
 
+class AlertsSpec(_Strict):
+    """Who is told, and how often. An alert is one record per (model, kind, subject): retries
+    and re-runs of the same failure never raise a second one (``pipeline.alerts``)."""
+
+    suppress_minutes: float = Field(
+        default=60.0,
+        ge=0,
+        le=7 * 24 * 60,
+        description="an alert that resolved and fires again within this window is "
+        "recorded but not sent again (a flapping condition pages once)",
+    )
+    sinks: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        description="Airflow Connection ids to deliver to (smtp or slackwebhook); empty: "
+        "the deployment's PIPELINE_ALERT_SINKS; the JSON-lines file always",
+    )
+    min_severity: Literal["info", "warning", "critical"] = Field(
+        default="warning", description="alerts below this severity go to the file only"
+    )
+
+
+class SloSpec(_Strict):
+    """Service-level objectives (``python -m pipeline slo --model NAME``). Defaults suit a
+    model retrained daily; a team tightens or loosens them in review."""
+
+    window_days: float = Field(default=28.0, gt=0, le=366)
+    training_success: float = Field(
+        default=0.99,
+        gt=0,
+        lt=1,
+        description="share of training runs that finish without divergence",
+    )
+    decision_minutes: float = Field(
+        default=120.0, gt=0, description="from a batch landing to its retrain/promote decision"
+    )
+    decision_target: float = Field(
+        default=0.95, gt=0, lt=1, description="share of batches decided within decision_minutes"
+    )
+    champion_max_age_days: float = Field(
+        default=35.0, gt=0, description="champion freshness: age of the serving version"
+    )
+    serving_error_rate: float = Field(
+        default=0.001, gt=0, lt=1, description="5xx share of scoring requests"
+    )
+    serving_p99_ms: float = Field(default=250.0, gt=0, description="scoring latency, p99")
+
+
+class MonitorSpec(_Strict):
+    """The champion watched after release: ``monitor_<name>`` reads the scoring service's
+    live metrics and the delayed labels it received, and judges decay and prediction drift."""
+
+    enabled: bool = True
+    cron: str = Field(default="*/30 * * * *", description="how often monitor_<name> runs")
+    min_labels: int = Field(
+        default=200, ge=1, description="fewer delayed labels than this: no decay verdict"
+    )
+    decay_margin: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="live primary metric this far below the champion's gated value is "
+        "decay; None: retrain.decay_margin",
+    )
+    score_drift_psi: float = Field(
+        default=0.25, gt=0, description="PSI of live scores vs the gate's scores that is drift"
+    )
+    retrain_on_decay: bool = Field(
+        default=True,
+        description="on decay, emit the model's retrain asset (production "
+        "decay -> retrain -> gate -> canary, without a human)",
+    )
+
+
 LOOSENABLE = (
     "gate.floors",
     "gate.margin",
@@ -244,6 +324,9 @@ class ModelSpec(_Strict):
     landing: LandingSpec = Field(default_factory=LandingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     overrides: OverridesSpec = Field(default_factory=OverridesSpec)
+    alerts: AlertsSpec = Field(default_factory=AlertsSpec)
+    slo: SloSpec = Field(default_factory=SloSpec)
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec)
     path: Path = Field(default=Path("."), exclude=True)  # the spec file (set by load_spec)
 
     @field_validator("task", mode="before")
@@ -294,6 +377,10 @@ class ModelSpec(_Strict):
     @property
     def rollback_dag_id(self) -> str:
         return f"rollback_{self.name}"
+
+    @property
+    def monitor_dag_id(self) -> str:
+        return f"monitor_{self.name}"
 
     @property
     def asset_uri(self) -> str:
