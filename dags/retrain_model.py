@@ -12,7 +12,7 @@ reload parity) → `register_challenger` (MLflow version, alias `challenger`) �
 bootstrap CI over the trusted evaluation set, per-slice no-regression) → `approval_required`
 → `approve_promotion` (Airflow human-in-the-loop, only when `require_approval` is set: the
 approver reads the gate report and the MLflow link, and picks Approve or Reject; no answer in
-3 days counts as Reject) → `promote_champion` (compare-and-set of alias `champion`; a gate or
+`gate.approval_timeout_hours` (default 72) counts as Reject) → `promote_champion` (compare-and-set of alias `champion`; a gate or
 human rejection is tagged on the version and champion stays) → `publish_summary`.
 
 **Canary** (param `canary`, default off): `promote_champion` then runs
@@ -245,7 +245,7 @@ def build_retrain_dag(spec):
             defaults=[
                 REJECT_OPTION
             ],  # no answer within the timeout: not promoted, recorded as rejected
-            response_timeout=timedelta(days=3),
+            response_timeout=timedelta(hours=spec.gate.approval_timeout_hours),
         )
 
         @task(outlets=[champion_asset(spec)], trigger_rule="none_failed")

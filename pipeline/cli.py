@@ -710,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--who", default="cli")
     rb.add_argument("--run-key", default=None, help="same key = same rollback (retry-safe)")
     rb.set_defaults(func=cmd_rollback)
+    # -- on call: alerts --
+    # -- on call: history --
+    # -- on call: slo --
+    # -- on call: monitor --
     return p
 
 
