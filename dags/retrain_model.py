@@ -33,6 +33,13 @@ the form, and again by the first task (REST and CLI too), unless the spec's
 `overrides.allow` names the field; each override used is tagged on the model version
 (`policy.overrides`).
 
+**Alerts** (`dags/alerting.py`, `pipeline/alerts.py`): a task's final failure raises one
+alert (quarantined batch, diverged training, rejected checkpoint, else `task_failed`), a
+rejected gate, a waiting approval, a rolled-back canary or bake and gradient anomalies raise
+theirs, a run past `slo.decision_minutes` raises `run_overdue` (Airflow deadline alert); one
+per model, kind and subject across retries and re-runs, each with its runbook under
+`docs/runbooks/`. `python -m pipeline alerts --model <name>` lists the open ones.
+
 Every stage is also `python -m pipeline <stage>`; every verdict is a tag on the MLflow run.
 """
 
@@ -45,6 +52,7 @@ import pendulum
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
+import alerting
 from assets import batch_asset, champion_asset
 from pipeline.names import APPROVE_OPTION, REJECT_OPTION, Task
 from pipeline.spec import batch_uri_pattern
@@ -89,6 +97,18 @@ def _run(spec_path: str, fn, *args, **kwargs):
             raise AirflowFailException(str(exc)) from exc
 
 
+def _alert(spec_path: str, after: str, record: dict[str, Any]) -> None:
+    """A decision alert (``dags/alerting.py``) on a stage's record; never fails the task."""
+    from pipeline.spec import load_spec
+
+    try:
+        getattr(alerting, after)(load_spec(spec_path), record)
+    except Exception:  # noqa: BLE001 - alerting never fails the run
+        import logging
+
+        logging.getLogger("pipeline.alerting").exception("decision alert %s not raised", after)
+
+
 def _policy(spec_path: str, params: dict[str, Any]):
     from pipeline import stages
 
@@ -126,7 +146,17 @@ def build_retrain_dag(spec):
         start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
         catchup=False,
         max_active_runs=1,  # promotions are serialised: champion moves by compare-and-set
-        default_args={**RETRY, "owner": spec.owner or RETRY["owner"]},
+        default_args={
+            **RETRY,
+            "owner": spec.owner or RETRY["owner"],
+            # alerts (dags/alerting.py): a final failure raises one, a success resolves it
+            "on_failure_callback": alerting.failure_notifier(spec),
+            "on_success_callback": alerting.success_notifier(spec),
+        },
+        # run_overdue after slo.decision_minutes: Airflow's deadline alert, on a scheduler only
+        # (PIPELINE_DEADLINE_ALERTS=true; Airflow 3.3.2's `airflow dags test` crashes on a
+        # DAG with a deadline), else `python -m pipeline alerts --overdue` (dags/alerting.py)
+        deadline=alerting.overdue_deadline(spec) if alerting.deadlines_enabled() else None,
         tags=["retraining", "mlops", f"model:{spec.name}"],
         doc_md=__doc__ + f"\n\n**This DAG's model**: `{spec.name}` (registered as "
         f"`{spec.model_name}`), spec `{spec.path.parent.name}/{spec.path.name}`. "
@@ -164,15 +194,17 @@ def build_retrain_dag(spec):
             return _run(path, stages.detect_drift, stages.Ingested.from_xcom(ingested)).to_xcom()
 
         @task
-        def decide_retrain(drifted, params=None):
+        def decide_retrain(drifted, params=None, triggering_asset_events=None):
             from pipeline import stages
 
+            extras = [e.extra for evs in (triggering_asset_events or {}).values() for e in evs]
             return _run(
                 path,
                 stages.decide_retrain,
                 stages.Drifted.from_xcom(drifted),
                 force=params["force_retrain"],
                 policy=_policy(path, params),
+                production_decay=stages.production_decay(extras, params["batch_uri"]),
             ).to_xcom()
 
         @task.short_circuit(
@@ -187,19 +219,23 @@ def build_retrain_dag(spec):
         def train_model(ingested, params=None):
             from pipeline import stages
 
-            return _run(
+            out = _run(
                 path,
                 stages.train_model,
                 stages.Ingested.from_xcom(ingested),
                 max_epochs=params["max_epochs"],
                 learning_rate=params["learning_rate"],
             ).to_xcom()
+            _alert(path, "after_training", out)  # gradient anomalies; a divergence resolves
+            return out
 
         @task
         def verify_checkpoint(trained):
             from pipeline import stages
 
-            return _run(path, stages.verify_checkpoint, stages.Trained.from_xcom(trained)).to_xcom()
+            out = _run(path, stages.verify_checkpoint, stages.Trained.from_xcom(trained)).to_xcom()
+            _alert(path, "after_checkpoint", out)
+            return out
 
         @task
         def register_challenger(ingested, trained, verified):
@@ -217,12 +253,14 @@ def build_retrain_dag(spec):
         def gate_promotion(registered, params=None):
             from pipeline import stages
 
-            return _run(
+            out = _run(
                 path,
                 stages.gate_promotion,
                 stages.Registered.from_xcom(registered),
                 policy=_policy(path, params),
             ).to_xcom()
+            _alert(path, "after_gate", out)  # gate_rejected (info)
+            return out
 
         @task.short_circuit(ignore_downstream_trigger_rules=False)
         def approval_required(gated, params=None):
@@ -246,6 +284,7 @@ def build_retrain_dag(spec):
                 REJECT_OPTION
             ],  # no answer within the timeout: not promoted, recorded as rejected
             response_timeout=timedelta(hours=spec.gate.approval_timeout_hours),
+            on_execute_callback=alerting.approval_waiting(spec),  # approval_waiting alert
         )
 
         @task(outlets=[champion_asset(spec)], trigger_rule="none_failed")
@@ -258,8 +297,11 @@ def build_retrain_dag(spec):
                 raise AirflowSkipException("no challenger in this run: retraining was skipped")
             rec = stages.Gated.from_xcom(gated)
             if _policy(path, params).canary:  # weights, analysis, promote or roll back
-                return _run(path, stages.canary_rollout, rec, approval=approval).to_xcom()
-            return _run(path, stages.promote_champion, rec, approval=approval).to_xcom()
+                out = _run(path, stages.canary_rollout, rec, approval=approval).to_xcom()
+            else:
+                out = _run(path, stages.promote_champion, rec, approval=approval).to_xcom()
+            _alert(path, "after_promotion", out)  # canary / bake rolled back
+            return out
 
         @task(trigger_rule="all_done")
         def publish_summary():
@@ -278,6 +320,7 @@ def build_retrain_dag(spec):
             failed = sorted(t for t, s in states.items() if s == "failed")
             if failed:  # the summary is written; the run still ends failed
                 raise AirflowFailException(f"run failed at {failed}; see the summary above")
+            _alert(path, "after_summary", {"dag_id": c["dag_run"].dag_id})  # not overdue now
             return summary.to_xcom()
 
         ingested = ingest_batch()

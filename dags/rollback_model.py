@@ -1,11 +1,11 @@
 """
 ### rollback_&lt;model&gt;
 
-One DAG per model spec. Puts that model's **previous champion** back in service (or a version you name), now, and records
+One DAG per model spec. Puts that model's **last healthy champion** (from the promotion ledger, else `previous_champion`) back in service (or a version you name), now, and records
 who asked and why.
 
 Trigger it from the UI form: `reason` (required, at least 3 characters) and, optionally,
-`target_version` (digits; empty means the `previous_champion` alias). One task,
+`target_version` (digits; empty means the newest version in the promotion ledger that was champion and is still healthy, else the `previous_champion` alias). One task,
 `rollback_champion`, calls `pipeline.rollback.rollback_champion`, which:
 
 * refuses, changing nothing, when there is no champion, no target, or the target was
@@ -29,6 +29,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+import alerting
 from assets import champion_asset
 from specs import good_specs
 
@@ -46,6 +47,9 @@ def build_rollback_dag(spec):
             "retries": 2,
             "retry_delay": timedelta(seconds=15),
             "owner": spec.owner or "ml-platform",
+            # a rollback that fails after its retries pages (task_failed, dags/alerting.py)
+            "on_failure_callback": alerting.failure_notifier(spec),
+            "on_success_callback": alerting.success_notifier(spec),
         },
         tags=["retraining", "mlops", "rollback", f"model:{spec.name}"],
         doc_md=__doc__
@@ -64,7 +68,8 @@ def build_rollback_dag(spec):
                 pattern="^[0-9]+$",
                 maxLength=12,
                 title="Target version",
-                description="Model version to restore. Empty: previous_champion.",
+                description="Model version to restore. Empty: the last healthy version in the "
+                "promotion ledger (else previous_champion).",
             ),
         },
     )

@@ -703,7 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--who", default="cli")
     cn.add_argument("--run-key", default="cli__canary")
     cn.set_defaults(func=cmd_canary)
-    rb = sub.add_parser("rollback", help="champion back to previous_champion (or --target-version)")
+    rb = sub.add_parser(
+        "rollback",
+        help="champion back to the last healthy version in the ledger (else "
+        "previous_champion), or --target-version",
+    )
     model_args(rb)
     rb.add_argument("--reason", required=True)
     rb.add_argument("--target-version", default=None)
@@ -711,9 +715,49 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--run-key", default=None, help="same key = same rollback (retry-safe)")
     rb.set_defaults(func=cmd_rollback)
     # -- on call: alerts --
+    from pipeline.alerts import cmd_alerts  # stdlib + settings only: cheap
+
+    al = sub.add_parser("alerts", help="open alerts (dedup key, kind, summary, runbook)")
+    al.add_argument("--model", default=None, help="one model's alerts (default: every model)")
+    al.add_argument("--all", action="store_true", help="resolved ones too (current state)")
+    al.add_argument("--json", action="store_true", help="the alerts as a JSON list")
+    al.add_argument(
+        "--resolve", default=None, metavar="DEDUP_KEY", help="close an open alert by its key"
+    )
+    al.add_argument(
+        "--overdue",
+        action="store_true",
+        help="raise/resolve run_overdue from Airflow's REST API (needs --model)",
+    )
+    al.set_defaults(func=cmd_alerts)
     # -- on call: history --
+    from pipeline.ledger import cmd_history  # storage + settings only: cheap
+
+    hs = sub.add_parser(
+        "history", help="the promotion ledger: every move of champion, oldest first"
+    )
+    model_args(hs)
+    hs.add_argument("--json", action="store_true", help="the entries as a JSON list")
+    hs.set_defaults(func=cmd_history)
     # -- on call: slo --
+    from pipeline.slo import cmd_slo  # stdlib + names only: cheap
+
+    slo = sub.add_parser("slo", help="the model's SLOs and what is left of each error budget")
+    model_args(slo)
+    slo.add_argument("--json", action="store_true", help="print the report as JSON")
+    slo.add_argument(
+        "--check", action="store_true", help="exit 3 when any error budget is exhausted"
+    )
+    slo.add_argument("--url", default="", help="scoring service URL (default: settings)")
+    slo.set_defaults(func=cmd_slo)
     # -- on call: monitor --
+    from pipeline.monitor import cmd_monitor
+
+    mo = sub.add_parser("monitor", help="judge the served champion: decay on labels, score drift")
+    model_args(mo)
+    mo.add_argument("--url", default="", help="scoring service URL (default: PIPELINE_SERVING_URL)")
+    mo.add_argument("--json", action="store_true", help="print the replayable decision record")
+    mo.set_defaults(func=cmd_monitor)
     return p
 
 

@@ -25,6 +25,7 @@ RECORD_VERSION = 1
 
 class RetrainReason(StrEnum):
     FORCED = "forced"
+    PRODUCTION_DECAY = "production_decay"  # monitor_<model> judged the served champion decayed
     NO_CHAMPION = "no_champion"
     DATASET_DRIFT = "dataset_drift"
     LABEL_SHIFT = "label_shift"
@@ -43,6 +44,7 @@ class RetrainEvidence:
     champion_metric_on_batch: float | None = None
     champion_age_days: float | None = None
     forced: bool = False
+    production_decay: str | None = None  # the monitor's verdict line, when it asked for this run
     metric: str = "roc_auc"
     drift_share_threshold: float | None = None
     drifted_columns: tuple[str, ...] = ()
@@ -121,6 +123,8 @@ def _explain(reason: RetrainReason, e: RetrainEvidence, policy: dict[str, Any]) 
     )
     if reason is RetrainReason.FORCED:
         return "forced by the trigger"
+    if reason is RetrainReason.PRODUCTION_DECAY:
+        return f"the monitor judged the served champion decayed: {e.production_decay}"
     if reason is RetrainReason.NO_CHAMPION:
         return "no champion yet: the first model is trained"
     if reason is RetrainReason.DATASET_DRIFT:
@@ -177,6 +181,8 @@ class RetrainPolicy:
         reasons: list[RetrainReason] = []
         if e.forced:
             reasons.append(RetrainReason.FORCED)
+        if e.production_decay:
+            reasons.append(RetrainReason.PRODUCTION_DECAY)
         if not e.has_champion:
             reasons.append(RetrainReason.NO_CHAMPION)
         if self.retrain_on_drift and e.dataset_drift:

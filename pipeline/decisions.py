@@ -57,6 +57,7 @@ REPLAYERS: dict[str, str] = {
     "promotion_gate_decision": "pipeline.gates:replay",
     "canary_analysis": "pipeline.canary.analysis:replay",
     "human_approval": "pipeline.approval:replay",
+    "champion_monitor": "pipeline.monitor:replay",
 }
 
 

@@ -3,14 +3,19 @@
 Runs are found again by a ``pipeline.run_key`` tag, so a retried task logs into
 the same run and registers the same version instead of creating duplicates.
 ``champion`` moves only by compare-and-set against the version the decision saw, under a
-lock in storage (MLflow has no server-side CAS); see ``promote_champion``.
+lock in storage (MLflow has no server-side CAS), and each move is appended to the model's
+promotion ledger (``pipeline.ledger``: MLflow keeps no alias history); see
+``promote_champion``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from pipeline import ledger
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -343,7 +350,11 @@ def champion_lock_uri() -> str:
 
 
 def promote_champion(
-    version: str, expected_champion: str | None, *, lock_timeout: float | None = None
+    version: str,
+    expected_champion: str | None,
+    *,
+    lock_timeout: float | None = None,
+    move: ledger.Move | None = None,
 ) -> str | None:
     """Compare-and-set ``champion`` -> ``version``; returns the replaced champion (or None).
 
@@ -358,25 +369,59 @@ def promote_champion(
     token, stale after 120 s), which makes it safe across processes and machines that
     share the storage root. Writers that bypass the lock (the MLflow UI, other tools)
     are outside this guarantee.
+
+    Every move is appended to the model's promotion ledger (``pipeline.ledger``) inside the
+    same critical section, after the alias moved; ``move`` says what it is (action, who,
+    why, the decision; default: a promotion by "unknown"). A retry after the alias moved
+    but before the entry was written writes it then (the no-op path checks the ledger).
     """
+    from pipeline import ledger as ledger_
     from pipeline import locks
+
+    move = move or ledger_.Move()
+    model = _active_name()
 
     kwargs = {} if lock_timeout is None else {"timeout": lock_timeout}
     with locks.storage_lock(champion_lock_uri(), purpose=f"promote v{version}", **kwargs):
         current = alias_version(CHAMPION)
         current_v = str(current.version) if current else None
-        if current_v == version:
-            return expected_champion  # already done (idempotent retry)
+        if current_v == version:  # already done (idempotent retry): is it in the ledger?
+            with _ledger_guard(move, version):
+                last = ledger_.newest(model)
+                if last is None or last.to_version != version:
+                    ledger_.record_move(model, expected_champion, version, move)
+            return expected_champion
         if current_v != expected_champion:
             saw = f"v{expected_champion}" if expected_champion else "no champion"
             raise RegistryConflict(
                 f"champion is v{current_v}, but the gate compared v{version} against {saw}; "
                 "nothing changed — re-run the gate against the current champion"
             )
+        with _ledger_guard(move, version):  # a promotion refuses before anything moves
+            ledger_.newest(model)
         if current_v is not None:
             set_alias(PREVIOUS, current_v)
         set_alias(CHAMPION, version)
+        with _ledger_guard(move, version):
+            ledger_.record_move(model, current_v, version, move)
         return current_v
+
+
+@contextmanager
+def _ledger_guard(move: ledger.Move, version: str) -> Iterator[None]:
+    """A ledger that fails its integrity check refuses a promotion (nothing moves: restore the
+    named object first), but never blocks a rollback: on call must be able to stop the
+    bleeding while the ledger is repaired. The rollback goes ahead, logged as unrecorded."""
+    from pipeline import ledger as ledger_
+
+    try:
+        yield
+    except ledger_.LedgerError as exc:
+        if move.action not in ledger_.ROLLBACKS:
+            raise
+        logging.getLogger(__name__).error(
+            "rollback to v%s goes ahead WITHOUT a ledger entry: %s", version, exc
+        )
 
 
 def reject_version(version: str, reasons: list[str], tags: dict[str, Any] | None = None) -> None:

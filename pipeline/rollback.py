@@ -1,18 +1,25 @@
-"""Roll the champion back: to ``previous_champion`` or a named version, recorded with who and why.
+"""Roll the champion back: to the last healthy version the promotion ledger records (else
+``previous_champion``) or a named version, recorded with who and why.
 
 Used by the ``rollback_<model>`` DAGs (a human, from the trigger form), by the canary's bake
 window (``who="canary-bake"``) and by ``python -m pipeline rollback --reason …``.
 
 Order of events, each step safe to retry:
 
-1. refuse early, changing nothing: no champion; no target (no ``previous_champion`` and
-   none named); a target that is not a number, does not exist, was rejected by
-   the gate, or whose checkpoint fails verification (never roll back onto a broken model);
+1. refuse early, changing nothing: no champion; no target; a target that is not a number,
+   does not exist, was rejected by the gate, or whose checkpoint fails verification (never
+   roll back onto a broken model). With no target named, the target is the newest version
+   in the model's promotion ledger (``pipeline.ledger.pick_healthy``) that was champion and
+   is still healthy — not rolled back from later, not tagged ``rolled_back`` or
+   ``rejected`` — in the ledger's unbroken tail ending at the current champion; when the
+   ledger has none (empty, or champion was moved outside the pipeline), ``previous_champion``,
+   and the log and the record say so (``target_was``, ``target_note``);
 2. take any canary out of traffic (weight 0, alias removed) — a rollback is an
    emergency stop, and a running rollout notices and stops (its champion moved);
 3. ``registry.promote_champion(target, expected_champion=current)`` — the same
    compare-and-set and storage lock as a promotion: if the champion moved meanwhile,
-   RegistryConflict and nothing changes;
+   RegistryConflict and nothing changes; the move is appended to the ledger (action
+   ``rollback`` for the canary's bake, ``manual_rollback`` otherwise);
 4. ``previous_champion`` never keeps pointing at the version just rolled back from: it
    becomes the target's own predecessor when recorded (tag ``promoted.previous_champion``
    written by the canary), else it is removed;
@@ -62,14 +69,16 @@ def rollback_champion(
     expected_champion: str | None = None,
     run_key: str | None = None,
     source: str = "rollback_dag",
+    decision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Move ``champion`` back; returns the rollback record (also logged to MLflow).
 
     ``run_key`` names this rollback (the DAG run); None makes a fresh one, so only a
-    caller that retries passes the same key twice."""
+    caller that retries passes the same key twice. ``decision``: the record of the decision
+    that asked for it (the bake's analysis), kept in the ledger entry."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline import checkpoint, locks, registry
+    from pipeline import checkpoint, ledger, locks, registry
     from pipeline.serving import traffic
 
     reason, target = _check_args(reason, target_version)
@@ -81,6 +90,16 @@ def rollback_champion(
     who = (who or "").strip() or "unknown"
     name = registry.model_name()
     c = registry.client()
+    model = _spec_name()
+    action = ledger.Action.ROLLBACK if source == "canary_bake" else ledger.Action.MANUAL_ROLLBACK
+
+    def move(target_was: str, stopped: str | None) -> ledger.Move:
+        said: dict[str, Any] = {"kind": "rollback", "source": source, "target_was": target_was}
+        said.update({"stopped_canary": stopped, "mlflow_run_id": run_id})
+        if decision is not None:
+            said["decision"] = decision
+        return ledger.Move(action, who, reason, said, run_key)
+
     current = registry.alias_version(registry.CHAMPION)
     if current is None:
         raise RollbackRefused("there is no champion to roll back")
@@ -91,7 +110,13 @@ def rollback_champion(
     planned = c.get_run(run_id).data.tags
     if planned.get("rollback.to"):
         p_from, p_to = planned["rollback.from"], planned["rollback.to"]
-        if current_v == p_to:
+        target_was = planned.get("rollback.target_was") or (
+            "named" if target else "previous_champion"
+        )
+        target_note = planned.get("rollback.target_note", "")
+        if current_v == p_to:  # moved by the first attempt: make sure the ledger says so
+            stopped = planned.get("rollback.stopped_canary") or None
+            registry.promote_champion(p_to, p_from, move=move(target_was, stopped))
             return _record(
                 run_id,
                 p_from,
@@ -101,9 +126,11 @@ def rollback_champion(
                 source,
                 run_key,
                 target_version,
-                stopped_canary=planned.get("rollback.stopped_canary") or None,
+                stopped_canary=stopped,
                 current_run_id=None,
                 retried=True,
+                target_was=target_was,
+                target_note=target_note,
             )
         if current_v != p_from:
             raise registry.RegistryConflict(
@@ -111,6 +138,10 @@ def rollback_champion(
                 f"v{current_v}; nothing changed"
             )
         target = p_to
+    elif target is not None:
+        target_was, target_note = "named", ""
+    else:
+        target, target_was, target_note = _no_target(model, current_v)
     if expected_champion is not None and current_v != str(expected_champion):
         raise registry.RegistryConflict(
             f"champion is v{current_v}, not v{expected_champion} as expected; nothing changed"
@@ -120,9 +151,12 @@ def rollback_champion(
         if prev is None:
             raise RollbackRefused(
                 f"champion v{current_v} has no previous_champion and no "
-                "target_version was given; nothing changed"
+                f"target_version was given, and {target_note}; nothing changed"
             )
         target = str(prev.version)
+        log.warning(
+            "rollback of v%s: %s; using previous_champion v%s", current_v, target_note, target
+        )
     if target == current_v:
         raise RollbackRefused(f"v{target} is already champion; nothing to roll back")
     try:
@@ -144,7 +178,15 @@ def rollback_champion(
             f"target v{target} fails its integrity check, not restored: {exc}"
         ) from None
 
-    registry.set_tags(run_id, {"rollback.from": current_v, "rollback.to": target})
+    registry.set_tags(
+        run_id,
+        {
+            "rollback.from": current_v,
+            "rollback.to": target,
+            "rollback.target_was": target_was,
+            "rollback.target_note": target_note[:4000],
+        },
+    )
     state = traffic.read_state()
     stopped_canary = None
     if state.canary is not None or state.weight > 0:
@@ -164,7 +206,7 @@ def rollback_champion(
                 },
             )
 
-    registry.promote_champion(target, current_v)
+    registry.promote_champion(target, current_v, move=move(target_was, stopped_canary))
     predecessor = tv.tags.get("promoted.previous_champion")
     with locks.storage_lock(registry.champion_lock_uri(), purpose=f"rollback to v{target}"):
         now_champ = registry.alias_version(registry.CHAMPION)
@@ -189,6 +231,8 @@ def rollback_champion(
         stopped_canary=stopped_canary,
         current_run_id=current.run_id,
         retried=False,
+        target_was=target_was,
+        target_note=target_note,
     )
 
 
@@ -205,6 +249,8 @@ def _record(
     stopped_canary: str | None,
     current_run_id: str | None,
     retried: bool,
+    target_was: str,
+    target_note: str,
 ) -> dict[str, Any]:
     """Tags on both versions and the JSON records (idempotent: a retry writes the same)."""
     from pipeline import registry
@@ -242,7 +288,8 @@ def _record(
         "who": who,
         "at": at,
         "source": source,
-        "target_was": "named" if target_version else "previous_champion",
+        "target_was": target_was,  # named | ledger | previous_champion
+        "target_note": target_note,
         "previous_champion_now": str(prev_after.version) if prev_after else None,
         "stopped_canary": stopped_canary,
         "run_key": run_key,
@@ -270,6 +317,38 @@ def _record(
         pass
     log.warning("%s", rec["summary"])
     return rec
+
+
+def _spec_name() -> str:
+    from pipeline.spec import active
+
+    return active().name
+
+
+def _no_target(model: str, champion: str) -> tuple[str | None, str, str]:
+    """No target named: ``(version, "ledger", why)`` from the promotion ledger, else
+    ``(None, "previous_champion", why the ledger had none)``."""
+    from pipeline import ledger
+
+    try:
+        pick = ledger.pick_healthy(model, champion=champion, unhealthy=_unfit)
+    except ledger.LedgerError as exc:  # a damaged ledger never blocks a rollback
+        return None, "previous_champion", f"the promotion ledger cannot be trusted ({exc})"
+    if pick.entry is not None:
+        log.info("rollback of v%s: target from the ledger, %s", champion, pick.note)
+        return pick.entry.to_version, "ledger", pick.note
+    return None, "previous_champion", pick.note
+
+
+def _unfit(version: str) -> bool:
+    """Not a version to restore: unreadable, rolled back from, or rejected by a gate/human."""
+    from pipeline import registry
+
+    try:
+        mv = registry.client().get_model_version(registry.model_name(), version)
+    except Exception:  # noqa: BLE001 - a version we cannot read is not a safe target
+        return True
+    return mv.tags.get("rolled_back") == "true" or mv.tags.get("rejected") == "true"
 
 
 def _rolled_back(version: str) -> bool:

@@ -16,6 +16,16 @@ column is the ``promote_champion`` stage's verdict, which is also where a canary
 rolled_back_after_bake, paused, aborted; summary ``canary: …``), qualified by the version's
 ``canary.*`` tags (status, step, weight reached) that ``pipeline.canary`` writes.
 
+Under "Who serves", each model's **on-call** part (``oncall_state``): its open alerts
+(``pipeline.alerts.open_alerts``: severity, summary, runbook, links), its SLOs and error
+budgets (``pipeline.slo.compute``; a report is reused for ``SLO_CACHE_SECONDS`` and the
+scoring service's ``/metrics`` is given ``SLO_SERVING_TIMEOUT_S``, so a reload costs no
+MLflow query and a dead service cannot hold the page), and the last ``LEDGER_SHOWN`` moves
+of ``champion`` (``pipeline.ledger.entries``), newest first. Those modules are imported per
+request; where one is missing the section says so and the rest is shown. Alert summaries,
+ledger reasons and run ids are text from records: every value is HTML-escaped and a link is
+an ``href`` only when it is http(s) or a path on this host (``safe_url``).
+
 Access follows Airflow's: the caller's Airflow JWT (``Authorization: Bearer`` or the UI's
 ``_token`` cookie) is required (without one the browser is sent to Airflow's login page and
 comes back here), and a model is shown only to a user who may read runs of its DAG.
@@ -26,10 +36,12 @@ internals, ``pipeline`` and ``mlflow`` are imported inside the request.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +76,8 @@ GOOD = {
     "success",
     "skip",
     "no_reference",
+    "canary_promote",  # promotion-ledger actions (pipeline.ledger)
+    "healthy",
 }
 BAD = {
     "reject",
@@ -76,6 +90,8 @@ BAD = {
     "rolled_back",
     "rolled_back_after_bake",
     "rollback",
+    "manual_rollback",
+    "unhealthy",
     "upstream_failed",
 }
 WARN = {
@@ -183,6 +199,21 @@ class AliasView:
 
 
 @dataclass
+class OnCall:
+    """What on-call reads first, per model: the SLOs (``pipeline.slo.compute``, cached), the
+    open alerts (``pipeline.alerts.open_alerts``) and the last promotion-ledger entries
+    (``pipeline.ledger.entries``), newest first. Each source that cannot be read leaves its
+    part empty with a ``*_problem`` line instead."""
+
+    slo: Any = None  # pipeline.slo.SloReport
+    slo_problem: str = ""
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    alerts_problem: str = ""
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    ledger_problem: str = ""
+
+
+@dataclass
 class ModelSection:
     """One model: its spec's names and policy, who serves, its recent runs."""
 
@@ -195,6 +226,7 @@ class ModelSection:
     model_url: str = ""
     canary_weight: float | None = None
     problems: list[str] = field(default_factory=list)
+    oncall: OnCall | None = None  # SLOs, open alerts, promotion ledger (``oncall_state``)
 
     @property
     def name(self) -> str:
@@ -426,6 +458,82 @@ def mlflow_state(
     return found, meta
 
 
+# -- on call: SLOs, open alerts, the promotion ledger -----------------------------------------
+
+SLO_CACHE_SECONDS = 60.0  # a report is reused this long: the page stays fast under reloads
+SLO_SERVING_TIMEOUT_S = 2.0  # per /metrics scrape from the view (a hung service costs this)
+LEDGER_SHOWN = 10
+_slo_cache: dict[tuple[str, str, str], tuple[float, Any]] = {}
+_slo_lock = threading.Lock()
+
+
+def cached_slo(
+    spec: Any, *, ttl: float = SLO_CACHE_SECONDS, clock: Callable[[], float] = time.monotonic
+) -> Any:
+    """``pipeline.slo.compute(spec)``, reused for ``ttl`` seconds per (model, spec file,
+    MLflow store): one window of runs, one registry read and one scrape of the scoring service
+    (at most ``SLO_SERVING_TIMEOUT_S``) per model per minute, however often the page is read."""
+    from pipeline import slo
+    from pipeline.settings import get_settings
+
+    key = (spec.name, str(getattr(spec, "path", "")), get_settings().tracking_uri)
+    now = clock()
+    with _slo_lock:
+        hit = _slo_cache.get(key)
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    report = slo.compute(spec, timeout=SLO_SERVING_TIMEOUT_S)
+    with _slo_lock:
+        _slo_cache[key] = (now, report)
+    return report
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """An alert or ledger entry as a dict: its ``to_json()``, a dataclass's fields, a mapping."""
+    if hasattr(obj, "to_json"):
+        return dict(obj.to_json())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return dict(obj)
+
+
+def oncall_state(spec: Any) -> OnCall:
+    """One model's SLOs, open alerts and last ledger entries. ``pipeline.alerts`` and
+    ``pipeline.ledger`` are imported here, per request; an installation without them (or
+    without the function) says so on the page instead of failing it."""
+    out = OnCall()
+    try:
+        out.slo = cached_slo(spec)
+    except Exception as exc:  # noqa: BLE001 - a problem line, never a 500
+        log.warning("Retraining view: SLOs of %s unavailable", spec.name, exc_info=True)
+        out.slo_problem = f"SLOs: {type(exc).__name__}: {exc}"
+    try:
+        from pipeline import alerts
+
+        open_alerts = alerts.open_alerts
+    except (ImportError, AttributeError):
+        out.alerts_problem = "Alerts: not available here (no pipeline.alerts.open_alerts)"
+    else:
+        try:
+            out.alerts = [_as_dict(a) for a in open_alerts(spec.name)]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("Retraining view: alerts of %s unreadable", spec.name, exc_info=True)
+            out.alerts_problem = f"Alerts: {type(exc).__name__}: {exc}"
+    try:
+        from pipeline import ledger
+
+        entries = ledger.entries
+    except (ImportError, AttributeError):
+        out.ledger_problem = "Promotion ledger: not available here (no pipeline.ledger.entries)"
+    else:
+        try:
+            out.ledger = [_as_dict(e) for e in entries(spec.name)][-LEDGER_SHOWN:][::-1]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("Retraining view: ledger of %s unreadable", spec.name, exc_info=True)
+            out.ledger_problem = f"Promotion ledger: {type(exc).__name__}: {exc}"
+    return out
+
+
 def build_section(
     info: ModelInfo,
     runs: Sequence[Mapping[str, Any]],
@@ -590,11 +698,11 @@ def collect(
         except Exception as exc:  # noqa: BLE001
             log.warning("Retraining view: MLflow unavailable for %s", info.name, exc_info=True)
             problems.append(f"MLflow ({ui}): {type(exc).__name__}: {exc}")
-        page.models.append(
-            build_section(
-                info, runs, found, meta, airflow_base=airflow_base, mlflow_ui=ui, problems=problems
-            )
+        section = build_section(
+            info, runs, found, meta, airflow_base=airflow_base, mlflow_ui=ui, problems=problems
         )
+        section.oncall = oncall_state(spec)
+        page.models.append(section)
     page.seconds = time.perf_counter() - t0
     return page
 
@@ -697,6 +805,7 @@ section.model { border-top: 2px solid var(--line); padding-top: 16px; margin-top
 .model-head { display: flex; align-items: baseline; gap: 14px; flex-wrap: wrap; }
 .policy { margin: 6px 0 0; }
 nav.models { display: flex; gap: 12px; flex-wrap: wrap; font-size: 13px; }
+.oncall table { margin-bottom: 4px; } .oncall td.detail { max-width: 480px; }
 """
 
 
@@ -762,6 +871,122 @@ def _run_row(r: RunView) -> str:
     )
 
 
+def safe_url(url: Any) -> str:
+    """``url`` if it is http(s) or a path on this host, else "": an alert's links come from
+    records, and a ``javascript:`` or ``data:`` link must never become a clickable href."""
+    text = str(url or "").strip()
+    if text.startswith("/") and not text.startswith("//"):
+        return text
+    scheme = text.split(":", 1)[0].lower() if ":" in text else ""
+    return text if scheme in ("http", "https") and text[len(scheme) :].startswith("://") else ""
+
+
+SEVERITY_CLASS = {"critical": "bad", "warning": "warn", "info": "info"}
+SLO_CLASS = {"ok": "good", "burning": "bad", "no_data": "none"}
+
+
+def _slo_table(report: Any) -> str:
+    rows = []
+    for r in report.rows:
+        status = r.status.value
+        rows.append(
+            f'<tr data-slo="{esc(r.name)}" data-status="{esc(status)}">'
+            f"<td><code>{esc(r.name)}</code></td><td>{esc(r.objective)}</td>"
+            f'<td class="num">{esc(r.actual_text())}</td>'
+            f'<td class="num">{esc(r.events or "—")}</td>'
+            f'<td class="num">{esc(r.budget_text())}</td>'
+            f'<td><span class="badge {SLO_CLASS.get(status, "info")}">'
+            f"{esc(status.replace('_', ' '))}</span></td>"
+            f'<td class="detail">{esc(r.detail)}</td></tr>'
+        )
+    return (
+        f'<table class="slo"><thead><tr><th>SLO</th><th>Objective</th><th>Actual</th>'
+        f'<th>Good / total</th><th title="share of the error budget left; below 0: exhausted">'
+        f"Budget left</th><th>Status</th><th>How measured</th></tr></thead><tbody>"
+        f"{''.join(rows)}</tbody></table>"
+        f'<div class="small muted">over {esc(f"{report.window_days:g}")} days to '
+        f"{esc(report.now.isoformat(timespec='minutes'))}; serving figures since the service "
+        "started; <code>python -m pipeline slo --model "
+        f"{esc(report.model)}</code></div>"
+    )
+
+
+def _alert_row(a: Mapping[str, Any]) -> str:
+    raw = a.get("links")
+    links: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    shown = " · ".join(
+        link(safe_url(url), str(name), new_tab=True) if safe_url(url) else esc(f"{name}: {url}")
+        for name, url in sorted(links.items())
+    )
+    severity = str(a.get("severity", ""))
+    count = a.get("occurrences")
+    return (
+        f'<tr data-alert="{esc(a.get("dedup_key", ""))}">'
+        f'<td><span class="badge {SEVERITY_CLASS.get(severity, "info")}">{esc(severity)}</span></td>'
+        f"<td><code>{esc(a.get('kind', ''))}</code>"
+        f'<div class="small muted">{esc(a.get("subject", ""))}</div></td>'
+        f"<td>{esc(a.get('summary', ''))}</td>"
+        f'<td class="small nowrap">{esc(a.get("first_seen", ""))}'
+        + (
+            f"<div class='muted'>×{esc(count)}, last {esc(a.get('last_seen', ''))}</div>"
+            if count and count != 1
+            else ""
+        )
+        + f'</td><td class="small"><code>{esc(a.get("runbook", ""))}</code></td>'
+        f'<td class="small">{shown or badge("")}</td></tr>'
+    )
+
+
+def _ledger_row(e: Mapping[str, Any]) -> str:
+    healthy = e.get("healthy")
+    return (
+        f'<tr data-seq="{esc(e.get("seq", ""))}"><td class="num">{esc(e.get("seq", ""))}</td>'
+        f'<td class="small nowrap">{esc(e.get("at", ""))}</td>'
+        f"<td>{badge(str(e.get('action', '')))}</td>"
+        f'<td class="nowrap">v{esc(e.get("from_version") or "—")} → v{esc(e.get("to_version", ""))}</td>'
+        f'<td>{esc(e.get("who", ""))}</td><td class="detail">{esc(e.get("why", ""))}</td>'
+        f"<td>{badge('healthy' if healthy else 'unhealthy') if healthy is not None else badge('')}</td></tr>"
+    )
+
+
+def render_oncall(o: OnCall, model: str = "") -> str:
+    """The on-call part of a model's section: open alerts, SLOs, promotion ledger. Every value
+    is escaped: alert summaries and ledger reasons carry text from MLflow tags and people."""
+    problems = "".join(
+        f'<div class="problem">{esc(p)}</div>'
+        for p in (o.alerts_problem, o.slo_problem, o.ledger_problem)
+        if p
+    )
+    if o.alerts:
+        alerts = (
+            '<table class="alerts"><thead><tr><th>Severity</th><th>Alert</th><th>Summary</th>'
+            "<th>Since</th><th>Runbook</th><th>Links</th></tr></thead><tbody>"
+            + "".join(_alert_row(a) for a in o.alerts)
+            + "</tbody></table>"
+        )
+    else:
+        alerts = "" if o.alerts_problem else '<p class="small muted">No open alerts.</p>'
+    slos = _slo_table(o.slo) if o.slo is not None else ""
+    if o.ledger:
+        ledger = (
+            '<table class="ledger"><thead><tr><th>#</th><th>When</th><th>Action</th>'
+            "<th>Champion</th><th>Who</th><th>Why</th><th>Model</th></tr></thead><tbody>"
+            + "".join(_ledger_row(e) for e in o.ledger)
+            + "</tbody></table>"
+        )
+    else:
+        ledger = (
+            "" if o.ledger_problem else '<p class="small muted">No champion moves recorded.</p>'
+        )
+    return (
+        f'<div class="oncall" data-oncall="{esc(model)}">{problems}'
+        f'<h3>Open alerts <span class="small muted">{len(o.alerts)}</span></h3>{alerts}'
+        f"<h3>SLOs</h3>{slos}"
+        f'<h3>Promotion ledger <span class="small muted">last {LEDGER_SHOWN}, newest first</span></h3>'
+        f"{ledger}</div>"
+    )
+
+
 def render_section(m: ModelSection) -> str:
     info = m.info
     alias_cards = "".join(
@@ -803,6 +1028,7 @@ def render_section(m: ModelSection) -> str:
 {problems}
 <h3>Who serves <span class="small muted">{esc(info.model_name)}{esc(weight)}</span></h3>
 <div class="aliases">{alias_cards}</div>
+{render_oncall(m.oncall, info.name) if m.oncall is not None else ""}
 <h3>Recent runs</h3>
 <table>
 <thead><tr><th>DAG run</th><th>State</th><th>Validation</th><th>Drift</th><th>Retrain</th>

@@ -13,6 +13,11 @@ The reference model, ``card_fraud`` (``retrain_card_fraud``), through a story:
    into the canary (50% errors, through the service's documented fault switch) makes the
    analysis roll it back: weight 0, alias removed, version tagged, champion untouched.
 
+Between 4 and 5 the quarantined batch is run again (a new DAG run on the same bytes): it fails
+at ``ingest_batch`` and raises no second alert. The demo ends with the alert summary
+(``pipeline.alerts``: open alerts per model with their runbooks) and checks that the
+quarantined batch raised one alert and the rolled-back canary one.
+
 Then a model the project never designed for, ``digits`` (``retrain_digits``: scikit-learn's
 handwritten digits, 10 classes, a residual network from its spec's own module):
 
@@ -366,6 +371,18 @@ def main() -> int:
                 "\n".join("    " + line for line in stages.format_summary(summary).splitlines()[1:])
             )
 
+    # the same failure again: a new DAG run on the quarantined batch fails at ingest_batch
+    # (the batch was moved to quarantine) and must raise no second alert
+    rerun_date = (datetime.fromisoformat(logical_date(4)) + timedelta(seconds=30)).isoformat()
+    print(f"\n[4b] the quarantined batch again: airflow dags test {CARD_DAG} {rerun_date}")
+    rerun_rc, rerun_secs = run_dag(
+        rerun_date, {"batch_uri": uris["batch-004"]}, logs / "run-4b.log"
+    )
+    print(
+        f"    DAG run {'succeeded' if rerun_rc == 0 else f'failed (exit {rerun_rc})'} in "
+        f"{rerun_secs:.0f}s (expected: failed, already quarantined); log: {logs / 'run-4b.log'}"
+    )
+
     title = "canary under a fault: rolled back, champion stays"
     print(f"\n[5/7] {title}: scoring service + replayed traffic + airflow dags test", flush=True)
     rc, secs, injected = canary_story(uris, logs)
@@ -386,16 +403,20 @@ def main() -> int:
     card_champ = print_registry("card_fraud")
     digits_champ = print_registry("digits")
 
+    alerts_ok = print_alerts()
+    ledger_ok = print_ledger_and_slos({"card_fraud": 2, "digits": 2})
+
     expected = [0, 0, 0, "fail", 0, 0, 0]
     ok = all(
         (rc == 0) if e == 0 else (rc != 0)
         for (_, rc, _, _), e in zip(results, expected, strict=True)
     )
-    ok = ok and card_champ == "2" and canary_rolled_back
+    ok = ok and card_champ == "2" and canary_rolled_back and rerun_rc != 0 and alerts_ok
+    ok = ok and ledger_ok
     ok = ok and digits["first"] is not None and digits_champ == str(int(digits["first"]) + 1)
     print(f"""
 == open the UIs on what the demo made
-  make airflow   -> http://127.0.0.1:8080  (DAGs {CARD_DAG}: 5 runs, {DIGITS_DAG}: 2 runs; login printed on start)
+  make airflow   -> http://127.0.0.1:8080  (DAGs {CARD_DAG}: 6 runs, {DIGITS_DAG}: 2 runs; login printed on start)
   make mlflow    -> http://127.0.0.1:5000  (experiments {CARD_DAG}, {DIGITS_DAG}; Models -> card-fraud, digits)
   state: {HOME}
 """)
@@ -510,6 +531,63 @@ def print_registry(model: str) -> str | None:
         champ = registry.alias_version(registry.CHAMPION)
         print(f"  champion: v{champ.version if champ else '-'}")
         return str(champ.version) if champ else None
+
+
+def print_alerts() -> bool:
+    """The alert summary (open alerts per model, with their runbooks) and the demo's check:
+    the quarantined batch raised one alert — its re-run none — and the rolled-back canary
+    one."""
+    from pipeline import alerts
+
+    current = alerts.all_alerts()
+    print(f"\n== alerts ({alerts.alerts_file()})")
+    for model in sorted({a.model for a in current}):
+        opened = [a for a in current if a.model == model and a.state == "open"]
+        print(f"  {model}: {len(opened)} open")
+        for a in opened:
+            print(
+                f"    [{a.severity.value}] {a.kind.value} ({a.subject}) x{a.occurrences}: {a.summary}"
+            )
+            print(f"      runbook: {a.runbook}")
+    card = [a for a in current if a.model == "card_fraud"]
+    quarantined = [a for a in card if a.kind is alerts.AlertKind.BATCH_QUARANTINED]
+    canary = [a for a in card if a.kind is alerts.AlertKind.CANARY_ROLLED_BACK]
+    others = [a for a in card if a.kind is alerts.AlertKind.TASK_FAILED]
+    ok = (
+        len(quarantined) == 1
+        and quarantined[0].occurrences == 2  # the re-run was seen, and raised nothing new
+        and len(canary) == 1
+        and not others  # the failed runs' summaries raised no alert of their own
+    )
+    print(
+        f"  check: quarantined batch -> {len(quarantined)} alert"
+        f" (seen {quarantined[0].occurrences if quarantined else 0}x: its re-run raised none), "
+        f"rolled-back canary -> {len(canary)} alert, task_failed -> {len(others)}: "
+        + ("as expected" if ok else "NOT as expected")
+    )
+    return ok
+
+
+def print_ledger_and_slos(expected_moves: dict[str, int]) -> bool:
+    """Each model's promotion ledger (``python -m pipeline history``: one entry per move of
+    ``champion``) and its SLOs (``python -m pipeline slo``), and the check that the ledger
+    holds exactly the demo's champion moves."""
+    from pipeline import ledger, slo, spec
+
+    ok = True
+    for name, moves in expected_moves.items():
+        s = spec.get_spec(name)
+        with spec.use_spec(s):
+            rows = ledger.entries(name)
+            print(f"\n== promotion ledger: {name} (python -m pipeline history --model {name})")
+            print("\n".join("  " + line for line in ledger.format_table(rows).splitlines()))
+            print(f"  check: {len(rows)} entries for {moves} champion moves: "
+                  + ("as expected" if len(rows) == moves else "NOT as expected"))  # fmt: skip
+            ok = ok and len(rows) == moves
+            print(f"== SLOs: {name} (python -m pipeline slo --model {name})")
+            report = slo.compute(s, timeout=2.0)
+            print("\n".join("  " + line for line in report.table().splitlines()))
+    return ok
 
 
 def _run_context(batch_uri: str):

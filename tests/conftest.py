@@ -42,6 +42,29 @@ def pipeline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 
 
 @pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, fully migrated MLflow SQLite store, made once per test process (MLflow's
+    migrations take seconds); :func:`mlflow_store` gives each test its own copy."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(pipeline_home: Path, migrated_db: Path) -> Path:
+    """The embedded default's MLflow store, migrated: a copy of the template under this test's
+    PIPELINE_HOME (the same file the pipeline would create there)."""
+    import shutil
+
+    dst = pipeline_home / "mlflow" / "mlflow.db"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(migrated_db, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
 def contract():
     from pipeline.contract import load_contract
 
@@ -88,6 +111,7 @@ SPLIT = {"integration/test_retrain_dag.py"}  # independent long tests: one unit 
 FIRST = (  # units (or modules) in this order, then the lanes in LANE_ORDER
     "stack",
     "integration/test_retrain_dag.py",
+    "integration/test_monitor_loop.py",
     "timing",
     "ui-stack",
     "integration/test_resource_limits.py",

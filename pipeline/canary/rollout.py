@@ -31,7 +31,8 @@ one (fresh faults are seen at once); the end of a step judges the whole step.
 ``records/canary_rollout.json`` on its run, and the returned dict):
 
 * pass — ``registry.promote_champion`` (compare-and-set) moves ``champion``; the old one
-  becomes ``previous_champion``; weight back to 0; alias ``canary`` removed. Then the
+  becomes ``previous_champion``; the promotion ledger gets a ``canary_promote`` entry (the
+  last window's decision record in it); weight back to 0; alias ``canary`` removed. Then the
   *bake*: the new champion is compared with the previous champion's behaviour recorded
   during the canary (score distribution, error rate, latency, labelled metric); a
   regression rolls back to ``previous_champion`` (:mod:`pipeline.rollback`).
@@ -65,6 +66,7 @@ from pipeline.canary.analysis import (
     RunStatus,
     decision_record,
 )
+from pipeline.ledger import Action, Move
 from pipeline.names import CanaryVerdict
 from pipeline.serving.metrics import MeasurementError, Snapshot, VersionStats
 from pipeline.serving.replicas import ReplicaSet
@@ -72,6 +74,7 @@ from pipeline.serving.replicas import ReplicaSet
 log = logging.getLogger(__name__)
 
 RECORD_KIND = "canary_rollout"
+_RECORD_PATH = f"records/{RECORD_KIND}.json"  # registry.log_record's path for it
 
 
 class _Stop(Exception):  # noqa: N818 - control flow inside the rollout
@@ -445,7 +448,17 @@ def run_canary_rollout(
             "no traffic was moved — re-run the gate against the current champion"
         )
     if champ_v is None:
-        replaced = registry.promote_champion(version, None)
+        replaced = registry.promote_champion(
+            version,
+            None,
+            move=Move(
+                Action.PROMOTE,
+                actor,
+                f"no champion to compare against: v{version} promoted directly",
+                {"kind": RECORD_KIND, "reason": CanaryReason.NO_CHAMPION.value},
+                run_key,
+            ),
+        )
         rec = {
             **base,
             "verdict": "promoted",
@@ -513,8 +526,18 @@ def run_canary_rollout(
                 f"({', '.join(f'{s.weight:.0%}' for s in plan.steps)}) against champion "
                 f"v{champ_v}"
             )
+            canary_decision = {
+                "kind": RECORD_KIND,
+                "verdict": "promoted",
+                "reason": reason.value,
+                "summary": message,
+                "plan": plan.to_dict(),
+                "record_uri": f"runs:/{mv.run_id}/{_RECORD_PATH}" if mv.run_id else None,
+                "last_window": ro.decision_records[-1] if ro.decision_records else None,
+            }
+            move = Move(Action.CANARY_PROMOTE, actor, message, canary_decision, run_key)
             try:
-                previous = registry.promote_champion(version, champ_v)
+                previous = registry.promote_champion(version, champ_v, move=move)
             except registry.RegistryConflict as exc:
                 _out_of_traffic(version)
                 registry.tag_version(
@@ -542,6 +565,7 @@ def run_canary_rollout(
                         expected_champion=version,
                         run_key=f"{run_key}__bake_rollback",
                         source="canary_bake",
+                        decision=bake.to_dict(),
                     )
                     verdict, reason = "rolled_back_after_bake", bake.reason
                     message = f"promoted, then rolled back in the bake: {bake.message}"

@@ -23,6 +23,7 @@ from pipeline.stages.data import (
     decide_retrain,
     detect_drift,
     ingest_batch,
+    production_decay,
     resolve_batch_uri,
     validate_batch,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "format_summary",
     "gate_promotion",
     "ingest_batch",
+    "production_decay",
     "promote_champion",
     "publish_summary",
     "register_challenger",

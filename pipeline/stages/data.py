@@ -255,11 +255,31 @@ def detect_drift(ctx: RunContext, ingested: Ingested) -> Drifted:
     return rec
 
 
+def production_decay(extras: list[Any], batch_uri: str | None) -> str | None:
+    """The monitor's verdict when this run was started by ``monitor_<model>`` on decay (an
+    asset event with ``extra.trigger == "champion_decaying"`` for this model) and runs on that
+    event's batch; None otherwise. Such a run retrains even on a batch that shows no drift:
+    the decay was seen on live traffic, not on the batch. An event can only ask for a retrain,
+    which ``force_retrain`` already allows any trigger user; the gate still judges the result."""
+    if batch_uri:  # an explicit batch: the event did not choose this run's data
+        return None
+    for extra in extras:
+        if (
+            isinstance(extra, dict)
+            and extra.get("trigger") == "champion_decaying"
+            and extra.get("model") == active().name
+        ):
+            version = str(extra.get("champion_version", "?"))[:20]
+            return f"v{version}: {str(extra.get('summary', ''))[:300]}"
+    return None
+
+
 def decide_retrain(
     ctx: RunContext,
     drifted: Drifted,
     force: bool = False,
     policy: Policy | None = None,
+    production_decay: str | None = None,
 ) -> RetrainDecided:
     from pipeline.decide import RetrainEvidence, RetrainPolicy
 
@@ -275,6 +295,7 @@ def decide_retrain(
         champion_metric_on_batch=drifted.champion_metric_on_batch,
         champion_age_days=drifted.champion_age_days,
         forced=force,
+        production_decay=production_decay,
         direction=active().direction,
         metric=drifted.champion_metric or active().primary_metric,
         drift_share_threshold=drifted.share_threshold,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import decisions, registry, storage
+from pipeline import decisions, ledger, registry, storage
 from pipeline.errors import CheckpointRejected, DataRejected, PipelineRejection
 from pipeline.names import RunTag, Task, VersionTag, stage_summary_tag, stage_verdict_tag
 from pipeline.settings import get_settings
@@ -427,7 +427,9 @@ def promote_champion(ctx: RunContext, gated: Gated, approval: Any = None) -> Pro
         record_stage(rec)
         return rec
     try:
-        previous = registry.promote_champion(version, gated.champion_version)
+        previous = registry.promote_champion(
+            version, gated.champion_version, move=_ledger_move(ctx, gated, approved)
+        )
     except registry.RegistryConflict as exc:
         registry.tag_version(
             version, {"promotion.verdict": "conflict", "promotion.conflict": str(exc)}
@@ -450,6 +452,31 @@ def promote_champion(ctx: RunContext, gated: Gated, approval: Any = None) -> Pro
     )
     record_stage(rec)
     return rec
+
+
+def _ledger_move(ctx: RunContext, gated: Gated, approved: Approved | None) -> ledger.Move:
+    """What the promotion ledger records of a direct promotion: the run, the gate's decision
+    (its verdict and the URI of the full record) and the approval when there was one."""
+    decision: dict[str, Any] = {
+        "kind": "promotion_gate",
+        "verdict": gated.verdict,
+        "reason": gated.reason,
+        "metric": gated.metric,
+        "challenger": gated.challenger,
+        "champion": gated.champion,
+        "champion_version": gated.champion_version,
+        "record_uri": gated.record_uri,
+    }
+    who = f"{ctx.dag_id}/{ctx.run_id}"
+    if approved is not None:
+        decision["approval"] = {
+            "verdict": approved.verdict,
+            "by": approved.responded_by,
+            "at": approved.responded_at,
+            "record_uri": approved.record_uri,
+        }
+        who += f" (approved by {approved.responded_by or 'unknown'})"
+    return ledger.Move(ledger.Action.PROMOTE, who, gated.message, decision, ctx.run_key)
 
 
 def canary_rollout(

@@ -87,6 +87,32 @@ def test_retrain_graph(dagbag, model):
 
 
 @pytest.mark.parametrize("model", SPECS)
+def test_monitor_graph(dagbag, model):
+    """monitor_<model>: on the spec's cron, one run at a time; a decayed champion emits the
+    model's own batch asset (the event retrain_<model> is scheduled on), nothing else does."""
+    from pipeline.spec import get_spec
+
+    spec = get_spec(model)
+    if not spec.monitor.enabled:
+        assert f"monitor_{model}" not in dagbag.dags
+        return
+    dag = dagbag.dags[f"monitor_{model}"]
+    down = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert down == {
+        "watch_champion": ["alert_on_call", "decay_warrants_retrain", "request_retrain"],
+        "alert_on_call": [],
+        "decay_warrants_retrain": ["request_retrain"],
+        "request_retrain": [],
+        "on_call_checks": [],
+    }
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    assert dag.timetable.expression == spec.monitor.cron
+    assert {o.uri for o in dag.get_task("request_retrain").outlets} == {spec.asset_uri}
+    assert not any(t.outlets for t in dag.tasks if t.task_id != "request_retrain")
+    assert f"model:{model}" in dag.tags
+
+
+@pytest.mark.parametrize("model", SPECS)
 def test_each_model_has_its_own_asset(dagbag, model):
     from pipeline.spec import get_spec
 
@@ -190,7 +216,7 @@ def test_a_broken_spec_is_an_import_error_naming_file_and_field_and_the_others_l
     )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["dags"] == ["retrain_card_fraud", "rollback_card_fraud"]
+    assert got["dags"] == ["monitor_card_fraud", "retrain_card_fraud", "rollback_card_fraud"]
     assert list(got["errors"]) == ["model_specs.py"]
     error = got["errors"]["model_specs.py"]
     assert "broken_one/model.yaml" in error and "gate.margn" in error and "unknown field" in error

@@ -667,16 +667,6 @@ def test_authorize_redirects_to_login_and_checks_each_models_dag(view, monkeypat
 # -- the Retraining view on a real MLflow store: two models, a broken spec ----------------------
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty, fully migrated MLflow SQLite store, made once (migrations take seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 BROKEN_SPEC = "contract: contract.yaml\ntask: <b>trinary</b>\n"
 SAME_RUN = "scheduled__2026-03-01T03:00:00+00:00"  # one run id in both models' DAGs
 
@@ -764,14 +754,11 @@ def _start_canary(version: str) -> None:
 
 
 @pytest.fixture
-def two_models(pipeline_home, migrated_db, tmp_path, monkeypatch):
+def two_models(pipeline_home, mlflow_store, tmp_path, monkeypatch):
     """card_fraud and digits in one MLflow store, beside a broken spec; returns the Airflow runs."""
     from pipeline import canary, registry, settings, stages
     from pipeline.spec import get_spec, use_spec
 
-    dst = pipeline_home / "mlflow" / "mlflow.db"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(migrated_db, dst)
     models = tmp_path / "models"
     for name in ("card_fraud", "digits"):
         shutil.copytree(

@@ -4,7 +4,6 @@ under a storage lock, models from code (no pickle), the gate record, human rejec
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -13,23 +12,7 @@ from _records import gated_record
 
 from pipeline import locks, registry, storage
 
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory) -> Path:
-    """An empty, fully migrated MLflow SQLite store, made once (migrations take seconds)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _store_from_template(pipeline_home, migrated_db):
-    """Each test still gets its own store: a copy of the template under its PIPELINE_HOME."""
-    dst = pipeline_home / "mlflow" / "mlflow.db"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(migrated_db, dst)
+pytestmark = pytest.mark.usefixtures("mlflow_store")  # each test its own migrated store
 
 
 @pytest.fixture

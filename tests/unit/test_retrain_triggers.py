@@ -85,6 +85,21 @@ def test_clean_skips_drift_and_concept_drift_retrain(champion: Path) -> None:
     record["rule"]["decay_margin"] = 0.0  # a looser record would have decided otherwise
     assert not decisions.replays(record)
 
+    # 1b. the same clean world, in a run the monitor started because the served champion
+    # decayed on live labels: it retrains, and says why; an event for another model, or a run
+    # given its own batch, is not the monitor's
+    ctx = stages.RunContext(dag_id="test", run_id="decayed", run_after=NOW)
+    event = {"trigger": "champion_decaying", "model": "card_fraud", "champion_version": "1",
+             "summary": "live roc_auc 0.61 vs 0.90 at the gate"}  # fmt: skip
+    why = stages.production_decay([{"trigger": "champion_decaying", "model": "x"}, event], None)
+    assert why == "v1: live roc_auc 0.61 vs 0.90 at the gate"
+    assert stages.production_decay([event], "file:///explicit.parquet") is None
+    assert stages.production_decay([{**event, "model": "digits"}, "junk"], None) is None
+    redo = stages.decide_retrain(ctx, drifted, production_decay=why)
+    assert redo.verdict == "train" and redo.reasons == ["production_decay"], redo.summary
+    assert "decayed" in redo.message and "0.61" in redo.message
+    assert decisions.replays(json.loads(registry.read_artifact(redo.record_uri)))
+
     # 2. covariate shift: the features moved — retrain for drift
     drifted, decision = decide(
         champion, "shifted", WorldSpec(rows=ROWS, seed=3, covariate_shift=1.0)
