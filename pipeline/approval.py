@@ -84,7 +84,7 @@ class ApprovalDecision:
         who = e.responded_by or "an approver"
         if self.approved:
             return f"approved by {who}" + (f" at {e.responded_at}" if e.responded_at else "")
-        if not e.responded_by and not e.responded_at:
+        if not e.responded_by:  # Airflow 3.3 stamps responded_at on the timeout's default too
             who = "nobody before the timeout (the default answer)"
         return f"{ApprovalReason.HUMAN_REJECTED.value}: rejected by {who} in human review" + (
             f" ({e.comment})" if e.comment else ""

@@ -324,6 +324,7 @@ def canary_story(uris: dict[str, str], logs: Path) -> tuple[int, float, dict | N
         }
         rc, secs = run_dag(logical_date(5), conf, logs / "run-5.log", env=env)
         thread.join(timeout=1)
+        print_serving_slos(url)  # while the service still runs: its counters live with it
         return rc, secs, injected
     finally:
         if replay is not None:
@@ -566,6 +567,22 @@ def print_alerts() -> bool:
         + ("as expected" if ok else "NOT as expected")
     )
     return ok
+
+
+def print_serving_slos(url: str) -> None:
+    """The serving SLOs of card_fraud from the live service (``python -m pipeline slo --url``):
+    the injected fault's 5xx count against the error-rate objective."""
+    from pipeline import slo, spec
+
+    s = spec.get_spec("card_fraud")
+    with spec.use_spec(s):
+        report = slo.compute(s, service_url=url, timeout=5.0)
+    print(f"    serving SLOs while the service ran (python -m pipeline slo --url {url}):")
+    for row in report.rows:
+        if row.source == "serving":
+            left = "—" if row.budget_remaining is None else f"{row.budget_remaining:.0%}"
+            print(f"      {row.name}: {row.actual} ({row.events or row.detail}), budget left "
+                  f"{left}, {row.status.value}")  # fmt: skip
 
 
 def print_ledger_and_slos(expected_moves: dict[str, int]) -> bool:

@@ -362,7 +362,7 @@ def approve_promotion(
     registry.log_text(run_id, json.dumps(record, indent=2, default=str), path)
     tags: dict[str, Any] = {
         VersionTag.APPROVAL_VERDICT: "approved" if decision.approved else "rejected",
-        VersionTag.APPROVAL_BY: e.responded_by or "unknown",
+        VersionTag.APPROVAL_BY: e.responded_by or "nobody (timeout)",
         VersionTag.APPROVAL_AT: e.responded_at,
     }
     if decision.approved:

@@ -10,7 +10,10 @@ Session fixtures, each a real process on 127.0.0.1 and a free port:
               ``s3://mlflow/artifacts`` on moto (``--serve-artifacts``), one worker, no job runner.
 * ``airflow`` api-server + scheduler + dag-processor, LocalExecutor (its workers preloading the
               pipeline: ``plugins/pipeline_executor.py``) on PostgreSQL, parallelism 2, simple
-              auth manager, a shared JWT secret.
+              auth manager, a shared JWT secret. Two users: ``admin`` (triggers the runs) and
+              ``reviewer`` (role ``user``: answers approvals, ``test_stack_hitl.py``). Its
+              models root links the shipped specs (``models/*``) and the stack-only ones
+              (``tests/stack/specs/*``).
 
 Every process is started in its own session (``start_new_session=True``) and stopped with
 ``os.killpg`` (SIGTERM, then SIGKILL) so no child outlives the suite; at the end every port
@@ -46,6 +49,10 @@ HOST = "127.0.0.1"
 S3_KEY, S3_SECRET = "stack-access-key", "stack-s3-" + secrets.token_hex(12)
 MLFLOW_ADMIN, MLFLOW_ADMIN_PASSWORD = "admin", "stack-admin-" + secrets.token_hex(12)
 AIRFLOW_USER = "admin"
+# -- human paths (test_stack_hitl.py): a second Airflow user, role "user" (may answer a
+# HITL task, trigger and clear runs; no admin rights), and the stack-only model specs --
+REVIEWER = "reviewer"
+STACK_SPECS = Path(__file__).parent / "specs"
 
 
 def _signing_pair() -> tuple[str, str]:
@@ -565,11 +572,11 @@ class Airflow:
         if proc is not None:
             stop(proc, sig, grace=20 if sig == signal.SIGTERM else 2)
 
-    def password(self) -> str:
-        """The simple auth manager's generated password for AIRFLOW_USER (written by the
+    def password(self, user: str = AIRFLOW_USER) -> str:
+        """The simple auth manager's generated password for ``user`` (written by the
         api-server to its passwords file on first start)."""
         pwfile = self.home / "simple_auth_manager_passwords.json"
-        return json.loads(pwfile.read_text())[AIRFLOW_USER]
+        return json.loads(pwfile.read_text())[user]
 
     def producer_env(self) -> dict[str, str]:
         """The environment of a producer outside Airflow (``python -m pipeline data land``):
@@ -602,6 +609,20 @@ class Airflow:
             f"{self.url}/api/v2/{path}",
             body,
             headers={"Authorization": f"Bearer {self.token()}"},
+            timeout=timeout,
+        )
+
+    # -- human paths (test_stack_hitl.py): the REST API as another user (its own JWT) --
+    def api_as(self, user: str, method: str, path: str, body: Any = None, timeout: float = 30):
+        status, out = http(
+            "POST", f"{self.url}/auth/token", {"username": user, "password": self.password(user)}
+        )
+        assert status in (200, 201), (user, status, out)
+        return http(
+            method,
+            f"{self.url}/api/v2/{path}",
+            body,
+            headers={"Authorization": f"Bearer {out['access_token']}"},
             timeout=timeout,
         )
 
@@ -643,6 +664,13 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
     """Environment + `airflow db migrate`, started early so it overlaps MLflow's start."""
     home = workdir / "airflow"
     home.mkdir()
+    # human paths (test_stack_hitl.py): the shipped specs (models/*) and the stack-only ones
+    # (tests/stack/specs/*), linked into one models root that the DAGs and tasks read
+    models = workdir / "models"
+    models.mkdir()
+    for spec_dir in [*(ROOT / "models").iterdir(), *STACK_SPECS.iterdir()]:
+        if (spec_dir / "model.yaml").is_file():
+            (models / spec_dir.name).symlink_to(spec_dir, target_is_directory=True)
     api_port = free_port()
     env = {
         **os.environ,
@@ -658,7 +686,7 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "2",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin,{REVIEWER}:user",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(
             home / "simple_auth_manager_passwords.json"
         ),
@@ -685,12 +713,16 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "15",
         "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
+        # human paths: an approval past its response timeout is resolved within 5 s (the
+        # scheduler's awaiting_input sweep runs on this interval; default 15 s)
+        "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "5",
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "600",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         # the pipeline inside every task
         "PIPELINE_HOME": str(workdir / "pipeline-home"),
+        "PIPELINE_MODELS_ROOT": str(models),
         "PIPELINE_STORAGE_URI": "s3://pipeline/data",
         "PIPELINE_S3_ENDPOINT_URL": s3.endpoint,
         # Through the server's artifact proxy. Not "mlflow-artifacts:/": joined with the
