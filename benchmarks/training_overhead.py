@@ -6,6 +6,9 @@ the gradient stopper (checks every ``check_every`` steps, exact per-sample stati
 the EB criterion every ``eb_every`` steps, log-norm and validation plateaus; configured
 never to stop, so both do the same steps), gradient telemetry sent to a real MLflow run
 (embedded SQLite store) by the background thread, and atomic training-state checkpoints.
+The telemetry cadence is the pipeline's own (``TrainConfig`` defaults: derived from the
+budget by ``pipeline.train.loop.telemetry_cadence``, ~128 snapshots per run, at most 64
+of them as run metrics); the details line reports the cadence the run used.
 
 Robust on a shared, noisy machine:
 
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": r.train_rows * len(rows[k]),
                 "steps": r.steps,
                 "spilled": r.telemetry.get("spilled", 0) if r.telemetry else 0,
+                "health": r.telemetry.get("health", {}) if r.telemetry else {},
             }
         assert out["bare"]["steps"] == out["inst"]["steps"] and out["inst"]["spilled"] == 0, out
         out["ratio"] = (out["inst"]["cpu_s"] + out["inst"]["sender_cpu_s"]) / out["bare"]["cpu_s"]
@@ -151,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "check_every": instrumented.check_every,
                 "eb_every": instrumented.eb_every,
-                "snapshot_every": instrumented.snapshot_every,
+                # the cadence the pipeline derives (loop.telemetry_cadence), as the run used it
+                "snapshot_every": pairs[0]["inst"]["health"].get("snapshot_every"),
+                "snapshots_kept": pairs[0]["inst"]["health"].get("kept"),
+                "metric_points": pairs[0]["inst"]["health"].get("metric_points"),
                 "state_every": instrumented.state_every,
             }
         )

@@ -416,21 +416,25 @@ MIN_SNAPSHOTS = 4  # fewer snapshots of a tensor: nothing is judged
 @dataclass(frozen=True)
 class GradientAnomaly:
     tensor: str
-    what: str  # "spike" | "vanishing"
+    what: str  # "spike" | "vanishing" | "dead_units"
     step: int
     value: float
     threshold: float
 
 
 def gradient_anomalies(
-    series: Mapping[str, list[tuple[int, float]]],
+    series: Mapping[str, list[tuple[int, float]]] | list[dict[str, Any]],
     *,
     spike_factor: float = SPIKE_FACTOR,
     vanish_below: float = VANISH_BELOW,
     min_snapshots: int = MIN_SNAPSHOTS,
 ) -> list[GradientAnomaly]:
-    """Per-tensor spikes and vanishing gradients in the telemetry's L2-norm series
-    (``grad/<tensor>/l2`` on the training run, one point per snapshot).
+    """Per-tensor spikes, vanishing gradients and dead units.
+
+    From the events the gradient telemetry recorded over the whole history (a list, as
+    ``gradient_series`` reads it from the run: ``pipeline.train.telemetry.detect_events``
+    decided them), or — a run from before those events — from the L2-norm metric series
+    (``grad/<tensor>/l2``, one point per logged snapshot):
 
     * spike: a snapshot whose norm exceeds ``spike_factor`` × the median of that tensor's
       earlier snapshots (the first spike per tensor is reported);
@@ -438,6 +442,17 @@ def gradient_anomalies(
     """
     import statistics
 
+    if isinstance(series, list):
+        return [
+            GradientAnomaly(
+                str(e["tensor"]),
+                str(e["kind"]),
+                int(e["step"]),
+                float(e["value"]),
+                float(e["threshold"]),
+            )
+            for e in series
+        ]
     out: list[GradientAnomaly] = []
     for name, points in sorted(series.items()):
         pts = sorted((int(s), float(v)) for s, v in points if math.isfinite(float(v)))
@@ -453,11 +468,19 @@ def gradient_anomalies(
     return out
 
 
-def gradient_series(run_id: str, client: Any = None) -> dict[str, list[tuple[int, float]]]:
-    """The ``grad/<tensor>/l2`` series logged by ``pipeline.train.telemetry`` on an MLflow run."""
+def gradient_series(
+    run_id: str, client: Any = None
+) -> list[dict[str, Any]] | dict[str, list[tuple[int, float]]]:
+    """The gradient events the telemetry recorded on an MLflow run (``events`` of
+    ``telemetry/final/summary.json``); for a run without that summary, the
+    ``grad/<tensor>/l2`` metric series instead."""
     from pipeline import registry
+    from pipeline.train.telemetry import load_summary
 
     c = client or registry.client()
+    summary = load_summary(run_id, c)
+    if summary is not None and isinstance(summary.get("events"), list):
+        return list(summary["events"])
     run = c.get_run(run_id)
     out: dict[str, list[tuple[int, float]]] = {}
     for key in run.data.metrics:

@@ -63,6 +63,35 @@ def report_table(decision: GateDecision) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def gradient_health_line(summary: dict[str, Any] | None, run_id: str) -> str:
+    """One line on how training went, from the run's ``telemetry/final/summary.json``
+    (``pipeline.train.telemetry.load_summary``): the stop rule and step, spikes, vanishing
+    layers, dead units, the final update ratio, and where the pictures are."""
+    if not summary:
+        return "- gradient health: no telemetry summary on the training run"
+    events = summary.get("events") or []
+
+    def of(kind: str) -> str:
+        hit = [e for e in events if e.get("kind") == kind]
+        return (
+            ", ".join(f"`{e['tensor']}` at step {e['step']}" for e in hit[:3])
+            + (f" (+{len(hit) - 3})" if len(hit) > 3 else "")
+            if hit
+            else "none"
+        )
+
+    ratio = summary.get("final_update_ratio")
+    base = f"runs:/{run_id}/telemetry/final"
+    return (
+        f"- gradient health: stop `{summary.get('stop_reason') or '?'}` at step "
+        f"{summary.get('step', summary.get('last_step', '?'))} · {summary.get('kept', 0)} "
+        f"snapshots (every {summary.get('snapshot_every', '?')} steps) · spikes: {of('spike')}"
+        f" · vanishing: {of('vanishing')} · dead units: {of('dead_units')} · final update "
+        f"ratio {'—' if ratio is None else f'{ratio:.2g}'} (median ‖Δw‖/‖w‖ over tensors) · "
+        f"pictures: [norms.png]({base}/norms.png), [histograms.png]({base}/histograms.png)"
+    )
+
+
 def gate_markdown(
     *,
     verdict: str,
@@ -77,8 +106,10 @@ def gate_markdown(
     record_uri: str,
     dag_id: str,
     run_id: str,
+    gradient_health: str | None = None,
 ) -> str:
-    """The version's description: the gate's verdict and its table, readable in the MLflow UI."""
+    """The version's description: the gate's verdict and its table, readable in the MLflow UI
+    (and ``gradient_health``, a ``gradient_health_line``, when given)."""
     ni = gate.get("non_inferiority_margin")
     reasons = "\n".join(f"- {part}" for part in str(message).split("; ") if part)
     required = f"{gate['improvement']} improvement {gate['margin']}" + (
@@ -93,5 +124,6 @@ def gate_markdown(
         f"- trusted evaluation set: `{eval_uri}` (sha256 `{eval_sha256[:12]}`)\n"
         f"- Paired bootstrap: {gate['resamples']} resamples, seed {gate['seed']}; required {required}\n"
         f"- decision record (replayable): `{record_uri}`\n"
-        f"- Airflow: {dag_id} / {run_id}"
+        + (f"{gradient_health}\n" if gradient_health else "")
+        + f"- Airflow: {dag_id} / {run_id}"
     )

@@ -427,12 +427,17 @@ def mlflow_state(
                     "mlflow_experiment_id": r.info.experiment_id,
                     "tags": dict(r.data.tags),
                     "grad_norms": [],
-                    "has_grad_norm": "train.grad_norm" in (r.data.metrics or {}),
+                    # the gradient telemetry's history (train/grad_norm: up to 64 snapshots
+                    # over the run's steps); runs from before it: the per-epoch mean
+                    "grad_norm_key": next(
+                        (k for k in GRAD_NORM_KEYS if k in (r.data.metrics or {})), None
+                    ),
                 }
         for rec in found.values():
-            if not rec.pop("has_grad_norm"):
+            key = rec.pop("grad_norm_key")
+            if key is None:
                 continue
-            history = c.get_metric_history(rec["mlflow_run_id"], "train.grad_norm")
+            history = c.get_metric_history(rec["mlflow_run_id"], key)
             rec["grad_norms"] = [
                 m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))
             ]
@@ -740,8 +745,12 @@ def link(url: str, text: str, *, new_tab: bool = False, title: str = "") -> str:
     return f'<a href="{esc(url)}"{extra}{t}>{esc(text)}</a>'
 
 
+GRAD_NORM_KEYS = ("train/grad_norm", "train.grad_norm")  # telemetry snapshots, per-epoch mean
+
+
 def sparkline(values: Sequence[float], width: int = 120, height: int = 28) -> str:
-    """Inline SVG of gradient norm per epoch; the last point is marked, extremes in the title."""
+    """Inline SVG of the gradient norm over the run (the telemetry's snapshots, in step
+    order); the last point is marked, extremes in the title."""
     vals = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(v)]
     if not vals:
         return '<span class="muted">—</span>'

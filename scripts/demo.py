@@ -406,6 +406,7 @@ def main() -> int:
 
     alerts_ok = print_alerts()
     ledger_ok = print_ledger_and_slos({"card_fraud": 2, "digits": 2})
+    history_ok = print_gradient_history(("card_fraud", "digits"), min_snapshots=32)
 
     expected = [0, 0, 0, "fail", 0, 0, 0]
     ok = all(
@@ -413,7 +414,7 @@ def main() -> int:
         for (_, rc, _, _), e in zip(results, expected, strict=True)
     )
     ok = ok and card_champ == "2" and canary_rolled_back and rerun_rc != 0 and alerts_ok
-    ok = ok and ledger_ok
+    ok = ok and ledger_ok and history_ok
     ok = ok and digits["first"] is not None and digits_champ == str(int(digits["first"]) + 1)
     print(f"""
 == open the UIs on what the demo made
@@ -581,8 +582,37 @@ def print_serving_slos(url: str) -> None:
     for row in report.rows:
         if row.source == "serving":
             left = "—" if row.budget_remaining is None else f"{row.budget_remaining:.0%}"
-            print(f"      {row.name}: {row.actual} ({row.events or row.detail}), budget left "
+            actual = "no data" if row.actual is None else f"{row.actual:.4g} {row.unit}"
+            print(f"      {row.name}: {actual} ({row.events or row.detail}), budget left "
                   f"{left}, {row.status.value}")  # fmt: skip
+
+
+def print_gradient_history(models: tuple[str, ...], min_snapshots: int) -> bool:
+    """How many gradient snapshots each training run kept (``telemetry/final/summary.json``:
+    the history behind norms.png and histograms.png), and the check that each kept enough."""
+    from pipeline import registry, spec
+    from pipeline.train.telemetry import load_summary
+
+    ok = True
+    print(f"\n== gradient history per training run (at least {min_snapshots} snapshots)")
+    for name in models:
+        with spec.use_spec(spec.get_spec(name)):
+            runs = registry.client().search_runs(
+                [registry.experiment_id()], order_by=["attributes.start_time ASC"]
+            )
+            for run in runs:
+                summary = load_summary(run.info.run_id, registry.client())
+                if summary is None:  # no training in this run (skipped, quarantined)
+                    continue
+                kept = int(summary.get("kept", 0))
+                ok = ok and kept >= min_snapshots
+                events = len(summary.get("events") or [])
+                print(f"  {name} {run.data.tags.get('airflow.run_id', run.info.run_id)}: {kept} "
+                      f"snapshots, every {summary.get('snapshot_every')} steps, stop "
+                      f"{summary.get('stop_reason')} at step {summary.get('step')}, "
+                      f"{events} gradient events")  # fmt: skip
+    print("  check:", "as expected" if ok else "NOT as expected")
+    return ok
 
 
 def print_ledger_and_slos(expected_moves: dict[str, int]) -> bool:

@@ -152,9 +152,10 @@ def gate_promotion(
     report as its description. XCom gets a small record."""
     from pipeline import checkpoint, gates
     from pipeline.evaluate import measure_latency, score_model
-    from pipeline.gate_report import gate_markdown, report_table
+    from pipeline.gate_report import gate_markdown, gradient_health_line, report_table
     from pipeline.ingest import read_frame
     from pipeline.train.features import labels
+    from pipeline.train.telemetry import load_summary
 
     registered = Registered.from_xcom(registered)
     model_spec = active()
@@ -252,6 +253,7 @@ def gate_promotion(
         record_uri=record_uri,
         dag_id=ctx.dag_id,
         run_id=ctx.run_id,
+        gradient_health=gradient_health_line(load_summary(run_id, registry.client()), run_id),
     )
     rec = Gated(
         verdict=decision.verdict.value,

@@ -12,10 +12,18 @@ statistics (log-norm plateau every check; the EB criterion from exact per-sample
 variances every ``eb_every`` steps), and at each epoch end from the validation loss;
 its decision trace is logged to the run (``training/decision_trace.json``, whose
 ``records`` replay every non-continue decision: ``pipeline.decisions.replay``). Defaults
-keep all of this, telemetry and state checkpoints included, near 2.5% of step-loop CPU on
-the reference MLP (``python -m benchmarks.training_overhead``).
-Every ``snapshot_every`` steps ``GradientTelemetry`` takes per-tensor gradient
-statistics (one device→host copy, shipped by a background thread). Every
+keep all of this, telemetry (138 snapshots in 960 steps) and state checkpoints included,
+near 3% of step-loop CPU on the reference MLP (1.028×, ``python -m
+benchmarks.training_overhead``; the stopper and states alone ~2.5%).
+Every ``snapshot_every`` steps ``GradientTelemetry`` copies the gradients and weights
+(two ``_foreach_copy_`` before, one after the step); their statistics are computed
+batched at the end of each epoch's step loop (``GradientTelemetry.flush``: one
+device→host copy). The cadence follows the budget (``telemetry_cadence``):
+``max_epochs × steps_per_epoch // telemetry_snapshots`` (128), so every run keeps a
+history (≥ 64 snapshots at half its budget), and at most 64 of them per tensor become run
+metrics, sent by a background thread at the end. The statistics are read after ``backward()`` (after
+the loss scaler's ``unscale_`` where one is used) and before ``clip_grad_norm_``: they
+describe the gradient the model produced, not the clipped one. Every
 ``state_every`` steps a training-state checkpoint is written atomically, so a killed or
 retried task resumes from exactly where it was (bit-for-bit on CPU).
 
@@ -86,8 +94,9 @@ log = logging.getLogger(__name__)
 
 
 def default_stopper() -> dict[str, Any]:
-    """Our stopper: EB criterion or log-norm plateau (confirmed), and a relative
-    val-loss plateau, after a short warmup."""
+    """Our stopper: EB criterion or log-norm plateau (no significant trend), confirmed on
+    3 checks, stops once the last validation also gained < 1% (relative) on the best;
+    a relative val-loss patience of 3 is the backstop (``pipeline.train.stopping``)."""
     return {
         "eb": True,
         "eb_window": 4,
@@ -96,10 +105,13 @@ def default_stopper() -> dict[str, Any]:
         "norm_plateau": True,
         "norm_window": 6,
         "norm_tol": 0.5,
+        "norm_t": 2.0,
         "val_mode": "rel",
         "val_min_delta": 1e-3,
         "patience": 3,
-        "warmup_steps": 100,
+        "val_window": 1,
+        "val_window_delta": 1e-2,
+        "warmup_steps": 50,
         "confirm": 3,
     }
 
@@ -147,9 +159,13 @@ class TrainConfig:
     stopper: dict[str, Any] = field(default_factory=default_stopper)
     check_every: int = 32  # stopper checks (gradient-norm evidence is accumulated every step)
     eb_every: int = 64  # per-sample variance for EB: every eb_every // check_every-th check
-    snapshot_every: int = (
-        500  # gradient telemetry snapshots (one log_batch each; + one at the stop)
-    )
+    # Gradient telemetry cadence: snapshot_every 0 (the default) derives it from the budget,
+    # max(1, expected steps // telemetry_snapshots), so a run that uses its whole budget keeps
+    # ~telemetry_snapshots snapshots and one that stops at half of it still half as many; a
+    # positive snapshot_every forces that cadence. At most TELEMETRY_METRIC_POINTS snapshots
+    # (evenly spaced, plus the one at the stop) become run metrics; gradients.npz keeps all.
+    snapshot_every: int = 0
+    telemetry_snapshots: int = 128
     state_every: int = 500  # training-state checkpoints; 0: none
     telemetry: bool = True
 
@@ -173,11 +189,12 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if (
-            min(self.check_every, self.snapshot_every, self.lr_step_every) < 1
-            or self.state_every < 0
+            min(self.check_every, self.lr_step_every, self.telemetry_snapshots) < 1
+            or min(self.state_every, self.snapshot_every) < 0
         ):
             raise ValueError(
-                "check_every, snapshot_every, lr_step_every must be >= 1; state_every >= 0"
+                "check_every, lr_step_every, telemetry_snapshots must be >= 1; state_every, "
+                "snapshot_every >= 0 (snapshot_every 0: derived from telemetry_snapshots)"
             )
         if self.eb_every < 1:
             raise ValueError(f"eb_every must be >= 1, got {self.eb_every}")
@@ -244,7 +261,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-_OPERATIONAL = ("device", "state_every", "snapshot_every", "telemetry")
+_OPERATIONAL = ("device", "state_every", "snapshot_every", "telemetry_snapshots", "telemetry")
+TELEMETRY_METRIC_POINTS = 64  # per tensor and statistic, as run metrics
+
+
+def telemetry_cadence(config: TrainConfig, steps_per_epoch: int) -> int:
+    """snapshot_every for a run of ``config.max_epochs`` × ``steps_per_epoch`` expected
+    steps: ~``telemetry_snapshots`` snapshots over the whole budget (all kept in
+    gradients.npz; TELEMETRY_METRIC_POINTS of them become run metrics)."""
+    expected = max(1, config.max_epochs * steps_per_epoch)
+    return config.snapshot_every or max(1, expected // config.telemetry_snapshots)
 
 
 def _fingerprint(config: TrainConfig, *arrays: np.ndarray) -> str:
@@ -553,7 +579,8 @@ class TrainingRun:
         self.telemetry = (
             GradientTelemetry(
                 list(self.model.named_parameters()),
-                snapshot_every=config.snapshot_every,
+                snapshot_every=telemetry_cadence(config, self.steps_per_epoch),
+                metric_points=TELEMETRY_METRIC_POINTS,
                 sink=self.sink,
                 spill_dir=self.state_dir,
             )
@@ -677,6 +704,8 @@ class TrainingRun:
         self._t0 = self._now()
         while p.pos < self.steps_per_epoch and not p.stopped:
             self._step(perm_dev)
+        if self.telemetry is not None:  # the epoch's pending snapshots: step-loop time
+            self.telemetry.flush()
         self._lap()
         partial = p.pos < self.steps_per_epoch
         self._end_epoch(partial)
@@ -708,7 +737,14 @@ class TrainingRun:
             self._guard_host(step, *host_vals)
         self.opt.step()
         p.pos += 1
-        host = self._read_back(step, lr, loss, norm, parts, check, snap)
+        if snap:  # copies only; the statistics are batched (GradientTelemetry.flush)
+            self.telemetry.capture_update(  # type: ignore[union-attr]
+                step,
+                {"loss": host_vals[0], "grad_norm": host_vals[1], "lr": lr}
+                if host_vals is not None
+                else {"loss": loss.detach(), "grad_norm": norm.detach(), "lr": lr},
+            )
+        host = self._read_back(loss, norm, parts, check)
         if check:
             self._check(step, host, eb_due, batch)
         if self.store is not None and step % config.state_every == 0 and not p.stopped:
@@ -758,33 +794,15 @@ class TrainingRun:
 
     def _read_back(
         self,
-        step: int,
-        lr: float,
         loss: torch.Tensor,
         norm: torch.Tensor,
         parts: dict[str, torch.Tensor],
         check: bool,
-        snap: bool,
     ) -> dict[str, np.ndarray]:
-        """The step's one device→host copy (telemetry snapshot and its scalars, EB terms,
-        the device-mode check window); the snapshot goes to telemetry."""
-        if snap:
-            parts["snap"] = self.telemetry.device_pack()  # type: ignore[union-attr]
-            parts["scalars"] = torch.stack([loss.detach().float(), norm.detach().float()])
+        """The step's one device→host copy (EB terms, the device-mode check window)."""
         if check and not self.acc.host:
             parts["acc"] = self.acc.check
-        host = _to_host(parts)
-        if snap:
-            self.telemetry.ingest(  # type: ignore[union-attr]
-                step,
-                host["snap"],
-                {
-                    "loss": float(host["scalars"][0]),
-                    "lr": lr,
-                    "grad_norm": float(host["scalars"][1]),
-                },
-            )
-        return host
+        return _to_host(parts)
 
     def _check(self, step: int, host: dict[str, np.ndarray], eb_due: bool, batch: int) -> None:
         """The stopper's gradient check on the window since the last one."""
@@ -857,7 +875,11 @@ class TrainingRun:
                 "decision trace not logged to the run; kept at %s", keep / "decision_trace.json"
             )
         if self.telemetry:
-            summary: dict[str, Any] = {"step": self.progress.step, "epoch": self.progress.epoch}
+            summary: dict[str, Any] = {
+                "step": self.progress.step,
+                "epoch": self.progress.epoch,
+                "stop_reason": self.result.stop_reason or None,
+            }
             if decision is not None:
                 summary["decision"] = decision.to_dict()
                 last = stopper.records[-1] if stopper.records else None

@@ -1,22 +1,41 @@
-"""Gradient telemetry: per-tensor gradient statistics, computed on the device, shipped off
-the training thread.
+"""Gradient telemetry: per-tensor gradient statistics over a run, kept as a history that a
+reviewer can read, at a cost measured by ``benchmarks/training_overhead.py``.
 
-Every ``snapshot_every`` steps, for each parameter tensor: L2 norm, L∞ norm, mean,
-fraction of exact zeros, count of non-finite entries, update-to-weight ratio
-‖Δw‖/‖w‖ of that step, and a histogram of log2|g| over fixed bin edges (``torch.histc``
-with a fixed range: no min/max reduction, no device sync). All of it is packed into
-one tensor and copied to the host once per snapshot.
+What a snapshot holds, per parameter tensor: L2 norm, L∞ norm, mean, fraction of exact
+zeros, count of non-finite entries, update-to-weight ratio ‖Δw‖/‖w‖ of that step, and a
+histogram of log2|g| over fixed bin edges (one per octave, no min/max reduction).
 
-The host side never blocks training: snapshots go into a bounded queue; a background
-thread sends one ``MlflowClient.log_batch`` per snapshot with bounded retries. A
-snapshot that finds the queue full, or that still fails after its retries, is appended
-to a local spill file (JSON lines), which is logged to the run's artifacts at close —
-or, if MLflow is down then too, left on disk and named in the report. Nothing is
-dropped silently: ``report()`` counts sent + spilled (+ in flight at close) = taken.
+When the gradient is read: after ``backward()`` and — where a loss scaler is used —
+after ``GradScaler.unscale_(optimizer)``, and *before* ``clip_grad_norm_``: the
+statistics describe the gradient the loss produced, in its true units, not the scaled
+one (×2^16 under fp16 loss scaling) nor the clipped one (whose norm is just the clip
+threshold). ``TrainingRun`` (``pipeline.train.loop``) has no loss scaler (bf16 autocast
+needs none) and calls ``capture_grads()`` between ``backward()`` and the clip; a loop with
+one calls it after ``unscale_`` (tests/unit/test_telemetry.py checks both against plain
+PyTorch).
 
-``write_artifacts`` (end of training and every stop/divergence event) writes
-``gradients.npz`` (every snapshot kept), ``norms.png`` (L2 norm per tensor over steps)
-and ``histograms.png`` (log2|g| heat map per tensor over steps).
+Cost: on a snapshot step the training thread only copies (the gradients, and the weights
+before and after the step, each flattened into one tensor). ``flush()`` — at the end of
+each epoch's step loop, when the pending copies grow past ``flush_elements``, and
+whenever the history is read — computes the statistics of all pending snapshots together
+(``batched_stats``: a fixed number of kernels whatever the number of snapshots and
+tensors; per-tensor sums by one one-hot matmul on small models) and copies them to the
+host once. The cadence is the loop's (``telemetry_cadence``: ~128 snapshots over a run's
+budget).
+
+Where it goes: ``write_artifacts`` (end of training and every stop/divergence event)
+writes ``telemetry/<tag>/`` on the run: ``gradients.npz`` (every snapshot kept; ``steps``
+is the real step of each), ``norms.png`` (L2 norm per tensor over steps:
+``norm_series``), ``histograms.png`` (log2|g| heat map per tensor over steps, one column
+per snapshot spanning its real steps: ``heatmap_grid``) and ``summary.json`` (cadence,
+final update ratio, and ``events``: spikes, vanishing gradients, dead units —
+``detect_events``). At ``close()`` at most ``metric_points`` snapshots, evenly spaced,
+become run metrics (``grad/<tensor>/<stat>``, ``train/<scalar>``): a bounded queue and a
+background thread send one ``MlflowClient.log_batch`` per snapshot with bounded retries;
+a record that finds the queue full, or still fails after its retries, is appended to a
+local spill file (JSON lines), logged to the run's artifacts at close — or, if MLflow is
+down then too, left on disk and named in the report. Nothing is dropped silently:
+``close()`` counts sent + spilled (+ in flight at close) = ``metric_records``.
 """
 
 from __future__ import annotations
@@ -86,43 +105,105 @@ class MlflowRunSink:
 # -- the device side -----------------------------------------------------------------------
 
 
+def segment_ids(sizes: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[sum(sizes)] int64: the index of the tensor each entry of the flattened tensors
+    belongs to (what the fused statistics reduce over)."""
+    return torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.as_tensor(list(sizes), device=device)
+    )
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+ONE_HOT_MAX = 1 << 22  # segment sums by a dense [N, P] one-hot matmul up to this many entries
+
+
+class Segments:
+    """How P tensors lie in their concatenation: per-tensor sums of [K, N] rows by one
+    matmul with a one-hot [N, P] (small models: one BLAS call), else ``index_add``."""
+
+    def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.p, self.n = len(sizes), int(sum(sizes))
+        self.ids = segment_ids(sizes, device)
+        self.lengths = torch.as_tensor(list(sizes), device=device)
+        self.counts = self.lengths.float().clamp_min(1)
+        self.one_hot = (
+            torch.nn.functional.one_hot(self.ids, self.p).float()
+            if self.n * self.p <= ONE_HOT_MAX
+            else None
+        )
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, N] -> [K, P] per-tensor sums."""
+        if self.one_hot is not None:
+            return x @ self.one_hot
+        return torch.zeros(x.shape[0], self.p, device=x.device).index_add_(1, self.ids, x)
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, N] -> [K, P] per-tensor maxima (0 for an empty tensor)."""
+        lengths = self.lengths.expand(x.shape[0], self.p)
+        return torch.segment_reduce(x, "max", lengths=lengths, axis=1, unsafe=True, initial=0.0)
+
+
 @torch.no_grad()
+def batched_stats(
+    g: torch.Tensor,
+    seg: Segments,
+    lo: float = LOG2_MIN,
+    hi: float = LOG2_MAX,
+    bins: int = BINS,
+) -> torch.Tensor:
+    """[K, P, 5 + bins] float32 for K snapshots of the P tensors' gradients concatenated
+    (``g``: [K, N]): l2, linf, mean, frac_zero, nonfinite, histogram of log2|g|. One fused
+    computation — a fixed, small number of kernels whatever K and P, no device sync: exact
+    zeros and non-finite entries are counted as two extra bins of the same ``bincount``."""
+    k = g.shape[0]
+    p, w = seg.p, bins + 2
+    a = g.abs()
+    if hi - lo == bins and float(lo).is_integer():  # one bin per octave: the exponent is the bin
+        b = (torch.frexp(g)[1] - int(lo + 1)).clamp_(0, bins - 1)
+    else:
+        b = ((torch.log2(a) - lo) * (bins / (hi - lo))).clamp_(0, bins - 1).long()
+    b = torch.where(a == 0, bins, b)
+    b = torch.where(torch.isfinite(g), b, bins + 1)
+    idx = b + (seg.ids * w)[None, :] + (torch.arange(k, device=g.device) * (p * w))[:, None]
+    h = torch.bincount(idx.reshape(-1), minlength=k * p * w).view(k, p, w).float()
+    sums = seg.sum(torch.cat([g * g, g]))  # [2K, P]
+    n = seg.counts
+    head = torch.stack(
+        [sums[:k].sqrt(), seg.max(a), sums[k:] / n, h[..., bins] / n, h[..., bins + 1]], -1
+    )
+    return torch.cat([head, h[..., :bins]], -1)
+
+
+@torch.no_grad()
+def batched_update_ratios(after: torch.Tensor, before: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """[K, P] ‖w_after − w_before‖ / ‖w_before‖ per tensor from [K, N] flattened weights."""
+    d = after - before
+    sq = seg.sum(torch.cat([d * d, before * before])).sqrt()
+    k = after.shape[0]
+    return sq[:k] / (sq[k:] + 1e-12)
+
+
 def gradient_stats(
     grads: list[torch.Tensor], lo: float = LOG2_MIN, hi: float = LOG2_MAX, bins: int = BINS
 ) -> torch.Tensor:
-    """[P, 5 + bins] float32 on the device: l2, linf, mean, frac_zero, nonfinite, histogram.
-
-    The histogram counts the finite non-zero entries by log2|g| over ``bins`` equal bins
-    of [lo, hi]; values outside the range are clamped into the end bins."""
-    rows = []
-    for g in grads:
-        g = g.detach().float().reshape(-1)
-        finite = torch.isfinite(g)
-        a = g.abs()
-        nz = finite & (a > 0)
-        x = torch.where(nz, torch.log2(torch.where(nz, a, 1.0)).clamp(lo, hi), lo - 1.0)
-        n = max(g.numel(), 1)
-        head = torch.stack(
-            [
-                torch.linalg.vector_norm(g),
-                a.max() if g.numel() else g.new_zeros(()),
-                g.mean() if g.numel() else g.new_zeros(()),
-                (g == 0).sum() / n,
-                (~finite).sum(),
-            ]
-        ).float()
-        rows.append(torch.cat([head, torch.histc(x, bins=bins, min=lo, max=hi)]))
-    return torch.stack(rows)
+    """[P, 5 + bins] float32 on the device: l2, linf, mean, frac_zero, nonfinite, histogram
+    (``batched_stats`` of one snapshot). The histogram counts the finite non-zero entries
+    by log2|g| over ``bins`` equal bins of [lo, hi]; values outside go to the end bins."""
+    flat = _flat(grads)
+    return batched_stats(
+        flat[None], Segments([t.numel() for t in grads], flat.device), lo, hi, bins
+    )[0]
 
 
-@torch.no_grad()
 def update_ratios(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> torch.Tensor:
     """[P] ‖w_after − w_before‖ / ‖w_before‖ on the device."""
-    out = [
-        torch.linalg.vector_norm(p.detach().float() - b) / (torch.linalg.vector_norm(b) + 1e-12)
-        for p, b in zip(params, before, strict=True)
-    ]
-    return torch.stack(out)
+    after = _flat(params)
+    seg = Segments([t.numel() for t in params], after.device)
+    return batched_update_ratios(after[None], _flat(before)[None], seg)[0]
 
 
 # -- the host side ----------------------------------------------------------------------------
@@ -247,11 +328,15 @@ class _Spill:
 
 
 class GradientTelemetry:
-    """Snapshots of per-tensor gradient statistics, sent without blocking training.
+    """Snapshots of per-tensor gradient statistics, kept as a history, sent without blocking.
 
-    Per snapshot step the loop calls ``capture_grads()`` after ``backward()`` (before
-    clipping), ``device_pack()`` after ``optimizer.step()`` (returns one flat device
-    tensor to read together with anything else), then ``ingest(step, host_values)``.
+    Per snapshot step the loop calls ``capture_grads()`` after ``backward()`` (after the
+    loss scaler's ``unscale_``, before clipping) and ``capture_update(step, scalars)``
+    after ``optimizer.step()``. Both only copy (the gradients, the weights before and
+    after, flattened); the statistics of the pending snapshots are computed together,
+    batched, by ``flush()`` — when the pending copies reach ``flush_elements``, and
+    whenever the history is read. The lower-level ``device_pack()`` + ``ingest()`` do one
+    snapshot at once (one flat device tensor to read with anything else).
     """
 
     def __init__(
@@ -266,9 +351,13 @@ class GradientTelemetry:
         backoff_s: float = 0.2,
         max_history: int = 4096,
         metric_stats: tuple[str, ...] = ("l2", "update_ratio"),
+        metric_points: int = 64,
+        flush_elements: int = 1 << 20,
     ) -> None:
-        if snapshot_every < 1 or queue_size < 1 or retries < 0 or max_history < 2:
-            raise ValueError("snapshot_every, queue_size >= 1; retries >= 0; max_history >= 2")
+        if min(snapshot_every, queue_size, metric_points) < 1 or retries < 0 or max_history < 2:
+            raise ValueError(
+                "snapshot_every, queue_size, metric_points >= 1; retries >= 0; max_history >= 2"
+            )
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.snapshot_every = snapshot_every
@@ -282,18 +371,31 @@ class GradientTelemetry:
         unknown = set(metric_stats) - set(STAT_NAMES)
         if unknown:
             raise ValueError(f"unknown telemetry statistics {sorted(unknown)}; known: {STAT_NAMES}")
-        # Which statistics become run metrics (each log_batch costs ~0.3 ms per metric on the
-        # embedded store); every statistic and the histograms are in gradients.npz anyway.
+        # Which statistics become run metrics (each value costs ~0.5 ms of sender CPU on the
+        # embedded SQLite store); every statistic and the histograms are in gradients.npz.
         self.metric_stats = tuple(metric_stats)
+        # The run metrics are at most metric_points snapshots of the history, evenly spaced
+        # (the last one always), sent at close: the step loop never pays for them.
+        self.metric_points = metric_points
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self._seg = Segments([q.numel() for q in self.params], dev)
+        self._numel = self._seg.n
+        # pending snapshots: up to 64 (fewer for a big model: flush_elements per buffer)
+        self._flush_k = max(1, min(64, flush_elements // max(self._numel, 1)))
         self.edges = hist_edges()
         self.steps: list[int] = []
         self.stats: list[np.ndarray] = []  # [P, N_STATS] each
         self.hists: list[np.ndarray] = []  # [P, BINS] each
+        self.scalars: list[dict[str, float]] = []  # loss, lr, grad_norm at each snapshot
         self.taken = 0
         self.taken_before_resume = 0
-        self.events: list[dict[str, Any]] = []
-        self._grad_rows: torch.Tensor | None = None
-        self._before: list[torch.Tensor] | None = None
+        self.artifact_log: list[dict[str, Any]] = []  # one record per write_artifacts
+        # The pending snapshots' copies: [3 (grads, weights before, after), K, N], and per
+        # row the views shaped like the parameters (one _foreach_copy_ fills a row).
+        self._buf: torch.Tensor | None = None
+        self._rows: list[list[list[torch.Tensor]]] = []
+        self._pending: list[tuple[int, dict[str, float | torch.Tensor]]] = []  # step, scalars
+        self._captured = False
         self._sender = _Sender(sink, self.spill, queue_size, retries, backoff_s) if sink else None
         self._closed: dict[str, Any] | None = None
 
@@ -309,63 +411,165 @@ class GradientTelemetry:
     def due(self, step: int) -> bool:
         return step % self.snapshot_every == 0
 
+    def _row(self) -> list[list[torch.Tensor]]:
+        """The views of the next pending row: (grads, weights before, weights after)."""
+        if self._buf is None:
+            dev = self.params[0].device
+            self._buf = torch.zeros(3, self._flush_k, self._numel, device=dev)
+            shapes = [q.shape for q in self.params]
+            self._rows = [
+                [list(self._buf[j, r].split(self._seg.lengths.tolist())) for j in range(3)]
+                for r in range(self._flush_k)
+            ]
+            for row in self._rows:
+                for views in row:
+                    views[:] = [v.view(sh) for v, sh in zip(views, shapes, strict=True)]
+        return self._rows[len(self._pending)]
+
+    @torch.no_grad()
     def capture_grads(self) -> None:
+        """Copy the gradients as they are now: call it after ``backward()`` — and after
+        ``GradScaler.unscale_(optimizer)`` when a loss scaler is used — and before
+        ``clip_grad_norm_`` (see the module docstring); and the weights, for the update
+        ratio. Two ``_foreach_copy_`` into a preallocated buffer: nothing else."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self._grad_rows = gradient_stats(grads)
-        self._before = [p.detach().float().clone() for p in self.params]
+        row = self._row()
+        torch._foreach_copy_(row[0], grads)
+        torch._foreach_copy_(row[1], [p.detach() for p in self.params])
+        self._captured = True
+
+    @torch.no_grad()
+    def capture_update(self, step: int, scalars: dict[str, float | torch.Tensor]) -> None:
+        """After ``optimizer.step()``: the snapshot of ``step`` is complete (its statistics
+        are computed at the next ``flush()``, by itself when the buffer is full).
+        ``scalars`` (loss, lr, …) may be device tensors: they are read with the statistics,
+        in the same copy."""
+        assert self._captured, "capture_grads() first"
+        torch._foreach_copy_(self._row()[2], [p.detach() for p in self.params])
+        self._pending.append((int(step), scalars))
+        self._captured = False
+        if len(self._pending) >= self._flush_k:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """The statistics of every pending snapshot, in one batched computation and one
+        device→host copy, into the history."""
+        if not self._pending:
+            return
+        assert self._buf is not None
+        pend, self._pending = self._pending, []
+        k, p = len(pend), len(self.params)
+        rows = batched_stats(self._buf[0, :k], self._seg)
+        ratios = batched_update_ratios(self._buf[2, :k], self._buf[1, :k], self._seg)
+        packed = torch.cat([rows[..., :5], ratios[..., None], rows[..., 5:]], -1)
+        dev_keys = [
+            (i, n) for i, x in enumerate(pend) for n, v in x[1].items() if torch.is_tensor(v)
+        ]
+        parts = [packed.reshape(-1)]
+        if dev_keys:
+            parts.append(torch.stack([pend[i][1][n].detach().float() for i, n in dev_keys]))  # type: ignore[union-attr]
+        host = torch.cat(parts).cpu().numpy()
+        width = p * (N_STATS + BINS)
+        read = dict(zip(dev_keys, host[k * width :].tolist(), strict=True))
+        for i, (step, sc) in enumerate(pend):
+            vals = {n: read[(i, n)] if torch.is_tensor(v) else float(v) for n, v in sc.items()}
+            self.ingest(step, host[i * width : (i + 1) * width], vals)
 
     def snapshot_now(self, step: int, scalars: dict[str, float] | None = None) -> None:
         """An out-of-schedule snapshot of the gradients as they are now (at a stop or a
         divergence); there is no update to measure, so update_ratio is NaN."""
+        self._captured = False  # a capture without its update: not a snapshot
+        self.flush()
         if not any(p.grad is not None for p in self.params):
             return
-        self.capture_grads()
-        self._before = None
-        rows = self._grad_rows
-        assert rows is not None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        rows = batched_stats(_flat(grads)[None], self._seg)[0]
         nan = torch.full((rows.shape[0], 1), float("nan"), device=rows.device)
         packed = torch.cat([rows[:, :5], nan, rows[:, 5:]], dim=1).reshape(-1)
-        self._grad_rows = None
         self.ingest(step, packed.cpu().numpy(), scalars)
 
     def device_pack(self) -> torch.Tensor:
-        """One flat float32 device tensor: per tensor [l2, linf, mean, frac_zero, nonfinite,
-        update_ratio, hist...]. Call after the optimizer step."""
-        assert self._grad_rows is not None and self._before is not None, "capture_grads() first"
-        ratios = update_ratios(self.params, self._before)
-        rows = torch.cat([self._grad_rows[:, :5], ratios[:, None], self._grad_rows[:, 5:]], dim=1)
-        self._grad_rows = self._before = None
+        """One snapshot at once: one flat float32 device tensor, per tensor [l2, linf, mean,
+        frac_zero, nonfinite, update_ratio, hist...]. Call after the optimizer step."""
+        assert self._captured and self._buf is not None, "capture_grads() first"
+        r = len(self._pending)
+        rows = batched_stats(self._buf[0, r : r + 1], self._seg)[0]
+        after = _flat(self.params)[None]
+        ratios = batched_update_ratios(after, self._buf[1, r : r + 1], self._seg)
+        rows = torch.cat([rows[:, :5], ratios[0][:, None], rows[:, 5:]], dim=1)
+        self._captured = False
         return rows.reshape(-1)
 
     def ingest(
         self, step: int, values: np.ndarray, scalars: dict[str, float] | None = None
     ) -> None:
-        """Record a host copy of ``device_pack()`` and queue it for the sink (never blocks)."""
+        """Record a host copy of ``device_pack()`` (and the step's scalars) in the history."""
         m = np.asarray(values, dtype=np.float32).reshape(len(self.params), N_STATS + BINS)
         self.steps.append(int(step))
         self.stats.append(m[:, :N_STATS].copy())
         self.hists.append(m[:, N_STATS:].copy())
+        self.scalars.append({k: float(v) for k, v in (scalars or {}).items()})
         self.taken += 1
         if len(self.steps) > self.max_history:  # keep every other old snapshot, newest always
             keep = list(range(0, len(self.steps) - 1, 2)) + [len(self.steps) - 1]
             self.steps = [self.steps[i] for i in keep]
             self.stats = [self.stats[i] for i in keep]
             self.hists = [self.hists[i] for i in keep]
-        metrics = {
-            f"grad/{n}/{s}": float(m[i, STAT_NAMES.index(s)])
-            for i, n in enumerate(self.names)
-            for s in self.metric_stats
+            self.scalars = [self.scalars[i] for i in keep]
+
+    def _metric_records(self) -> list[_Record]:
+        """At most ``metric_points`` snapshots of the history (evenly spaced, the last one
+        always) as run metrics: ``grad/<tensor>/<stat>``, ``grad/nonfinite_total``,
+        ``train/<scalar>``."""
+        n = len(self.steps)
+        pick = sorted({round(i) for i in np.linspace(0, n - 1, min(n, self.metric_points))})
+        nf = STAT_NAMES.index("nonfinite")
+        out = []
+        for j in pick if n else []:
+            m = self.stats[j]
+            metrics = {
+                f"grad/{name}/{s}": float(m[i, STAT_NAMES.index(s)])
+                for i, name in enumerate(self.names)
+                for s in self.metric_stats
+            }
+            metrics["grad/nonfinite_total"] = float(m[:, nf].sum())
+            metrics.update({f"train/{k}": v for k, v in self.scalars[j].items()})
+            out.append(_Record(self.steps[j], metrics))
+        return out
+
+    # -- what the history says ----------------------------------------------------------------
+
+    def gradient_events(self) -> list[dict[str, Any]]:
+        """Spikes, vanishing gradients and dead units in the kept history (``detect_events``)."""
+        a = self.arrays()
+        return detect_events(a["steps"], a["stats"], [str(n) for n in a["names"]])
+
+    def health(self) -> dict[str, Any]:
+        """The history in a few numbers: snapshots, their steps and cadence, the final update
+        ratio (median over tensors of the last snapshot that has one), the events."""
+        a = self.arrays()
+        steps, stats = a["steps"], a["stats"]
+        ratio = None
+        for row in stats[::-1]:
+            r = row[:, STAT_NAMES.index("update_ratio")]
+            if np.isfinite(r).any():
+                ratio = float(np.nanmedian(r))
+                break
+        return {
+            "snapshot_every": self.snapshot_every,
+            "metric_points": self.metric_points,
+            "kept": int(len(steps)),
+            "first_step": int(steps[0]) if len(steps) else None,
+            "last_step": int(steps[-1]) if len(steps) else None,
+            "final_update_ratio": ratio,
+            "events": self.gradient_events(),
         }
-        metrics["grad/nonfinite_total"] = float(m[:, STAT_NAMES.index("nonfinite")].sum())
-        metrics.update({f"train/{k}": float(v) for k, v in (scalars or {}).items()})
-        rec = _Record(int(step), metrics)
-        if self._sender is None or not self._sender.offer(rec):
-            if self._sender is not None:
-                self.spill.write(rec, reason="queue_full")
 
     # -- artifacts --------------------------------------------------------------------------
 
     def arrays(self) -> dict[str, np.ndarray]:
+        self.flush()
         p = len(self.params)
         return {
             "steps": np.asarray(self.steps, dtype=np.int64),
@@ -389,7 +593,12 @@ class GradientTelemetry:
             np.savez_compressed(tmp / "gradients.npz", **arrays)  # type: ignore[arg-type]
             (tmp / "summary.json").write_text(
                 json.dumps(
-                    {"tag": tag, "snapshots": int(len(arrays["steps"])), **(summary or {})},
+                    {
+                        "tag": tag,
+                        "snapshots": int(len(arrays["steps"])),
+                        **self.health(),
+                        **(summary or {}),
+                    },
                     indent=2,
                     default=str,
                 )
@@ -416,7 +625,7 @@ class GradientTelemetry:
             log.error("telemetry artifacts for %s could not be written: %s", tag, where["error"])
             return where
         finally:
-            self.events.append(where)
+            self.artifact_log.append(where)
             shutil.rmtree(tmp, ignore_errors=True)
 
     # -- shutdown and accounting ------------------------------------------------------------
@@ -425,10 +634,16 @@ class GradientTelemetry:
         """Flush the sender (bounded), log the spill file if any, and report the tally."""
         if self._closed is not None:
             return self._closed
+        self.flush()
+        records = self._metric_records() if self._sender else []
+        for rec in records:  # the sender drains them while close() waits (bounded)
+            if not self._sender.offer(rec):  # type: ignore[union-attr]
+                self.spill.write(rec, reason="queue_full")
         in_flight = self._sender.close(timeout_s) if self._sender else 0
         rep: dict[str, Any] = {
-            # sent + spilled + lost + in flight = snapshots - snapshots_before_resume
+            # sent + spilled + lost + in flight = metric_records (<= metric_points)
             "snapshots": self.taken,
+            "metric_records": len(records),
             "snapshots_before_resume": self.taken_before_resume,
             "sent": self._sender.sent if self._sender else 0,
             "spilled": self.spill.count,
@@ -436,7 +651,8 @@ class GradientTelemetry:
             "in_flight_at_close": in_flight,
             "sender_cpu_s": round(self._sender.cpu_s, 4) if self._sender else 0.0,
             "send_failures": (self._sender.failures[-5:] if self._sender else []),
-            "artifacts": self.events,
+            "artifacts": self.artifact_log,
+            "health": self.health(),
         }
         if self.spill.count and self.sink is not None:
             try:
@@ -468,7 +684,105 @@ class GradientTelemetry:
         self.steps = [int(s) for s in t["telemetry.steps"].tolist()]
         self.stats = list(t["telemetry.stats"].numpy())
         self.hists = list(t["telemetry.hist"].numpy())
+        self.scalars = [{} for _ in self.steps]  # the run metrics of those steps: grad/ only
         self.taken = self.taken_before_resume = taken
+
+
+def load_summary(run_id: str, client: Any, tag: str = "final") -> dict[str, Any] | None:
+    """``telemetry/<tag>/summary.json`` of an MLflow run (snapshots, cadence, final update
+    ratio, events, and the stop's decision), or None when the run has none."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="telemetry-summary-") as tmp:
+            path = client.download_artifacts(run_id, f"telemetry/{tag}/summary.json", tmp)
+            loaded = json.loads(Path(path).read_text())
+    except Exception as exc:  # noqa: BLE001 - an absent artifact is MlflowException/OSError
+        log.info("run %s has no telemetry/%s/summary.json: %s", run_id, tag, exc)
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+SPIKE_FACTOR = 10.0  # a tensor's L2 norm this many times the median of its earlier snapshots
+VANISH_BELOW = 1e-7  # a tensor's L2 norm under this at its last two snapshots
+DEAD_FRACTION = 0.5  # a tensor with at least this share of exactly-zero gradient entries ...
+MIN_SNAPSHOTS = 4  # fewer snapshots: nothing is judged
+SPIKE_WINDOW = 16  # a spike is judged against the median of this many earlier snapshots
+SPIKE_FLOOR = 0.1  # ... but never below this share of the whole model's median norm there
+
+
+def detect_events(
+    steps: np.ndarray,
+    stats: np.ndarray,
+    names: Sequence[str],
+    *,
+    spike_factor: float = SPIKE_FACTOR,
+    vanish_below: float = VANISH_BELOW,
+    dead_fraction: float = DEAD_FRACTION,
+    min_snapshots: int = MIN_SNAPSHOTS,
+) -> list[dict[str, Any]]:
+    """Per tensor, from a history ``stats[snapshot, tensor, STAT_NAMES]`` at ``steps``:
+
+    * ``spike``: the first snapshot whose L2 norm exceeds ``spike_factor`` × the median of
+      that tensor's ``SPIKE_WINDOW`` earlier snapshots, that median floored at
+      ``SPIKE_FLOOR`` × the whole model's median norm over them (a tensor whose gradient
+      is a small part of the model's, a softmax bias say, is noise around zero: a tenfold
+      jump from there is not a spike);
+    * ``vanishing``: the L2 norm is below ``vanish_below`` at the last two snapshots;
+    * ``dead_units``: ``frac_zero`` ≥ ``dead_fraction`` at the last two snapshots (whole
+      rows of exactly-zero gradient: units that no longer receive any signal).
+
+    Each event: ``{"kind", "tensor", "step", "value", "threshold"}``."""
+    out: list[dict[str, Any]] = []
+    if len(steps) < min_snapshots:
+        return out
+    l2 = stats[:, :, STAT_NAMES.index("l2")].astype(np.float64)
+    fz = stats[:, :, STAT_NAMES.index("frac_zero")].astype(np.float64)
+
+    def ev(kind: str, i: int, j: int, value: float, threshold: float) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "tensor": str(names[j]),
+            "step": int(steps[i]),
+            "value": float(value),
+            "threshold": float(threshold),
+        }
+
+    total = np.sqrt(np.nansum(l2 * l2, axis=1))
+    for j in range(l2.shape[1]):
+        col = l2[:, j]
+        for i in range(min_snapshots - 1, len(col)):
+            lo = max(0, i - SPIKE_WINDOW)
+            prev, prev_total = col[lo:i], total[lo:i]
+            prev = prev[np.isfinite(prev)]
+            med = float(np.median(prev)) if len(prev) else 0.0
+            med = max(med, SPIKE_FLOOR * float(np.median(prev_total)))
+            if med > 0 and np.isfinite(col[i]) and col[i] > spike_factor * med:
+                out.append(ev("spike", i, j, col[i], spike_factor * med))
+                break
+        if (col[-2:] < vanish_below).all():
+            out.append(ev("vanishing", len(col) - 1, j, col[-1], vanish_below))
+        elif (fz[-2:, j] >= dead_fraction).all():
+            out.append(ev("dead_units", len(col) - 1, j, fz[-1, j], dead_fraction))
+    return out
+
+
+def norm_series(a: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """What ``norms.png`` draws: (steps [T], L2 norm [T, P]); zeros become NaN (log axis)."""
+    y = a["stats"][:, :, STAT_NAMES.index("l2")].astype(np.float64)
+    return a["steps"], np.where(y > 0, y, np.nan)
+
+
+def heatmap_grid(a: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What ``histograms.png`` draws for tensor ``i``: (step edges [T+1], log2|g| bin edges
+    [BINS+1], share of entries [BINS, T]). Column t spans the steps halfway to its
+    neighbours, so the x axis is the real steps, however uneven the snapshots."""
+    steps = a["steps"].astype(np.float64)
+    if len(steps) == 1:
+        x = np.array([steps[0] - 0.5, steps[0] + 0.5])
+    else:
+        mid = (steps[1:] + steps[:-1]) / 2
+        x = np.concatenate([[2 * steps[0] - mid[0]], mid, [2 * steps[-1] - mid[-1]]])
+    h = a["hist"][:, i, :].T.astype(np.float64)
+    return x, a["edges"], h / np.maximum(h.sum(axis=0, keepdims=True), 1)
 
 
 def _short(name: str) -> str:
@@ -480,9 +794,11 @@ def _plot_norms(a: dict[str, np.ndarray], path: Path) -> None:
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
+    steps, norms = norm_series(a)
     for i, name in enumerate(a["names"]):
-        y = a["stats"][:, i, 0]
-        ax.plot(a["steps"], np.where(y > 0, y, np.nan), label=_short(str(name)))
+        ax.plot(
+            steps, norms[:, i], marker="." if len(steps) < 16 else None, label=_short(str(name))
+        )
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient L2 norm")
@@ -499,19 +815,10 @@ def _plot_heatmaps(a: dict[str, np.ndarray], path: Path) -> None:
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig = Figure(figsize=(4.2 * cols, 2.8 * rows), dpi=100)
-    steps, edges = a["steps"], a["edges"]
-    x1 = steps[-1] if len(steps) > 1 else steps[0] + 1
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
-        h = a["hist"][:, i, :].T
-        h = h / np.maximum(h.sum(axis=0, keepdims=True), 1)
-        ax.imshow(
-            h,
-            aspect="auto",
-            origin="lower",
-            cmap="viridis",
-            extent=(steps[0], x1, edges[0], edges[-1]),
-        )
+        x, edges, h = heatmap_grid(a, i)
+        ax.pcolormesh(x, edges, h, cmap="viridis", shading="flat")
         ax.set_title(_short(str(name)), fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("log2|g|", fontsize=7)

@@ -87,6 +87,8 @@ def first_stop(stopper: GradientPlateauStopper, stream) -> tuple[int, object] | 
         ({"reduce_lr_factor": 1.5}, "reduce_lr_factor"),
         ({"divergence_ratio": 1.0}, "divergence_ratio"),
         ({"eb_hysteresis": -1}, "hysteresis"),
+        ({"val_window": 2}, "val_window"),  # a validation plateau needs val_mode abs/rel
+        ({"val_window": -1, "val_mode": "rel"}, "val_window"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, match):
@@ -123,6 +125,203 @@ def test_steadily_decaying_deterministic_gradient_does_not_stop(seed, rate, nois
     last = s.trace[-1]["evidence"]
     assert last["eb_smoothed"] < -100  # the gradient stands far above its noise
     assert abs(last["log_norm_slope_per_1k"]) > s.norm_tol
+
+
+def regression_at_its_optimum(seed: int = 0, rows: int = 4000, d: int = 10, k: int = 3):
+    """A linear least-squares problem and an ``nn.Linear`` set to its exact optimum on the
+    data: a batch drawn from the data has a zero-mean gradient, i.e. pure noise."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d, k, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(
+        rows, k, generator=gen, dtype=torch.float64
+    )
+    xa = torch.cat([x, torch.ones(rows, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(xa, y).solution  # [d + 1, k]
+    model = nn.Linear(d, k)
+    with torch.no_grad():
+        model.weight.copy_(sol[:d].T)
+        model.bias.copy_(sol[d])
+    return model, x.float(), y.float(), gen
+
+
+def eb_checks_on(model, x, y, gen, *, batch: int, checks: int):
+    """Evidence of ``checks`` fresh batches of the data, measured the way the training loop
+    measures it (``PerSampleGradStats`` on a real forward/backward pass)."""
+    stats = PerSampleGradStats(model)
+    for i in range(1, checks + 1):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        model.zero_grad()
+        stats.arm()
+        nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+        total, dims, b = stats.collect()
+        norm = float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
+        yield StopEvidence(
+            step=i * CHECK_EVERY,
+            loss=1.0,
+            grad_norm=norm,
+            log_grad_norm=math.log(norm),
+            max_grad_norm=norm,
+            eb_sum=float(total),
+            eb_dims=int(dims),
+            batch_size=b,
+        )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eb_fires_on_a_real_model_at_its_optimum_fed_fresh_batches(seed):
+    model, x, y, gen = regression_at_its_optimum(seed)
+    s = GradientPlateauStopper(eb=True, norm_plateau=False, eb_window=4, confirm=3)
+    hit = first_stop(s, eb_checks_on(model, x, y, gen, batch=64, checks=40))
+    assert hit is not None, "EB never fired on a model at its optimum"
+    assert hit[1].reason is StopReason.EB_CRITERION and hit[1].evidence["eb_dims"] == 33
+
+
+def test_eb_does_not_fire_on_the_same_problem_away_from_its_optimum():
+    model, x, y, gen = regression_at_its_optimum(0)
+    with torch.no_grad():
+        model.weight.mul_(0.5)  # halfway to the optimum: the gradient stands above its noise
+    s = GradientPlateauStopper(eb=True, norm_plateau=False, eb_window=4, confirm=3)
+    assert first_stop(s, eb_checks_on(model, x, y, gen, batch=64, checks=40)) is None
+    assert s.trace[-1]["evidence"]["eb_smoothed"] < -1
+
+
+# -- the gradient must agree with a validation plateau (val_window) ----------------------------
+
+AGREE = {
+    "eb": False,
+    "norm_window": 3,
+    "confirm": 2,
+    "val_mode": "rel",
+    "val_min_delta": 1e-3,
+    "val_window": 2,
+    "patience": 100,  # no validation-patience backstop in these tables
+}
+
+
+def epochs_of(val_losses, grad=None, per_epoch: int = 3) -> list[StopEvidence]:
+    """``per_epoch`` gradient checks (flat norm unless ``grad(step)`` gives the evidence
+    fields), then the epoch's validation, for each validation loss."""
+    out, step = [], 0
+    for epoch, v in enumerate(val_losses, 1):
+        for _ in range(per_epoch):
+            step += 10
+            fields = (
+                grad(step)
+                if grad
+                else {"grad_norm": 1.0, "log_grad_norm": 0.0, "max_grad_norm": 1.0}
+            )
+            out.append(StopEvidence(step=step, epoch=epoch, **fields))
+        out.append(StopEvidence(step=step, epoch=epoch, val_loss=v))
+    return out
+
+
+def test_a_gradient_plateau_alone_does_not_stop_while_validation_improves():
+    s = GradientPlateauStopper(**AGREE)
+    improving = [1.0 * 0.97**i for i in range(30)]  # 3% a validation: material
+    assert first_stop(s, epochs_of(improving)) is None
+    grad_checks = [t for t in s.trace if t["evidence"]["kind"] == "gradient"]
+    assert grad_checks[-1]["evidence"]["norm_count"] >= AGREE["confirm"]  # the gradient says stop
+    assert grad_checks[-1]["reason"] == "val_improving"  # ... validation does not agree
+
+
+@pytest.mark.parametrize(
+    ("losses", "stop_epoch"),
+    [
+        ([1.0, 0.9, 0.8, 0.8, 0.8, 0.8, 0.8], 5),  # two validations without gain: epoch 5
+        ([1.0, 0.9, 0.8, 0.7999, 0.7998, 0.7997], 5),  # gains below 1e-3 relative, together
+        ([1.0, 0.9, 0.8, 0.799, 0.798, 0.797, 0.796], None),  # 0.25% over the window: material
+    ],
+)
+def test_the_gradient_and_a_validation_plateau_agreeing_stop(losses, stop_epoch):
+    s = GradientPlateauStopper(**AGREE)
+    hit = first_stop(s, epochs_of(losses))
+    if stop_epoch is None:
+        assert hit is None
+        return
+    _, d = hit
+    assert (d.verdict, d.reason) == (StopVerdict.STOP, StopReason.GRAD_NORM_PLATEAU)
+    assert d.evidence["epoch"] == stop_epoch and d.evidence["kind"] == "validation"
+    assert d.evidence["val_plateau"] is True and d.evidence["grad_confirmed"] == [
+        "grad_norm_plateau"
+    ]
+
+
+def test_once_validation_has_plateaued_the_gradient_check_itself_can_stop():
+    s = GradientPlateauStopper(**{**AGREE, "confirm": 5})  # confirmed only after the plateau
+    hit = first_stop(s, epochs_of([1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], per_epoch=1))
+    _, d = hit
+    assert d.reason is StopReason.GRAD_NORM_PLATEAU and d.evidence["kind"] == "gradient"
+
+
+@pytest.mark.parametrize(("pattern", "stops"), [("on", True), ("on-off", False)])
+def test_hysteresis_the_gradient_signal_must_hold_for_confirm_checks(pattern, stops):
+    """Validation has plateaued; EB flips on/clearly off every other check: never confirmed."""
+    s = GradientPlateauStopper(
+        **{**AGREE, "eb": True, "norm_plateau": False, "eb_window": 1, "confirm": 3}
+    )
+
+    def grad(step):
+        on = pattern == "on" or (step // 10) % 2 == 0
+        return eb_fields(0.5 if on else -0.5)
+
+    hit = first_stop(s, epochs_of([1.0] * 12, grad=grad))
+    assert (hit is not None) == stops
+    if stops:
+        assert hit[1].reason is StopReason.EB_CRITERION
+    else:
+        assert max(t["evidence"].get("eb_count", 0) for t in s.trace) == 1
+
+
+def noisy_norm_evidence(seed: int, trend_per_1k: float, n: int = 30) -> list[StopEvidence]:
+    """log‖g‖ with a trend and per-check noise of 0.2 (small batches), checks 3 steps apart."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for i in range(1, n + 1):
+        log_norm = trend_per_1k * i * 3 / 1000 + 0.2 * gen.standard_normal()
+        out.append(
+            StopEvidence(
+                step=i * 3,
+                grad_norm=math.exp(log_norm),
+                log_grad_norm=log_norm,
+                max_grad_norm=math.exp(log_norm),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("norm_t", "trend", "stops"),
+    [
+        (None, 0.0, False),  # a fixed tolerance of 0.5/1k steps never sees noisy norms flat
+        (2.0, 0.0, True),  # no significant trend: a plateau
+        (2.0, -300.0, False),  # a real fall (-0.9 over 3 checks) is significant: no plateau
+    ],
+)
+def test_norm_t_judges_the_slope_against_its_standard_error(norm_t, trend, stops):
+    s = GradientPlateauStopper(eb=False, norm_window=6, confirm=3, norm_t=norm_t)
+    assert (first_stop(s, noisy_norm_evidence(0, trend)) is not None) == stops
+
+
+def test_val_window_delta_is_the_gain_the_window_may_bring():
+    losses = [1.0, 0.9, 0.8, 0.795, 0.79, 0.785, 0.78]  # ~0.6% a validation
+    strict = GradientPlateauStopper(**AGREE)  # window delta = val_min_delta = 0.1%
+    loose = GradientPlateauStopper(**{**AGREE, "val_window_delta": 2e-2})  # 2% over 2
+    assert first_stop(strict, epochs_of(losses)) is None
+    _, d = first_stop(loose, epochs_of(losses))
+    assert d.evidence["epoch"] == 5 and d.reason is StopReason.GRAD_NORM_PLATEAU
+
+
+def test_a_batch_with_a_near_zero_gradient_is_not_the_divergence_baseline():
+    """Near-separable data: one batch the model fits perfectly has ‖g‖ ~ 1e-6; the next
+    ordinary batch (0.2) is 1000x that but not an explosion. The baseline is the lowest
+    window mean; a real explosion (1000x the window means) still diverges."""
+    s = GradientPlateauStopper(divergence_ratio=1e3, warmup_steps=10_000)
+    s.update(StopEvidence(step=2, grad_norm=0.05, max_grad_norm=0.08, min_grad_norm=0.02))
+    d = s.update(StopEvidence(step=4, grad_norm=0.1, max_grad_norm=0.2, min_grad_norm=1e-6))
+    assert d.verdict is StopVerdict.CONTINUE and d.evidence["best_norm"] == 0.02
+    assert s.divergence_limit(1e-6) == 20.0  # the loop's per-step test agrees
+    d = s.update(StopEvidence(step=6, grad_norm=30.0, max_grad_norm=60.0, min_grad_norm=0.1))
+    assert (d.verdict, d.reason) == (StopVerdict.DIVERGED, StopReason.DIVERGED)
 
 
 def test_log_norm_plateau_fires_on_a_flat_norm():
@@ -470,6 +669,20 @@ REPLAY_CASES = {
         None,
         StopVerdict.CONTINUE,
         StopReason.CONFIRMING,
+    ),
+    "gradient_and_validation_agree": (
+        AGREE,
+        lambda: epochs_of([1.0, 0.9, 0.8, 0.8, 0.8, 0.8]),
+        0,
+        StopVerdict.STOP,
+        StopReason.GRAD_NORM_PLATEAU,
+    ),
+    "continue_val_improving": (
+        AGREE,
+        lambda: epochs_of([1.0, 0.9, 0.8, 0.7])[:-1],  # the last gradient check of epoch 4
+        None,
+        StopVerdict.CONTINUE,
+        StopReason.VAL_IMPROVING,
     ),
 }
 

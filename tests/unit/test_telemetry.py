@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -12,6 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.train.loop import (
+    TELEMETRY_METRIC_POINTS,
+    TrainConfig,
+    no_stopper,
+    telemetry_cadence,
+    train,
+)
 from pipeline.train.telemetry import (
     BINS,
     LOG2_MAX,
@@ -19,7 +29,10 @@ from pipeline.train.telemetry import (
     N_STATS,
     STAT_NAMES,
     GradientTelemetry,
+    detect_events,
     gradient_stats,
+    heatmap_grid,
+    norm_series,
     update_ratios,
 )
 
@@ -224,3 +237,175 @@ def test_history_round_trips_for_resume():
     again.load_state_tensors(tel.state_tensors(), tel.taken)
     for k, v in tel.arrays().items():
         np.testing.assert_array_equal(again.arrays()[k], v)
+
+
+# -- a history a reviewer can read ------------------------------------------------------------
+
+
+class CopyingSink(RecordingSink):
+    """Keeps a copy of every artifact folder, the way the run's artifact store would."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def log_artifacts(self, local_dir, artifact_path):
+        super().log_artifacts(local_dir, artifact_path)
+        shutil.copytree(local_dir, self.root / artifact_path, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, contract):
+    """A demo-sized run: the reference data, the default spec's budget, the default stopper."""
+    from pipeline.data.generate import WorldSpec, generate
+    from pipeline.spec import get_spec
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("demo-run")
+    sink = CopyingSink(root)
+    cfg = TrainConfig(max_epochs=get_spec("card_fraud").training.max_epochs, state_every=0)
+    result = train(generate(WorldSpec(rows=4000, seed=5)), contract, cfg, sink=sink)
+    with np.load(root / "telemetry" / "final" / "gradients.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return result, sink, arrays, root / "telemetry" / "final"
+
+
+def test_a_demo_sized_run_keeps_a_history_with_real_step_axes(demo_run):
+    result, sink, a, final = demo_run
+    steps = a["steps"]
+    assert len(steps) >= 32, f"{len(steps)} snapshots over {result.steps} steps"
+    assert (np.diff(steps) > 0).all() and steps[-1] == result.steps
+    assert {"norms.png", "histograms.png"} <= {p.name for p in final.iterdir()}
+    x, norms = norm_series(a)  # what norms.png draws
+    assert norms.shape == (len(steps), len(a["names"])) and (x == steps).all()
+    assert np.isfinite(norms).sum(axis=0).min() >= 32  # a line per tensor, not one point
+    for i in range(len(a["names"])):  # what histograms.png draws: one column per snapshot
+        xe, ye, h = heatmap_grid(a, i)
+        assert h.shape == (BINS, len(steps)) >= (BINS, 32)
+        assert (np.diff(xe) > 0).all() and xe[0] < steps[0] and xe[-1] > steps[-1]
+        assert (xe[:-1] < steps).all() and (steps < xe[1:]).all()
+    per_tensor = {}
+    for _, metrics in sink.batches:
+        for k in metrics:
+            per_tensor[k] = per_tensor.get(k, 0) + 1
+    assert per_tensor["grad/net.0.weight/l2"] == min(len(steps), TELEMETRY_METRIC_POINTS)
+    assert sink.batches[-1][0] == result.steps  # the last snapshot is always one of them
+    health = json.loads((final / "summary.json").read_text())
+    assert health["kept"] == len(steps) and health["events"] == []  # a healthy run
+    assert 0 < health["final_update_ratio"] < 1
+    assert result.telemetry["health"]["events"] == []
+
+
+@pytest.mark.parametrize(
+    ("epochs", "steps_per_epoch"), [(30, 7), (30, 32), (50, 250), (1, 3), (200, 1000)]
+)
+def test_the_cadence_keeps_enough_snapshots_even_when_stopping_at_half(epochs, steps_per_epoch):
+    cfg = TrainConfig(max_epochs=epochs, telemetry=False)
+    every = telemetry_cadence(cfg, steps_per_epoch)
+    expected = epochs * steps_per_epoch
+    assert expected // every >= min(64, expected)
+    assert (expected // 2) // every >= min(32, expected // 2)
+
+
+def scaled_and_clipped_steps(model, batches, clip, scaler_scale):
+    """The documented order with a loss scaler and clipping: scale → backward → unscale_ →
+    telemetry → clip → scaler.step → update."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale)
+    tel = GradientTelemetry(list(model.named_parameters()), snapshot_every=1)
+    clipped = []
+    for step, (x, y) in enumerate(batches, start=1):
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        tel.capture_grads()
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        clipped.append((float(total), [p.grad.norm().item() for p in model.parameters()]))
+        scaler.step(opt)
+        scaler.update()
+        tel.ingest(step, tel.device_pack().numpy())
+    return tel.arrays(), clipped
+
+
+def test_statistics_are_read_unscaled_and_before_clipping():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    plain = copy.deepcopy(model)
+    batches = [(torch.randn(32, 6) * 5, torch.randint(0, 3, (32,))) for _ in range(3)]
+    a, clipped = scaled_and_clipped_steps(model, batches, clip=0.05, scaler_scale=2.0**12)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.05)  # plain PyTorch: no scaler, same clip
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        want = [p.grad.norm().item() for p in plain.parameters()]
+        np.testing.assert_allclose(a["stats"][i, :, STAT_NAMES.index("l2")], want, rtol=1e-4)
+        total, after_clip = clipped[i]
+        assert total == pytest.approx(math.sqrt(sum(w * w for w in want)), rel=1e-4)
+        assert total > 0.05 and sum(v * v for v in after_clip) ** 0.5 == pytest.approx(0.05)
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+        opt.step()
+
+
+def test_the_loop_reads_gradients_before_clipping(contract):
+    from pipeline.data.generate import WorldSpec, generate
+
+    sink = RecordingSink()
+    cfg = TrainConfig(max_epochs=2, grad_clip=1e-3, stopper=no_stopper(), state_every=0)
+    train(generate(WorldSpec(rows=1500, seed=6)), contract, cfg, sink=sink)
+    assert sink.batches
+    for _, m in sink.batches:  # train/grad_norm: clip_grad_norm_'s pre-clip total norm
+        per_tensor = [v for k, v in m.items() if k.startswith("grad/") and k.endswith("/l2")]
+        total = math.sqrt(sum(v * v for v in per_tensor))
+        assert total == pytest.approx(m["train/grad_norm"], rel=1e-4) and total > 1e-3
+
+
+def history(l2: np.ndarray, frac_zero: np.ndarray | None = None):
+    stats = np.zeros((*l2.shape, N_STATS), np.float32)
+    stats[:, :, STAT_NAMES.index("l2")] = l2
+    if frac_zero is not None:
+        stats[:, :, STAT_NAMES.index("frac_zero")] = frac_zero
+    return np.arange(1, len(l2) + 1) * 10, stats
+
+
+def test_a_spike_a_vanishing_layer_and_dead_units_are_events():
+    rng = np.random.default_rng(0)
+    l2 = 1.0 + 0.1 * rng.random((40, 4))
+    l2[25, 0] = 30.0  # a spike in tensor a
+    l2[30:, 1] = np.geomspace(1e-3, 1e-9, 10)  # tensor b vanishes
+    fz = np.zeros_like(l2)
+    fz[-5:, 2] = 0.75  # tensor c: three quarters of its entries get no gradient
+    steps, stats = history(l2, fz)
+    got = {(e["kind"], e["tensor"], e["step"]) for e in detect_events(steps, stats, "abcd")}
+    assert got == {("spike", "a", 260), ("vanishing", "b", 400), ("dead_units", "c", 400)}
+    healthy = history(1.0 + 0.1 * rng.random((40, 4)))
+    assert detect_events(*healthy, "abcd") == []
+
+
+def test_events_reach_the_alert_and_the_gate_report_through_the_run(tmp_path):
+    """The telemetry's summary on a real (local) MLflow run is what the alert and the gate
+    report read."""
+    from mlflow import MlflowClient
+
+    from pipeline import alerts
+    from pipeline.gate_report import gradient_health_line
+    from pipeline.train.telemetry import MlflowRunSink, load_summary
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    tel = GradientTelemetry(
+        list(model.named_parameters()), snapshot_every=1, sink=MlflowRunSink(client, run_id)
+    )
+    snapshots(tel, model, steps=12, lr=0.01)
+    spike = np.asarray(tel.stats[-1]).copy()
+    spike[2, STAT_NAMES.index("l2")] *= 1e3  # 2.weight: a thousandfold gradient
+    tel.ingest(13, np.concatenate([spike, tel.hists[-1]], axis=1).reshape(-1))
+    tel.write_artifacts("final", {"stop_reason": "eb_criterion", "step": 13})
+    tel.close()
+    found = alerts.gradient_anomalies(alerts.gradient_series(run_id, client))
+    assert [(a.tensor, a.what, a.step) for a in found] == [("2.weight", "spike", 13)]
+    line = gradient_health_line(load_summary(run_id, client), run_id)
+    assert "stop `eb_criterion` at step 13" in line and "spikes: `2.weight` at step 13" in line
+    assert f"runs:/{run_id}/telemetry/final/norms.png" in line and "vanishing: none" in line
+    assert "no telemetry summary" in gradient_health_line(None, run_id)
