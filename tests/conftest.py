@@ -100,9 +100,6 @@ LANES = ("unit", "dags", "integration", "stack")
 GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack modules: "stack")
     "stack/test_stack_faults.py": "stack-servers",
     "stack/test_stack_security.py": "stack-servers",
-    # the human paths: a stack of their own (own PostgreSQL, S3, MLflow, Airflow) on another
-    # worker, so their waits (a 36 s approval timeout) run beside the main stack, not after it
-    "stack/test_stack_hitl.py": "stack-hitl",
     "integration/test_trigger_form.py": "ui-stack",
     "integration/test_browser.py": "ui-stack",
     "integration/test_hostile_uris.py": "ui-stack",
@@ -113,7 +110,6 @@ GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack 
 SPLIT = {"integration/test_retrain_dag.py"}  # independent long tests: one unit each
 FIRST = (  # units (or modules) in this order, then the lanes in LANE_ORDER
     "stack",
-    "stack-hitl",
     "integration/test_retrain_dag.py",
     "integration/test_monitor_loop.py",
     "timing",
@@ -203,7 +199,6 @@ def pytest_configure(config: pytest.Config) -> None:
 NICE = 5  # added to a worker's niceness while it runs anything but the units below
 FULL_PRIORITY = (  # units or modules: the critical path, and the tests that time themselves
     "stack",
-    "stack-hitl",
     "timing",
     "ui-stack",
     "unit/test_telemetry.py",  # 20 snapshots in under 2 s
