@@ -266,11 +266,14 @@ TELEMETRY_METRIC_POINTS = 64  # per tensor and statistic, as run metrics
 
 
 def telemetry_cadence(config: TrainConfig, steps_per_epoch: int) -> int:
-    """snapshot_every for a run of ``config.max_epochs`` × ``steps_per_epoch`` expected
-    steps: ~``telemetry_snapshots`` snapshots over the whole budget (all kept in
-    gradients.npz; TELEMETRY_METRIC_POINTS of them become run metrics)."""
+    """The first snapshot_every for a run of ``config.max_epochs`` × ``steps_per_epoch``
+    expected steps: a rate of ``2 × telemetry_snapshots`` (N) over the whole budget. The
+    telemetry keeps at most N (``max_history``): when full, it keeps every other snapshot and
+    snapshots half as often. So a run that stops early keeps 2N × (its share of the budget) —
+    N/4 = 32 at an eighth, N/2 at a quarter — and any later stop keeps between N/2 and N,
+    evenly spaced (all in gradients.npz; TELEMETRY_METRIC_POINTS of them become run metrics)."""
     expected = max(1, config.max_epochs * steps_per_epoch)
-    return config.snapshot_every or max(1, expected // config.telemetry_snapshots)
+    return config.snapshot_every or max(1, expected // (2 * config.telemetry_snapshots))
 
 
 def _fingerprint(config: TrainConfig, *arrays: np.ndarray) -> str:
@@ -580,6 +583,7 @@ class TrainingRun:
             GradientTelemetry(
                 list(self.model.named_parameters()),
                 snapshot_every=telemetry_cadence(config, self.steps_per_epoch),
+                max_history=max(2, config.telemetry_snapshots),
                 metric_points=TELEMETRY_METRIC_POINTS,
                 sink=self.sink,
                 spill_dir=self.state_dir,

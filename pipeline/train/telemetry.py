@@ -511,7 +511,10 @@ class GradientTelemetry:
         self.hists.append(m[:, N_STATS:].copy())
         self.scalars.append({k: float(v) for k, v in (scalars or {}).items()})
         self.taken += 1
-        if len(self.steps) > self.max_history:  # keep every other old snapshot, newest always
+        if len(self.steps) > self.max_history:  # keep every other old snapshot, newest always,
+            # and snapshot half as often from now on: the history stays evenly spaced, between
+            # max_history/2 and max_history snapshots wherever the run stops
+            self.snapshot_every *= 2
             keep = list(range(0, len(self.steps) - 1, 2)) + [len(self.steps) - 1]
             self.steps = [self.steps[i] for i in keep]
             self.stats = [self.stats[i] for i in keep]

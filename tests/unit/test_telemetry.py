@@ -305,6 +305,24 @@ def test_the_cadence_keeps_enough_snapshots_even_when_stopping_at_half(epochs, s
     expected = epochs * steps_per_epoch
     assert expected // every >= min(64, expected)
     assert (expected // 2) // every >= min(32, expected // 2)
+    assert (expected // 8) // every >= min(32, expected // 8)  # an early stop still reads
+
+
+def test_a_full_history_keeps_every_other_snapshot_and_halves_its_rate():
+    """The bound that makes the cadence safe for any stop: never more than max_history kept,
+    never fewer than half of it once full, evenly spaced, the newest always kept."""
+    model = torch.nn.Linear(3, 1)
+    tel = GradientTelemetry(list(model.named_parameters()), snapshot_every=1, max_history=8)
+    step, taken = 0, []
+    while step < 200:
+        step += 1
+        if tel.due(step):
+            tel.ingest(step, np.zeros(tel.width, dtype=np.float32))
+            taken.append(step)
+    assert 4 <= len(tel.steps) <= 8 and tel.steps[-1] == taken[-1]
+    gaps = np.diff(tel.steps)
+    assert gaps.max() <= 2 * gaps.min(), tel.steps  # evenly spaced, within one doubling
+    assert tel.snapshot_every >= 16 and len(taken) < 40  # the rate halved as the run went on
 
 
 def scaled_and_clipped_steps(model, batches, clip, scaler_scale):
