@@ -20,8 +20,10 @@ each epoch's step loop, when the pending copies grow past ``flush_elements``, an
 whenever the history is read — computes the statistics of all pending snapshots together
 (``batched_stats``: a fixed number of kernels whatever the number of snapshots and
 tensors; per-tensor sums by one one-hot matmul on small models) and copies them to the
-host once. The cadence is the loop's (``telemetry_cadence``: ~128 snapshots over a run's
-budget).
+host once. The cadence is the loop's (``telemetry_cadence``: first a rate of 256 snapshots
+over the run's budget); at most ``max_history`` are kept, and a full history keeps every other
+snapshot and doubles ``snapshot_every``, so the history stays evenly spaced wherever the run
+stops.
 
 Where it goes: ``write_artifacts`` (end of training and every stop/divergence event)
 writes ``telemetry/<tag>/`` on the run: ``gradients.npz`` (every snapshot kept; ``steps``
