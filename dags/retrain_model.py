@@ -226,7 +226,8 @@ def build_retrain_dag(spec):
                 max_epochs=params["max_epochs"],
                 learning_rate=params["learning_rate"],
             ).to_xcom()
-            _alert(path, "after_training", out)  # gradient anomalies; a divergence resolves
+            # gradient anomalies; the batch's divergence alert resolves (subject: its hash)
+            _alert(path, "after_training", {**out, "sha256": ingested["sha256"]})
             return out
 
         @task
