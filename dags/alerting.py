@@ -432,7 +432,7 @@ def after_training(spec: Any, trained: dict[str, Any]) -> None:
     from pipeline import alerts
     from pipeline.alerts import AlertKind
 
-    sha = str(trained.get("sha256") or "")
+    sha = str(trained.get("batch_sha256") or "")
     if not sha or trained.get("rank", 0):
         return
     subject = batch_subject(sha)
@@ -467,11 +467,11 @@ def after_training(spec: Any, trained: dict[str, Any]) -> None:
 def after_checkpoint(spec: Any, verified: dict[str, Any]) -> None:
     from pipeline.alerts import AlertKind
 
-    if verified.get("sha256"):
+    if verified.get("batch_sha256"):
         _resolve(
             spec,
             AlertKind.CHECKPOINT_REJECTED,
-            batch_subject(str(verified["sha256"])),
+            batch_subject(str(verified["batch_sha256"])),
             "a checkpoint of the batch verified intact",
         )
 

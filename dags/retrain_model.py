@@ -227,7 +227,7 @@ def build_retrain_dag(spec):
                 learning_rate=params["learning_rate"],
             ).to_xcom()
             # gradient anomalies; the batch's divergence alert resolves (subject: its hash)
-            _alert(path, "after_training", {**out, "sha256": ingested["sha256"]})
+            _alert(path, "after_training", out)
             return out
 
         @task

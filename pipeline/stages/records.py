@@ -135,6 +135,7 @@ class Trained(StageRecord):
     STAGE = Task.TRAIN_MODEL
     steps: int
     stop_reason: str
+    batch_sha256: str = ""  # the training batch's content hash (its alerts' subject)
     world_size: int = 1
     rank: int = 0
     checkpoint_uri: str | None = None  # None on ranks other than 0: they do not publish
@@ -154,6 +155,7 @@ class Verified(StageRecord):
     STAGE = Task.VERIFY_CHECKPOINT
     checkpoint_uri: str
     manifest_sha256: str
+    batch_sha256: str = ""  # the batch the checkpoint was trained on
     problems: list[str] = field(default_factory=list)
 
 

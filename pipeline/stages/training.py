@@ -152,6 +152,7 @@ def train_model(
             world_size=ranks.world,
             steps=result.steps,
             stop_reason=result.stop_reason,
+            batch_sha256=ingested.sha256,
             **ingested.base(),
         )
     for record in result.stop_records:  # reduce_lr / stop / diverged, each replayable
@@ -222,6 +223,7 @@ def train_model(
         verdict="trained",
         checkpoint_uri=uri,
         manifest_sha256=digest,
+        batch_sha256=ingested.sha256,
         stop_reason=result.stop_reason,
         steps=result.steps,
         epochs=len(result.history),
@@ -270,6 +272,7 @@ def verify_checkpoint(ctx: RunContext, trained: Trained) -> Verified:
         problems=problems,
         checkpoint_uri=trained.checkpoint_uri,
         manifest_sha256=v.manifest_sha256,
+        batch_sha256=trained.batch_sha256,
         summary=summary,
         **trained.base(),
     )

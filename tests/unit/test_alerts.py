@@ -302,3 +302,33 @@ def test_overdue_runs_are_those_queued_longer_than_the_slo():
     ]
     got = alerts.overdue_runs(runs, 120, T0)
     assert [(r, round(m)) for r, m in got] == [("late", 180), ("started", 240)]
+
+
+def test_a_rejected_checkpoint_alert_resolves_when_the_batchs_next_checkpoint_verifies(
+    pipeline_home,
+):
+    """The records carry their batch's hash (the alert's subject), so the DAG passes the
+    stage's own record: no special case merging the ingest record in."""
+    from pipeline.settings import PROJECT_ROOT
+    from pipeline.stages.records import Trained, Verified
+
+    alerting = _dags_alerting()
+    spec = alerting._load(str(PROJECT_ROOT / "models" / "card_fraud" / "model.yaml"))
+    sha = "ab" * 32
+    alerts.raise_alert(
+        kind=AlertKind.CHECKPOINT_REJECTED,
+        model="card_fraud",
+        subject=alerting.batch_subject(sha),
+        summary="reload parity failed",
+    )
+    trained = Trained(verdict="trained", steps=3, stop_reason="budget", batch_sha256=sha)
+    verified = Verified(
+        verdict="intact",
+        checkpoint_uri="file:///c",
+        manifest_sha256="cd" * 32,
+        batch_sha256=Trained.from_xcom(trained.to_xcom()).batch_sha256,
+    )
+    alerting.after_checkpoint(spec, {**verified.to_xcom(), "batch_sha256": ""})  # no subject
+    assert [a.kind for a in alerts.open_alerts("card_fraud")] == [AlertKind.CHECKPOINT_REJECTED]
+    alerting.after_checkpoint(spec, verified.to_xcom())
+    assert alerts.open_alerts("card_fraud") == []
