@@ -7,6 +7,7 @@ ROOT := $(CURDIR)
 VENV := $(ROOT)/.venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+comma := ,
 PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # The embedded default: every piece of state under .local/
@@ -71,8 +72,17 @@ test-stack: $(STAMP)  ## lane: real PostgreSQL, moto S3, MLflow (basic-auth) and
 test-browser: $(STAMP)  ## lane: headless Chromium through the Airflow and MLflow UIs
 	$(PYTEST) tests/integration -m browser
 
-bench: $(STAMP)  ## benchmarks (ratios against a baseline measured in the same run)
-	for m in benchmarks/[a-z]*.py; do echo "== $$m"; $(PY) -m benchmarks.$$(basename $$m .py) || exit 1; done
+# Each benchmark's output goes to $(BENCH_OUT)/<name>.out (its exit code to <name>.rc); the
+# run ends with one table of every target (benchmarks/_table.py). A missed target is reported
+# there; make bench fails only when a benchmark could not run. BENCH=name1,name2 runs a subset.
+BENCH_OUT ?= $(PIPELINE_HOME)/bench
+BENCH ?= $(patsubst benchmarks/%.py,%,$(wildcard benchmarks/[a-z]*.py))
+bench: $(STAMP)  ## benchmarks (ratios against a baseline in the same run), then one table of targets
+	rm -rf $(BENCH_OUT) && mkdir -p $(BENCH_OUT)
+	for b in $(subst $(comma), ,$(BENCH)); do echo "== benchmarks.$$b"; \
+	  rc=0; $(PY) -m benchmarks.$$b 2>&1 | tee $(BENCH_OUT)/$$b.out || rc=$$?; \
+	  echo $$rc > $(BENCH_OUT)/$$b.rc; done
+	$(PY) -m benchmarks._table $(BENCH_OUT)
 
 LINT_PATHS := pipeline dags plugins tests scripts benchmarks models
 

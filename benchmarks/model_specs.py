@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._targets import finish, target
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PARSE = (
@@ -142,7 +144,7 @@ def main() -> int:
         many = parse_seconds(make_root(t, args.many), t / "afn")
     per_spec = (many["seconds"] - one["seconds"]) / (args.many - 1)
     result = {
-        "benchmark": "model_specs",
+        "bench": "model_specs",
         "specs_many": args.many,
         "parse_seconds_one": round(one["seconds"], 3),
         "parse_seconds_many": round(many["seconds"], 3),
@@ -153,14 +155,14 @@ def main() -> int:
         "ratio_many_vs_one": round(many["seconds"] / one["seconds"], 3),
         **{k: round(v, 4) for k, v in factory_overhead(args.epochs).items()},
     }
-    result["targets_met"] = bool(
-        per_spec < 0.1
-        and result["ratio_factory_vs_direct"] <= 1.05
-        and result["import_errors"] == 0
-        and many["dags"] == 2 * args.many
-    )
-    print(json.dumps(result))
-    return 0 if result["targets_met"] else 1
+    targets = [
+        target("parse_seconds_per_added_spec", result["parse_seconds_per_added_spec"], "<", 0.1),
+        target("ratio_factory_vs_direct", result["ratio_factory_vs_direct"], "<=", 1.05),
+        target("import_errors", result["import_errors"], "==", 0),
+        target("dags_many", many["dags"], "==", 2 * args.many),
+    ]
+    print(finish(result, targets))
+    return 0
 
 
 if __name__ == "__main__":

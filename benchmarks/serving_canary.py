@@ -36,6 +36,8 @@ from pathlib import Path
 from fastapi import Request  # module level: FastAPI resolves the route's annotations here
 from fastapi.responses import Response
 
+from benchmarks._targets import finish, target
+
 ROOT = Path(__file__).resolve().parent.parent
 ANALYSIS_INTERVAL = 1.0
 POLL = 0.25
@@ -89,8 +91,12 @@ def serve_with_bare_route(port: int) -> None:
 # -- the client side --------------------------------------------------------------------------
 
 
-def _setup(home: Path) -> tuple[str, str]:
-    """Train one small model, publish a signed checkpoint, register it twice (v1, v2)."""
+def _setup(home: Path, *, serving_model: bool = False) -> tuple[str, str]:
+    """Train one small model, publish a signed checkpoint, register it twice (v1, v2).
+
+    ``serving_model``: each version's source is the checkpoint logged as the MLflow model
+    ``register_challenger`` logs (``registry.log_serving_model``: models from code), so
+    ``mlflow models serve -m models:/<name>/<version>`` can serve it too."""
     from pipeline import checkpoint, registry, settings, storage
     from pipeline.data.generate import WorldSpec, generate
     from pipeline.spec import active
@@ -123,8 +129,14 @@ def _setup(home: Path) -> tuple[str, str]:
     versions = []
     for i in (1, 2):
         run_id = registry.get_or_create_run(f"bench-{i}")
+        source, model_id = uri, None
+        if serving_model:
+            info = registry.log_serving_model(run_id, local, df.head(5))
+            source, model_id = info.model_uri, info.model_id
         versions.append(
-            registry.register_version(run_id, f"bench-{i}", uri, tags, description="benchmark")
+            registry.register_version(
+                run_id, f"bench-{i}", source, tags, description="benchmark", model_id=model_id
+            )
         )
     registry.set_alias(registry.CHAMPION, versions[0])
     return versions[0], versions[1]
@@ -321,7 +333,11 @@ def main() -> int:
         },
         **{k: v for k, v in rb.items() if k != "rollback_seconds"},
     }
-    print(json.dumps(result))
+    targets = [
+        target("p99_ratio", result["p99_ratio"], "<=", 1.10),
+        target("rollback_seconds", result["rollback_seconds"], "<=", 2 * ANALYSIS_INTERVAL),
+    ]
+    print(finish(result, targets))
     return 0
 
 

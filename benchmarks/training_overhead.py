@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks._targets import finish, target
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
@@ -163,17 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
-    print(
-        json.dumps(
-            {
-                "bench": "training_overhead",
-                "ratio": round(statistics.median(ratios), 4),
-                "rows_per_s": round(med(lambda p: p["inst"]["rows"] / p["inst"]["wall_s"]), 1),
-                "bare_rows_per_s": round(med(lambda p: p["bare"]["rows"] / p["bare"]["wall_s"]), 1),
-                "device": str(pick_device(instrumented.device)),
-            }
-        )
-    )
+    result = {
+        "bench": "training_overhead",
+        "ratio": round(statistics.median(ratios), 4),
+        "rows_per_s": round(med(lambda p: p["inst"]["rows"] / p["inst"]["wall_s"]), 1),
+        "bare_rows_per_s": round(med(lambda p: p["bare"]["rows"] / p["bare"]["wall_s"]), 1),
+        "device": str(pick_device(instrumented.device)),
+    }
+    print(finish(result, [target("ratio", result["ratio"], "<=", 1.03)]))
     return 0
 
 
