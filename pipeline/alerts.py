@@ -565,20 +565,20 @@ def check_overdue(spec: Any, *, now: datetime | None = None) -> list[Alert]:
     credentials); resolve it when none is. Returns the alerts to send."""
     import httpx
 
-    from pipeline import land
+    from pipeline import airflow_api as api
 
     url = get_settings().airflow_api_url.rstrip("/")
     dag_id, minutes = spec.retrain_dag_id, float(spec.slo.decision_minutes)
-    with httpx.Client(timeout=land.TIMEOUT_S) as client:
-        headers = {"Authorization": f"Bearer {land._token(client, url)}"}  # noqa: SLF001
-        resp = land._request(  # noqa: SLF001
+    with httpx.Client(timeout=api.TIMEOUT_S) as client:
+        headers = {"Authorization": f"Bearer {api.token(client, url)}"}
+        resp = api.request(
             client,
             "GET",
             f"{url}/api/v2/dags/{dag_id}/dagRuns",
             headers=headers,
             params=[("state", "queued"), ("state", "running"), ("limit", "100")],
         )
-        land._fail(resp, f"listing the unfinished runs of {dag_id}")  # noqa: SLF001
+        api.check(resp, f"listing the unfinished runs of {dag_id}")
     late = overdue_runs(resp.json().get("dag_runs", []), minutes, now or _now())
     if not late:
         done = resolve_alert(

@@ -15,15 +15,13 @@
    * ``POST {url}/api/v2/assets/events`` ``{"asset_id", "extra"}``.
 
    Each call has a 10 s timeout and up to 3 tries with backoff on connection errors and 5xx;
-   a 4xx is not retried and is reported with what it means.
+   a 4xx is not retried and is reported with what it means (:mod:`pipeline.airflow_api`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,24 +30,16 @@ from urllib.parse import urlparse
 import httpx
 
 from pipeline import storage
+from pipeline.airflow_api import TIMEOUT_S, AirflowAPIError, check, request, token
 from pipeline.errors import PipelineRejection
 from pipeline.settings import get_settings
 from pipeline.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 10.0
-TRIES = 3
-BACKOFF_S = 0.5  # then 1.0: doubled after each failed try
-
 
 class LandingRejected(PipelineRejection):
     """The file was not landed (not Parquet, an unsafe name, another object at its key)."""
-
-
-class AirflowAPIError(PipelineRejection):
-    """The batch was landed, but its asset event could not be created. Landing again is a
-    no-op for the file and tries the event again."""
 
 
 def _source_uri(file: str | Path) -> str:
@@ -155,96 +145,6 @@ def land_eval(spec: ModelSpec, file: str | Path) -> dict[str, Any]:
     return {"model": spec.name, "uri": obj.uri, "sha256": obj.sha256, "rows": rows, "event": None}
 
 
-# -- Airflow's REST API ----------------------------------------------------------------------
-
-
-def _request(
-    client: httpx.Client, method: str, url: str, *, retry_timeouts: bool = True, **kwargs: Any
-) -> httpx.Response:
-    """One call with up to TRIES tries on connection errors and 5xx; the last answer (a
-    4xx at once) is returned, a transport error after the last try raises AirflowAPIError.
-    ``retry_timeouts=False``: a request that may have reached the server (a read timeout)
-    is not sent again (a second asset event would start a second run)."""
-    retryable: tuple[type[Exception], ...] = (
-        (httpx.TransportError,) if retry_timeouts else (httpx.ConnectError, httpx.ConnectTimeout)
-    )
-    delay = BACKOFF_S
-    for attempt in range(1, TRIES + 1):
-        try:
-            resp = client.request(method, url, **kwargs)
-        except retryable as exc:
-            if attempt == TRIES:
-                raise AirflowAPIError(
-                    f"{method} {url}: {type(exc).__name__}: {exc} "
-                    f"(after {TRIES} tries); is the Airflow API server up?"
-                ) from None
-        except httpx.TransportError as exc:
-            raise AirflowAPIError(
-                f"{method} {url}: {type(exc).__name__}: {exc}; not retried (the "
-                "request may have reached Airflow: check the asset's events "
-                "before landing again)"
-            ) from None
-        else:
-            if resp.status_code < 500 or attempt == TRIES:
-                return resp
-            log.warning("%s %s: HTTP %d, try %d/%d", method, url, resp.status_code, attempt, TRIES)
-        time.sleep(delay)
-        delay *= 2
-    raise AssertionError("unreachable")
-
-
-def _fail(
-    resp: httpx.Response, what: str, hint: Callable[[int], str | None] = lambda _s: None
-) -> None:
-    if resp.is_success:
-        return
-    status = resp.status_code
-    detail = resp.text.strip().replace("\n", " ")[:300]
-    meaning = hint(status) or {
-        401: "not authenticated: check PIPELINE_AIRFLOW_USERNAME/PIPELINE_AIRFLOW_PASSWORD "
-        "(or PIPELINE_AIRFLOW_TOKEN: expired?)",
-        403: "forbidden: the Airflow user may not read assets or create asset events",
-    }.get(status, "server error" if status >= 500 else "request refused")
-    raise AirflowAPIError(
-        f"{what}: {resp.request.method} {resp.request.url} answered HTTP {status}: "
-        f"{meaning} ({detail})"
-    )
-
-
-def _token(client: httpx.Client, url: str) -> str:
-    s = get_settings()
-    if s.airflow_token is not None and s.airflow_token.get_secret_value():
-        return s.airflow_token.get_secret_value()
-    if not s.airflow_username or s.airflow_password is None:
-        raise AirflowAPIError(
-            f"no credentials for the Airflow API at {url}: set "
-            "PIPELINE_AIRFLOW_USERNAME and PIPELINE_AIRFLOW_PASSWORD, or "
-            "PIPELINE_AIRFLOW_TOKEN (or pass --no-event)"
-        )
-    resp = _request(
-        client,
-        "POST",
-        f"{url}/auth/token",
-        json={"username": s.airflow_username, "password": s.airflow_password.get_secret_value()},
-    )
-    _fail(
-        resp,
-        "getting an Airflow access token",
-        lambda st: (
-            f"credentials refused for user {s.airflow_username!r}: check PIPELINE_AIRFLOW_USERNAME/"
-            "PIPELINE_AIRFLOW_PASSWORD"
-            if st in (400, 401, 403)
-            else None
-        ),
-    )
-    token = resp.json().get("access_token")
-    if not isinstance(token, str) or not token:
-        raise AirflowAPIError(
-            f"POST {url}/auth/token answered HTTP {resp.status_code} without an access_token"
-        )
-    return token
-
-
 def emit_batch_event(
     spec: ModelSpec, batch_uri: str, sha256: str, *, airflow_url: str | None = None
 ) -> dict[str, Any]:
@@ -256,15 +156,15 @@ def emit_batch_event(
         f"{spec.path} keep schedule.asset on?"
     )
     with httpx.Client(timeout=TIMEOUT_S) as client:
-        headers = {"Authorization": f"Bearer {_token(client, url)}"}
-        resp = _request(
+        headers = {"Authorization": f"Bearer {token(client, url)}"}
+        resp = request(
             client,
             "GET",
             f"{url}/api/v2/assets",
             headers=headers,
             params={"uri_pattern": spec.asset_uri, "limit": 100},
         )
-        _fail(resp, f"looking up asset {spec.asset_uri}")
+        check(resp, f"looking up asset {spec.asset_uri}")
         # uri_pattern is a substring match (ILIKE, '_' a wildcard): keep the exact uri only
         ids = [a["id"] for a in resp.json().get("assets", []) if a.get("uri") == spec.asset_uri]
         if not ids:
@@ -273,7 +173,7 @@ def emit_batch_event(
             "asset_id": ids[0],
             "extra": {"batch_uri": batch_uri, "model": spec.name, "sha256": sha256},
         }
-        resp = _request(
+        resp = request(
             client,
             "POST",
             f"{url}/api/v2/assets/events",
@@ -281,7 +181,7 @@ def emit_batch_event(
             json=body,
             retry_timeouts=False,
         )
-        _fail(
+        check(
             resp,
             f"creating an event on asset {spec.asset_uri}",
             lambda st: not_parsed if st == 404 else None,

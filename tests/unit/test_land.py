@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from pipeline import land, quarantine, stages, storage
+from pipeline import airflow_api, land, quarantine, stages, storage
 from pipeline.data.generate import WorldSpec, generate, to_parquet_bytes
 from pipeline.spec import get_spec, use_spec
 
@@ -120,7 +120,7 @@ def fake_airflow(pipeline_home, monkeypatch) -> Iterator[FakeAirflow]:
     }.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("PIPELINE_AIRFLOW_TOKEN", raising=False)
-    monkeypatch.setattr(land, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(airflow_api, "BACKOFF_S", 0.01)
     from pipeline.settings import get_settings
 
     get_settings.cache_clear()
@@ -281,7 +281,7 @@ def test_unreachable_airflow_fails_after_three_tries_naming_the_url(
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(land, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(airflow_api, "BACKOFF_S", 0.01)
     monkeypatch.setenv("PIPELINE_AIRFLOW_TOKEN", "t")
     from pipeline.settings import get_settings
 
