@@ -503,9 +503,11 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 
 def oncall_state(spec: Any) -> OnCall:
-    """One model's SLOs, open alerts and last ledger entries. ``pipeline.alerts`` and
-    ``pipeline.ledger`` are imported here, per request; an installation without them (or
-    without the function) says so on the page instead of failing it."""
+    """One model's SLOs, open alerts and last ledger entries; each one that cannot be read
+    (an unreadable alert file, a damaged ledger, the tracking server away) is a problem line
+    on the page, never a failed page."""
+    from pipeline import alerts, ledger
+
     out = OnCall()
     try:
         out.slo = cached_slo(spec)
@@ -513,29 +515,15 @@ def oncall_state(spec: Any) -> OnCall:
         log.warning("Retraining view: SLOs of %s unavailable", spec.name, exc_info=True)
         out.slo_problem = f"SLOs: {type(exc).__name__}: {exc}"
     try:
-        from pipeline import alerts
-
-        open_alerts = alerts.open_alerts
-    except (ImportError, AttributeError):
-        out.alerts_problem = "Alerts: not available here (no pipeline.alerts.open_alerts)"
-    else:
-        try:
-            out.alerts = [_as_dict(a) for a in open_alerts(spec.name)]
-        except Exception as exc:  # noqa: BLE001
-            log.warning("Retraining view: alerts of %s unreadable", spec.name, exc_info=True)
-            out.alerts_problem = f"Alerts: {type(exc).__name__}: {exc}"
+        out.alerts = [_as_dict(a) for a in alerts.open_alerts(spec.name)]
+    except Exception as exc:  # noqa: BLE001
+        log.warning("Retraining view: alerts of %s unreadable", spec.name, exc_info=True)
+        out.alerts_problem = f"Alerts: {type(exc).__name__}: {exc}"
     try:
-        from pipeline import ledger
-
-        entries = ledger.entries
-    except (ImportError, AttributeError):
-        out.ledger_problem = "Promotion ledger: not available here (no pipeline.ledger.entries)"
-    else:
-        try:
-            out.ledger = [_as_dict(e) for e in entries(spec.name)][-LEDGER_SHOWN:][::-1]
-        except Exception as exc:  # noqa: BLE001
-            log.warning("Retraining view: ledger of %s unreadable", spec.name, exc_info=True)
-            out.ledger_problem = f"Promotion ledger: {type(exc).__name__}: {exc}"
+        out.ledger = [_as_dict(e) for e in ledger.entries(spec.name)][-LEDGER_SHOWN:][::-1]
+    except Exception as exc:  # noqa: BLE001
+        log.warning("Retraining view: ledger of %s unreadable", spec.name, exc_info=True)
+        out.ledger_problem = f"Promotion ledger: {type(exc).__name__}: {exc}"
     return out
 
 

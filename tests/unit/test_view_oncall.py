@@ -116,21 +116,25 @@ def test_page_shows_slos_open_alerts_and_the_ledger_escaped(view, spec, monkeypa
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
-def test_the_view_works_without_the_alerts_and_ledger_modules(view, spec, monkeypatch):
-    """An installation without pipeline.alerts / pipeline.ledger (or without the function):
-    a line says so, the SLOs and the rest of the page are still shown."""
-    import pipeline
-
-    monkeypatch.delattr(pipeline, "alerts", raising=False)
-    monkeypatch.setitem(sys.modules, "pipeline.alerts", None)  # import raises ImportError
+def test_unreadable_alerts_and_ledger_are_problem_lines_not_a_failed_page(
+    view, spec, monkeypatch, pipeline_home
+):
+    """The alert file and the ledger are state on disk: when they cannot be read, a line
+    says what failed; the SLOs and the rest of the page are still shown."""
     from pipeline import ledger
 
-    monkeypatch.delattr(ledger, "entries")
+    (pipeline_home / "alerts").mkdir(exist_ok=True)
+    (pipeline_home / "alerts" / "alerts.jsonl").mkdir()  # a folder where the file should be
+
+    def damaged(model: str) -> list:
+        raise ledger.LedgerError(f"ledger of {model}: entry 3 does not chain")
+
+    monkeypatch.setattr(ledger, "entries", damaged)
     page, html = _page(view, monkeypatch)
     oc = page.model(spec.name).oncall
-    assert "no pipeline.alerts.open_alerts" in oc.alerts_problem and oc.alerts == []
-    assert "no pipeline.ledger.entries" in oc.ledger_problem and oc.ledger == []
-    assert oc.slo is not None and "no pipeline.alerts.open_alerts" in html
+    assert oc.alerts_problem.startswith("Alerts: IsADirectoryError") and oc.alerts == []
+    assert "entry 3 does not chain" in oc.ledger_problem and oc.ledger == []
+    assert oc.slo is not None and "Alerts: IsADirectoryError" in html
     assert "Who serves" in html and 'data-slo="training_success"' in html
 
 
