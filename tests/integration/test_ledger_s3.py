@@ -5,13 +5,13 @@ entry changed in the bucket is refused."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 
 from pipeline import ledger, storage
 from tests.integration.moto import moto_server
+from tests.unit._ledger import write_concurrently
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +43,7 @@ def s3_root(pipeline_home, monkeypatch):
 
 def test_ledger_on_s3_write_once_under_concurrent_writers_and_tamper_evident(s3_root):
     s3, bucket = s3_root
-
-    def writer(w: int) -> None:
-        for i in range(3):
-            ledger.append(
-                MODEL,
-                from_version=None,
-                to_version=str(w),
-                action="promote",
-                who=f"writer-{w}",
-                why=f"move {i}",
-                run_key=f"w{w}-{i}",
-            )
-
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    write_concurrently(MODEL, writers=4, moves=3, timeout=120)
     got = ledger.entries(MODEL)
     assert [e.seq for e in got] == list(range(1, 13))
     assert len({e.run_key for e in got}) == 12

@@ -47,3 +47,44 @@ def gated_tags(uri: str, **extra: str) -> dict[str, str]:
         "gate.verdict": "promote",
         **extra,
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Servers:
+    """Real uvicorn servers on 127.0.0.1, each in a thread of this process: ``start(app)``
+    returns its URL once it accepts connections; ``stop()`` ends every one started."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[Any, Any]] = []
+
+    def start(self, app: Any, port: int | None = None, timeout: float = 30) -> str:
+        import threading
+        import time
+
+        import uvicorn
+
+        port = port or free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        self.running.append((server, thread))
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for server, _ in self.running:
+            server.should_exit = True
+        for _, thread in self.running:
+            thread.join(10)

@@ -6,7 +6,6 @@ target goes to the last healthy version, and ``python -m pipeline history`` prin
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from _records import gated_record
 
 from pipeline import ledger, registry, stages, storage
 from pipeline.rollback import RollbackRefused, rollback_champion
+from tests.unit._ledger import write_concurrently
 from tests.unit._serving import gated_tags, publish_checkpoint
 
 MODEL = "card_fraud"  # the default spec: the ledger is named by the spec, not the MLflow name
@@ -146,23 +146,7 @@ def test_a_refused_or_conflicting_move_writes_nothing(versions):
 
 
 def test_concurrent_writers_never_overwrite_each_other(pipeline_home):
-    def writer(w: int) -> None:
-        for i in range(4):
-            ledger.append(
-                MODEL,
-                from_version=None,
-                to_version=str(w),
-                action="promote",
-                who=f"writer-{w}",
-                why=f"move {i}",
-                run_key=f"w{w}-{i}",
-            )
-
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    write_concurrently(MODEL, writers=6, moves=4)
     got = ledger.entries(MODEL)  # verifies every entry and the chain between them
     assert [e.seq for e in got] == list(range(1, 25))
     assert sorted(e.run_key for e in got) == sorted(f"w{w}-{i}" for w in range(6) for i in range(4))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -36,7 +34,7 @@ from pipeline.serving.service import LoadedModel, ScoringService, ServedModel
 from pipeline.spec import get_spec, use_spec
 from pipeline.train.features import fit_features
 from pipeline.train.model import MLP, ModelConfig
-from tests.unit._serving import records
+from tests.unit._serving import Servers, free_port, records
 
 FRAUD = "card_fraud"
 FEEDBACK_TOKEN = "feedback-" + "d3" * 20
@@ -67,12 +65,6 @@ def shapes_frame(n: int, seed: int):
             "kind": kind,
         }
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the decision table, on the pure rule ----------------------------------------------------
@@ -195,9 +187,7 @@ def test_unknown_record_versions_are_refused():
 def service(pipeline_home, contract) -> Iterator[Callable[..., SimpleNamespace]]:
     """``start(model=FRAUD, task="binary", gated=0.9)``: a served champion v1 of that model,
     registered with the gate's tags; the URL and helpers to score and label."""
-    import uvicorn
-
-    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+    servers = Servers()
 
     def start(
         name: str = FRAUD,
@@ -240,19 +230,8 @@ def service(pipeline_home, contract) -> Iterator[Callable[..., SimpleNamespace]]
         )
         svc = ScoringService([served], default=name, poll_seconds=60)
         svc.poll_once()
-        port = _free_port()
         app = create_app(svc, access=AccessPolicy(feedback_token=FEEDBACK_TOKEN), poll=False)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
+        url = servers.start(app)
         rows = records(df, features.input_columns)
         http = httpx.Client(base_url=url, timeout=10)
 
@@ -287,10 +266,7 @@ def service(pipeline_home, contract) -> Iterator[Callable[..., SimpleNamespace]]
         )
 
     yield start
-    for server, _ in running:
-        server.should_exit = True
-    for _, thread in running:
-        thread.join(10)
+    servers.stop()
 
 
 def test_healthy_champion_then_the_same_champion_decays(service):
@@ -380,7 +356,7 @@ def test_no_champion_served_is_no_data(service):
 
 def test_serving_down_is_a_transient_error_not_healthy(pipeline_home):
     spec = get_spec(FRAUD)
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with use_spec(spec), pytest.raises(monitor.ServingUnreachable, match="did not answer") as exc:
         monitor.watch(spec, url=url, run_key="monitor_card_fraud__down")
     assert isinstance(exc.value, storage.TransientStorageError)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,17 +29,12 @@ from pipeline.serving.schema import RowValidator
 from pipeline.serving.service import LoadedModel, ModelRefused, ScoringService, ServedModel
 from pipeline.train.features import fit_features
 from pipeline.train.model import MLP, ModelConfig
+from tests.unit._serving import Servers, free_port
 
 FRAUD = "card_fraud"
 FEEDBACK_TOKEN = "feedback-" + "f2" * 20
 REQUEST_ID_KEY = "request-ids-" + "9c" * 20
 FEEDBACK = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -78,16 +72,14 @@ def _service(contract, state: traffic.ServingState, refuse: frozenset[str] = fro
 @pytest.fixture
 def replicas(contract) -> Iterator[Callable[..., Replica]]:
     """Start replicas: ``start(advertise=True, state=..., refuse=...)`` -> Replica."""
-    import uvicorn
-
-    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+    servers = Servers()
 
     def start(
         advertise: bool = True,
         state: traffic.ServingState | None = None,
         refuse: frozenset[str] = frozenset(),
     ) -> Replica:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         service, rows = _service(contract, state or traffic.ServingState("1", None, 0.0), refuse)
         access = AccessPolicy(
@@ -95,24 +87,11 @@ def replicas(contract) -> Iterator[Callable[..., Replica]]:
             advertise_url=url if advertise else None,
             request_id_key=REQUEST_ID_KEY if advertise else None,
         )
-        app = create_app(service, access=access, poll=False)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        servers.start(create_app(service, access=access, poll=False), port=port)
         return Replica(url, service, rows)
 
     yield start
-    for server, _ in running:
-        server.should_exit = True
-    for _, thread in running:
-        thread.join(10)
+    servers.stop()
 
 
 class Listener:
@@ -208,7 +187,7 @@ def test_the_analysis_sums_every_replica_and_fails_when_one_does_not_answer(repl
     # DNS names the replicas too: every address of the name is one
     assert ReplicaSet.from_dns(a.url.removeprefix("http://")).targets() == [a.url]
     # a replica that does not answer fails the whole measurement, naming it
-    gone = f"http://127.0.0.1:{_free_port()}"
+    gone = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(
         MeasurementError, match=f"replica {gone} could not be measured.*all or none"
     ):
