@@ -442,10 +442,8 @@ def after_training(spec: Any, trained: dict[str, Any]) -> None:
     except Exception as exc:  # noqa: BLE001 - the tracking server away: no judgement
         log.warning("gradient telemetry not read for anomalies: %s", exc)
         return
-    # Spikes and vanishing gradients page; dead units stay an event of the run (its summary and
-    # the gate report's gradient-health line): counted per weight element, they also fire on
-    # inputs that are constant zero (digits' blank border pixels), which is not a dead unit.
-    found = [a for a in found if a.what in ("spike", "vanishing")]
+    # Spikes, vanishing gradients and dead units (counted per unit: a constant-zero input
+    # column is not one; embedding tables are not judged) page.
     if not found:
         return
     worst = max(found, key=lambda a: a.value / a.threshold if a.what == "spike" else 0.0)

@@ -74,7 +74,7 @@ from pipeline.train.stopping import (
     StopEvidence,
     TrainingDiverged,
 )
-from pipeline.train.telemetry import GradientTelemetry, TelemetrySink
+from pipeline.train.telemetry import GradientTelemetry, TelemetrySink, sparse_parameters
 
 __all__ = [
     "TrainConfig",
@@ -587,6 +587,7 @@ class TrainingRun:
                 metric_points=TELEMETRY_METRIC_POINTS,
                 sink=self.sink,
                 spill_dir=self.state_dir,
+                sparse=sparse_parameters(self.model),
             )
             if config.telemetry and self.ranks.main
             else None

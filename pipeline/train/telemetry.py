@@ -2,8 +2,12 @@
 reviewer can read, at a cost measured by ``benchmarks/training_overhead.py``.
 
 What a snapshot holds, per parameter tensor: L2 norm, L∞ norm, mean, fraction of exact
-zeros, count of non-finite entries, update-to-weight ratio ‖Δw‖/‖w‖ of that step, and a
-histogram of log2|g| over fixed bin edges (one per octave, no min/max reduction).
+zeros, count of non-finite entries, update-to-weight ratio ‖Δw‖/‖w‖ of that step, the
+share of dead units (units whose gradient is exactly zero in every entry: a row of a
+weight, one per output unit of a linear or convolutional layer, or an entry of a 1-D
+tensor; not judged — NaN — for embedding tables, whose rows a batch does not use are zero
+by design), and a histogram of log2|g| over fixed bin edges (one per octave, no min/max
+reduction).
 
 When the gradient is read: after ``backward()`` and — where a loss scaler is used —
 after ``GradScaler.unscale_(optimizer)``, and *before* ``clip_grad_norm_``: the
@@ -61,7 +65,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-STAT_NAMES = ("l2", "linf", "mean", "frac_zero", "nonfinite", "update_ratio")
+STAT_NAMES = ("l2", "linf", "mean", "frac_zero", "nonfinite", "update_ratio", "dead_units")
 N_STATS = len(STAT_NAMES)
 LOG2_MIN, LOG2_MAX, BINS = -40.0, 8.0, 48  # one bin per octave; outside values go to the end bins
 
@@ -126,7 +130,12 @@ class Segments:
     """How P tensors lie in their concatenation: per-tensor sums of [K, N] rows by one
     matmul with a one-hot [N, P] (small models: one BLAS call), else ``index_add``."""
 
-    def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        device: torch.device | str = "cpu",
+        units: Sequence[int] | None = None,
+    ) -> None:
         self.p, self.n = len(sizes), int(sum(sizes))
         self.ids = segment_ids(sizes, device)
         self.lengths = torch.as_tensor(list(sizes), device=device)
@@ -136,6 +145,32 @@ class Segments:
             if self.n * self.p <= ONE_HOT_MAX
             else None
         )
+        # units per tensor (``unit_counts``): each tensor's entries split into that many
+        # equal rows, in order; 0 = not judged. Default: every entry is a unit.
+        units = list(sizes) if units is None else [int(u) for u in units]
+        if len(units) != self.p or any(
+            u < 0 or (u and n % u) for u, n in zip(units, sizes, strict=True)
+        ):
+            raise ValueError(f"units {units} do not split tensors of sizes {list(sizes)}")
+        rows = [n // u if u else n for u, n in zip(units, sizes, strict=True)]
+        per = [u if u else (1 if n else 0) for u, n in zip(units, sizes, strict=True)]
+        self.row_lengths = torch.repeat_interleave(
+            torch.as_tensor(rows, device=device), torch.as_tensor(per, device=device)
+        )
+        self.row_ids = segment_ids(per, device)
+        self.units = torch.as_tensor(units, device=device, dtype=torch.float32)
+
+    def dead_share(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, N] -> [K, P]: the share of each tensor's units whose entries of ``x`` are all
+        exactly zero (NaN for a tensor whose units are not judged)."""
+        k = x.shape[0]
+        lengths = self.row_lengths.expand(k, -1)
+        row_max = torch.segment_reduce(
+            x.abs(), "max", lengths=lengths, axis=1, unsafe=True, initial=0.0
+        )
+        zero = (row_max == 0).float()
+        dead = torch.zeros(k, self.p, device=x.device).index_add_(1, self.row_ids, zero)
+        return torch.where(self.units > 0, dead / self.units.clamp_min(1), float("nan"))
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """[K, N] -> [K, P] per-tensor sums."""
@@ -147,6 +182,31 @@ class Segments:
         """[K, N] -> [K, P] per-tensor maxima (0 for an empty tensor)."""
         lengths = self.lengths.expand(x.shape[0], self.p)
         return torch.segment_reduce(x, "max", lengths=lengths, axis=1, unsafe=True, initial=0.0)
+
+
+def unit_counts(named_params: Sequence[tuple[str, torch.Tensor]], sparse: set[str]) -> list[int]:
+    """Units per tensor, for ``Segments(units=…)``: the first dimension of a weight of two
+    or more dimensions (an output unit of a linear layer, a channel of a convolution), each
+    entry of a 1-D tensor; 0 for the names in ``sparse`` (embedding tables) and scalars."""
+    out = []
+    for name, t in named_params:
+        if name in sparse or t.dim() == 0:
+            out.append(0)
+        else:
+            out.append(int(t.shape[0]) if t.numel() else 0)
+    return out
+
+
+def sparse_parameters(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters of the model's embedding tables (``nn.Embedding``,
+    ``nn.EmbeddingBag``): rows a batch does not look up get no gradient by design."""
+    kinds = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+    return {
+        f"{mod_name}.{p_name}" if mod_name else p_name
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, kinds)
+        for p_name, _ in mod.named_parameters(recurse=False)
+    }
 
 
 @torch.no_grad()
@@ -178,6 +238,12 @@ def batched_stats(
         [sums[:k].sqrt(), seg.max(a), sums[k:] / n, h[..., bins] / n, h[..., bins + 1]], -1
     )
     return torch.cat([head, h[..., :bins]], -1)
+
+
+def _pack(rows: torch.Tensor, ratios: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """[K, P, N_STATS + BINS] in ``STAT_NAMES`` order from ``batched_stats`` rows [K, P,
+    5 + BINS], the update ratios [K, P] and the dead-unit shares [K, P]."""
+    return torch.cat([rows[..., :5], ratios[..., None], dead[..., None], rows[..., 5:]], -1)
 
 
 @torch.no_grad()
@@ -355,6 +421,7 @@ class GradientTelemetry:
         metric_stats: tuple[str, ...] = ("l2", "update_ratio"),
         metric_points: int = 64,
         flush_elements: int = 1 << 20,
+        sparse: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         if min(snapshot_every, queue_size, metric_points) < 1 or retries < 0 or max_history < 2:
             raise ValueError(
@@ -380,7 +447,10 @@ class GradientTelemetry:
         # (the last one always), sent at close: the step loop never pays for them.
         self.metric_points = metric_points
         dev = self.params[0].device if self.params else torch.device("cpu")
-        self._seg = Segments([q.numel() for q in self.params], dev)
+        # dead units are not judged on ``sparse`` tensors (``sparse_parameters``: embeddings)
+        self._seg = Segments(
+            [q.numel() for q in self.params], dev, unit_counts(named_params, set(sparse))
+        )
         self._numel = self._seg.n
         # pending snapshots: up to 64 (fewer for a big model: flush_elements per buffer)
         self._flush_k = max(1, min(64, flush_elements // max(self._numel, 1)))
@@ -462,9 +532,10 @@ class GradientTelemetry:
         assert self._buf is not None
         pend, self._pending = self._pending, []
         k, p = len(pend), len(self.params)
-        rows = batched_stats(self._buf[0, :k], self._seg)
+        g = self._buf[0, :k]
+        rows = batched_stats(g, self._seg)
         ratios = batched_update_ratios(self._buf[2, :k], self._buf[1, :k], self._seg)
-        packed = torch.cat([rows[..., :5], ratios[..., None], rows[..., 5:]], -1)
+        packed = _pack(rows, ratios, self._seg.dead_share(g))
         dev_keys = [
             (i, n) for i, x in enumerate(pend) for n, v in x[1].items() if torch.is_tensor(v)
         ]
@@ -486,22 +557,24 @@ class GradientTelemetry:
         if not any(p.grad is not None for p in self.params):
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        rows = batched_stats(_flat(grads)[None], self._seg)[0]
-        nan = torch.full((rows.shape[0], 1), float("nan"), device=rows.device)
-        packed = torch.cat([rows[:, :5], nan, rows[:, 5:]], dim=1).reshape(-1)
+        g = _flat(grads)[None]
+        rows = batched_stats(g, self._seg)
+        nan = torch.full(rows.shape[:2], float("nan"), device=rows.device)
+        packed = _pack(rows, nan, self._seg.dead_share(g)).reshape(-1)
         self.ingest(step, packed.cpu().numpy(), scalars)
 
     def device_pack(self) -> torch.Tensor:
         """One snapshot at once: one flat float32 device tensor, per tensor [l2, linf, mean,
-        frac_zero, nonfinite, update_ratio, hist...]. Call after the optimizer step."""
+        frac_zero, nonfinite, update_ratio, dead_units, hist...]. Call after the optimizer
+        step."""
         assert self._captured and self._buf is not None, "capture_grads() first"
         r = len(self._pending)
-        rows = batched_stats(self._buf[0, r : r + 1], self._seg)[0]
+        g = self._buf[0, r : r + 1]
+        rows = batched_stats(g, self._seg)
         after = _flat(self.params)[None]
         ratios = batched_update_ratios(after, self._buf[1, r : r + 1], self._seg)
-        rows = torch.cat([rows[:, :5], ratios[0][:, None], rows[:, 5:]], dim=1)
         self._captured = False
-        return rows.reshape(-1)
+        return _pack(rows, ratios, self._seg.dead_share(g)).reshape(-1)
 
     def ingest(
         self, step: int, values: np.ndarray, scalars: dict[str, float] | None = None
@@ -686,6 +759,17 @@ class GradientTelemetry:
         }
 
     def load_state_tensors(self, t: dict[str, torch.Tensor], taken: int) -> None:
+        stats = t["telemetry.stats"]
+        if stats.dim() != 3 or stats.shape[1:] != (len(self.params), N_STATS):
+            log.warning(
+                "training state's telemetry history has shape %s, not [T, %d, %d] (written by "
+                "another version): the history restarts at the resumed step",
+                tuple(stats.shape),
+                len(self.params),
+                N_STATS,
+            )
+            self.taken = self.taken_before_resume = taken
+            return
         self.steps = [int(s) for s in t["telemetry.steps"].tolist()]
         self.stats = list(t["telemetry.stats"].numpy())
         self.hists = list(t["telemetry.hist"].numpy())
@@ -708,7 +792,7 @@ def load_summary(run_id: str, client: Any, tag: str = "final") -> dict[str, Any]
 
 SPIKE_FACTOR = 10.0  # a tensor's L2 norm this many times the median of its earlier snapshots
 VANISH_BELOW = 1e-7  # a tensor's L2 norm under this at its last two snapshots
-DEAD_FRACTION = 0.5  # a tensor with at least this share of exactly-zero gradient entries ...
+DEAD_FRACTION = 0.5  # a tensor with at least this share of dead units (no gradient at all) ...
 MIN_SNAPSHOTS = 4  # fewer snapshots: nothing is judged
 SPIKE_WINDOW = 16  # a spike is judged against the median of this many earlier snapshots
 SPIKE_FLOOR = 0.1  # ... but never below this share of the whole model's median norm there
@@ -732,15 +816,17 @@ def detect_events(
       is a small part of the model's, a softmax bias say, is noise around zero: a tenfold
       jump from there is not a spike);
     * ``vanishing``: the L2 norm is below ``vanish_below`` at the last two snapshots;
-    * ``dead_units``: ``frac_zero`` ≥ ``dead_fraction`` at the last two snapshots (whole
-      rows of exactly-zero gradient: units that no longer receive any signal).
+    * ``dead_units``: the share of dead units (``dead_units``: units whose whole row of
+      gradient is exactly zero, no signal reaches them) ≥ ``dead_fraction`` at the last two
+      snapshots. Counted per unit, not per entry: a weight column that is zero because an
+      input is constant zero (blank pixels) is not a dead unit.
 
     Each event: ``{"kind", "tensor", "step", "value", "threshold"}``."""
     out: list[dict[str, Any]] = []
     if len(steps) < min_snapshots:
         return out
     l2 = stats[:, :, STAT_NAMES.index("l2")].astype(np.float64)
-    fz = stats[:, :, STAT_NAMES.index("frac_zero")].astype(np.float64)
+    dead = stats[:, :, STAT_NAMES.index("dead_units")].astype(np.float64)
 
     def ev(kind: str, i: int, j: int, value: float, threshold: float) -> dict[str, Any]:
         return {
@@ -765,8 +851,8 @@ def detect_events(
                 break
         if (col[-2:] < vanish_below).all():
             out.append(ev("vanishing", len(col) - 1, j, col[-1], vanish_below))
-        elif (fz[-2:, j] >= dead_fraction).all():
-            out.append(ev("dead_units", len(col) - 1, j, fz[-1, j], dead_fraction))
+        elif (dead[-2:, j] >= dead_fraction).all():  # NaN (not judged) compares False
+            out.append(ev("dead_units", len(col) - 1, j, dead[-1, j], dead_fraction))
     return out
 
 

@@ -33,6 +33,7 @@ from pipeline.train.telemetry import (
     gradient_stats,
     heatmap_grid,
     norm_series,
+    sparse_parameters,
     update_ratios,
 )
 
@@ -46,6 +47,12 @@ def reference_stats(g: torch.Tensor) -> tuple[list[float], np.ndarray]:
     x = np.clip(np.log2(np.abs(nz)), LOG2_MIN, LOG2_MAX)
     hist, _ = np.histogram(x, bins=BINS, range=(LOG2_MIN, LOG2_MAX))
     return head, hist
+
+
+def reference_dead(g: torch.Tensor) -> float:
+    """The share of units (rows of a weight, entries of a 1-D tensor) with an all-zero gradient."""
+    rows = g.detach().reshape(g.shape[0], -1) if g.dim() >= 2 else g.detach().reshape(-1, 1)
+    return float((rows.abs().amax(dim=1) == 0).double().mean())
 
 
 CASES = {
@@ -135,7 +142,7 @@ def snapshots(tel: GradientTelemetry, model: nn.Module, steps: int, lr: float = 
             for g, b, p in zip(grads, before, model.parameters(), strict=True):
                 head, hist = reference_stats(g)
                 ratio = float((p.detach() - b).norm() / b.norm())
-                rows.append([*head, ratio, *hist])
+                rows.append([*head, ratio, reference_dead(g), *hist])
             expected[step] = np.asarray(rows)
     return expected
 
@@ -377,11 +384,12 @@ def test_the_loop_reads_gradients_before_clipping(contract):
         assert total == pytest.approx(m["train/grad_norm"], rel=1e-4) and total > 1e-3
 
 
-def history(l2: np.ndarray, frac_zero: np.ndarray | None = None):
+def history(l2: np.ndarray, dead: np.ndarray | None = None, frac_zero: np.ndarray | None = None):
     stats = np.zeros((*l2.shape, N_STATS), np.float32)
     stats[:, :, STAT_NAMES.index("l2")] = l2
-    if frac_zero is not None:
-        stats[:, :, STAT_NAMES.index("frac_zero")] = frac_zero
+    for name, v in (("dead_units", dead), ("frac_zero", frac_zero)):
+        if v is not None:
+            stats[:, :, STAT_NAMES.index(name)] = v
     return np.arange(1, len(l2) + 1) * 10, stats
 
 
@@ -390,9 +398,11 @@ def test_a_spike_a_vanishing_layer_and_dead_units_are_events():
     l2 = 1.0 + 0.1 * rng.random((40, 4))
     l2[25, 0] = 30.0  # a spike in tensor a
     l2[30:, 1] = np.geomspace(1e-3, 1e-9, 10)  # tensor b vanishes
+    dead = np.zeros_like(l2)
+    dead[-5:, 2] = 0.75  # tensor c: three quarters of its units get no gradient
     fz = np.zeros_like(l2)
-    fz[-5:, 2] = 0.75  # tensor c: three quarters of its entries get no gradient
-    steps, stats = history(l2, fz)
+    fz[:, 3] = 0.9  # tensor d: most entries zero (constant inputs), every unit alive
+    steps, stats = history(l2, dead, fz)
     got = {(e["kind"], e["tensor"], e["step"]) for e in detect_events(steps, stats, "abcd")}
     assert got == {("spike", "a", 260), ("vanishing", "b", 400), ("dead_units", "c", 400)}
     healthy = history(1.0 + 0.1 * rng.random((40, 4)))
@@ -427,3 +437,42 @@ def test_events_reach_the_alert_and_the_gate_report_through_the_run(tmp_path):
     assert "stop `eb_criterion` at step 13" in line and "spikes: `2.weight` at step 13" in line
     assert f"runs:/{run_id}/telemetry/final/norms.png" in line and "vanishing: none" in line
     assert "no telemetry summary" in gradient_health_line(None, run_id)
+
+
+def test_dead_units_are_counted_per_unit_not_per_entry():
+    """A hidden layer whose ReLU units never fire has dead units; an input that is always
+    zero (a blank pixel) zeroes a weight column, which kills no unit; an embedding's
+    unused rows are not judged."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 3)
+    first, second = nn.Linear(6, 8), nn.Linear(8, 2)
+    with torch.no_grad():
+        first.bias[:6] = -1e3  # units 0-5 of 8 never fire: 75 % dead
+    model = nn.ModuleDict({"emb": emb, "first": first, "second": second})
+    names = list(model.named_parameters())
+    tel = GradientTelemetry(names, snapshot_every=1, sparse=sparse_parameters(model))
+    assert sparse_parameters(model) == {"emb.weight"}
+    x = torch.randn(32, 6)
+    x[:, :4] = 0.0  # four of the six inputs constant zero: most of first.weight's entries zero
+    ids = torch.randint(0, 5, (32,))  # the batch uses 5 of the 50 embedding rows
+    for step in (1, 2):
+        for p in model.parameters():
+            p.grad = None
+        out = second(torch.relu(first(x))) + emb(ids)[:, :2]
+        out.sum().backward()
+        tel.capture_grads()
+        tel.capture_update(step, {})
+    a = tel.arrays()
+    stat = {n: a["stats"][-1, i] for i, (n, _) in enumerate(names)}
+    dead, zero = STAT_NAMES.index("dead_units"), STAT_NAMES.index("frac_zero")
+    assert stat["first.weight"][dead] == pytest.approx(0.75)  # rows of the silent units
+    assert stat["first.weight"][zero] > 0.75  # + the constant-zero input columns
+    assert stat["second.weight"][dead] == 0.0  # its rows see the two live units
+    assert math.isnan(stat["emb.weight"][dead]) and stat["emb.weight"][zero] >= 0.9
+    events = {(e["kind"], e["tensor"]) for e in tel.gradient_events()}
+    assert ("dead_units", "first.weight") not in events  # two snapshots: too few to judge
+    steps = np.arange(1, 7)
+    hist = np.repeat(a["stats"][-1:], 6, axis=0)
+    got = {(e["kind"], e["tensor"]) for e in detect_events(steps, hist, [n for n, _ in names])}
+    assert ("dead_units", "first.weight") in got and ("dead_units", "first.bias") in got
+    assert not any(t == "emb.weight" for _, t in got)
