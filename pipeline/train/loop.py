@@ -709,8 +709,8 @@ class TrainingRun:
         self._t0 = self._now()
         while p.pos < self.steps_per_epoch and not p.stopped:
             self._step(perm_dev)
-        if self.telemetry is not None:  # the epoch's pending snapshots: step-loop time
-            self.telemetry.flush()
+        # the pending telemetry snapshots stay pending across epochs: a flush costs the same
+        # whatever it holds (GradientTelemetry.capture_update decides when)
         self._lap()
         partial = p.pos < self.steps_per_epoch
         self._end_epoch(partial)
@@ -967,6 +967,8 @@ class TrainingRun:
             r.stop_reason = "max_epochs"
         r.steps = p.step
         tel = self.telemetry
+        if tel:
+            tel.flush()  # the pending snapshots first: is the stop step one of them?
         if tel and (not tel.steps or tel.steps[-1] != p.step):
             tel.snapshot_now(p.step)  # the gradient at the stop, for the record
         if self.config.restore_best:

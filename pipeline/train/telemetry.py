@@ -19,9 +19,11 @@ one calls it after ``unscale_`` (tests/unit/test_telemetry.py checks both agains
 PyTorch).
 
 Cost: on a snapshot step the training thread only copies (the gradients, and the weights
-before and after the step, each flattened into one tensor). ``flush()`` — at the end of
-each epoch's step loop, when the pending copies grow past ``flush_elements``, and
-whenever the history is read — computes the statistics of all pending snapshots together
+before and after the step, each flattened into one tensor). ``flush()`` — when the
+pending buffer is full (64 snapshots, fewer when they would pass ``flush_elements``), when
+the history with its pending snapshots passes ``max_history``, and whenever the history is
+read (a training state, the artifacts, the end) — computes the statistics of all pending
+snapshots together
 (``batched_stats``: a fixed number of kernels whatever the number of snapshots and
 tensors; per-tensor sums by one one-hot matmul on small models) and copies them to the
 host once. The cadence is the loop's (``telemetry_cadence``: first a rate of 256 snapshots
@@ -159,6 +161,18 @@ class Segments:
         )
         self.row_ids = segment_ids(per, device)
         self.units = torch.as_tensor(units, device=device, dtype=torch.float32)
+        self._offsets: dict[tuple[int, int], torch.Tensor] = {}  # bin_offsets, the last one
+
+    def bin_offsets(self, k: int, width: int) -> torch.Tensor:
+        """[k, N] int32: where each entry's histogram of ``width`` bins starts in the flat
+        [k, P, width] count (snapshot × tensor), cached per (k, width)."""
+        key = (k, width)
+        if key not in self._offsets:
+            if k * self.p * width >= 2**31:
+                raise ValueError(f"{k} snapshots x {self.p} tensors x {width} bins overflow int32")
+            rows = torch.arange(k, device=self.ids.device, dtype=torch.int32) * (self.p * width)
+            self._offsets = {key: (self.ids.to(torch.int32) * width)[None, :] + rows[:, None]}
+        return self._offsets[key]
 
     def dead_share(self, x: torch.Tensor) -> torch.Tensor:
         """[K, N] -> [K, P]: the share of each tensor's units whose entries of ``x`` are all
@@ -224,14 +238,15 @@ def batched_stats(
     k = g.shape[0]
     p, w = seg.p, bins + 2
     a = g.abs()
-    if hi - lo == bins and float(lo).is_integer():  # one bin per octave: the exponent is the bin
-        b = (torch.frexp(g)[1] - int(lo + 1)).clamp_(0, bins - 1)
+    x = torch.log2(a)  # (frexp's exponent is floor(log2|g|) + 1, but frexp is ~10x slower)
+    if hi - lo == bins and float(lo).is_integer():  # one bin per octave: floor(log2|g|) - lo
+        x.floor_().sub_(lo)
     else:
-        b = ((torch.log2(a) - lo) * (bins / (hi - lo))).clamp_(0, bins - 1).long()
-    b = torch.where(a == 0, bins, b)
-    b = torch.where(torch.isfinite(g), b, bins + 1)
-    idx = b + (seg.ids * w)[None, :] + (torch.arange(k, device=g.device) * (p * w))[:, None]
-    h = torch.bincount(idx.reshape(-1), minlength=k * p * w).view(k, p, w).float()
+        x.sub_(lo).mul_(bins / (hi - lo))
+    b = x.clamp_(0, bins - 1).to(torch.int32)  # zeros and non-finite: masked next
+    b.masked_fill_(a == 0, bins).masked_fill_(torch.isfinite(g).logical_not_(), bins + 1)
+    b.add_(seg.bin_offsets(k, w))  # in place, int32: the [K, N] index arrays are the cost
+    h = torch.bincount(b.view(-1), minlength=k * p * w).view(k, p, w).float()
     sums = seg.sum(torch.cat([g * g, g]))  # [2K, P]
     n = seg.counts
     head = torch.stack(
@@ -250,7 +265,7 @@ def _pack(rows: torch.Tensor, ratios: torch.Tensor, dead: torch.Tensor) -> torch
 def batched_update_ratios(after: torch.Tensor, before: torch.Tensor, seg: Segments) -> torch.Tensor:
     """[K, P] ‖w_after − w_before‖ / ‖w_before‖ per tensor from [K, N] flattened weights."""
     d = after - before
-    sq = seg.sum(torch.cat([d * d, before * before])).sqrt()
+    sq = seg.sum(torch.cat([d.mul_(d), before * before])).sqrt()
     k = after.shape[0]
     return sq[:k] / (sq[k:] + 1e-12)
 
@@ -402,8 +417,8 @@ class GradientTelemetry:
     loss scaler's ``unscale_``, before clipping) and ``capture_update(step, scalars)``
     after ``optimizer.step()``. Both only copy (the gradients, the weights before and
     after, flattened); the statistics of the pending snapshots are computed together,
-    batched, by ``flush()`` — when the pending copies reach ``flush_elements``, and
-    whenever the history is read. The lower-level ``device_pack()`` + ``ingest()`` do one
+    batched, by ``flush()`` — when the buffer is full, when the history would pass
+    ``max_history``, and whenever the history is read. The lower-level ``device_pack()`` + ``ingest()`` do one
     snapshot at once (one flat device tensor to read with anything else).
     """
 
@@ -507,7 +522,7 @@ class GradientTelemetry:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         row = self._row()
         torch._foreach_copy_(row[0], grads)
-        torch._foreach_copy_(row[1], [p.detach() for p in self.params])
+        torch._foreach_copy_(row[1], self.params)  # no_grad: a plain copy, no detach needed
         self._captured = True
 
     @torch.no_grad()
@@ -517,10 +532,16 @@ class GradientTelemetry:
         ``scalars`` (loss, lr, …) may be device tensors: they are read with the statistics,
         in the same copy."""
         assert self._captured, "capture_grads() first"
-        torch._foreach_copy_(self._row()[2], [p.detach() for p in self.params])
+        torch._foreach_copy_(self._row()[2], self.params)
         self._pending.append((int(step), scalars))
         self._captured = False
-        if len(self._pending) >= self._flush_k:
+        # A flush costs a fixed number of kernels whatever it holds: flush when the buffer is
+        # full, or when the history with its pending snapshots is over max_history (the
+        # history thins and the rate halves on time, so it stays evenly spaced).
+        if (
+            len(self._pending) >= self._flush_k
+            or len(self.steps) + len(self._pending) > self.max_history
+        ):
             self.flush()
 
     @torch.no_grad()
