@@ -444,6 +444,7 @@ class GradientTelemetry:
             )
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
+        self._tensors: list[torch.Tensor] = list(self.params)  # the same, typed for _foreach_
         self.snapshot_every = snapshot_every
         self.sink = sink
         # Everything kept locally lives in one folder, logged to the run as telemetry/spill at
@@ -522,7 +523,7 @@ class GradientTelemetry:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         row = self._row()
         torch._foreach_copy_(row[0], grads)
-        torch._foreach_copy_(row[1], self.params)  # no_grad: a plain copy, no detach needed
+        torch._foreach_copy_(row[1], self._tensors)  # no_grad: a plain copy, no detach needed
         self._captured = True
 
     @torch.no_grad()
@@ -532,7 +533,7 @@ class GradientTelemetry:
         ``scalars`` (loss, lr, …) may be device tensors: they are read with the statistics,
         in the same copy."""
         assert self._captured, "capture_grads() first"
-        torch._foreach_copy_(self._row()[2], self.params)
+        torch._foreach_copy_(self._row()[2], self._tensors)
         self._pending.append((int(step), scalars))
         self._captured = False
         # A flush costs a fixed number of kernels whatever it holds: flush when the buffer is
