@@ -45,6 +45,15 @@ label posted to another replica is forwarded once to the one that scored it.
 At start the service refuses unsafe access settings and bad signing keys, or a private
 key (``app.startup_checks``: ``signing.verifier_startup_check(serving=True)``).
 
+The request path pays for what it scores, not for a fixed setup per request: a body
+whose numbers cannot be out of range is parsed by the C scanner alone
+(``schema.parse_json``), valid rows are confirmed column by column and walked cell by
+cell only when they break the contract (``schema.RowValidator``), the checkpoint's
+featurisation runs on the JSON rows without a DataFrame (:mod:`pipeline.serving.encode`,
+used only where it equals ``features.transform`` on probe rows), and a request's scores
+update the score histogram once per bucket (``metrics.observe_many``).
+``benchmarks/serving_vs_mlflow.py`` measures the result against ``mlflow models serve``.
+
 This package's ``__init__`` imports nothing heavy: ``pipeline.canary`` reads the
 service's metrics through :mod:`pipeline.serving.metrics` without FastAPI or torch.
 """

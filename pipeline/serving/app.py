@@ -92,6 +92,7 @@ from pipeline.serving.access import (
     token_matches,
 )
 from pipeline.serving.faults import FaultSpec
+from pipeline.serving.metrics import observe_many
 from pipeline.serving.replicas import FORWARDED_HEADER, forward_client, forward_feedback
 from pipeline.serving.schema import (
     OIP_DATATYPE,
@@ -276,9 +277,7 @@ def create_app(
         request_id = ids.issue()  # the feedback key: the service's own, never the caller's
         kept = served.scores_of(model, proba)
         served.feedback.remember(request_id, slot.alias, model.version, kept)
-        observe = sm.score.observe
-        for s in kept.reshape(-1).tolist():
-            observe(s)
+        observe_many(sm.score, kept)
         sm.rows.inc(len(rows))
         sm.requests.inc()
         sm.latency.observe(perf_counter() - t0)

@@ -48,7 +48,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -58,6 +58,7 @@ import numpy as np
 
 from pipeline.names import GateVerdict, VersionTag
 from pipeline.serving import traffic
+from pipeline.serving.encode import RowEncoder
 from pipeline.serving.faults import FaultSwitch
 from pipeline.serving.metrics import ServiceMetrics, SlotMetrics
 from pipeline.serving.schema import RowValidator
@@ -81,13 +82,36 @@ class LoadedModel:
     model: Any  # any torch.nn.Module: float batch -> logits
     spec: Any  # pipeline.train.features.FeatureSpec
     positive_index: int
+    # The checkpoint's featurisation on JSON rows (encode.RowEncoder); None: through pandas
+    encoder: RowEncoder | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.encoder is None:
+            object.__setattr__(self, "encoder", RowEncoder.for_spec(self.spec))
+        if self.encoder is not None:
+            self.model.cpu()  # once, here, instead of on every request (score_model)
 
     @property
     def classes(self) -> list[Any]:
         return list(self.spec.classes)
 
     def proba(self, rows: list[dict[str, Any]]) -> np.ndarray:
-        """Class probabilities (rows x classes) per raw row (features from the checkpoint)."""
+        """Class probabilities (rows x classes) per raw row (features from the checkpoint):
+        ``evaluate.score_model`` on the rows' DataFrame, computed without building one
+        when the row encoder agrees with the reference featurisation (see ``encode``).
+        A cell the encoder cannot take (a checkpoint whose columns the contract no longer
+        types the same: a string in a numeric column) goes the reference way."""
+        if self.encoder is not None:
+            try:
+                x = self.encoder.encode(rows)
+            except (TypeError, ValueError):
+                pass
+            else:
+                import torch
+
+                from pipeline.train.model import predict_proba
+
+                return predict_proba(self.model, torch.from_numpy(x)).numpy()
         import pandas as pd
 
         from pipeline.evaluate import score_model
