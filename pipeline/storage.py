@@ -20,7 +20,9 @@ Failures say which kind they are, because the caller's next step differs:
 
 S3 reads of large objects need not hold them: :func:`open_read` gives a seekable reader
 whose every ``read`` is one ranged GET, pinned to the object's ETag (a Parquet reader
-fetches the footer and then only the column chunks it decodes).
+fetches the footer and then only the column chunks it decodes). :func:`download` copies an
+object into a local file without holding it, reading no more than the caller's bound (remote
+files that are untrusted input: ``pipeline.train.state``); :func:`delete` frees a key.
 """
 
 from __future__ import annotations
@@ -586,3 +588,78 @@ def open_read(uri: str) -> BinaryIO:
 def local_path(uri: str) -> Path:
     """Path of a ``file://`` object (for libraries that want a path)."""
     return _local_path(uri)
+
+
+def delete(uri: str) -> None:
+    """Remove the object at ``uri`` (and its digest sidecar on a local folder); no error if
+    there is none. Objects are never overwritten, so a key is reused only after this."""
+    _backend(uri).delete(uri)
+
+
+def download(uri: str, path: Path, *, max_bytes: int) -> StoredObject:
+    """Copy the object at ``uri`` into the local file ``path`` (temp + rename: ``path`` holds
+    the whole object or nothing), reading at most ``max_bytes``: a larger object raises
+    :class:`IntegrityError` before more than that is read, so a hostile or corrupt object
+    cannot fill the disk. The object's recorded SHA-256 is verified when it has one.
+    Transient S3 failures raise :class:`TransientStorageError` (after botocore's retries)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    h, size = hashlib.sha256(), 0
+
+    def too_big(n: int) -> IntegrityError:
+        return IntegrityError(
+            f"{uri} is {n}+ bytes, more than the {max_bytes} expected; not read further"
+        )
+
+    try:
+        with os.fdopen(fd, "wb") as out:
+            backend = _backend(uri)
+            if isinstance(backend, _S3Backend):
+                from botocore.exceptions import ClientError
+
+                bucket, key = backend._split(uri)
+                try:
+                    with _s3_call("reading", uri):
+                        resp = backend.client.get_object(Bucket=bucket, Key=key)
+                        if int(resp.get("ContentLength") or 0) > max_bytes:
+                            resp["Body"].close()
+                            raise too_big(int(resp["ContentLength"]))
+                        for chunk in resp["Body"].iter_chunks(1 << 20):
+                            size += len(chunk)
+                            if size > max_bytes:
+                                resp["Body"].close()
+                                raise too_big(size)
+                            h.update(chunk)
+                            out.write(chunk)
+                except ClientError as exc:
+                    raise StorageError(f"no object at {uri}: {exc}") from None
+                recorded = resp.get("Metadata", {}).get("sha256")
+            else:
+                src = _local_path(uri)
+                try:
+                    fh = src.open("rb")
+                except FileNotFoundError:
+                    raise StorageError(f"no object at {uri}") from None
+                with fh:
+                    if os.fstat(fh.fileno()).st_size > max_bytes:
+                        raise too_big(os.fstat(fh.fileno()).st_size)
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise too_big(size)
+                        h.update(chunk)
+                        out.write(chunk)
+                recorded = backend.digest(uri)
+            out.flush()
+            os.fsync(out.fileno())
+        digest = h.hexdigest()
+        if recorded is not None and recorded != digest:
+            raise IntegrityError(
+                f"{uri}: content sha256 {digest} does not match recorded {recorded}"
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StoredObject(uri=uri, sha256=digest, size=size)

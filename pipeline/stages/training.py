@@ -80,6 +80,7 @@ def train_model(
     from pipeline import checkpoint
     from pipeline.ingest import read_frame
     from pipeline.train import distributed
+    from pipeline.train import state as train_state
     from pipeline.train.launch import run_under_torchrun
     from pipeline.train.loop import TrainingDiverged, holdout_mask, train
     from pipeline.train.telemetry import MlflowRunSink
@@ -130,9 +131,11 @@ def train_model(
             log.warning(
                 "train_model: training parameters not logged to MLflow (%s); training anyway", exc
             )
-    # Training-state checkpoints: a local folder under PIPELINE_HOME keyed by the run key, so a
-    # retried task on the same worker resumes where the killed one stopped.
+    # Training-state checkpoints, keyed by the run key: a local folder under PIPELINE_HOME (the
+    # write-ahead copy) mirrored to the storage root, so a retried task resumes where the
+    # killed one stopped, on this worker or another (pipeline/train/state.py).
     state_dir = get_settings().home_dir / "train-state" / ctx.run_key
+    state_remote = storage.join(get_settings().storage_root, "train-state", ctx.run_key)
     try:
         result = train(
             df,
@@ -140,6 +143,7 @@ def train_model(
             cfg,
             sink=MlflowRunSink(c, run_id),
             state_dir=state_dir,
+            state_remote=state_remote,
             code_file=code_file,
         )
     except TrainingDiverged as exc:
@@ -201,6 +205,7 @@ def train_model(
     )
     if not kept_local:  # the published checkpoint supersedes the training states
         shutil.rmtree(state_dir, ignore_errors=True)
+    train_state.clear_remote(state_remote)  # superseded on every worker
     registry.set_tags(
         run_id,
         {

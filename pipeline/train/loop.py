@@ -415,6 +415,7 @@ def train(
     *,
     sink: TelemetrySink | None = None,
     state_dir: Path | None = None,
+    state_remote: str | None = None,
     code_file: Path | None = None,
 ) -> TrainResult:
     """Train the spec's model (``config.factory``; ``code_file`` when the factory is a
@@ -423,9 +424,19 @@ def train(
     ``sink`` receives telemetry, the decision trace, tags and event artifacts (an MLflow
     run in the pipeline). ``state_dir`` enables crash-safe training-state checkpoints
     there and resumes from the newest valid one whose fingerprint (config + data)
-    matches. Raises ``TrainingDiverged`` on a non-finite or exploding loss/gradient.
+    matches; ``state_remote`` (a storage URI) mirrors them there and resumes from there too,
+    so a retry on another host resumes (``pipeline.train.state``). Raises
+    ``TrainingDiverged`` on a non-finite or exploding loss/gradient.
     """
-    epochs = iter_train(df, contract, config, sink=sink, state_dir=state_dir, code_file=code_file)
+    epochs = iter_train(
+        df,
+        contract,
+        config,
+        sink=sink,
+        state_dir=state_dir,
+        state_remote=state_remote,
+        code_file=code_file,
+    )
     while True:
         try:
             next(epochs)
@@ -440,12 +451,21 @@ def iter_train(
     *,
     sink: TelemetrySink | None = None,
     state_dir: Path | None = None,
+    state_remote: str | None = None,
     code_file: Path | None = None,
 ) -> Generator[dict[str, float], None, TrainResult]:
     """``train`` one epoch at a time: yields each epoch's history row, returns the
     TrainResult. Lets a caller interleave trainings (the overhead benchmark does).
     Nothing runs (not even the seeding) before the first ``next()``."""
-    run = TrainingRun(df, contract, config, sink=sink, state_dir=state_dir, code_file=code_file)
+    run = TrainingRun(
+        df,
+        contract,
+        config,
+        sink=sink,
+        state_dir=state_dir,
+        state_remote=state_remote,
+        code_file=code_file,
+    )
     return (yield from run.run())
 
 
@@ -485,10 +505,12 @@ class TrainingRun:
         *,
         sink: TelemetrySink | None = None,
         state_dir: Path | None = None,
+        state_remote: str | None = None,
         code_file: Path | None = None,
     ) -> None:
         self.df, self.contract, self.config = df, contract, config
         self.sink, self.state_dir, self.code_file = sink, state_dir, code_file
+        self.state_remote = state_remote
 
     def run(self) -> Generator[dict[str, float], None, TrainResult]:
         """Yields each epoch's history row (a partial one for an epoch cut short by a
@@ -593,7 +615,7 @@ class TrainingRun:
             else None
         )
         self.store = (
-            TrainingStateStore(self.state_dir)
+            TrainingStateStore(self.state_dir, remote=self.state_remote)
             if self.state_dir is not None and config.state_every
             else None
         )

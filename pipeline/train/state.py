@@ -6,7 +6,8 @@ A training-state checkpoint is a directory ``step-<step>`` holding
                           the epoch's index permutation, telemetry history
     state.json            everything else: step/epoch/position, accumulators, history,
                           stopper state and decision trace, LR schedule, optimizer layout
-    manifest.json         format, step, sha256 + size of the two files above
+    manifest.json         format, step, final, the run's fingerprint (config + data),
+                          sha256 + size of the two files above
 
 It is written into a temporary directory, every file fsynced, then renamed into place
 (and the parent directory fsynced), so a reader sees a complete checkpoint or none.
@@ -15,9 +16,38 @@ newest is damaged. Nothing is pickled: tensors go through safetensors, the rest 
 (tuples and non-string dict keys are tagged so they round-trip exactly).
 
 These are *training* states, distinct from the signed model checkpoints of
-``pipeline.checkpoint``; they live under ``<PIPELINE_HOME>/train-state/<run_key>/`` — a
-local directory next to the worker, which is what the embedded default and a single
-host need; a retry landing on another host starts over (see the README note).
+``pipeline.checkpoint``; they live under ``<PIPELINE_HOME>/train-state/<run_key>/``, the
+write-ahead copy next to the worker, and — when the store has a ``remote`` (the training
+stage passes ``<storage root>/train-state/<run_key>`` to ``train(state_remote=…)``) — in
+object storage too, so a retry that lands on another worker resumes:
+
+* after a state is complete locally, its three files are uploaded to
+  ``<remote>/step-…/``, the manifest last (a remote state without a manifest is
+  incomplete and ignored), and the remote copy keeps the last ``keep`` states like the
+  local one. An upload that fails (after botocore's bounded retries of transient S3
+  errors, ``pipeline.storage``) is logged as a warning and training goes on: the local
+  copy is still there, and the next state is uploaded again;
+* :meth:`TrainingStateStore.load_latest` takes the newest state of the two places: a
+  remote one newer than every valid local one (or the only one) is downloaded into the
+  local directory first. Remote files are untrusted input: the manifest is read with a
+  size bound and must be well-formed (format, step and name agree, a fingerprint); each
+  file is downloaded no larger than its manifest says and must match its size and
+  SHA-256 before anything parses it, and ``state.json`` must carry the manifest's
+  fingerprint. A state that fails is refused with a warning naming what was wrong and
+  the next older one is tried; nothing is unpickled (safetensors and JSON only). The
+  loop then resumes only a state whose fingerprint is its own config and data
+  (``pipeline.train.loop``); a run with none left starts over;
+* :meth:`~TrainingStateStore.clear` (another config or data) removes both copies, and the
+  training stage removes the remote one (:func:`clear_remote`) once the signed model
+  checkpoint is published.
+
+The remote states are trusted as far as the storage root is (a writer there could also
+replace the data snapshots); they are not signed. Uploads are synchronous, in the
+training loop, every ``state_every`` steps (default 500): on a large model over a slow
+link, raise ``state_every``. Tests: ``tests/unit/test_train_state_remote.py`` (host A to
+host B over a local folder and over moto's S3, tampered states refused);
+``tests/stack/test_stack_celery.py`` (a SIGKILLed Celery worker's training resumed on
+another worker).
 """
 
 from __future__ import annotations
@@ -36,6 +66,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import storage
 from pipeline.storage import fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -43,6 +74,8 @@ log = logging.getLogger(__name__)
 FORMAT = "retrain-train-state/1"
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 _NAME = re.compile(r"^step-(\d{12})(-final)?$")
+MAX_MANIFEST_BYTES = 1 << 20  # a remote manifest larger than this is refused unread
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class StateCheckpointError(RuntimeError):
@@ -91,16 +124,18 @@ class LoadedState:
     state: dict[str, Any]
     path: Path
     manifest_sha256: str
+    origin: str = ""  # the remote state it was downloaded from; "" when it was local
 
 
 class TrainingStateStore:
     """Atomic save / verified load of training states under one directory (one run key)."""
 
-    def __init__(self, root: Path, keep: int = 2) -> None:
+    def __init__(self, root: Path, keep: int = 2, remote: str | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
+        self.remote = RemoteStates(remote) if remote else None
 
     def _complete(self) -> list[tuple[int, bool, Path]]:
         if not self.root.is_dir():
@@ -132,6 +167,7 @@ class TrainingStateStore:
                 "format": FORMAT,
                 "step": step,
                 "final": final,
+                "fingerprint": state.get("fingerprint"),
                 "files": {
                     n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
                     for n in (TENSORS, STATE)
@@ -149,6 +185,8 @@ class TrainingStateStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._prune()
+        if self.remote is not None:
+            self.remote.upload(dest, self.keep)
         return dest
 
     def _prune(self) -> None:
@@ -176,20 +214,242 @@ class TrainingStateStore:
         return manifest, hashlib.sha256(raw).hexdigest()
 
     def load_latest(self) -> LoadedState | None:
-        """The newest checkpoint whose digests verify; damaged ones are skipped (logged)."""
-        for step, _, path in reversed(self._complete()):
+        """The newest checkpoint whose digests verify, local or (with a remote) in object
+        storage; damaged or refused ones are skipped (logged). At the same step the local
+        copy is tried first; a remote one is downloaded into the local directory."""
+        candidates: list[tuple[int, bool, bool, Path | str]] = [
+            (step, final, True, path) for step, final, path in self._complete()
+        ]
+        if self.remote is not None:
+            candidates += [(s, f, False, name) for s, f, name in self.remote.states()]
+        for step, _, is_local, where in sorted(candidates, key=lambda c: c[:3], reverse=True):
+            origin = ""
             try:
+                if is_local:
+                    path = Path(where)
+                else:
+                    assert self.remote is not None
+                    origin = storage.join(self.remote.uri, str(where))
+                    path = self.remote.fetch(str(where), self.root)
                 _, digest = self.verify(path)
                 tensors = load_file(str(path / TENSORS))
                 state = json.loads((path / STATE).read_text())
-            except (StateCheckpointError, OSError, ValueError) as exc:
-                log.warning("training state %s is not usable (%s); trying an older one", path, exc)
+            except Exception as exc:  # noqa: BLE001 - damaged, refused or unreachable
+                log.warning(
+                    "training state %s is not usable (%s); trying an older one",
+                    origin or where,
+                    exc,
+                )
                 continue
-            return LoadedState(step, tensors, state, path, digest)
+            if origin:
+                log.info("training state %s downloaded from %s", path.name, origin)
+            return LoadedState(step, tensors, state, path, digest, origin)
+        if candidates:
+            log.warning(
+                "no usable training state in %s%s; training starts over",
+                self.root,
+                f" or {self.remote.uri}" if self.remote is not None else "",
+            )
         return None
 
     def clear(self) -> None:
+        """Remove every state of this run key: the local directory and the remote copy."""
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.remote is not None:
+            self.remote.clear()
+
+
+class RemoteStates:
+    """The object-storage copy of one run key's training states (``file://`` or ``s3://``,
+    through ``pipeline.storage``): ``<uri>/step-<step>[-final]/`` with the three files of a
+    local state, the manifest written last. Listing and writing failures are logged, never
+    raised: the local copy is the write-ahead one, training goes on without the mirror."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+
+    def _listing(self) -> dict[str, set[str]]:
+        """``{state directory name: file names}`` of everything under the prefix."""
+        out: dict[str, set[str]] = {}
+        for u in storage.list_uris(self.uri + "/"):
+            rest = u[len(self.uri) + 1 :] if u.startswith(self.uri + "/") else ""
+            parts = rest.split("/")
+            if len(parts) == 2 and _NAME.match(parts[0]):
+                out.setdefault(parts[0], set()).add(parts[1])
+        return out
+
+    def states(self) -> list[tuple[int, bool, str]]:
+        """(step, final, name) of every remote state with a manifest, oldest first; [] when
+        the storage cannot be listed (logged)."""
+        try:
+            listing = self._listing()
+        except Exception as exc:  # noqa: BLE001 - resume from the local copy, or start over
+            log.warning(
+                "cannot list the remote training states at %s (%s); using the local ones only",
+                self.uri,
+                exc,
+            )
+            return []
+        out = []
+        for name, files in listing.items():
+            m = _NAME.match(name)
+            if m and MANIFEST in files:
+                out.append((int(m.group(1)), bool(m.group(2)), name))
+        return sorted(out)
+
+    def upload(self, path: Path, keep: int) -> bool:
+        """Copy the complete local state ``path`` to ``<uri>/<its name>/`` (manifest last),
+        then prune the remote copy to ``keep`` states. False (and a warning) on failure."""
+        name = path.name
+        try:
+            self._delete_state(name)  # the same step saved again: replace it
+            for f in (TENSORS, STATE, MANIFEST):
+                storage.write_bytes(storage.join(self.uri, name, f), (path / f).read_bytes())
+            self._prune(name, keep)
+        except Exception as exc:  # noqa: BLE001 - never fatal to training
+            log.warning(
+                "training state %s not uploaded to %s (%s); the local copy is kept and "
+                "training goes on (a retry on another worker would resume from an older "
+                "remote state, or start over)",
+                name,
+                self.uri,
+                exc,
+            )
+            return False
+        return True
+
+    def _prune(self, newest: str, keep: int) -> None:
+        """Keep the ``keep`` newest states up to ``newest``; drop the rest, and states past
+        ``newest`` (left by an attempt that got further and was not resumed from)."""
+        m = _NAME.match(newest)
+        assert m is not None
+        top = (int(m.group(1)), bool(m.group(2)))
+        listing = self._listing()
+        named = sorted(
+            ((int(mm.group(1)), bool(mm.group(2))), n)
+            for n in listing
+            if (mm := _NAME.match(n)) is not None
+        )
+        complete = [k for k, n in named if k <= top and MANIFEST in listing[n]]
+        floor = complete[-keep] if len(complete) >= keep else (-1, False)
+        for k, n in named:
+            if k > top or k < floor:
+                self._delete_state(n, listing[n])
+
+    def _delete_state(self, name: str, files: set[str] | None = None) -> None:
+        """Remove one remote state, the manifest first (so it is never seen half-deleted)."""
+        if files is None:
+            files = self._listing().get(name, set())
+        for f in sorted(files, key=lambda f: f != MANIFEST):
+            storage.delete(storage.join(self.uri, name, f))
+
+    def clear(self) -> None:
+        try:
+            for name, files in self._listing().items():
+                self._delete_state(name, files)
+        except Exception as exc:  # noqa: BLE001 - leftovers are pruned by the next run
+            log.warning("remote training states at %s not removed (%s)", self.uri, exc)
+
+    def fetch(self, name: str, root: Path) -> Path:
+        """Download the remote state ``name`` into ``root/<name>`` (replacing a local copy of
+        that name, which did not verify) and return it, or raise StateCheckpointError saying
+        what is wrong with it. Checked before anything is parsed: the manifest's size and
+        shape, each file's size (bounded by the manifest and the free disk) and SHA-256, and
+        that ``state.json`` carries the manifest's fingerprint."""
+        where = storage.join(self.uri, name)
+        m = _NAME.match(name)
+        assert m is not None
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-remote-"))
+        try:
+            storage.download(
+                storage.join(where, MANIFEST), tmp / MANIFEST, max_bytes=MAX_MANIFEST_BYTES
+            )
+            manifest = _check_manifest(
+                (tmp / MANIFEST).read_bytes(), where, int(m.group(1)), bool(m.group(2))
+            )
+            files = manifest["files"]
+            need = sum(meta["size"] for meta in files.values())
+            free = shutil.disk_usage(root).free
+            if need > free:
+                raise StateCheckpointError(
+                    f"{where}: its files need {need} bytes, {root} has {free} free"
+                )
+            for f in (TENSORS, STATE):
+                meta = files[f]
+                got = storage.download(storage.join(where, f), tmp / f, max_bytes=meta["size"])
+                if got.size != meta["size"] or got.sha256 != meta["sha256"]:
+                    raise StateCheckpointError(
+                        f"{where}: {f} ({got.size} bytes, sha256 {got.sha256[:12]}) does not "
+                        f"match its manifest ({meta['size']} bytes, {meta['sha256'][:12]})"
+                    )
+            try:
+                fingerprint = json.loads((tmp / STATE).read_text()).get("fingerprint")
+            except (ValueError, AttributeError) as exc:
+                raise StateCheckpointError(f"{where}: unreadable {STATE}: {exc}") from None
+            if fingerprint != manifest["fingerprint"]:
+                raise StateCheckpointError(
+                    f"{where}: {STATE} is for fingerprint {str(fingerprint)[:12]}, its "
+                    f"manifest says {manifest['fingerprint'][:12]}"
+                )
+            for p in tmp.iterdir():
+                fsync_path(p)
+            fsync_path(tmp)
+            dest = root / name
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+            fsync_path(root)
+        except storage.IntegrityError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StateCheckpointError(f"{where}: refused: {exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+
+def _check_manifest(raw: bytes, where: str, step: int, final: bool) -> dict[str, Any]:
+    """A remote manifest, parsed and checked for shape; StateCheckpointError otherwise."""
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise StateCheckpointError(f"{where}: unreadable manifest: {exc}") from None
+    problem = None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        problem = "is not a JSON object"
+    elif manifest.get("format") != FORMAT:
+        problem = f"has format {manifest.get('format')!r}, not {FORMAT!r}"
+    elif manifest.get("step") != step or manifest.get("final") is not final:
+        problem = f"is for step {manifest.get('step')!r} (final {manifest.get('final')!r})"
+    elif not isinstance(manifest.get("fingerprint"), str) or not _HEX64.match(
+        manifest["fingerprint"]
+    ):
+        problem = "has no fingerprint"
+    elif not isinstance(files, dict) or set(files) != {TENSORS, STATE}:
+        problem = f"does not list exactly {TENSORS} and {STATE}"
+    else:
+        for f, meta in files.items():
+            if not (
+                isinstance(meta, dict)
+                and isinstance(meta.get("size"), int)
+                and not isinstance(meta.get("size"), bool)
+                and meta["size"] >= 0
+                and isinstance(meta.get("sha256"), str)
+                and _HEX64.match(meta["sha256"])
+            ):
+                problem = f"has no valid size and sha256 for {f}"
+                break
+    if problem:
+        raise StateCheckpointError(f"{where}: the manifest {problem}; refused")
+    return dict(manifest)
+
+
+def clear_remote(uri: str) -> None:
+    """Remove the remote training states under ``uri`` (the published model checkpoint
+    supersedes them); a failure is logged, not raised."""
+    RemoteStates(uri).clear()
 
 
 # -- RNG states as uint8 tensors --------------------------------------------------------------

@@ -13,7 +13,9 @@ Session fixtures, each a real process on 127.0.0.1 and a free port:
               auth manager, a shared JWT secret. Two users: ``admin`` (triggers the runs) and
               ``reviewer`` (role ``user``: answers approvals, ``test_stack_hitl.py``). Its
               models root links the shipped specs (``models/*``) and the stack-only ones
-              (``tests/stack/specs/*``).
+              (``tests/stack/specs/*``). ``airflow_config`` and ``serve_airflow`` build and
+              start it; ``test_stack_celery.py`` makes a second one with them (CeleryExecutor,
+              Redis, two workers), last in the suite, with this one paused (``others_paused``).
 
 Every process is started in its own session (``start_new_session=True``) and stopped with
 ``os.killpg`` (SIGTERM, then SIGKILL) so no child outlives the suite; at the end every port
@@ -36,6 +38,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,8 +93,13 @@ def pytest_collection_modifyitems(items):
     first = [i for i in stack if i.name == "test_trigger_retrain_run"]
     runs = [i for i in stack if Path(str(i.fspath)).name == "test_stack_runs.py"]
     last = [i for i in stack if Path(str(i.fspath)).name in after_first and i not in first]
-    middle = [i for i in stack if i not in first and i not in last and i not in runs]
-    items[:] = [i for i in items if i not in stack] + first + middle + last + runs
+    # The CeleryExecutor Airflow (test_stack_celery.py) comes after everything else: the
+    # LocalExecutor one is paused (SIGSTOP) while it runs, so the two never compete for CPU.
+    celery = [i for i in stack if Path(str(i.fspath)).name == "test_stack_celery.py"]
+    middle = [
+        i for i in stack if i not in first and i not in last and i not in runs and i not in celery
+    ]
+    items[:] = [i for i in items if i not in stack] + first + middle + last + runs + celery
 
 
 # --- process helpers ---------------------------------------------------------------------------
@@ -217,6 +225,31 @@ class Postgres:
 
     def url(self, db: str, driver: str = "psycopg2") -> str:
         return f"postgresql+{driver}://{db}:{self.passwords[db]}@{HOST}:{self.port}/{db}"
+
+    def create_database(self, db: str) -> None:
+        """Another database in this cluster, owned by a login role of the same name."""
+        if db in self.passwords:
+            return
+        pw = pwd.getpwnam("postgres")
+        password = secrets.token_hex(12)
+        for stmt in (
+            f"CREATE ROLE {db} LOGIN PASSWORD '{password}'",
+            f"CREATE DATABASE {db} OWNER {db}",
+            f"REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+        ):
+            subprocess.run(
+                [str(PG_BIN / "psql"), "-h", str(self.dir / "sock"), "-p", str(self.port)]
+                + ["-U", "postgres", "-v", "ON_ERROR_STOP=1", "-c", stmt],
+                env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8"},
+                check=True,
+                capture_output=True,
+                timeout=60,
+                user=pw.pw_uid,
+                group=pw.pw_gid,
+                extra_groups=[],
+                cwd=self.dir,
+            )
+        self.passwords[db] = password
 
 
 @pytest.fixture(scope="session")
@@ -659,18 +692,26 @@ class Airflow:
         )
 
 
-@pytest.fixture(scope="session")
-def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
-    """Environment + `airflow db migrate`, started early so it overlaps MLflow's start."""
-    home = workdir / "airflow"
+def airflow_config(
+    pg: Postgres,
+    s3: S3,
+    workdir: Path,
+    name: str = "airflow",
+    specs: tuple[Path, ...] = (ROOT / "models", STACK_SPECS),
+) -> Airflow:
+    """An Airflow's home ``workdir/<name>``, its environment and its database ``<name>`` in
+    ``pg`` (the suite's LocalExecutor one by default; test_stack_celery.py makes a second,
+    changing the executor), with a models root of the specs under ``specs``."""
+    home = workdir / name
     home.mkdir()
     # human paths (test_stack_hitl.py): the shipped specs (models/*) and the stack-only ones
     # (tests/stack/specs/*), linked into one models root that the DAGs and tasks read
-    models = workdir / "models"
+    models = workdir / ("models" if name == "airflow" else f"models-{name}")
     models.mkdir()
-    for spec_dir in [*(ROOT / "models").iterdir(), *STACK_SPECS.iterdir()]:
+    for spec_dir in [d for folder in specs for d in folder.iterdir()]:
         if (spec_dir / "model.yaml").is_file():
             (models / spec_dir.name).symlink_to(spec_dir, target_is_directory=True)
+    pg.create_database(name)
     api_port = free_port()
     env = {
         **os.environ,
@@ -692,7 +733,7 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
         ),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{HOST}:{api_port}/execution/",
         "AIRFLOW__CORE__FERNET_KEY": "",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg.url("airflow"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": pg.url(name),
         "AIRFLOW__API__HOST": HOST,
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__WORKERS": "1",
@@ -752,9 +793,15 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
     }
     for var in ("PIPELINE_EVAL_URI", "PIPELINE_EXECUTION_MODE", "PIPELINE_MLFLOW_TRACKING_URI"):
         env.pop(var, None)
-    af = Airflow(url=f"http://{HOST}:{api_port}", env=env, home=home)
-    log = home / "migrate.log"
-    af.procs["migrate"] = spawn([str(BIN / "airflow"), "db", "migrate"], env, log)
+    return Airflow(url=f"http://{HOST}:{api_port}", env=env, home=home)
+
+
+@pytest.fixture(scope="session")
+def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
+    """Environment + `airflow db migrate`, started early so it overlaps MLflow's start."""
+    af = airflow_config(pg, s3, workdir)
+    log = af.home / "migrate.log"
+    af.procs["migrate"] = spawn([str(BIN / "airflow"), "db", "migrate"], af.env, log)
     try:
         yield af
     finally:
@@ -762,10 +809,24 @@ def airflow_migrated(pg: Postgres, s3: S3, workdir: Path) -> Iterator[Airflow]:
             af.stop(name)
 
 
+SERVING: list[Airflow] = []  # the Airflows up now (test_stack_celery.py pauses the others)
+
+
 @pytest.fixture(scope="session")
 def airflow(airflow_migrated: Airflow, mlflow_server: MlflowServer) -> Iterator[Airflow]:
-    af = airflow_migrated
+    with serve_airflow(airflow_migrated, mlflow_server, DAG_ID) as af:
+        _fail_the_catchup_run(af)
+        yield af
+
+
+@contextmanager
+def serve_airflow(af: Airflow, mlflow_server: MlflowServer, dag_id: str) -> Iterator[Airflow]:
+    """Wait for ``af``'s migration, start its api-server, dag-processor and scheduler, make
+    the ``gpu`` pool, wait for ``dag_id`` to be parsed and unpause it; stop them on exit."""
     af.env["PIPELINE_MLFLOW_TRACKING_URI"] = mlflow_server.url
+    # the server's own credentials (a test module importing this file as tests.stack.conftest
+    # gets a second copy of its module-level secrets)
+    af.env["MLFLOW_TRACKING_USERNAME"], af.env["MLFLOW_TRACKING_PASSWORD"] = mlflow_server.admin
     migrate = af.procs.pop("migrate")
     try:
         rc = migrate.wait(timeout=300)
@@ -788,17 +849,19 @@ def airflow(airflow_migrated: Airflow, mlflow_server: MlflowServer) -> Iterator[
         )
         assert status in (200, 201, 409), (status, out)
         wait_for(
-            lambda: af.api("GET", f"dags/{DAG_ID}")[0] == 200,
-            f"{DAG_ID} parsed",
+            lambda: af.api("GET", f"dags/{dag_id}")[0] == 200,
+            f"{dag_id} parsed",
             180,
             af.procs["dag-processor"],
             af.home / "dag-processor.log",
         )
-        status, out = af.api("PATCH", f"dags/{DAG_ID}", {"is_paused": False})
+        status, out = af.api("PATCH", f"dags/{dag_id}", {"is_paused": False})
         assert status == 200, (status, out)
-        _fail_the_catchup_run(af)
+        SERVING.append(af)
         yield af
     finally:
+        if af in SERVING:
+            SERVING.remove(af)
         for name in ("scheduler", "dag-processor", "api-server"):
             af.stop(name)
 
@@ -828,6 +891,24 @@ def _fail_the_catchup_run(af: Airflow, timeout: float = 60) -> None:
                 assert status == 200, (status, out)
             return
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def others_paused() -> Iterator[None]:
+    """The Airflows serving now (the suite's LocalExecutor one) SIGSTOPped for a module that
+    brings its own (test_stack_celery.py), SIGCONTed after it: on two cores, an idle
+    scheduler and dag-processor still cost CPU."""
+    procs = [p for af in SERVING for p in af.procs.values() if p.poll() is None]
+    for p in procs:
+        os.killpg(p.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="session", autouse=True)
