@@ -200,7 +200,7 @@ class Segments:
 
 def unit_counts(named_params: Sequence[tuple[str, torch.Tensor]], sparse: set[str]) -> list[int]:
     """Units per tensor, for ``Segments(units=…)``: the first dimension of a weight of two
-    or more dimensions (an output unit of a linear layer, a channel of a convolution), each
+    or more dimensions (an output unit of a linear layer, an output map of a convolution), each
     entry of a 1-D tensor; 0 for the names in ``sparse`` (embedding tables) and scalars."""
     out = []
     for name, t in named_params:
