@@ -41,6 +41,18 @@ How it stays fast (exact where cheap, bounded where not)
     its stated bounds. KS, Sturges-binned PSI/JS and numeric value counts beyond 20
     values read one column in full (exact) because they are rare choices.
 
+Reference statistics, computed once
+    Everything the decision needs from the reference — per numeric column its finite
+    count, std, edges and CDF at them, value counts when few; per categorical column and
+    the target its value counts; the raw finite values of numeric columns with at most
+    ``SMALL_REFERENCE`` of them (the small-reference KS / chi-square path needs them: they
+    are kept, not recomputed) — is a :class:`ReferenceStats` (:func:`reference_statistics`).
+    ``pipeline.reference_stats`` stores it with each model version at registration, so a
+    drift check against the champion reads only the new batch. Only the rare exact
+    fallbacks (Wasserstein bounds straddling the threshold, a contract method that needs the
+    whole column) read the one reference column they need from the snapshot. Category
+    keys are summed in first-seen order, so a score is the same in every process.
+
 Memory: one record batch and a few thousand counters per column; one column at a time
 when a column is read in full. Evidently itself is kept for the human HTML report only,
 built on seeded samples (``sample_rows`` per side): ``evidently`` is imported there only.
@@ -170,8 +182,9 @@ def positive_rate(df: pd.DataFrame, contract: DataContract) -> float:
 def _percents(
     ref: dict[Any, int], cur: dict[Any, int], feel_zeroes: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``get_binned_data``'s value-count branch."""
-    keys = list(set(ref) | set(cur))
+    """``get_binned_data``'s value-count branch (keys in first-seen order, not a set's: the
+    sums, hence the scores, are then the same in every process, whatever its hash seed)."""
+    keys = list(dict.fromkeys([*ref, *cur]))
     n_ref, n_cur = sum(ref.values()), sum(cur.values())
     r = np.array([ref.get(k, 0) / n_ref for k in keys], dtype=np.float64)
     c = np.array([cur.get(k, 0) / n_cur for k in keys], dtype=np.float64)
@@ -204,7 +217,7 @@ def _from_counts(method: str, ref: dict[Any, int], cur: dict[Any, int]) -> float
     if method == "psi":
         return _psi(*_percents(ref, cur, feel_zeroes=True))
     if method == "chisquare":  # _chi_stat_test
-        keys = list(set(ref) | set(cur))
+        keys = list(dict.fromkeys([*ref, *cur]))
         n_ref, n_cur = sum(ref.values()), sum(cur.values())
         k_norm = n_cur / n_ref
         f_exp = [ref.get(k, 0) * k_norm for k in keys]
@@ -421,8 +434,92 @@ def _check_source(name: str, src: TableSource, columns: list[str]) -> None:
         raise ValueError(f"{name} batch lacks contract columns {missing}")
 
 
+@dataclass
+class ReferenceStats:
+    """What the drift decision needs from the reference, computed in one pass over it.
+
+    ``numeric``: per numeric column its :class:`_NumericReference` (finite count, std,
+    quantile + grid edges with the reference CDF at each, value counts when at most
+    ``_TRACK_VALUES`` values); ``categorical``: value counts of each categorical column and
+    the target (insertion order kept: the scores sum over it); ``raw``: the finite values of
+    each numeric column with at most ``SMALL_REFERENCE`` of them (what KS and chi-square on
+    raw values need on a small reference). Everything else — an exact Wasserstein distance
+    when the bounds straddle the threshold (rare), a contract method that needs the whole
+    column — is read from ``source`` (or the snapshot at ``source_uri``, opened only then),
+    one column at a time. ``pipeline.reference_stats`` stores these with a model version.
+    """
+
+    rows: int
+    numeric: dict[str, _NumericReference]
+    categorical: dict[str, Counter]
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
+    source: TableSource | None = None
+    source_uri: str | None = None
+    dictionary_columns: tuple[str, ...] = ()
+    reads: list[str] = field(default_factory=list)  # columns read in full from the source
+    _sample: Any = None  # (rows, seed, pa.Table) of the HTML sample, when known
+    _sample_loader: Any = None  # callable () -> (rows, seed, pa.Table), when stored elsewhere
+
+    def _open(self) -> TableSource:
+        if self.source is None:
+            if self.source_uri is None:
+                raise ValueError("these reference statistics have no source to read from")
+            self.source = open_source(self.source_uri, self.dictionary_columns)
+        return self.source
+
+    def values(self, col: str) -> np.ndarray:
+        """The finite values of numeric column ``col`` in full (stored, or read)."""
+        if col in self.raw:
+            return self.raw[col]
+        self.reads.append(col)
+        return _finite_values(self._open().column(col))
+
+    def sample(self, columns: list[str], rows: int, seed: int) -> pa.Table:
+        """The seeded sample the HTML page is built on (stored, or drawn from the source)."""
+        if self._sample is None and self._sample_loader is not None:
+            loader, self._sample_loader = self._sample_loader, None
+            self._sample = loader()
+        if self._sample is not None:
+            n, s, table = self._sample
+            if n == rows and s == seed and set(columns) <= set(table.column_names):
+                return table.select(columns)
+        return self._open().sample(columns, rows, seed)
+
+
+def reference_statistics(
+    reference: TableSource, contract: DataContract, *, source_uri: str | None = None
+) -> ReferenceStats:
+    """The reference side of :func:`detect_drift_sources`: numeric columns one at a time
+    (each sorted once), categorical columns and the target in one streaming pass."""
+    plan = _plan(contract)
+    _check_source("reference", reference, plan.columns)
+    ref_num: dict[str, _NumericReference] = {}
+    raw: dict[str, np.ndarray] = {}
+    for col in plan.numeric:
+        try:
+            x = _finite_values(reference.column(col))
+        except ValueError as exc:
+            raise ValueError(f"reference column {col}: {exc}; validate the batch first") from None
+        ref_num[col] = _NumericReference.build(x)
+        if len(x) <= SMALL_REFERENCE:
+            raw[col] = x
+    ref_cat: dict[str, Counter] = {c: Counter() for c in plan.categorical}
+    for batch in reference.batches(plan.categorical):
+        for i, col in enumerate(batch.schema.names):
+            _counts(batch.column(i), ref_cat[col])
+    return ReferenceStats(
+        rows=reference.num_rows,
+        numeric=ref_num,
+        categorical=ref_cat,
+        raw=raw,
+        source=reference,
+        source_uri=source_uri,
+        dictionary_columns=tuple(contract.categorical_features),
+    )
+
+
 def detect_drift_sources(
-    reference: TableSource,
+    reference: TableSource | ReferenceStats,
     current: TableSource,
     contract: DataContract,
     *,
@@ -432,26 +529,32 @@ def detect_drift_sources(
     html: bool = True,
 ) -> tuple[DriftReport, str]:
     """Compare ``current`` to ``reference`` in streaming passes; return the report and
-    (when ``html``) Evidently's HTML page built on seeded samples, else ``""``."""
+    (when ``html``) Evidently's HTML page built on seeded samples, else ``""``.
+
+    ``reference`` is a source (its statistics are computed here) or statistics computed
+    before (:func:`reference_statistics`; cached with the model version by
+    ``pipeline.reference_stats``): then only ``current`` is read, except the rare exact
+    fallbacks :class:`ReferenceStats` describes. Either way the report is the same."""
     plan = _plan(contract)
     share = contract.drift_share if share_threshold is None else share_threshold
-    for name, src in (("reference", reference), ("current", current)):
-        _check_source(name, src, plan.columns)
-
-    # Reference: numeric columns one at a time (sorted once), categorical in one pass.
-    ref_num: dict[str, _NumericReference] = {}
-    for col in plan.numeric:
-        try:
-            ref_num[col] = _NumericReference.build(_finite_values(reference.column(col)))
-        except ValueError as exc:
-            raise ValueError(f"reference column {col}: {exc}; validate the batch first") from None
-    ref_cat: dict[str, Counter] = {c: Counter() for c in plan.categorical}
-    for batch in reference.batches(plan.categorical):
-        for i, col in enumerate(batch.schema.names):
-            _counts(batch.column(i), ref_cat[col])
+    if not isinstance(reference, ReferenceStats):
+        _check_source("reference", reference, plan.columns)
+    _check_source("current", current, plan.columns)
+    ref = (
+        reference
+        if isinstance(reference, ReferenceStats)
+        else reference_statistics(reference, contract)
+    )
+    if ref.rows == 0:
+        raise ValueError("reference batch is empty; cannot compute drift")
+    lacking = [c for c in plan.numeric if c not in ref.numeric] + [
+        c for c in plan.categorical if c not in ref.categorical
+    ]
+    if lacking:
+        raise ValueError(f"reference statistics lack contract columns {lacking}")
 
     # Current: one pass over every compared column.
-    cur_num = {c: _NumericCurrent(ref_num[c].edges) for c in plan.numeric}
+    cur_num = {c: _NumericCurrent(ref.numeric[c].edges) for c in plan.numeric}
     cur_cat: dict[str, Counter] = {c: Counter() for c in plan.categorical}
     for batch in current.batches(plan.columns):
         for i, col in enumerate(batch.schema.names):
@@ -468,9 +571,9 @@ def detect_drift_sources(
 
     results: dict[str, ColumnDrift] = {}
     for col in plan.numeric:
-        results[col] = _numeric_drift(col, contract, ref_num[col], cur_num[col], reference, current)
+        results[col] = _numeric_drift(col, contract, ref, cur_num[col], current)
     for col in plan.categorical:
-        results[col] = _categorical_drift(col, contract, ref_cat[col], cur_cat[col])
+        results[col] = _categorical_drift(col, contract, ref.categorical[col], cur_cat[col])
 
     ordered = [results[c] for c in plan.columns]
     features = [d for d in ordered if d.column != plan.target]
@@ -480,9 +583,9 @@ def detect_drift_sources(
         drift_share=drift_share,
         share_threshold=share,
         columns=ordered,
-        reference_rows=reference.num_rows,
+        reference_rows=ref.rows,
         current_rows=current.num_rows,
-        reference_positive_rate=_rate(ref_cat[plan.target], contract.positive_label),
+        reference_positive_rate=_rate(ref.categorical[plan.target], contract.positive_label),
         current_positive_rate=_rate(cur_cat[plan.target], contract.positive_label),
         target=plan.target,
         rate_label="positive rate"
@@ -493,7 +596,7 @@ def detect_drift_sources(
     if html:
         columns = plan.columns
         page = evidently_html(
-            reference.sample(columns, sample_rows, seed).to_pandas(),
+            ref.sample(columns, sample_rows, seed).to_pandas(),
             current.sample(columns, sample_rows, seed + 1).to_pandas(),
             contract,
             share_threshold=share,
@@ -530,11 +633,11 @@ def _method(
 def _numeric_drift(
     col: str,
     contract: DataContract,
-    ref: _NumericReference,
+    stats: ReferenceStats,
     cur: _NumericCurrent,
-    reference: TableSource,
     current: TableSource,
 ) -> ColumnDrift:
+    ref = stats.numeric[col]
     if ref.n == 0 or cur.m == 0:
         side = "reference" if ref.n == 0 else "current"
         raise ValueError(
@@ -562,9 +665,7 @@ def _numeric_drift(
             col, method, score, threshold, _is_drift(method, score, threshold), True, score, score
         )
     # Exact on the full columns, one at a time.
-    score = _from_arrays(
-        method, _finite_values(reference.column(col)), _finite_values(current.column(col))
-    )
+    score = _from_arrays(method, stats.values(col), _finite_values(current.column(col)))
     return ColumnDrift(
         col, method, score, threshold, _is_drift(method, score, threshold), True, score, score
     )
@@ -627,7 +728,7 @@ def detect_drift(
 
 
 def detect_drift_uris(
-    reference_uri: str,
+    reference: str | ReferenceStats,
     current_uri: str,
     contract: DataContract,
     *,
@@ -638,10 +739,13 @@ def detect_drift_uris(
 ) -> tuple[DriftReport, str]:
     """:func:`detect_drift` on two Parquet objects, streaming (never a whole frame, nor a
     whole S3 object); a storage service that does not answer raises
-    :class:`~pipeline.storage.TransientStorageError` (retry), never a verdict."""
+    :class:`~pipeline.storage.TransientStorageError` (retry), never a verdict.
+
+    ``reference``: the reference's URI, or its statistics computed before (then only
+    ``current_uri`` is read; see :class:`ReferenceStats`)."""
     cats = contract.categorical_features
     return detect_drift_sources(
-        open_source(reference_uri, cats),
+        reference if isinstance(reference, ReferenceStats) else open_source(reference, cats),
         open_source(current_uri, cats),
         contract,
         share_threshold=share_threshold,

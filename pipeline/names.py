@@ -122,6 +122,9 @@ class RunTag(StrEnum):
     MODEL_VERSION = "model.version"
     RETRAIN_VERDICT = "retrain.verdict"
     RETRAIN_REASONS = "retrain.reasons"
+    # where detect_drift's reference statistics came from: the champion's cache, or
+    # "recomputed: <why>" (pipeline.reference_stats)
+    DRIFT_REFERENCE = "drift.reference_stats"
 
 
 class VersionTag(StrEnum):
@@ -148,6 +151,10 @@ class VersionTag(StrEnum):
     CANARY_VERDICT = "canary.verdict"
     CANARY_REASON = "canary.reason"
     CANARY_WEIGHT = "canary.weight"
+    # the version's cached reference statistics (pipeline.reference_stats): the runs:/ URI
+    # of their stats.json and its SHA-256, checked before a drift check trusts them
+    REFERENCE_STATS_URI = "reference_stats.uri"
+    REFERENCE_STATS_SHA256 = "reference_stats.sha256"
 
 
 def stage_verdict_tag(stage: str) -> str:
@@ -175,3 +182,4 @@ def run_key(dag_id: str, run_id: str) -> str:
 
 RECORDS_DIR = "records"  # stage records: records/<stage>.json on the MLflow run
 DECISIONS_DIR = "records/decisions"  # decision records: records/decisions/<kind>[-<n>].json
+REFERENCE_STATS_DIR = "reference_stats"  # a version run's cached reference statistics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -14,6 +15,7 @@ from pipeline.stages.context import RunContext, contract, record_stage, run_poli
 from pipeline.stages.records import Drifted, Ingested, RetrainDecided, Validated
 
 EVAL_SAMPLE_ROWS = 200_000  # champion scored on at most this many rows of a batch (seeded)
+_log = logging.getLogger(__name__)
 
 
 def resolve_batch_uri(param: str | None, asset_extras: list[dict[str, Any]], run_after: str) -> str:
@@ -178,7 +180,7 @@ def _metric_key(prefix: str, column: str) -> str:
 def detect_drift(ctx: RunContext, ingested: Ingested) -> Drifted:
     import pandas as pd
 
-    from pipeline import checkpoint, drift
+    from pipeline import checkpoint, drift, reference_stats
     from pipeline.evaluate import evaluate_model
     from pipeline.ingest import read_sample
 
@@ -195,12 +197,30 @@ def detect_drift(ctx: RunContext, ingested: Ingested) -> Drifted:
         )
         record_stage(rec)
         return rec
-    # Streaming statistics over both snapshots; Evidently's page on samples for people.
+    # The champion's reference statistics, cached at its registration and verified
+    # (pipeline.reference_stats); absent or untrusted: computed from its training snapshot.
+    # Then one streaming pass over the batch; Evidently's page on samples for people.
+    stats, how = reference_stats.load_for_version(champ, c)
+    if stats is None:
+        _log.warning(
+            "detect_drift: %s; computing them from %s", how, champ.tags[RunTag.SNAPSHOT_URI]
+        )
     report, html = drift.detect_drift_uris(
-        champ.tags[RunTag.SNAPSHOT_URI],
+        stats if stats is not None else champ.tags[RunTag.SNAPSHOT_URI],
         ingested.uri,
         c,
         share_threshold=active().retrain.drift_share,
+    )
+    if stats is not None:
+        if stats.reads:
+            how += f"; read from the snapshot for exact scores: {', '.join(stats.reads)}"
+        _log.info("detect_drift: %s", how)
+    registry.set_tags(
+        run_id,
+        {
+            RunTag.DRIFT_REFERENCE: ("cached: " if stats is not None else "recomputed: ")
+            + how[:4000]
+        },
     )
     html_obj = storage.write_text(
         storage.join(ingested.uri.rsplit("/", 1)[0], "reports", ctx.run_key, "drift.html"), html

@@ -39,7 +39,11 @@ def register_challenger(
 ) -> Registered:
     """Log the verified checkpoint as an MLflow model (from code: no pickle) with a
     signature and input example, register it as a version with lineage tags, and point
-    alias ``challenger`` at it. A retry finds the version this run already registered."""
+    alias ``challenger`` at it. A retry finds the version this run already registered.
+
+    The version's reference statistics (what a drift check against it needs; see
+    ``pipeline.reference_stats``) are computed here, once, from its training snapshot and
+    stored with it; the version's tags name them and their digest."""
     import pandas as pd
 
     from pipeline import checkpoint
@@ -62,6 +66,7 @@ def register_challenger(
             example = pd.read_parquet(local / checkpoint.PROBE_ROWS).head(5)
             info = registry.log_serving_model(run_id, local, example)
             tags = version_tags(ctx, ingested, trained, v, key_id, run)
+            tags.update(cache_reference_stats(run_id, ingested))
             version = registry.register_version(
                 run_id,
                 ctx.run_key,
@@ -83,6 +88,31 @@ def register_challenger(
     record_stage(rec)
     registry.set_tags(run_id, {RunTag.MODEL_VERSION: version})
     return rec
+
+
+def cache_reference_stats(run_id: str, ingested: Ingested) -> dict[str, str]:
+    """The reference statistics of the version's training snapshot, logged on its run; the
+    version tags naming them. A snapshot whose statistics cannot be cached (a category value
+    JSON cannot hold, an unexpected error) registers without them: drift checks then compute
+    them from the snapshot, as they would without a cache. A storage outage propagates (the
+    task retries)."""
+    import logging
+
+    from pipeline import reference_stats
+    from pipeline.stages.context import contract
+
+    try:
+        return reference_stats.store_for_run(run_id, ingested.uri, ingested.sha256, contract())
+    except Exception as exc:  # noqa: BLE001 - the cache is an optimisation, never a gate
+        if storage.is_transient(exc):
+            raise
+        logging.getLogger(__name__).warning(
+            "reference statistics of %s not cached (drift checks will compute them): %s: %s",
+            ingested.uri,
+            type(exc).__name__,
+            exc,
+        )
+        return {}
 
 
 def version_tags(

@@ -22,7 +22,11 @@ How it scales (10M rows never become one frame)
     ``sample_rows`` rows (every row when the batch is smaller, so small batches are checked
     by GX in full). We chose this over validating every row-group with GX and merging:
     merging GX results is not exact for uniqueness across chunks or for ``mostly``
-    fractions, and GX on pandas costs seconds per million rows. For a generated
+    fractions, and GX on pandas costs seconds per million rows. GX also costs ~10 ms per
+    expectation whatever the rows, so on a wide contract it cross-checks at most
+    ``entry.GX_CROSS_CHECKS`` (256) generated expectations: every failing one, then each
+    kind (expectation x column type) on its first columns in turn; the report's notes say
+    how many. For a generated
     expectation the exact streaming outcome is the verdict (``source="exact"``; GX's view
     of the sample is kept as ``gx_sample_success``); a user expectation has no exact
     twin, so GX's result on the sample is the verdict (``source="gx"`` when the sample is
