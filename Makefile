@@ -23,6 +23,8 @@ export AIRFLOW__API__HOST ?= 127.0.0.1
 export AIRFLOW__API__PORT ?= 8080
 export AIRFLOW__LOGGING__LOGGING_LEVEL ?= INFO
 export AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR ?= True
+# a worker is freed within 1 s of its task's end, not 5 (plugins/pipeline_executor.py)
+export AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL ?= 1
 export MLFLOW_HTTP_REQUEST_MAX_RETRIES ?= 2
 export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 30
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false

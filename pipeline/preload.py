@@ -43,6 +43,20 @@ MODULES: tuple[str, ...] = (
     "pipeline.canary",
     "pipeline.approval",
     "pipeline.quarantine",
+    # what the stages import on first use, inside their functions (found by diffing
+    # ``sys.modules`` around each stage in a preloaded process; benchmarks/orchestration_tax.py):
+    # AdamW's first step imports torch._dynamo (~1.8 s), the gradient plots matplotlib (~1.3 s),
+    # the embedded MLflow store its SQLAlchemy/alembic models (~0.7 s, every task on SQLite)
+    "torch._dynamo",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "pyarrow.dataset",
+    "mlflow.pyfunc",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "pipeline.train.launch",
+    "pipeline.reference_stats",
+    "pipeline.ledger",
 )
 
 

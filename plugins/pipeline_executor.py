@@ -18,6 +18,14 @@ there the preload would only cost memory. The DAG files are still parsed by each
 a changed DAG or spec is seen by the next task, as with the stock executor; a changed
 *pipeline module* is seen by tasks only after the scheduler (and so its workers) restarts —
 deploy new code by restarting, as the compose file and the Helm chart do.
+
+A worker is busy until the task SDK's supervisor returns, and in Airflow 3.3 that is often
+``[workers] min_heartbeat_interval`` (5 s by default) after the task process ended: when its
+sockets close before it is reaped, the supervisor sleeps one interval before it looks again.
+With two slots and a DAG of short tasks, both are often asleep and the next task waits:
+up to 12-18 s of a ``retrain_<model>`` run here (``benchmarks/orchestration_tax.py``).
+``AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL=1`` bounds the sleep to a second, for one
+heartbeat a second per running task on the API server (cheap on one host).
 """
 
 from __future__ import annotations

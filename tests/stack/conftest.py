@@ -748,6 +748,8 @@ def airflow_config(
         # look only at the runs they start.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        # a worker is freed within 1 s of its task's end, not 5 (plugins/pipeline_executor.py)
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
         # A killed scheduler's running tasks are found within ~30 s, not the 5 min default
         # (test_stack_runs.py); the deploy guide says what these cost in production.
