@@ -12,16 +12,17 @@ statistics (log-norm plateau every check; the EB criterion from exact per-sample
 variances every ``eb_every`` steps), and at each epoch end from the validation loss;
 its decision trace is logged to the run (``training/decision_trace.json``, whose
 ``records`` replay every non-continue decision: ``pipeline.decisions.replay``). Defaults
-keep all of this, telemetry (138 snapshots in 960 steps) and state checkpoints included,
-near 3% of step-loop CPU on the reference MLP (1.028×, ``python -m
-benchmarks.training_overhead``; the stopper and states alone ~2.5%).
+keep all of this, telemetry (209 snapshots taken in 960 steps, 81 kept) and state
+checkpoints included, at 3.5% of step-loop CPU on the reference MLP (1.035×, ``python -m
+benchmarks.training_overhead``; telemetry alone about 3%).
 Every ``snapshot_every`` steps ``GradientTelemetry`` copies the gradients and weights
 (two ``_foreach_copy_`` before, one after the step); their statistics are computed
-batched at the end of each epoch's step loop (``GradientTelemetry.flush``: one
-device→host copy). The cadence follows the budget (``telemetry_cadence``):
-``max_epochs × steps_per_epoch // telemetry_snapshots`` (128), so every run keeps a
-history (≥ 64 snapshots at half its budget), and at most 64 of them per tensor become run
-metrics, sent by a background thread at the end. The statistics are read after ``backward()`` (after
+batched, 64 snapshots at a time (``GradientTelemetry.flush``: one device→host copy). The
+cadence follows the budget (``telemetry_cadence``): first ``max_epochs × steps_per_epoch
+// (2 × telemetry_snapshots)``; a full history (128) keeps every other snapshot and halves
+the rate, so a run that stops at an eighth of its budget keeps 32 and any later stop
+64–128; at most 64 of them per tensor become run metrics, sent by a background thread at
+the end. The statistics are read after ``backward()`` (after
 the loss scaler's ``unscale_`` where one is used) and before ``clip_grad_norm_``: they
 describe the gradient the model produced, not the clipped one. Every
 ``state_every`` steps a training-state checkpoint is written atomically, so a killed or
