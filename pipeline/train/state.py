@@ -234,7 +234,11 @@ class TrainingStateStore:
                 _, digest = self.verify(path)
                 tensors = load_file(str(path / TENSORS))
                 state = json.loads((path / STATE).read_text())
-            except Exception as exc:  # noqa: BLE001 - damaged, refused or unreachable
+            except storage.TransientStorageError:
+                # the storage away is not a bad state: fail the task so it is retried, rather
+                # than start over (and then prune the remote states this attempt is behind)
+                raise
+            except Exception as exc:  # noqa: BLE001 - damaged or refused
                 log.warning(
                     "training state %s is not usable (%s); trying an older one",
                     origin or where,
@@ -280,9 +284,12 @@ class RemoteStates:
 
     def states(self) -> list[tuple[int, bool, str]]:
         """(step, final, name) of every remote state with a manifest, oldest first; [] when
-        the storage cannot be listed (logged)."""
+        the location cannot be listed for good (logged); a transient failure of the storage
+        (``TransientStorageError``) is raised: the task fails and is retried."""
         try:
             listing = self._listing()
+        except storage.TransientStorageError:
+            raise  # retried by the task's retries, never judged as "no remote states"
         except Exception as exc:  # noqa: BLE001 - resume from the local copy, or start over
             log.warning(
                 "cannot list the remote training states at %s (%s); using the local ones only",

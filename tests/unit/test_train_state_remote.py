@@ -254,3 +254,29 @@ def test_a_remote_state_of_the_same_step_is_replaced(tmp_path):
     back = TrainingStateStore(tmp_path / "b", remote=remote).load_latest()
     assert back is not None and back.state["epoch_seconds"] == 2.0
     assert back.origin == storage.join(remote, "step-000000000005")
+
+
+def test_storage_away_fails_the_resume_instead_of_starting_over(
+    df, contract, pipeline_home, tmp_path, monkeypatch
+):
+    """An S3 endpoint that does not answer is a transient failure: the training fails (its
+    task is retried) rather than starting over and then pruning the remote states it is
+    behind."""
+    from pipeline.settings import get_settings
+    from tests.unit._serving import free_port
+
+    for k, v in {
+        "PIPELINE_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens
+        "PIPELINE_S3_CONNECT_TIMEOUT_S": "1",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(storage.TransientStorageError):
+            train(df, contract, CFG, state_dir=tmp_path / "a", state_remote="s3://b/train-state/r")
+        assert not (tmp_path / "a").exists() or not any((tmp_path / "a").glob("step-*"))
+    finally:
+        get_settings.cache_clear()
