@@ -24,6 +24,7 @@ used is checked free again. Every wait is bounded.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pwd
@@ -44,6 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The stack tests import their helpers as ``from tests.stack.conftest import …``; pytest loads
+# this file under another module name first. Registering it under that name too makes those
+# imports find this module, not a second copy of it (a copy has its own generated secrets and
+# its own PORTS_USED, which the end-of-session port check would not see).
+if __name__ != "tests.stack.conftest":
+    importlib.import_module("tests.stack")  # its parents first: the dotted name resolves
+    sys.modules.setdefault("tests.stack.conftest", sys.modules[__name__])
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -826,8 +835,7 @@ def serve_airflow(af: Airflow, mlflow_server: MlflowServer, dag_id: str) -> Iter
     """Wait for ``af``'s migration, start its api-server, dag-processor and scheduler, make
     the ``gpu`` pool, wait for ``dag_id`` to be parsed and unpause it; stop them on exit."""
     af.env["PIPELINE_MLFLOW_TRACKING_URI"] = mlflow_server.url
-    # the server's own credentials (a test module importing this file as tests.stack.conftest
-    # gets a second copy of its module-level secrets)
+    # the credentials the server was started with
     af.env["MLFLOW_TRACKING_USERNAME"], af.env["MLFLOW_TRACKING_PASSWORD"] = mlflow_server.admin
     migrate = af.procs.pop("migrate")
     try:
