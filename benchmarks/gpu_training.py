@@ -35,10 +35,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 from benchmarks._targets import finish, target
+from benchmarks.training_overhead import interleave, paired_configs
 
 TARGET_OVERHEAD = 1.03
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.contract import load_contract
     from pipeline.data.generate import WorldSpec, generate
     from pipeline.settings import PROJECT_ROOT
-    from pipeline.train.loop import TrainConfig, default_stopper, iter_train, no_stopper
+    from pipeline.train.loop import iter_train
 
     def sync() -> None:
         if args.device == "cuda":
@@ -75,51 +77,47 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = client.create_experiment("gpu", artifact_location=(work / "artifacts").as_uri())
-    common = {"max_epochs": args.epochs, "batch_size": args.batch_size, "device": args.device}
+    common = {"batch_size": args.batch_size, "device": args.device}
 
     def paired(i: int, precision: str) -> dict[str, Any]:
         from pipeline.train.telemetry import MlflowRunSink
 
-        bare = TrainConfig(
-            **common,
-            precision=precision,
-            stopper=no_stopper(),
-            telemetry=False,
-            state_every=0,
-            check_every=10**9,
-        )
-        inst = TrainConfig(
-            **common, precision=precision, stopper={**default_stopper(), "min_steps": 10**9}
-        )
-        runs = {
-            "bare": iter_train(df, contract, bare),
-            "inst": iter_train(
-                df,
-                contract,
-                inst,
-                state_dir=work / f"state-{precision}-{i}",
-                sink=MlflowRunSink(client, client.create_run(exp).info.run_id),
-            ),
-        }
+        bare, inst = paired_configs(args.epochs, **common, precision=precision)
         loop = {"bare": 0.0, "inst": 0.0}  # the step loop's own time (history "seconds")
         epoch = {"bare": 0.0, "inst": 0.0}  # whole epochs, validation included, synced
-        results: dict[str, Any] = {}
-        order = ["bare", "inst"] if i % 2 == 0 else ["inst", "bare"]
-        while len(results) < 2:
-            for k in order:
-                if k in results:
-                    continue
+
+        def synced(k: str, run: Generator[dict[str, float], None, Any]) -> Any:
+            """``run``'s epochs, each timed between device syncs into ``epoch[k]``."""
+            while True:
                 sync()
                 t0 = time.perf_counter()
                 try:
-                    row = next(runs[k])
+                    row = next(run)
                 except StopIteration as done:  # end-of-run work (plots, npz): not timed
-                    results[k] = done.value
-                    continue
+                    return done.value
                 sync()
                 epoch[k] += time.perf_counter() - t0
-                loop[k] += row["seconds"]
-            order.reverse()
+                yield row
+
+        runs = {
+            "bare": synced("bare", iter_train(df, contract, bare)),
+            "inst": synced(
+                "inst",
+                iter_train(
+                    df,
+                    contract,
+                    inst,
+                    state_dir=work / f"state-{precision}-{i}",
+                    sink=MlflowRunSink(client, client.create_run(exp).info.run_id),
+                ),
+            ),
+        }
+        order = ["bare", "inst"] if i % 2 == 0 else ["inst", "bare"]
+
+        def add(k: str, row: dict[str, float]) -> None:
+            loop[k] += row["seconds"]
+
+        results = interleave(runs, order, add)
         assert results["bare"].steps == results["inst"].steps, "both must do the same steps"
         rows = results["bare"].train_rows * args.epochs
         return {

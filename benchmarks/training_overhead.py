@@ -37,10 +37,52 @@ import logging
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 from benchmarks._targets import finish, target
+
+
+def paired_configs(epochs: int, **common: Any) -> tuple[Any, Any]:
+    """(bare, instrumented) TrainConfigs doing the same steps: *bare* keeps only the per-step
+    non-finite check (no telemetry, no training states, no stopper checks); *instrumented*
+    is the pipeline's defaults with a stopper that never stops."""
+    from pipeline.train.loop import TrainConfig, default_stopper, no_stopper
+
+    bare = TrainConfig(
+        max_epochs=epochs,
+        stopper=no_stopper(),
+        telemetry=False,
+        state_every=0,
+        check_every=10**9,
+        **common,
+    )
+    instrumented = TrainConfig(
+        max_epochs=epochs, stopper={**default_stopper(), "min_steps": 10**9}, **common
+    )
+    return bare, instrumented
+
+
+def interleave(
+    runs: dict[str, Generator[dict[str, float], None, Any]],
+    order: list[str],
+    on_row: Callable[[str, dict[str, float]], None],
+) -> dict[str, Any]:
+    """Drive ``iter_train`` generators one epoch each in turn, ``order`` first and reversed
+    after every round, so a change of machine load hits them alike; ``on_row(name, row)``
+    sees each epoch's history row. Returns each run's TrainResult."""
+    results: dict[str, Any] = {}
+    while len(results) < len(runs):
+        for k in order:
+            if k in results:
+                continue
+            try:
+                on_row(k, next(runs[k]))
+            except StopIteration as done:
+                results[k] = done.value
+        order = order[::-1]
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.contract import load_contract
     from pipeline.data.generate import WorldSpec, generate
     from pipeline.settings import PROJECT_ROOT
-    from pipeline.train.loop import TrainConfig, default_stopper, iter_train, no_stopper
+    from pipeline.train.loop import iter_train
     from pipeline.train.model import pick_device
     from pipeline.train.telemetry import MlflowRunSink
 
@@ -70,16 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     exp = client.create_experiment("overhead", artifact_location=(work / "artifacts").as_uri())
 
-    bare = TrainConfig(
-        max_epochs=args.epochs,
-        stopper=no_stopper(),
-        telemetry=False,
-        state_every=0,
-        check_every=10**9,
-    )
-    instrumented = TrainConfig(
-        max_epochs=args.epochs, stopper={**default_stopper(), "min_steps": 10**9}
-    )
+    bare, instrumented = paired_configs(args.epochs)
 
     def paired(i: int) -> dict[str, Any]:
         runs = {
@@ -93,17 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         rows: dict[str, list[dict[str, float]]] = {"bare": [], "inst": []}
-        results: dict[str, Any] = {}
         order = ["bare", "inst"] if i % 2 == 0 else ["inst", "bare"]
-        while len(results) < 2:
-            for k in order:
-                if k in results:
-                    continue
-                try:
-                    rows[k].append(next(runs[k]))
-                except StopIteration as done:
-                    results[k] = done.value
-            order.reverse()
+        results = interleave(runs, order, lambda k, row: rows[k].append(row))
         out: dict[str, Any] = {}
         for k in ("bare", "inst"):
             r = results[k]

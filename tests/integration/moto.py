@@ -21,6 +21,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def use_s3(monkeypatch: pytest.MonkeyPatch, endpoint: str, **extra: str) -> None:
+    """Point the pipeline's S3 client at ``endpoint`` (test credentials, ``extra`` settings
+    besides) and drop the cached settings; monkeypatch undoes the environment."""
+    for k, v in {
+        "PIPELINE_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        **extra,
+    }.items():
+        monkeypatch.setenv(k, v)
+    from pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+
+
 @contextmanager
 def moto_server(env: dict[str, str] | None = None) -> Iterator[int]:
     """Start ``moto_server`` on a free port (its own process group), wait until it answers,

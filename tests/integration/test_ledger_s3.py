@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pipeline import ledger, storage
-from tests.integration.moto import moto_server
+from tests.integration.moto import moto_server, use_s3
 from tests.unit._ledger import write_concurrently
 
 pytestmark = pytest.mark.integration
@@ -24,19 +24,11 @@ def s3_root(pipeline_home, monkeypatch):
 
     with moto_server() as port:
         endpoint = f"http://127.0.0.1:{port}"
-        for k, v in {
-            "PIPELINE_S3_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(k, v)
         bucket = f"ledger{time.time_ns()}"
+        use_s3(monkeypatch, endpoint, PIPELINE_STORAGE_URI=f"s3://{bucket}/pipeline")
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        monkeypatch.setenv("PIPELINE_STORAGE_URI", f"s3://{bucket}/pipeline")
         from pipeline.settings import get_settings
 
-        get_settings.cache_clear()
         yield boto3.client("s3", endpoint_url=endpoint), bucket
         get_settings.cache_clear()
 

@@ -49,14 +49,6 @@ def gated_tags(uri: str, **extra: str) -> dict[str, str]:
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Servers:
     """Real uvicorn servers on 127.0.0.1, each in a thread of this process: ``start(app)``
     returns its URL once it accepts connections; ``stop()`` ends every one started."""
@@ -69,6 +61,8 @@ class Servers:
         import time
 
         import uvicorn
+
+        from tests.integration.moto import free_port
 
         port = port or free_port()
         server = uvicorn.Server(

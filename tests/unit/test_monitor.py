@@ -34,7 +34,8 @@ from pipeline.serving.service import LoadedModel, ScoringService, ServedModel
 from pipeline.spec import get_spec, use_spec
 from pipeline.train.features import fit_features
 from pipeline.train.model import MLP, ModelConfig
-from tests.unit._serving import Servers, free_port, records
+from tests.integration.moto import free_port
+from tests.unit._serving import Servers, records
 
 FRAUD = "card_fraud"
 FEEDBACK_TOKEN = "feedback-" + "d3" * 20

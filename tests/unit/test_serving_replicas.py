@@ -29,7 +29,8 @@ from pipeline.serving.schema import RowValidator
 from pipeline.serving.service import LoadedModel, ModelRefused, ScoringService, ServedModel
 from pipeline.train.features import fit_features
 from pipeline.train.model import MLP, ModelConfig
-from tests.unit._serving import Servers, free_port
+from tests.integration.moto import free_port
+from tests.unit._serving import Servers
 
 FRAUD = "card_fraud"
 FEEDBACK_TOKEN = "feedback-" + "f2" * 20

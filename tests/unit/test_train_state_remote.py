@@ -20,7 +20,7 @@ from pipeline.data.generate import WorldSpec, generate
 from pipeline.train import state as train_state
 from pipeline.train.loop import TrainConfig, iter_train, train
 from pipeline.train.state import MANIFEST, STATE, TENSORS, TrainingStateStore
-from tests.integration.moto import moto_server
+from tests.integration.moto import free_port, moto_server, use_s3
 
 CFG = TrainConfig(
     max_epochs=4, seed=3, state_every=7, check_every=5, snapshot_every=6, batch_size=256
@@ -59,16 +59,7 @@ def remote(request, pipeline_home, tmp_path, monkeypatch) -> str:
     import boto3
 
     endpoint = request.getfixturevalue("s3_endpoint")
-    for k, v in {
-        "PIPELINE_S3_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    from pipeline.settings import get_settings
-
-    get_settings.cache_clear()
+    use_s3(monkeypatch, endpoint)
     bucket = f"b{time.time_ns()}"
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     return f"s3://{bucket}/storage/train-state/run-1"
@@ -263,17 +254,9 @@ def test_storage_away_fails_the_resume_instead_of_starting_over(
     task is retried) rather than starting over and then pruning the remote states it is
     behind."""
     from pipeline.settings import get_settings
-    from tests.unit._serving import free_port
 
-    for k, v in {
-        "PIPELINE_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens
-        "PIPELINE_S3_CONNECT_TIMEOUT_S": "1",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    get_settings.cache_clear()
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    use_s3(monkeypatch, nobody, PIPELINE_S3_CONNECT_TIMEOUT_S="1")
     try:
         with pytest.raises(storage.TransientStorageError):
             train(df, contract, CFG, state_dir=tmp_path / "a", state_remote="s3://b/train-state/r")
