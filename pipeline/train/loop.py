@@ -4,25 +4,28 @@ Data stays on the device as tensors and is shuffled by index each epoch: no per-
 DataLoader on the hot path. Device is picked automatically (CUDA, then MPS, then CPU);
 on CUDA the forward pass runs under bf16 autocast and AdamW is fused. Optimizers: AdamW
 or SGD with momentum; learning rate: linear warmup then cosine or step decay; gradients
-clipped by global norm. Every epoch the validation set is scored (loss, ROC AUC, PR AUC
-for binary targets) and the best weights (lowest validation loss) are restored at the end.
+clipped by global norm. The validation set is scored (loss, ROC AUC, PR AUC for binary
+targets) at every epoch's end and, on short epochs, within them (``validate_every``,
+``validation_cadence``: by default at the check cadence, at most 4 times an epoch), and
+the best weights (lowest validation loss) are restored at the end.
 
 Every ``check_every`` steps the ``GradientPlateauStopper`` decides from gradient
 statistics (log-norm plateau every check; the EB criterion from exact per-sample
-variances every ``eb_every`` steps), and at each epoch end from the validation loss;
+variances every ``eb_every`` steps), and at each validation from the validation loss;
 its decision trace is logged to the run (``training/decision_trace.json``, whose
 ``records`` replay every non-continue decision: ``pipeline.decisions.replay``). Defaults
-keep all of this, telemetry (209 snapshots taken in 960 steps, 81 kept) and state
-checkpoints included, at 3.5% of step-loop CPU on the reference MLP (1.035×, ``python -m
-benchmarks.training_overhead``; telemetry alone about 3%).
+keep all of this, telemetry (137 snapshots taken in 960 steps, 41 kept) and state
+checkpoints included, at about 2% of step-loop CPU on the reference MLP (``python -m
+benchmarks.training_overhead``; telemetry alone about 1%).
 Every ``snapshot_every`` steps ``GradientTelemetry`` copies the gradients and weights
-(two ``_foreach_copy_`` before, one after the step); their statistics are computed
-batched, 64 snapshots at a time (``GradientTelemetry.flush``: one device→host copy). The
+(one call each into a preallocated buffer row: two before, one after the step); their
+statistics are computed batched when the history is read (``GradientTelemetry.flush``:
+one device→host copy), so a snapshot the history drops costs only its copies. The
 cadence follows the budget (``telemetry_cadence``): first ``max_epochs × steps_per_epoch
-// (2 × telemetry_snapshots)``; a full history (128) keeps every other snapshot and halves
-the rate, so a run that stops at an eighth of its budget keeps 32 and any later stop
-64–128; at most 64 of them per tensor become run metrics, sent by a background thread at
-the end. The statistics are read after ``backward()`` (after
+// (4 × telemetry_snapshots)`` (budget / 256); a full history (64) keeps every other
+snapshot and halves the rate, so a run that stops at an eighth of its budget keeps 32 and
+any later stop 32–64; at most 64 of them per tensor become run metrics, sent by a
+background thread at the end. The statistics are read after ``backward()`` (after
 the loss scaler's ``unscale_`` where one is used) and before ``clip_grad_norm_``: they
 describe the gradient the model produced, not the clipped one. Every
 ``state_every`` steps a training-state checkpoint is written atomically, so a killed or
@@ -96,8 +99,10 @@ log = logging.getLogger(__name__)
 
 def default_stopper() -> dict[str, Any]:
     """Our stopper: EB criterion or log-norm plateau (no significant trend), confirmed on
-    3 checks, stops once the last validation also gained < 1% (relative) on the best;
-    a relative val-loss patience of 3 is the backstop (``pipeline.train.stopping``)."""
+    3 checks, stops once validation agrees: the best validation loss gained < 0.3%
+    (relative) over the last epoch of validations, or the last validation is > 1% above
+    the best (Prechelt's GL_1); a relative val-loss patience of 3 epochs is the backstop
+    (``pipeline.train.stopping``)."""
     return {
         "eb": True,
         "eb_window": 4,
@@ -111,7 +116,8 @@ def default_stopper() -> dict[str, Any]:
         "val_min_delta": 1e-3,
         "patience": 3,
         "val_window": 1,
-        "val_window_delta": 1e-2,
+        "val_window_delta": 3e-3,
+        "val_rise": 1e-2,
         "warmup_steps": 50,
         "confirm": 3,
     }
@@ -160,13 +166,19 @@ class TrainConfig:
     stopper: dict[str, Any] = field(default_factory=default_stopper)
     check_every: int = 32  # stopper checks (gradient-norm evidence is accumulated every step)
     eb_every: int = 64  # per-sample variance for EB: every eb_every // check_every-th check
-    # Gradient telemetry cadence: snapshot_every 0 (the default) derives it from the budget,
-    # max(1, expected steps // telemetry_snapshots), so a run that uses its whole budget keeps
-    # ~telemetry_snapshots snapshots and one that stops at half of it still half as many; a
-    # positive snapshot_every forces that cadence. At most TELEMETRY_METRIC_POINTS snapshots
-    # (evenly spaced, plus the one at the stop) become run metrics; gradients.npz keeps all.
+    # Validation cadence (``validation_cadence``): the validation set is scored every
+    # ``validate_every`` batches of an epoch and at its end; 0 (the default) derives it from
+    # the check cadence, between once and 4 times an epoch; -1: once an epoch (the classic).
+    validate_every: int = 0
+    # Gradient telemetry cadence: snapshot_every 0 (the default) derives it from the budget
+    # (``telemetry_cadence``: first max(1, expected steps // (4 × telemetry_snapshots)), at
+    # most telemetry_snapshots kept, thinned by halves), so a run that stops at an eighth of
+    # its budget keeps telemetry_snapshots / 2 and any later stop between half and all of
+    # them; a positive snapshot_every forces the first cadence. At most
+    # TELEMETRY_METRIC_POINTS snapshots (evenly spaced, the last one always) become run
+    # metrics; gradients.npz keeps all.
     snapshot_every: int = 0
-    telemetry_snapshots: int = 128
+    telemetry_snapshots: int = 64
     state_every: int = 500  # training-state checkpoints; 0: none
     telemetry: bool = True
 
@@ -199,6 +211,16 @@ class TrainConfig:
             )
         if self.eb_every < 1:
             raise ValueError(f"eb_every must be >= 1, got {self.eb_every}")
+        if self.validate_every < -1:
+            raise ValueError(
+                f"validate_every must be a number of batches >= 1, 0 (derived from check_every)"
+                f" or -1 (once an epoch), got {self.validate_every}"
+            )
+        if "val_per_epoch" in self.stopper:
+            raise ValueError(
+                "stopper option val_per_epoch is set by the training loop from its validation "
+                "cadence; set TrainConfig.validate_every instead"
+            )
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError("warmup_steps >= 0, min_lr_ratio in [0, 1], lr_gamma in (0, 1]")
         GradientPlateauStopper(**self.stopper)  # validates the stopper configuration
@@ -231,6 +253,8 @@ class TrainResult:
     train_rows: int = 0
     val_rows: int = 0
     steps: int = 0
+    validations: int = 0  # passes over the validation set (each val_rows rows)
+    best_step: int = 0  # the step of the kept weights' validation (restore_best)
     world_size: int = 1  # training processes (torchrun ranks); this result is rank ``rank``'s
     rank: int = 0
     resumed_from: dict[str, Any] | None = None
@@ -268,13 +292,43 @@ TELEMETRY_METRIC_POINTS = 64  # per tensor and statistic, as run metrics
 
 def telemetry_cadence(config: TrainConfig, steps_per_epoch: int) -> int:
     """The first snapshot_every for a run of ``config.max_epochs`` × ``steps_per_epoch``
-    expected steps: a rate of ``2 × telemetry_snapshots`` (N) over the whole budget. The
-    telemetry keeps at most N (``max_history``): when full, it keeps every other snapshot and
-    snapshots half as often. So a run that stops early keeps 2N × (its share of the budget) —
-    N/4 = 32 at an eighth, N/2 at a quarter — and any later stop keeps between N/2 and N,
-    evenly spaced (all in gradients.npz; TELEMETRY_METRIC_POINTS of them become run metrics)."""
+    expected steps: a rate of ``4 × telemetry_snapshots`` (N = 64: 256) over the whole
+    budget. The telemetry keeps at most N (``max_history``): when full, it keeps every other
+    snapshot and snapshots half as often. So a run that stops before a quarter of its budget
+    keeps 4N × (its share of the budget) — N/2 = 32 at an eighth — and any later stop keeps
+    between N/2 and N, evenly spaced (all in gradients.npz; TELEMETRY_METRIC_POINTS of them
+    become run metrics). A full run takes about 2N snapshots to keep N/2 to N: the first N
+    at the first rate, then N/2 per doubling of the interval."""
     expected = max(1, config.max_epochs * steps_per_epoch)
-    return config.snapshot_every or max(1, expected // (2 * config.telemetry_snapshots))
+    return config.snapshot_every or max(1, expected // (4 * config.telemetry_snapshots))
+
+
+VALIDATIONS_PER_EPOCH_MAX = 4  # the derived validation cadence's upper bound
+
+
+def validation_cadence(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Batches between validations within an epoch (``steps_per_epoch``: once an epoch,
+    at its end): one after every ``cadence`` batches and one after the epoch's last
+    (``validation_positions``). ``validate_every`` 0 derives it: the gradient-check
+    cadence, so every validation can meet a fresh gradient verdict, but at least a quarter
+    of an epoch (at most ``VALIDATIONS_PER_EPOCH_MAX`` passes an epoch, to bound the cost)
+    and at most an epoch. Why more often than once an epoch on small data: a rule that
+    waits for validation to agree stops no earlier than the validation after the best one,
+    and with ~10 batches an epoch that is a whole epoch late."""
+    spe = max(1, steps_per_epoch)
+    if config.validate_every == -1:
+        return spe
+    if config.validate_every > 0:
+        return min(spe, config.validate_every)
+    return min(spe, max(config.check_every, math.ceil(spe / VALIDATIONS_PER_EPOCH_MAX)))
+
+
+def validation_positions(every: int, steps_per_epoch: int) -> list[int]:
+    """After which batches of an epoch (1-based) the validation set is scored, at
+    ``validation_cadence`` ``every``: every ``every``-th, and the epoch's last (so
+    ``ceil(steps_per_epoch / every)`` an epoch; the last interval may be shorter)."""
+    spe = max(1, steps_per_epoch)
+    return [*range(every, spe, every), spe]
 
 
 def _fingerprint(config: TrainConfig, *arrays: np.ndarray) -> str:
@@ -483,6 +537,8 @@ class _Progress:
     epoch_seconds: float = 0.0  # this epoch's step loop: wall time
     epoch_cpu_seconds: float = 0.0  # ... and the training thread's CPU time
     tel_cpu_mark: float = 0.0  # the telemetry sender's CPU seconds at the epoch's start
+    validations: int = 0  # passes over the validation set so far
+    best_step: int = 0  # the step of the lowest validation loss so far
 
 
 class TrainingRun:
@@ -600,7 +656,11 @@ class TrainingRun:
     def _build_instruments(self) -> None:
         """Stopper, per-sample statistics, telemetry, state store, loss, shuffling RNG."""
         config = self.config
-        self.stopper = GradientPlateauStopper(**config.stopper)
+        every = validation_cadence(config, self.steps_per_epoch)
+        positions = validation_positions(every, self.steps_per_epoch)
+        self.val_within = frozenset(positions[:-1])  # the last one is the epoch's end
+        # the stopper counts validations; its patience and window are in epochs
+        self.stopper = GradientPlateauStopper(**config.stopper, val_per_epoch=len(positions))
         self.eb_stats = PerSampleGradStats(self.model) if self.stopper.eb else None
         self.telemetry = (
             GradientTelemetry(
@@ -626,6 +686,7 @@ class TrainingRun:
         self.clip = config.grad_clip if config.grad_clip is not None else math.inf
         self.acc = _Accumulator(self.device)
         self.eb_checks = max(1, config.eb_every // config.check_every)
+        self._last_val: tuple[int, dict[str, float]] | None = None  # (step, metrics)
 
     def _start_result(self) -> None:
         self.result = TrainResult(
@@ -713,7 +774,9 @@ class TrainingRun:
 
     def _already_finished(self) -> TrainResult:
         self.model.eval()
-        self.result.steps = self.progress.step
+        p = self.progress
+        self.result.steps, self.result.validations = p.step, p.validations
+        self.result.best_step = p.best_step
         self.result.decision_trace = self.stopper.trace
         if self.telemetry:
             self.result.telemetry = self.telemetry.close()
@@ -775,6 +838,8 @@ class TrainingRun:
         host = self._read_back(loss, norm, parts, check)
         if check:
             self._check(step, host, eb_due, batch)
+        if p.pos in self.val_within and not p.stopped:
+            self._validate_within_epoch()  # the epoch's last one is _end_epoch's
         if self.store is not None and step % config.state_every == 0 and not p.stopped:
             self._t0 = self._lap()
             self._snapshot_state()
@@ -923,27 +988,52 @@ class TrainingRun:
         p = self.progress
         metrics = self._validate()
         tel_cpu = self._record_epoch(metrics, partial)
-        if metrics["log_loss"] < p.best_loss:
-            p.best_loss = metrics["log_loss"]
-            self.best_state.update(
-                {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            )
-            self.result.best_epoch, self.result.val_metrics = p.epoch, metrics
+        self._keep_if_best(metrics)
         self.acc.reset_epoch()
         p.epoch_seconds = p.epoch_cpu_seconds = 0.0
         p.tel_cpu_mark = tel_cpu
         if not partial and not p.stopped:
-            ev = StopEvidence(step=p.step, epoch=p.epoch, val_loss=metrics["log_loss"])
-            self._handle(self.stopper.update(ev))
+            self._val_decision(metrics)
+
+    def _validate_within_epoch(self) -> None:
+        """A validation within the epoch (``validation_positions``): the best
+        weights and the stopper's validation decision, as at an epoch's end. Not step-loop
+        time (``epoch_seconds``), like the epoch-end validation."""
+        self._lap()
+        metrics = self._validate()
+        self.model.train()
+        self._keep_if_best(metrics)
+        self._val_decision(metrics)
+        self._t0 = self._now()
+
+    def _keep_if_best(self, metrics: dict[str, float]) -> None:
+        p = self.progress
+        if metrics["log_loss"] < p.best_loss:
+            p.best_loss, p.best_step = metrics["log_loss"], p.step
+            self.best_state.update(
+                {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            )
+            self.result.best_epoch, self.result.val_metrics = p.epoch, metrics
+
+    def _val_decision(self, metrics: dict[str, float]) -> None:
+        p = self.progress
+        ev = StopEvidence(step=p.step, epoch=p.epoch, val_loss=metrics["log_loss"])
+        self._handle(self.stopper.update(ev))
 
     def _validate(self) -> dict[str, float]:
-        """The validation set's metrics; weights that overflowed in the last step(s) diverge."""
+        """The validation set's metrics; weights that overflowed in the last step(s) diverge.
+        One pass per step: an epoch cut short right after a validation reuses it."""
         p = self.progress
+        if self._last_val is not None and self._last_val[0] == p.step:
+            return self._last_val[1]
         proba = predict_proba(self.model, self.x_va).float().cpu().numpy()
+        p.validations += 1
         if not np.isfinite(proba).all():
             ev = StopEvidence(step=p.step, epoch=p.epoch, val_loss=float("nan"))
             self._diverge(self.stopper.update(ev))
-        return classification_metrics(self.y_va, proba)
+        metrics = classification_metrics(self.y_va, proba)
+        self._last_val = (p.step, metrics)
+        return metrics
 
     def _record_epoch(self, metrics: dict[str, float], partial: bool) -> float:
         """Append and log the epoch's history row; returns the telemetry sender's CPU
@@ -988,7 +1078,7 @@ class TrainingRun:
         r, p = self.result, self.progress
         if not r.stop_reason:
             r.stop_reason = "max_epochs"
-        r.steps = p.step
+        r.steps, r.validations, r.best_step = p.step, p.validations, p.best_step
         tel = self.telemetry
         if tel:
             tel.flush()  # the pending snapshots first: is the stop step one of them?
@@ -998,7 +1088,7 @@ class TrainingRun:
             self.model.load_state_dict(self.best_state)
         else:  # the last weights: report their validation metrics
             last = r.history[-1]
-            r.best_epoch = int(last["epoch"])
+            r.best_epoch, r.best_step = int(last["epoch"]), p.step
             r.val_metrics = {
                 k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")
             }

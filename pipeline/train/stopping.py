@@ -25,23 +25,37 @@
   log‖g‖ over the last ``norm_window`` checks, per 1000 steps, below ``norm_tol`` — or,
   with ``norm_t``, not significantly non-zero (|slope| < ``norm_t`` × its standard
   error): a fixed ``norm_tol`` means a different thing on every batch size and cadence.
-* **validation-loss plateau** (optional): ``patience`` validations without an
+* **validation-loss plateau** (optional): ``patience`` epochs of validations without an
   improvement of ``val_min_delta`` — absolute, or relative to |best| (``val_mode``).
 
+**Validations, not epochs.** The stopper sees every validation the loop runs; with
+``val_per_epoch`` of them an epoch (set by the loop from ``TrainConfig.validate_every``,
+``pipeline.train.loop.validation_cadence``) ``patience`` and ``val_window`` stay in
+epochs: ``patience × val_per_epoch`` validations (``patience_validations``), a window
+of ``val_window × val_per_epoch`` (``window_validations``). With one validation an
+epoch (``val_per_epoch`` 1, the default and every older record) nothing changes.
+
 **Gradient and validation must agree** (``val_window`` > 0, the pipeline default): a
-confirmed gradient signal stops only when the best validation loss fell by no more
-than ``val_window_delta`` (default ``val_min_delta``; relative to it in ``rel`` mode)
-over the last ``val_window`` validations, together. Until then the decision is
-``continue`` / ``val_improving``; the validation that completes the plateau stops at
-once if the gradient is confirmed then (reason: the gradient signal). Why: on data the
-stopper was not tuned on (issue 16), an adaptive optimizer's gradient norm settles at
-its noise floor epochs before the validation loss stops falling, and the gradient rule
-alone cost holdout AUC; the validation set is what says the fit still improves.
-``patience`` stays as the backstop for a validation loss that rises (overfitting) while
-the training gradient is still far from noise. The pipeline default
-(``pipeline.train.loop.default_stopper``): EB or ``norm_t`` 2, ``confirm`` 3,
-``val_window`` 1 with ``val_window_delta`` 1% relative, patience 3; measured by
-``python -m benchmarks.plateau_stopping`` on four datasets. The divergence baseline is the lowest
+confirmed gradient signal stops only when validation has stopped improving — the best
+validation loss fell by no more than ``val_window_delta`` (default ``val_min_delta``;
+relative to it in ``rel`` mode) over the last ``val_window`` epochs of validations,
+together; or, with ``val_rise``, the last validation is more than ``val_rise``
+(relative) above the best: Prechelt's generalization loss GL_α ("Early stopping — but
+when?", 1998), the fit is past its best however recent that best is. Until then the
+decision is ``continue`` / ``val_improving``; the validation that completes the plateau
+stops at once if the gradient is confirmed then (reason: the gradient signal). Why: on
+data the stopper was not tuned on (issue 16), an adaptive optimizer's gradient norm
+settles at its noise floor epochs before the validation loss stops falling, and the
+gradient rule alone cost holdout AUC; the validation set is what says the fit still
+improves. Why both forms: the window is robust on a flat, noisy validation loss (the
+reference data: a window shorter than an epoch "agrees" on noise and cost AUC), and
+the rise reacts within a validation or two to a sharp minimum (small sets that overfit
+early), where the window would wait an epoch. ``patience`` stays as the backstop for a
+validation loss that rises while the training gradient is still far from noise. The
+pipeline default (``pipeline.train.loop.default_stopper``): EB or ``norm_t`` 2,
+``confirm`` 3, ``val_window`` 1 epoch with ``val_window_delta`` 0.3% relative,
+``val_rise`` 1%, patience 3 epochs; measured by ``python -m benchmarks.plateau_stopping``
+on four datasets. The divergence baseline is the lowest
 window-mean norm (only the first window uses its smallest step): on near-separable
 data single batches have a gradient near 0, and 1000× that is an ordinary batch.
 
@@ -113,7 +127,8 @@ class StopEvidence:
     ``PerSampleGradStats``); ``grad_norm`` the mean pre-clip norm since the last check,
     ``log_grad_norm`` the mean of its logarithm, ``max_grad_norm`` the largest.
     ``min_grad_norm`` the smallest (the divergence baseline is the lowest norm seen).
-    ``val_loss`` is set on validation evidence (end of an epoch).
+    ``val_loss`` is set on validation evidence (every validation the loop runs: at each
+    epoch's end, and within epochs at ``TrainConfig.validate_every``).
     """
 
     step: int
@@ -142,6 +157,7 @@ class StopperState:
     best_val: float | None = None
     bad_vals: int = 0
     val_bests: tuple[float, ...] = ()  # the running best after each of the last validations
+    last_val: float | None = None  # the last validation loss
     lr_reductions: int = 0
     cooldown_left: int = 0
     stopped: bool = False
@@ -247,8 +263,10 @@ class GradientPlateauStopper:
         val_mode: str = "off",
         val_min_delta: float = 1e-3,
         patience: int = 3,
+        val_per_epoch: int = 1,
         val_window: int = 0,
         val_window_delta: float | None = None,
+        val_rise: float | None = None,
         warmup_steps: int = 0,
         min_steps: int = 0,
         max_steps: int | None = None,
@@ -279,17 +297,21 @@ class GradientPlateauStopper:
             raise ValueError(
                 f"bad step bounds: warmup={warmup_steps} min={min_steps} max={max_steps}"
             )
+        if val_per_epoch < 1:
+            raise ValueError(f"val_per_epoch must be >= 1, got {val_per_epoch}")
         if val_window < 0 or (val_window > 0 and val_mode == "off"):
             raise ValueError(
                 f"val_window must be >= 0, and > 0 only with a validation plateau "
                 f"(val_mode 'abs' or 'rel'); got val_window={val_window}, val_mode={val_mode!r}"
             )
-        if (norm_t is not None and norm_t <= 0) or (
-            val_window_delta is not None and val_window_delta < 0
+        if (
+            (norm_t is not None and norm_t <= 0)
+            or (val_window_delta is not None and val_window_delta < 0)
+            or (val_rise is not None and val_rise < 0)
         ):
             raise ValueError(
-                f"norm_t must be > 0 and val_window_delta >= 0 (or None); got {norm_t}, "
-                f"{val_window_delta}"
+                f"norm_t must be > 0, val_window_delta and val_rise >= 0 (or None); got "
+                f"{norm_t}, {val_window_delta}, {val_rise}"
             )
         if require not in ("any", "all"):
             raise ValueError(f"require must be 'any' or 'all', got {require!r}")
@@ -307,7 +329,9 @@ class GradientPlateauStopper:
             norm_hysteresis,
         )
         self.val_mode, self.val_min_delta, self.patience = val_mode, val_min_delta, patience
+        self.val_per_epoch = val_per_epoch
         self.val_window, self.val_window_delta, self.norm_t = val_window, val_window_delta, norm_t
+        self.val_rise = val_rise
         self.warmup_steps, self.min_steps, self.max_steps = warmup_steps, min_steps, max_steps
         self.confirm, self.require = confirm, require
         self.reduce_lr_factor, self.max_lr_reductions = reduce_lr_factor, max_lr_reductions
@@ -332,8 +356,10 @@ class GradientPlateauStopper:
             "val_mode",
             "val_min_delta",
             "patience",
+            "val_per_epoch",
             "val_window",
             "val_window_delta",
+            "val_rise",
             "warmup_steps",
             "min_steps",
             "max_steps",
@@ -349,6 +375,16 @@ class GradientPlateauStopper:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> GradientPlateauStopper:
         return cls(**cfg)
+
+    @property
+    def window_validations(self) -> int:
+        """``val_window`` is in epochs: the agreement window spans this many validations."""
+        return self.val_window * self.val_per_epoch
+
+    @property
+    def patience_validations(self) -> int:
+        """``patience`` is in epochs: this many validations without an improvement."""
+        return self.patience * self.val_per_epoch
 
     # -- the pure core ----------------------------------------------------------------
 
@@ -419,7 +455,8 @@ class GradientPlateauStopper:
             s,
             best_val=best,
             bad_vals=0 if improved else s.bad_vals + 1,
-            val_bests=(*s.val_bests, run_best)[-(self.val_window + 1) :],
+            val_bests=(*s.val_bests, run_best)[-(self.window_validations + 1) :],
+            last_val=ev.val_loss,
         )
         e.update(
             kind="validation",
@@ -427,6 +464,7 @@ class GradientPlateauStopper:
             best_val=best,
             bad_vals=s.bad_vals,
             patience=self.patience,
+            patience_validations=self.patience_validations,
             val_mode=self.val_mode,
             val_min_delta=self.val_min_delta,
         )
@@ -441,7 +479,10 @@ class GradientPlateauStopper:
             confirmed = self._confirmed(s)
             e.update(
                 val_window=self.val_window,
+                window_validations=self.window_validations,
                 val_window_gain=self._window_gain(s),
+                val_rise=self.val_rise,
+                val_risen=self._val_risen(s),
                 val_plateau=self._val_plateau(s),
                 grad_confirmed=[r.value for r in confirmed],
                 eb_count=s.eb_count,
@@ -450,7 +491,7 @@ class GradientPlateauStopper:
             )
             if confirmed and self._val_plateau(s) and s.cooldown_left == 0:
                 return self._fire(confirmed[0], s, out)  # validation now agrees
-        if s.bad_vals >= self.patience:
+        if s.bad_vals >= self.patience_validations:
             return self._fire(StopReason.VAL_LOSS_PLATEAU, s, out)
         return out(StopVerdict.CONTINUE, StopReason.NOT_PLATEAUED, s)
 
@@ -551,19 +592,30 @@ class GradientPlateauStopper:
     def _window_gain(self, s: StopperState) -> float | None:
         """How much the best validation loss fell over the last ``val_window`` validations
         (None until there have been ``val_window + 1``)."""
-        if len(s.val_bests) < self.val_window + 1:
+        if len(s.val_bests) < self.window_validations + 1:
             return None
         return s.val_bests[0] - s.val_bests[-1]
 
     def _val_plateau(self, s: StopperState) -> bool:
-        """The last ``val_window`` validations lowered the best validation loss by no more
-        than ``val_min_delta`` (relative to it, in ``rel`` mode) all together."""
+        """Validation has stopped improving: the last ``val_window`` epochs of validations
+        lowered the best validation loss by no more than ``val_window_delta`` (relative to
+        it, in ``rel`` mode) all together — or, with ``val_rise``, the last validation is
+        more than ``val_rise`` (relative) above the best (Prechelt's generalization loss:
+        the fit is past its best, however recent the best is)."""
+        if self._val_risen(s):
+            return True
         gain = self._window_gain(s)
         if gain is None:
             return False
         scale = abs(s.val_bests[0]) if self.val_mode == "rel" else 1.0
         delta = self.val_min_delta if self.val_window_delta is None else self.val_window_delta
         return gain <= delta * scale
+
+    def _val_risen(self, s: StopperState) -> bool:
+        if self.val_rise is None or s.last_val is None or not s.val_bests:
+            return False
+        best = s.val_bests[-1]
+        return s.last_val > best + self.val_rise * abs(best)
 
     def _confirmed(self, s: StopperState) -> list[StopReason]:
         """The gradient signals confirmed in ``s`` (count >= ``confirm``), in order EB, norm;

@@ -19,17 +19,19 @@ one calls it after ``unscale_`` (tests/unit/test_telemetry.py checks both agains
 PyTorch).
 
 Cost: on a snapshot step the training thread only copies (the gradients, and the weights
-before and after the step, each flattened into one tensor). ``flush()`` — when the
-pending buffer is full (64 snapshots, fewer when they would pass ``flush_elements``), when
-the history with its pending snapshots passes ``max_history``, and whenever the history is
-read (a training state, the artifacts, the end) — computes the statistics of all pending
-snapshots together
-(``batched_stats``: a fixed number of kernels whatever the number of snapshots and
-tensors; per-tensor sums by one one-hot matmul on small models) and copies them to the
-host once. The cadence is the loop's (``telemetry_cadence``: first a rate of 256 snapshots
-over the run's budget); at most ``max_history`` are kept, and a full history keeps every other
-snapshot and doubles ``snapshot_every``, so the history stays evenly spaced wherever the run
-stops.
+before and after the step, each flattened into a preallocated buffer row, one call each).
+The pending buffer has room for the whole history and one more (``max_history`` + 1
+snapshots, fewer when they would pass ``flush_elements``), so when the history thins —
+at most ``max_history`` are kept: a full history keeps every other snapshot and doubles
+``snapshot_every``, so it stays evenly spaced wherever the run stops — the snapshots it
+drops are raw copies whose statistics are never computed. ``flush()`` — whenever the
+history is read (a training state, the artifacts, the end), and when a big model fills
+the buffer — computes the statistics of the pending snapshots together (``_grad_stats``:
+a fixed number of passes over the [K, N] copies whatever K; the log2|g| octave read from
+the float32 exponent bits, exactly, with one ``bincount``; per-tensor sums by one one-hot
+matmul on small models; maxima and dead units on each tensor's own columns) and copies
+them to the host once. The cadence is the loop's (``telemetry_cadence``: first a rate of
+256 snapshots over the run's budget, at most 64 kept).
 
 Where it goes: ``write_artifacts`` (end of training and every stop/divergence event)
 writes ``telemetry/<tag>/`` on the run: ``gradients.npz`` (every snapshot kept; ``steps``
@@ -126,11 +128,13 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 ONE_HOT_MAX = 1 << 22  # segment sums by a dense [N, P] one-hot matmul up to this many entries
+EXP_SLOTS = 257  # exact zero, then the 255 float32 exponents (denormals first), non-finite
 
 
 class Segments:
     """How P tensors lie in their concatenation: per-tensor sums of [K, N] rows by one
-    matmul with a one-hot [N, P] (small models: one BLAS call), else ``index_add``."""
+    matmul with a one-hot [N, P] (small models: one BLAS call), else ``index_add``;
+    per-tensor and per-unit maxima on each tensor's own columns (a view, no copy)."""
 
     def __init__(
         self,
@@ -154,13 +158,12 @@ class Segments:
             u < 0 or (u and n % u) for u, n in zip(units, sizes, strict=True)
         ):
             raise ValueError(f"units {units} do not split tensors of sizes {list(sizes)}")
-        rows = [n // u if u else n for u, n in zip(units, sizes, strict=True)]
-        per = [u if u else (1 if n else 0) for u, n in zip(units, sizes, strict=True)]
-        self.row_lengths = torch.repeat_interleave(
-            torch.as_tensor(rows, device=device), torch.as_tensor(per, device=device)
-        )
-        self.row_ids = segment_ids(per, device)
-        self.units = torch.as_tensor(units, device=device, dtype=torch.float32)
+        starts = np.concatenate([[0], np.cumsum(list(sizes), dtype=np.int64)]).tolist()
+        # (first column, entries, units) per tensor: what ``max_and_dead`` reduces over
+        self.blocks = [
+            (int(starts[j]), int(n), int(u))
+            for j, (n, u) in enumerate(zip(sizes, units, strict=True))
+        ]
         self._offsets: dict[tuple[int, int], torch.Tensor] = {}  # bin_offsets, the last one
 
     def bin_offsets(self, k: int, width: int) -> torch.Tensor:
@@ -174,28 +177,35 @@ class Segments:
             self._offsets = {key: (self.ids.to(torch.int32) * width)[None, :] + rows[:, None]}
         return self._offsets[key]
 
-    def dead_share(self, x: torch.Tensor) -> torch.Tensor:
-        """[K, N] -> [K, P]: the share of each tensor's units whose entries of ``x`` are all
-        exactly zero (NaN for a tensor whose units are not judged)."""
-        k = x.shape[0]
-        lengths = self.row_lengths.expand(k, -1)
-        row_max = torch.segment_reduce(
-            x.abs(), "max", lengths=lengths, axis=1, unsafe=True, initial=0.0
-        )
-        zero = (row_max == 0).float()
-        dead = torch.zeros(k, self.p, device=x.device).index_add_(1, self.row_ids, zero)
-        return torch.where(self.units > 0, dead / self.units.clamp_min(1), float("nan"))
+    def max_and_dead(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[K, N] magnitudes -> ([K, P] per-tensor maxima (0 for an empty tensor), [K, P]
+        the share of each tensor's units whose entries are all exactly zero, NaN for a
+        tensor whose units are not judged). A unit is dead when the sum of its magnitudes
+        is 0 (a sum of non-negative numbers is 0 only when each is), which reduces faster
+        than a maximum over each unit's short row."""
+        k = a.shape[0]
+        zero = a.new_zeros(k)
+        nan = a.new_full((k,), float("nan"))
+        peaks, dead = [], []
+        for start, n, u in self.blocks:
+            if n == 0:
+                peaks.append(zero)
+                dead.append(nan)
+                continue
+            cols = a[:, start : start + n]  # a view: this tensor's columns
+            peaks.append(cols.amax(-1))
+            if u:
+                per_unit = cols.reshape(k, u, n // u).sum(-1)  # [K, units]
+                dead.append((per_unit == 0).sum(-1) / u)
+            else:
+                dead.append(nan)
+        return torch.stack(peaks, -1), torch.stack(dead, -1)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """[K, N] -> [K, P] per-tensor sums."""
         if self.one_hot is not None:
             return x @ self.one_hot
         return torch.zeros(x.shape[0], self.p, device=x.device).index_add_(1, self.ids, x)
-
-    def max(self, x: torch.Tensor) -> torch.Tensor:
-        """[K, N] -> [K, P] per-tensor maxima (0 for an empty tensor)."""
-        lengths = self.lengths.expand(x.shape[0], self.p)
-        return torch.segment_reduce(x, "max", lengths=lengths, axis=1, unsafe=True, initial=0.0)
 
 
 def unit_counts(named_params: Sequence[tuple[str, torch.Tensor]], sparse: set[str]) -> list[int]:
@@ -223,7 +233,59 @@ def sparse_parameters(model: torch.nn.Module) -> set[str]:
     }
 
 
+def _octave_fold(lo: float, bins: int, device: torch.device) -> torch.Tensor | None:
+    """For one bin per octave with an integer ``lo`` inside float32's range: the histogram
+    bin of each float32 exponent slot 1..255 (``EXP_SLOTS``), else None."""
+    if not (float(lo).is_integer() and -126 < lo and lo + bins <= 128):
+        return None
+    # slot s = biased exponent + 1 holds floor(log2|g|) = s - 128 (slot 1: denormals, < 2^-126)
+    return (torch.arange(1, EXP_SLOTS - 1, device=device) - 128 - int(lo)).clamp_(0, bins - 1)
+
+
 @torch.no_grad()
+def _grad_stats(
+    g: torch.Tensor,
+    seg: Segments,
+    lo: float = LOG2_MIN,
+    hi: float = LOG2_MAX,
+    bins: int = BINS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([K, P, 5 + bins] l2, linf, mean, frac_zero, nonfinite, histogram of log2|g|;
+    [K, P] dead-unit shares) for K snapshots of the P tensors' gradients concatenated
+    (``g``: [K, N]). A fixed, small number of passes over ``g`` and no device sync.
+
+    With one bin per octave (the default edges) the bin is read from the float32 bits:
+    floor(log2|g|) is the exponent, exactly (no log2, no rounding at powers of two); one
+    ``bincount`` counts the exponent slots per (snapshot, tensor) — exact zeros and
+    non-finite entries are slots of their own — and the slots fold into the bins on the
+    small [K, P, 257] count. Other edges take log2 (``hi - lo`` bins of equal width)."""
+    g = g.float().contiguous()
+    k, p = g.shape[0], seg.p
+    fold = _octave_fold(lo, bins, g.device) if hi - lo == bins else None
+    if fold is not None:
+        bits = g.view(torch.int32).bitwise_and(0x7FFFFFFF)  # |g|, as its bits
+        a = bits.view(torch.float32)
+        key = bits >> 23  # the biased exponent: 0 zero or denormal, 255 inf or NaN
+        key.add_(bits.clamp(max=1)).add_(seg.bin_offsets(k, EXP_SLOTS))  # slot 0: exact 0
+        slots = torch.bincount(key.view(-1), minlength=k * p * EXP_SLOTS)
+        slots = slots.view(k, p, EXP_SLOTS).float()
+        hist = torch.zeros(k, p, bins, device=g.device).index_add_(2, fold, slots[..., 1:-1])
+        zeros, nonfinite = slots[..., 0], slots[..., -1]
+    else:
+        w = bins + 2
+        a = g.abs()
+        x = torch.log2(a).sub_(lo).mul_(bins / (hi - lo))
+        b = x.floor_().clamp_(0, bins - 1).to(torch.int32)  # zeros and non-finite: masked next
+        b.masked_fill_(a == 0, bins).masked_fill_(torch.isfinite(g).logical_not_(), bins + 1)
+        b.add_(seg.bin_offsets(k, w))  # in place, int32: the [K, N] index arrays are the cost
+        h = torch.bincount(b.view(-1), minlength=k * p * w).view(k, p, w).float()
+        hist, zeros, nonfinite = h[..., :bins], h[..., bins], h[..., bins + 1]
+    n = seg.counts
+    peak, dead = seg.max_and_dead(a)
+    head = torch.stack([seg.sum(g * g).sqrt_(), peak, seg.sum(g).div_(n), zeros / n, nonfinite], -1)
+    return torch.cat([head, hist], -1), dead
+
+
 def batched_stats(
     g: torch.Tensor,
     seg: Segments,
@@ -232,27 +294,9 @@ def batched_stats(
     bins: int = BINS,
 ) -> torch.Tensor:
     """[K, P, 5 + bins] float32 for K snapshots of the P tensors' gradients concatenated
-    (``g``: [K, N]): l2, linf, mean, frac_zero, nonfinite, histogram of log2|g|. One fused
-    computation — a fixed, small number of kernels whatever K and P, no device sync: exact
-    zeros and non-finite entries are counted as two extra bins of the same ``bincount``."""
-    k = g.shape[0]
-    p, w = seg.p, bins + 2
-    a = g.abs()
-    x = torch.log2(a)  # (frexp's exponent is floor(log2|g|) + 1, but frexp is ~10x slower)
-    if hi - lo == bins and float(lo).is_integer():  # one bin per octave: floor(log2|g|) - lo
-        x.floor_().sub_(lo)
-    else:
-        x.sub_(lo).mul_(bins / (hi - lo))
-    b = x.clamp_(0, bins - 1).to(torch.int32)  # zeros and non-finite: masked next
-    b.masked_fill_(a == 0, bins).masked_fill_(torch.isfinite(g).logical_not_(), bins + 1)
-    b.add_(seg.bin_offsets(k, w))  # in place, int32: the [K, N] index arrays are the cost
-    h = torch.bincount(b.view(-1), minlength=k * p * w).view(k, p, w).float()
-    sums = seg.sum(torch.cat([g * g, g]))  # [2K, P]
-    n = seg.counts
-    head = torch.stack(
-        [sums[:k].sqrt(), seg.max(a), sums[k:] / n, h[..., bins] / n, h[..., bins + 1]], -1
-    )
-    return torch.cat([head, h[..., :bins]], -1)
+    (``g``: [K, N]): l2, linf, mean, frac_zero, nonfinite, histogram of log2|g|
+    (``_grad_stats``, without the dead-unit shares)."""
+    return _grad_stats(g, seg, lo, hi, bins)[0]
 
 
 def _pack(rows: torch.Tensor, ratios: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -265,9 +309,7 @@ def _pack(rows: torch.Tensor, ratios: torch.Tensor, dead: torch.Tensor) -> torch
 def batched_update_ratios(after: torch.Tensor, before: torch.Tensor, seg: Segments) -> torch.Tensor:
     """[K, P] ‖w_after − w_before‖ / ‖w_before‖ per tensor from [K, N] flattened weights."""
     d = after - before
-    sq = seg.sum(torch.cat([d.mul_(d), before * before])).sqrt()
-    k = after.shape[0]
-    return sq[:k] / (sq[k:] + 1e-12)
+    return seg.sum(d.mul_(d)).sqrt_() / (seg.sum(before * before).sqrt_() + 1e-12)
 
 
 def gradient_stats(
@@ -416,10 +458,11 @@ class GradientTelemetry:
     Per snapshot step the loop calls ``capture_grads()`` after ``backward()`` (after the
     loss scaler's ``unscale_``, before clipping) and ``capture_update(step, scalars)``
     after ``optimizer.step()``. Both only copy (the gradients, the weights before and
-    after, flattened); the statistics of the pending snapshots are computed together,
-    batched, by ``flush()`` — when the buffer is full, when the history would pass
-    ``max_history``, and whenever the history is read. The lower-level ``device_pack()`` + ``ingest()`` do one
-    snapshot at once (one flat device tensor to read with anything else).
+    after, flattened); a history over ``max_history`` thins (``_thin``) before any
+    statistics are computed, and the statistics of the pending snapshots are computed
+    together, batched, by ``flush()`` — whenever the history is read, and when the buffer
+    is full. The lower-level ``device_pack()`` + ``ingest()`` do one snapshot at once (one
+    flat device tensor to read with anything else).
     """
 
     def __init__(
@@ -444,7 +487,7 @@ class GradientTelemetry:
             )
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self._tensors: list[torch.Tensor] = list(self.params)  # the same, typed for _foreach_
+        self._tensors: list[torch.Tensor] = list(self.params)  # the same, typed as tensors
         self.snapshot_every = snapshot_every
         self.sink = sink
         # Everything kept locally lives in one folder, logged to the run as telemetry/spill at
@@ -468,8 +511,17 @@ class GradientTelemetry:
             [q.numel() for q in self.params], dev, unit_counts(named_params, set(sparse))
         )
         self._numel = self._seg.n
-        # pending snapshots: up to 64 (fewer for a big model: flush_elements per buffer)
-        self._flush_k = max(1, min(64, flush_elements // max(self._numel, 1)))
+        # one kernel copies all the tensors, flattened, into a buffer row (``_chunk_cat``:
+        # float32 tensors of one or more dimensions on one device, none empty); else one
+        # ``cat`` of their flat views
+        self._one_call = hasattr(torch, "_chunk_cat") and all(
+            q.dtype == torch.float32 and q.dim() >= 1 and q.numel() > 0 and q.device == dev
+            for q in self.params
+        )
+        # Pending snapshots (raw copies): room for the whole history and one more, so a
+        # history that thins drops raw copies, never computed statistics (fewer for a big
+        # model: flush_elements per buffer, then a full buffer is flushed).
+        self._flush_k = max(1, min(max_history + 1, flush_elements // max(self._numel, 1)))
         self.edges = hist_edges()
         self.steps: list[int] = []
         self.stats: list[np.ndarray] = []  # [P, N_STATS] each
@@ -478,10 +530,10 @@ class GradientTelemetry:
         self.taken = 0
         self.taken_before_resume = 0
         self.artifact_log: list[dict[str, Any]] = []  # one record per write_artifacts
-        # The pending snapshots' copies: [3 (grads, weights before, after), K, N], and per
-        # row the views shaped like the parameters (one _foreach_copy_ fills a row).
+        # The pending snapshots' copies: [3 (grads, weights before, after), K, N], and its
+        # rows ([1, N] views), each filled by one call (``_copy_into``).
         self._buf: torch.Tensor | None = None
-        self._rows: list[list[list[torch.Tensor]]] = []
+        self._rows: list[tuple[torch.Tensor, ...]] = []
         self._pending: list[tuple[int, dict[str, float | torch.Tensor]]] = []  # step, scalars
         self._captured = False
         self._sender = _Sender(sink, self.spill, queue_size, retries, backoff_s) if sink else None
@@ -499,51 +551,65 @@ class GradientTelemetry:
     def due(self, step: int) -> bool:
         return step % self.snapshot_every == 0
 
-    def _row(self) -> list[list[torch.Tensor]]:
-        """The views of the next pending row: (grads, weights before, weights after)."""
+    def _copy_into(self, j: int, tensors: list[torch.Tensor]) -> None:
+        """``tensors`` (one per parameter), flattened and concatenated, into the next
+        pending row of buffer ``j`` (0 gradients, 1 weights before the step, 2 after)."""
         if self._buf is None:
             dev = self.params[0].device
-            self._buf = torch.zeros(3, self._flush_k, self._numel, device=dev)
-            shapes = [q.shape for q in self.params]
-            self._rows = [
-                [list(self._buf[j, r].split(self._seg.lengths.tolist())) for j in range(3)]
-                for r in range(self._flush_k)
-            ]
-            for row in self._rows:
-                for views in row:
-                    views[:] = [v.view(sh) for v, sh in zip(views, shapes, strict=True)]
-        return self._rows[len(self._pending)]
+            self._buf = torch.zeros(3, self._flush_k, self._numel, device=dev, dtype=torch.float32)
+            self._rows = [self._buf[i].split(1) for i in range(3)]
+        row = self._rows[j][len(self._pending)]
+        if self._one_call:
+            torch._chunk_cat(tensors, 0, 1, out=row)
+        else:
+            torch.cat([t.reshape(1, -1) for t in tensors], 1, out=row)
 
     @torch.no_grad()
     def capture_grads(self) -> None:
         """Copy the gradients as they are now: call it after ``backward()`` — and after
         ``GradScaler.unscale_(optimizer)`` when a loss scaler is used — and before
         ``clip_grad_norm_`` (see the module docstring); and the weights, for the update
-        ratio. Two ``_foreach_copy_`` into a preallocated buffer: nothing else."""
+        ratio. Two copies into preallocated buffer rows, one call each: nothing else."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        row = self._row()
-        torch._foreach_copy_(row[0], grads)
-        torch._foreach_copy_(row[1], self._tensors)  # no_grad: a plain copy, no detach needed
+        self._copy_into(0, grads)
+        self._copy_into(1, self._tensors)  # no_grad: a plain copy, no detach needed
         self._captured = True
 
     @torch.no_grad()
     def capture_update(self, step: int, scalars: dict[str, float | torch.Tensor]) -> None:
         """After ``optimizer.step()``: the snapshot of ``step`` is complete (its statistics
-        are computed at the next ``flush()``, by itself when the buffer is full).
-        ``scalars`` (loss, lr, …) may be device tensors: they are read with the statistics,
-        in the same copy."""
+        are computed at the next ``flush()``: when the history is read, or by itself when
+        the buffer is full). ``scalars`` (loss, lr, …) may be device tensors: they are read
+        with the statistics, in the same copy."""
         assert self._captured, "capture_grads() first"
-        torch._foreach_copy_(self._row()[2], self._tensors)
+        self._copy_into(2, self._tensors)
         self._pending.append((int(step), scalars))
         self._captured = False
-        # A flush costs a fixed number of kernels whatever it holds: flush when the buffer is
-        # full, or when the history with its pending snapshots is over max_history (the
-        # history thins and the rate halves on time, so it stays evenly spaced).
-        if (
-            len(self._pending) >= self._flush_k
-            or len(self.steps) + len(self._pending) > self.max_history
-        ):
+        self.taken += 1
+        if len(self.steps) + len(self._pending) > self.max_history:
+            self._thin()  # before any statistics: a dropped snapshot costs none
+        if len(self._pending) >= self._flush_k:
             self.flush()
+
+    def _thin(self) -> None:
+        """Keep every other snapshot of the history (computed, then pending, in step
+        order), the newest always, and snapshot half as often from now on: the history
+        stays evenly spaced, between max_history/2 and max_history snapshots wherever the
+        run stops. Dropped pending snapshots are raw copies: the kept ones move up in the
+        buffer (one copy), their statistics still to compute."""
+        c, total = len(self.steps), len(self.steps) + len(self._pending)
+        keep = [*range(0, total - 1, 2), total - 1]
+        done = [i for i in keep if i < c]
+        self.steps = [self.steps[i] for i in done]
+        self.stats = [self.stats[i] for i in done]
+        self.hists = [self.hists[i] for i in done]
+        self.scalars = [self.scalars[i] for i in done]
+        rows = [i - c for i in keep if i >= c]
+        if rows != list(range(len(rows))):
+            assert self._buf is not None
+            self._buf[:, : len(rows)] = self._buf[:, torch.as_tensor(rows, device=self._buf.device)]
+        self._pending = [self._pending[i] for i in rows]
+        self.snapshot_every *= 2
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -554,10 +620,9 @@ class GradientTelemetry:
         assert self._buf is not None
         pend, self._pending = self._pending, []
         k, p = len(pend), len(self.params)
-        g = self._buf[0, :k]
-        rows = batched_stats(g, self._seg)
+        rows, dead = _grad_stats(self._buf[0, :k], self._seg)
         ratios = batched_update_ratios(self._buf[2, :k], self._buf[1, :k], self._seg)
-        packed = _pack(rows, ratios, self._seg.dead_share(g))
+        packed = _pack(rows, ratios, dead)
         dev_keys = [
             (i, n) for i, x in enumerate(pend) for n, v in x[1].items() if torch.is_tensor(v)
         ]
@@ -569,7 +634,7 @@ class GradientTelemetry:
         read = dict(zip(dev_keys, host[k * width :].tolist(), strict=True))
         for i, (step, sc) in enumerate(pend):
             vals = {n: read[(i, n)] if torch.is_tensor(v) else float(v) for n, v in sc.items()}
-            self.ingest(step, host[i * width : (i + 1) * width], vals)
+            self._append(step, host[i * width : (i + 1) * width], vals)
 
     def snapshot_now(self, step: int, scalars: dict[str, float] | None = None) -> None:
         """An out-of-schedule snapshot of the gradients as they are now (at a stop or a
@@ -579,10 +644,9 @@ class GradientTelemetry:
         if not any(p.grad is not None for p in self.params):
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        g = _flat(grads)[None]
-        rows = batched_stats(g, self._seg)
+        rows, dead = _grad_stats(_flat(grads)[None], self._seg)
         nan = torch.full(rows.shape[:2], float("nan"), device=rows.device)
-        packed = _pack(rows, nan, self._seg.dead_share(g)).reshape(-1)
+        packed = _pack(rows, nan, dead).reshape(-1)
         self.ingest(step, packed.cpu().numpy(), scalars)
 
     def device_pack(self) -> torch.Tensor:
@@ -591,32 +655,29 @@ class GradientTelemetry:
         step."""
         assert self._captured and self._buf is not None, "capture_grads() first"
         r = len(self._pending)
-        g = self._buf[0, r : r + 1]
-        rows = batched_stats(g, self._seg)
+        rows, dead = _grad_stats(self._buf[0, r : r + 1], self._seg)
         after = _flat(self.params)[None]
         ratios = batched_update_ratios(after, self._buf[1, r : r + 1], self._seg)
         self._captured = False
-        return _pack(rows, ratios, self._seg.dead_share(g)).reshape(-1)
+        return _pack(rows, ratios, dead).reshape(-1)
 
     def ingest(
         self, step: int, values: np.ndarray, scalars: dict[str, float] | None = None
     ) -> None:
         """Record a host copy of ``device_pack()`` (and the step's scalars) in the history."""
+        self.taken += 1
+        self._append(step, values, scalars)
+
+    def _append(
+        self, step: int, values: np.ndarray, scalars: dict[str, float] | None = None
+    ) -> None:
         m = np.asarray(values, dtype=np.float32).reshape(len(self.params), N_STATS + BINS)
         self.steps.append(int(step))
         self.stats.append(m[:, :N_STATS].copy())
         self.hists.append(m[:, N_STATS:].copy())
         self.scalars.append({k: float(v) for k, v in (scalars or {}).items()})
-        self.taken += 1
-        if len(self.steps) > self.max_history:  # keep every other old snapshot, newest always,
-            # and snapshot half as often from now on: the history stays evenly spaced, between
-            # max_history/2 and max_history snapshots wherever the run stops
-            self.snapshot_every *= 2
-            keep = list(range(0, len(self.steps) - 1, 2)) + [len(self.steps) - 1]
-            self.steps = [self.steps[i] for i in keep]
-            self.stats = [self.stats[i] for i in keep]
-            self.hists = [self.hists[i] for i in keep]
-            self.scalars = [self.scalars[i] for i in keep]
+        if len(self.steps) + len(self._pending) > self.max_history:
+            self._thin()
 
     def _metric_records(self) -> list[_Record]:
         """At most ``metric_points`` snapshots of the history (evenly spaced, the last one

@@ -821,3 +821,91 @@ def test_a_diverged_training_run_keeps_a_record_that_replays(contract):
     (tag,) = [t for t in sink.summaries if t.startswith("telemetry/diverged-step-")]
     summary = sink.summaries[tag]
     assert summary["record"] == rec and summary["decision"] == rec["decision"]
+
+
+# -- validations within epochs: patience and the agreement window stay in epochs ----------
+
+
+def test_patience_counts_epochs_of_validations():
+    """With 3 validations an epoch, patience 2 (epochs) is 6 validations without a gain."""
+    stopper = GradientPlateauStopper(
+        eb=False, norm_plateau=False, val_mode="abs", patience=2, val_per_epoch=3
+    )
+    reasons = [stopper.update(StopEvidence(step=i, val_loss=1.0)).reason for i in range(1, 9)]
+    assert reasons[:6] == [StopReason.NOT_PLATEAUED] * 6
+    assert reasons[6] is StopReason.VAL_LOSS_PLATEAU and stopper.patience_validations == 6
+    sd = stopper.state_dict()
+    assert sd["config"]["val_per_epoch"] == 3
+    with pytest.raises(ValueError, match="val_per_epoch must be >= 1"):
+        GradientPlateauStopper(val_per_epoch=0)
+
+
+def _agreeing(**kw):  # type: ignore[no-untyped-def]
+    """A stopper whose log-norm plateau is confirmed, waiting for validation to agree."""
+    from pipeline.train.stopping import StopperState
+
+    cfg = {
+        "eb": False,
+        "val_mode": "rel",
+        "val_window": 1,
+        "val_window_delta": 3e-3,
+        "val_per_epoch": 4,
+        "patience": 3,
+        **kw,
+    }
+    stopper = GradientPlateauStopper(**cfg)
+    # the best fell 10% over the last epoch (4 validations); the best so far is 0.9
+    state = StopperState(checks=20, norm_count=3, best_val=0.9, val_bests=(1.0, 0.97, 0.95, 0.9))
+    return stopper, state
+
+
+@pytest.mark.parametrize(
+    ("val_rise", "val_loss", "verdict", "reason"),
+    [
+        # 2.2% above the best: past its best (GL), validation agrees at once
+        (1e-2, 0.92, StopVerdict.STOP, StopReason.GRAD_NORM_PLATEAU),
+        # 0.6% above: within the noise allowed, and the last epoch gained 10%: continue
+        (1e-2, 0.905, StopVerdict.CONTINUE, StopReason.NOT_PLATEAUED),
+        # without val_rise only the window counts: it still holds the 10% gain
+        (None, 0.92, StopVerdict.CONTINUE, StopReason.NOT_PLATEAUED),
+        # a new best: improving, whatever the rise setting
+        (1e-2, 0.85, StopVerdict.CONTINUE, StopReason.NOT_PLATEAUED),
+    ],
+)
+def test_validation_agrees_when_it_rises_above_its_best(val_rise, val_loss, verdict, reason):
+    stopper, state = _agreeing(val_rise=val_rise)
+    d = stopper.decide(StopEvidence(step=200, epoch=5, val_loss=val_loss), state)
+    assert (d.verdict, d.reason) == (verdict, reason)
+    assert d.evidence["window_validations"] == 4 and d.evidence["val_rise"] == val_rise
+    assert d.evidence["val_risen"] is (verdict is StopVerdict.STOP)
+
+
+def test_the_agreement_window_spans_an_epoch_of_validations():
+    """val_window 1 with 4 validations an epoch: the gain is measured over the last 4, so a
+    quarter-epoch without a gain (noise on a flat validation loss) does not agree."""
+    stopper, state = _agreeing()
+    d = stopper.decide(StopEvidence(step=200, epoch=5, val_loss=0.9), state)
+    assert d.state.val_bests == (1.0, 0.97, 0.95, 0.9, 0.9)
+    assert d.evidence["val_window_gain"] == pytest.approx(0.1) and not d.evidence["val_plateau"]
+    assert d.verdict is StopVerdict.CONTINUE
+    # a whole epoch (4 validations) since the best reached 0.9: nothing gained, it agrees
+    for i in range(2):
+        d = stopper.decide(StopEvidence(step=201 + i, epoch=5, val_loss=0.9), d.state)
+        assert d.verdict is StopVerdict.CONTINUE and d.evidence["val_window_gain"] > 0.003
+    d = stopper.decide(StopEvidence(step=203, epoch=5, val_loss=0.9), d.state)
+    assert (d.verdict, d.reason) == (StopVerdict.STOP, StopReason.GRAD_NORM_PLATEAU)
+
+
+def test_a_record_without_val_per_epoch_replays_as_one_validation_an_epoch():
+    """Records written before validations within epochs (no val_per_epoch, no val_rise in
+    the rule, no last_val in the state) replay as they decided."""
+    stopper = GradientPlateauStopper(eb=False, norm_plateau=False, val_mode="abs", patience=2)
+    before = stopper.state
+    for i in range(1, 4):
+        before = stopper.state
+        d = stopper.update(StopEvidence(step=i, val_loss=1.0))
+    rec = decision_record(stopper, StopEvidence(step=3, val_loss=1.0), before, d)
+    for key in ("val_per_epoch", "val_rise"):
+        del rec["rule"][key]
+    del rec["inputs"]["state"]["last_val"]
+    assert d.reason is StopReason.VAL_LOSS_PLATEAU and decisions.replays(rec)

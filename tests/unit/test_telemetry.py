@@ -55,12 +55,32 @@ def reference_dead(g: torch.Tensor) -> float:
     return float((rows.abs().amax(dim=1) == 0).double().mean())
 
 
+def reference_rows(grads, before, model) -> np.ndarray:
+    """Plain PyTorch's row per tensor, as a snapshot holds it: head, update ratio (from the
+    weights ``before`` the step to the model's now), dead-unit share, histogram."""
+    rows = []
+    for g, b, p in zip(grads, before, model.parameters(), strict=True):
+        head, hist = reference_stats(g)
+        ratio = float((p.detach() - b).norm() / b.norm())
+        rows.append([*head, ratio, reference_dead(g), *hist])
+    return np.asarray(rows)
+
+
 CASES = {
     "gaussian": torch.randn(64, 33, generator=torch.Generator().manual_seed(0)),
     "with-zeros": torch.tensor([0.0, 0.0, 1.5, -2.0, 0.25, 0.0]),
     "tiny-and-huge": torch.tensor([1e-30, -1e-20, 3e5, -1e10, 1.0]),  # clamped into end bins
     "all-zero": torch.zeros(7),
     "exact-powers": torch.tensor([0.5, 1.0, 2.0, 4.0, -0.125]),
+    # the float32 just below a power of two is in the octave below it (a float32 log2 rounds
+    # it up to the power); denormals go to the lowest bin, 2^8 and above to the highest
+    "just-below-powers": torch.from_numpy(
+        np.array(
+            [np.nextafter(np.float32(2.0**k), np.float32(0)) for k in (-30, -20, -10, -3, 1, 7, 8)]
+            + [1e-40, -3e-39, 2.0**-40, -(2.0**8), 1e6],
+            dtype=np.float32,
+        )
+    ),
 }
 
 
@@ -138,12 +158,7 @@ def snapshots(tel: GradientTelemetry, model: nn.Module, steps: int, lr: float = 
             packed = tel.device_pack()
             assert packed.ndim == 1 and packed.numel() == tel.width  # one tensor, one transfer
             tel.ingest(step, packed.cpu().numpy(), {"loss": 1.0})
-            rows = []
-            for g, b, p in zip(grads, before, model.parameters(), strict=True):
-                head, hist = reference_stats(g)
-                ratio = float((p.detach() - b).norm() / b.norm())
-                rows.append([*head, ratio, reference_dead(g), *hist])
-            expected[step] = np.asarray(rows)
+            expected[step] = reference_rows(grads, before, model)
     return expected
 
 
@@ -313,6 +328,68 @@ def test_the_cadence_keeps_enough_snapshots_even_when_stopping_at_half(epochs, s
     assert expected // every >= min(64, expected)
     assert (expected // 2) // every >= min(32, expected // 2)
     assert (expected // 8) // every >= min(32, expected // 8)  # an early stop still reads
+
+
+@pytest.mark.parametrize(("epochs", "steps_per_epoch"), [(30, 32), (30, 7), (50, 250), (4, 28)])
+def test_an_early_stop_keeps_32_and_any_later_one_32_to_64(epochs, steps_per_epoch):
+    """The default cadence, followed step by step: a stop at an eighth of the budget keeps
+    32 snapshots (all of them when the run has fewer steps), any later stop 32-64, and the
+    whole run takes about twice its history's bound, not more."""
+    cfg = TrainConfig(max_epochs=epochs, telemetry=False)
+    budget = epochs * steps_per_epoch
+    model = torch.nn.Linear(3, 1)
+    tel = GradientTelemetry(
+        list(model.named_parameters()),
+        snapshot_every=telemetry_cadence(cfg, steps_per_epoch),
+        max_history=cfg.telemetry_snapshots,
+    )
+    assert cfg.telemetry_snapshots == 64
+    for step in range(1, budget + 1):
+        if tel.due(step):
+            tel.ingest(step, np.zeros(tel.width, dtype=np.float32))
+        if step >= budget // 8:
+            assert min(32, step) <= len(tel.steps) <= 64, (step, len(tel.steps))
+    assert tel.taken <= 2 * 64 + 16 and len(tel.steps) >= min(32, budget)
+
+
+def test_a_thinned_history_holds_the_statistics_of_each_kept_snapshot():
+    """The loop's path (capture_grads, capture_update) over a history that thins three
+    times, read in the middle (as a training state does) and at the end: each kept snapshot
+    holds exactly what plain PyTorch says of its step, every snapshot taken is counted,
+    and the kept steps are the thinning rule's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    tel = GradientTelemetry(list(model.named_parameters()), snapshot_every=1, max_history=8)
+    rule = GradientTelemetry(list(model.named_parameters()), snapshot_every=1, max_history=8)
+    expected = {}
+    for step in range(1, 61):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(
+            model(torch.randn(16, 5)), torch.randint(0, 3, (16,))
+        ).backward()
+        due = tel.due(step)
+        if due:
+            tel.capture_grads()
+            grads = [p.grad.clone() for p in model.parameters()]
+            before = [p.detach().clone() for p in model.parameters()]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # after the capture
+        opt.step()
+        if due:
+            tel.capture_update(step, {"loss": float(step)})
+            expected[step] = reference_rows(grads, before, model)
+        if rule.due(step):  # the same rule on values ingested one by one
+            rule.ingest(step, np.zeros(rule.width, dtype=np.float32))
+        if step == 30:
+            tel.arrays()
+    a = tel.arrays()
+    assert list(a["steps"]) == rule.steps and tel.taken == rule.taken >= 16
+    assert tel.snapshot_every == rule.snapshot_every >= 8
+    for i, step in enumerate(a["steps"]):
+        got = np.concatenate([a["stats"][i], a["hist"][i]], axis=1)
+        # (atol: the mean of a softmax layer's gradient cancels to ~0 in float32)
+        np.testing.assert_allclose(got, expected[step], rtol=1e-5, atol=1e-7)
+        assert tel.scalars[i] == {"loss": float(step)}
 
 
 def test_a_full_history_keeps_every_other_snapshot_and_halves_its_rate():

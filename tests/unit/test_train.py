@@ -416,3 +416,94 @@ def test_bf16_autocast_path_trains(contract, data):
     )
     assert r.precision == "bf16" and math.isfinite(r.val_metrics["log_loss"])
     assert any(d["evidence"].get("eb_fresh") for d in r.decision_trace)
+
+
+# -- the validation cadence: validations within epochs ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("check_every", "validate_every", "steps_per_epoch", "expected"),
+    [
+        (32, 0, 31, 31),  # the pipeline's check cadence on a 31-batch epoch: once an epoch
+        (2, 0, 11, 3),  # small data: the check cadence, but at most 4 times an epoch
+        (3, 0, 15, 4),
+        (2, 0, 4, 2),  # the check cadence itself
+        (7, 0, 200, 50),  # long epochs: at most 4 times an epoch
+        (2, -1, 11, 11),  # -1: once an epoch, the classic
+        (2, 5, 3, 3),  # an explicit cadence, at most an epoch
+    ],
+)
+def test_the_validation_cadence_follows_the_checks_within_bounds(
+    check_every, validate_every, steps_per_epoch, expected
+):
+    from pipeline.train.loop import validation_cadence
+
+    cfg = TrainConfig(check_every=check_every, validate_every=validate_every)
+    assert validation_cadence(cfg, steps_per_epoch) == expected
+
+
+def _validation_steps(result) -> list[int]:
+    return [d["step"] for d in result.decision_trace if d["evidence"].get("kind") == "validation"]
+
+
+def test_validations_within_epochs_keep_the_best_weights_and_feed_the_stopper(contract, data):
+    cfg = TrainConfig(max_epochs=2, validate_every=5, stopper=no_stopper(), seed=4, **FAST)
+    r = train(data[0], contract, cfg)
+    spe = int(r.history[0]["step"])  # batches in an epoch
+    assert spe > 10
+    expected = [5, 10, spe, spe + 5, spe + 10, 2 * spe]
+    assert _validation_steps(r) == expected and r.validations == 6
+    losses = {
+        d["step"]: d["evidence"]["val_loss"]
+        for d in r.decision_trace
+        if d["evidence"].get("kind") == "validation"
+    }
+    best = min(losses, key=losses.get)
+    assert r.best_step == best
+    assert val_loss_of(r, data[0], contract, cfg) == pytest.approx(losses[best], rel=1e-5)
+    # once an epoch, the classic: one validation per epoch end
+    once = train(data[0], contract, TrainConfig(**{**cfg.to_dict(), "validate_every": -1}))
+    assert _validation_steps(once) == [spe, 2 * spe] and once.validations == 2
+
+
+def test_a_stop_at_a_validation_within_an_epoch_is_not_validated_twice(contract, data):
+    """Patience 1 epoch of 3 validations, and nothing counts as a gain: the stop comes at the
+    4th validation, mid-epoch 2; the partial epoch's history row reuses that validation."""
+    from pipeline.train.loop import val_patience_stopper
+
+    cfg = TrainConfig(
+        max_epochs=3,
+        validate_every=5,
+        stopper=val_patience_stopper(patience=1, min_delta=10.0),
+        **FAST,
+    )
+    r = train(data[0], contract, cfg)
+    spe = int(r.history[0]["step"])
+    assert r.stop_reason == "val_loss_plateau" and r.steps == spe + 5
+    assert r.validations == 4 and len(r.history) == 2 and r.history[-1]["partial"] == 1.0
+    assert r.decision_trace[-1]["evidence"]["patience_validations"] == 3
+
+
+def test_resume_with_validations_within_epochs_gives_the_same_run(contract, data, tmp_path):
+    cfg = TrainConfig(max_epochs=2, seed=5, validate_every=4, state_every=9, batch_size=512)
+    full = train(data[0], contract, cfg, state_dir=tmp_path / "a")
+    mid = sorted((tmp_path / "a").iterdir())[0]
+    shutil.copytree(mid, tmp_path / "b" / mid.name)
+    again = train(data[0], contract, cfg, state_dir=tmp_path / "b")
+    assert again.resumed_from["position_in_epoch"] > 0
+    assert (again.validations, again.best_step) == (full.validations, full.best_step)
+    assert _validation_steps(again) == _validation_steps(full)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"validate_every": -2}, "validate_every must be a number of batches"),
+        ({"stopper": {"val_per_epoch": 2}}, "set TrainConfig.validate_every instead"),
+    ],
+)
+def test_a_bad_validation_cadence_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
