@@ -51,12 +51,12 @@ demo: $(STAMP)  ## run both example models' DAGs for real on the embedded defaul
 
 # The test lanes: one folder each under tests/ (marker = folder name), the browser tests
 # marked `browser`. `make test` runs every lane at once under pytest-xdist: the stack on a
-# worker of its own, started first (the long pole), the rest shared by the others
-# (tests/conftest.py: groups, order). TEST_WORKERS=1 runs it in one process, in file order.
-TEST_WORKERS ?= 3
+# worker of its own, started first, its Celery and human-path modules next, each in a
+# process with its own servers, the rest shared (tests/conftest.py: groups, order). TEST_WORKERS=1 runs it in one process, in file order.
+TEST_WORKERS ?= 4
 PYTEST := $(PY) -m pytest -q
 
-test: $(STAMP)  ## the whole suite, every lane at once (TEST_WORKERS=3 pytest-xdist workers)
+test: $(STAMP)  ## the whole suite, every lane at once (TEST_WORKERS=4 pytest-xdist workers)
 	$(PYTEST) --durations=15 $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 test-unit: $(STAMP)  ## lane: unit tests (embedded state, no servers)

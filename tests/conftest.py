@@ -81,10 +81,13 @@ def contract():
 # * a work unit is a module (its module-scoped fixtures are made once), or a group of modules
 #   that must share a process: the stack suite with Airflow (its session servers, its run order,
 #   the burst and the faults that need Airflow to themselves), the stack tests that need only
-#   PostgreSQL, S3 and MLflow (servers of their own, in another process), the UI stack's two
-#   modules, and the tests that time things in real time (the serving canary's windows, the
-#   promotion race, the kill mid-epoch: one at a time); a module in SPLIT (no shared fixtures)
-#   is one unit per test;
+#   PostgreSQL, S3 and MLflow (servers of their own, in another process), the CeleryExecutor
+#   stack and the human paths (each on its own model's DAGs: a process, and so servers, of its
+#   own, so the LocalExecutor stack's burst is not queued behind them: the stack's serial
+#   chain was the run's long pole, mostly waiting on runs, timeouts and outages), the UI
+#   stack's two modules, and the tests that time things in real time (the serving canary's
+#   windows, the promotion race, the kill mid-epoch: one at a time); a module in SPLIT (no
+#   shared fixtures) is one unit per test;
 # * units go out in collection order, which the workers report with the long poles first
 #   (FIRST, measured: the stack, the whole-DAG runs, ...; then the lanes in LANE_ORDER);
 # * the worker that takes the stack is given nothing else: a worker starts its last test only
@@ -100,6 +103,8 @@ LANES = ("unit", "dags", "integration", "stack")
 GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack modules: "stack")
     "stack/test_stack_faults.py": "stack-servers",
     "stack/test_stack_security.py": "stack-servers",
+    "stack/test_stack_celery.py": "stack-celery",
+    "stack/test_stack_hitl.py": "stack-hitl",
     "integration/test_trigger_form.py": "ui-stack",
     "integration/test_browser.py": "ui-stack",
     "integration/test_hostile_uris.py": "ui-stack",
@@ -110,6 +115,8 @@ GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack 
 SPLIT = {"integration/test_retrain_dag.py"}  # independent long tests: one unit each
 FIRST = (  # units (or modules) in this order, then the lanes in LANE_ORDER
     "stack",
+    "stack-celery",
+    "stack-hitl",
     "integration/test_retrain_dag.py",
     "integration/test_monitor_loop.py",
     "timing",
@@ -199,6 +206,8 @@ def pytest_configure(config: pytest.Config) -> None:
 NICE = 5  # added to a worker's niceness while it runs anything but the units below
 FULL_PRIORITY = (  # units or modules: the critical path, and the tests that time themselves
     "stack",
+    "stack-celery",
+    "stack-hitl",
     "timing",
     "ui-stack",
     "unit/test_telemetry.py",  # 20 snapshots in under 2 s

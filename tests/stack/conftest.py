@@ -102,8 +102,10 @@ def pytest_collection_modifyitems(items):
     first = [i for i in stack if i.name == "test_trigger_retrain_run"]
     runs = [i for i in stack if Path(str(i.fspath)).name == "test_stack_runs.py"]
     last = [i for i in stack if Path(str(i.fspath)).name in after_first and i not in first]
-    # The CeleryExecutor Airflow (test_stack_celery.py) comes after everything else: the
-    # LocalExecutor one is paused (SIGSTOP) while it runs, so the two never compete for CPU.
+    # The CeleryExecutor Airflow (test_stack_celery.py) comes after everything else: in one
+    # process (`make test-stack`) the LocalExecutor one is paused (SIGSTOP) while it runs, so
+    # the two never compete for CPU; `make test` runs it in a process of its own, with its own
+    # servers, beside the rest (tests/conftest.py, GROUPS).
     celery = [i for i in stack if Path(str(i.fspath)).name == "test_stack_celery.py"]
     middle = [
         i for i in stack if i not in first and i not in last and i not in runs and i not in celery
@@ -905,9 +907,10 @@ def _fail_the_catchup_run(af: Airflow, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def others_paused() -> Iterator[None]:
-    """The Airflows serving now (the suite's LocalExecutor one) SIGSTOPped for a module that
+    """The Airflows serving now in this process (the suite's LocalExecutor one, when the
+    module runs in the same process as the rest of the stack) SIGSTOPped for a module that
     brings its own (test_stack_celery.py), SIGCONTed after it: on two cores, an idle
-    scheduler and dag-processor still cost CPU."""
+    scheduler and dag-processor still cost CPU. None in a process of its own."""
     procs = [p for af in SERVING for p in af.procs.values() if p.poll() is None]
     for p in procs:
         os.killpg(p.pid, signal.SIGSTOP)
