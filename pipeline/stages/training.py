@@ -176,6 +176,8 @@ def train_model(
         "stop_reason": result.stop_reason,
         "steps": result.steps,
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
+        "validations": result.validations,
         "val_metrics": result.val_metrics,
         "device": result.device,
         "precision": result.precision,
@@ -213,12 +215,17 @@ def train_model(
             "train.precision": result.precision,
             "train.stop_reason": result.stop_reason,
             "train.steps": result.steps,
+            # what the stop cost in validation passes (each over the validation rows), and
+            # the step whose weights were kept
+            "train.validations": result.validations,
+            "train.best_step": result.best_step,
         },
     )
     ranks_note = f" x{result.world_size} processes" if result.world_size > 1 else ""
     summary = (
         f"{len(result.history)} epochs ({result.steps} steps) on {result.device}{ranks_note} "
-        f"({result.precision}), stop={result.stop_reason}, best epoch {result.best_epoch}, "
+        f"({result.precision}), stop={result.stop_reason}, best epoch {result.best_epoch} "
+        f"(step {result.best_step}, {result.validations} validations), "
         f"val {spec.primary_metric} {result.val_metrics.get(spec.primary_metric, float('nan')):.4f}"
         + (f", resumed from step {result.resumed_from['step']}" if result.resumed_from else "")
     )

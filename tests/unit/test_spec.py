@@ -580,6 +580,10 @@ def test_iris_without_id_or_time_column_gets_its_first_champion(pipeline_home, t
         assert decision.verdict == "train" and promoted.verdict == "promoted", gated.summary
         champ = registry.alias_version(registry.CHAMPION)
         assert champ is not None and float(champ.tags["eval.accuracy"]) > 0.8
+        # what the stop cost in validation passes, and whose weights were kept, on the run
+        tags = registry.client().get_run(trained.mlflow_run_id).data.tags
+        assert int(tags["train.validations"]) >= trained.epochs  # at least each epoch's end
+        assert 0 < int(tags["train.best_step"]) <= int(tags["train.steps"]) == trained.steps
 
 
 def test_a_cli_run_never_promotes_past_a_required_approval(pipeline_home, tmp_path):
