@@ -112,11 +112,12 @@ GROUPS = {  # module, relative to tests/ -> the unit it belongs to (other stack 
     "integration/test_promotion_race.py": "timing",
     "integration/test_resume_sigkill.py": "timing",
 }
+# the stack's units, each a process with servers of its own: the LocalExecutor suite, then
+# the CeleryExecutor stack and the human paths (long poles, first out, full CPU priority)
+STACK_UNITS = ("stack", "stack-celery", "stack-hitl")
 SPLIT = {"integration/test_retrain_dag.py"}  # independent long tests: one unit each
 FIRST = (  # units (or modules) in this order, then the lanes in LANE_ORDER
-    "stack",
-    "stack-celery",
-    "stack-hitl",
+    *STACK_UNITS,
     "integration/test_retrain_dag.py",
     "integration/test_monitor_loop.py",
     "timing",
@@ -205,9 +206,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 NICE = 5  # added to a worker's niceness while it runs anything but the units below
 FULL_PRIORITY = (  # units or modules: the critical path, and the tests that time themselves
-    "stack",
-    "stack-celery",
-    "stack-hitl",
+    *STACK_UNITS,
     "timing",
     "ui-stack",
     "unit/test_telemetry.py",  # 20 snapshots in under 2 s

@@ -286,21 +286,8 @@ def _grad_stats(
     return torch.cat([head, hist], -1), dead
 
 
-def batched_stats(
-    g: torch.Tensor,
-    seg: Segments,
-    lo: float = LOG2_MIN,
-    hi: float = LOG2_MAX,
-    bins: int = BINS,
-) -> torch.Tensor:
-    """[K, P, 5 + bins] float32 for K snapshots of the P tensors' gradients concatenated
-    (``g``: [K, N]): l2, linf, mean, frac_zero, nonfinite, histogram of log2|g|
-    (``_grad_stats``, without the dead-unit shares)."""
-    return _grad_stats(g, seg, lo, hi, bins)[0]
-
-
 def _pack(rows: torch.Tensor, ratios: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """[K, P, N_STATS + BINS] in ``STAT_NAMES`` order from ``batched_stats`` rows [K, P,
+    """[K, P, N_STATS + BINS] in ``STAT_NAMES`` order from ``_grad_stats`` rows [K, P,
     5 + BINS], the update ratios [K, P] and the dead-unit shares [K, P]."""
     return torch.cat([rows[..., :5], ratios[..., None], dead[..., None], rows[..., 5:]], -1)
 
@@ -316,12 +303,11 @@ def gradient_stats(
     grads: list[torch.Tensor], lo: float = LOG2_MIN, hi: float = LOG2_MAX, bins: int = BINS
 ) -> torch.Tensor:
     """[P, 5 + bins] float32 on the device: l2, linf, mean, frac_zero, nonfinite, histogram
-    (``batched_stats`` of one snapshot). The histogram counts the finite non-zero entries
+    (``_grad_stats`` of one snapshot). The histogram counts the finite non-zero entries
     by log2|g| over ``bins`` equal bins of [lo, hi]; values outside go to the end bins."""
     flat = _flat(grads)
-    return batched_stats(
-        flat[None], Segments([t.numel() for t in grads], flat.device), lo, hi, bins
-    )[0]
+    seg = Segments([t.numel() for t in grads], flat.device)
+    return _grad_stats(flat[None], seg, lo, hi, bins)[0][0]
 
 
 def update_ratios(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> torch.Tensor:
